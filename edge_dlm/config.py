@@ -1,0 +1,159 @@
+"""Model configuration, read from a checkpoint's `config.json`.
+
+Frozen dataclasses built with `from_dict`, which ignores keys it does not know (the real NLD config
+carries training-only keys such as `ar_loss_weight` and `auto_map`). Decode-critical values (mask id,
+block size, eos) always come from the checkpoint, never from constants in the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from edge_dlm.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE parameters (`rope_parameters` in config.json): default or YaRN, plus the Llama-4 query scale."""
+
+    rope_type: str = "default"
+    rope_theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    llama_4_scaling_beta: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "RopeConfig":
+        d = dict(d or {})
+        if "type" in d and "rope_type" not in d:
+            d["rope_type"] = d.pop("type")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields and v is not None}
+        cfg = cls(**kw)
+        if cfg.rope_type not in ("default", "yarn"):
+            raise CheckpointError(f"rope_type '{cfg.rope_type}' not supported; known: default, yarn")
+        return cfg
+
+    def yarn_attention_factor(self) -> float:
+        """The YaRN cos/sin scale (1.0 for NLD, where mscale == mscale_all_dim)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
+        return get_mscale(self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class NLDConfig:
+    """The architecture and decode-critical ids of a Nemotron-Labs-Diffusion checkpoint."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    mask_token_id: int
+    eos_token_id: int
+    bos_token_id: int | None = None
+    block_size: int = 32
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    model_type: str = "nemotron_labs_diffusion"
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    # Present only in artifacts written by `edge-dlm export`: how the linear weights are stored.
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def gqa_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NLDConfig":
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"model_type '{model_type}' not supported; known: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        d = dict(d)
+        if d.get("head_dim") is None and "hidden_size" in d and "num_attention_heads" in d:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        if d.get("num_key_value_heads") is None:
+            d["num_key_value_heads"] = d.get("num_attention_heads")
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):  # HF allows a list; the decoding contract has one EOS
+            d["eos_token_id"] = eos[0] if eos else None
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if "rope_theta" not in rope and "rope_theta" in d:
+            rope = {**rope, "rope_theta": d["rope_theta"]}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope"}
+        kw = {k: v for k, v in d.items() if k in fields}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name != "rope" and kw.get(f.name) is None]
+        if missing:
+            raise CheckpointError(f"config.json lacks required keys: {', '.join(missing)}")
+        cfg = cls(rope=RopeConfig.from_dict(rope), **kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "NLDConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act '{self.hidden_act}' not supported; known: silu")
+        if self.attention_bias or self.mlp_bias:
+            raise CheckpointError("attention_bias / mlp_bias are not supported by the NLD architecture")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise CheckpointError(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise CheckpointError(f"eos_token_id {self.eos_token_id} is outside the vocabulary")
+        if self.block_size < 1:
+            raise CheckpointError(f"block_size must be >= 1, got {self.block_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json form (as NVIDIA writes it), for exporters and test checkpoints."""
+        d = dataclasses.asdict(self)
+        rope = d.pop("rope")
+        d["rope_parameters"] = {k: v for k, v in rope.items() if v is not None}
+        d["architectures"] = ["NemotronLabsDiffusionModel"]
+        if d.get("quantization") is None:
+            d.pop("quantization")
+        return d

@@ -1,0 +1,24 @@
+"""AR (`ar`): one causal pass per token. NFE = 1 + (tokens emitted - 1)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from edge_dlm.attention import CAUSAL
+from edge_dlm.decoding.base import Decoder, Event
+
+
+def decode_one(dec: Decoder, token: int) -> int:
+    """`F([t], L, causal)`, K/V kept, `L += 1`; the next token."""
+    logits = dec.forward([token], dec.cache.length, CAUSAL)
+    dec.cache.commit(1)
+    return dec.pick(logits)[0][0]
+
+
+def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
+    token = dec.prefill(prompt_ids)
+    while True:
+        yield dec.emit([token])
+        if dec.done:
+            return
+        token = decode_one(dec, token)

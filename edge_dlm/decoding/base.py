@@ -1,0 +1,198 @@
+"""What every decoding mode shares: request options, events, the result, and the `Decoder` context.
+
+A mode is a generator `generate(dec, prompt_ids)` yielding events; `Decoder` owns the model, the cache,
+the sampler and the counters, and applies the budget / stop rule of `decoding.md` in one place
+(`emit`). Layering (after mlx-lm): step (`Decoder.forward`/`pick`) -> mode stream -> text (runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Union
+
+import torch
+
+from edge_dlm.attention import Attn
+from edge_dlm.cache import KVCache
+from edge_dlm.errors import UserError
+from edge_dlm.sampling import Sampler, SamplingParams
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+SPECULATIVE = ("linear-spec", "quadratic-spec")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """One request's decoding options. `block_size`/`steps` of None take the checkpoint's block size."""
+
+    mode: str = "linear-spec"
+    max_new_tokens: int = 256
+    block_size: int | None = None
+    steps: int | None = None
+    threshold: float = 0.9
+    sampling: SamplingParams = SamplingParams()
+    use_lora: bool = True
+
+    def resolve(self, default_block: int) -> "GenerationOptions":
+        """Fill defaults from the checkpoint and validate; raises `UserError` with the flag to fix."""
+        if self.mode not in MODES:
+            raise UserError(f"mode '{self.mode}' not supported; known: {', '.join(MODES)}")
+        b = default_block if self.block_size is None else self.block_size
+        if b < 1:
+            raise UserError(f"--block-size must be >= 1, got {b}")
+        s = b if self.steps is None else self.steps
+        if not 1 <= s <= b:
+            raise UserError(f"--steps must be in 1..{b} (the block size), got {s}")
+        if not 0 <= self.threshold <= 1:
+            raise UserError(f"--threshold must be in 0..1, got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        self.sampling.validate()
+        return dataclasses.replace(self, block_size=b, steps=s)
+
+    def scratch_tokens(self) -> int:
+        """The most tokens one pass of this mode writes beyond the committed cache."""
+        b = self.block_size or 1
+        return b * (b + 1) if self.mode == "quadratic-spec" else b
+
+
+# ---- events -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Canvas:
+    """A diffusion block after a denoising pass. `tokens` holds the mask id where still masked."""
+
+    tokens: list[int]
+    committed: list[int]  # positions filled by this pass
+    step: int
+    nfe: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A speculative cycle: the drafted block and how many of its tokens were emitted."""
+
+    tokens: list[int]
+    accepted: int
+    nfe: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Emit:
+    """Tokens appended to the output (never the final EOS, never the mask id)."""
+
+    ids: list[int]
+    nfe: int
+
+
+@dataclasses.dataclass
+class Result:
+    """The fields of `edge-dlm generate --json` (`decoding.md`, "What every run reports")."""
+
+    text: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str
+    mode: str
+    nfe: int
+    tpf: float
+    elapsed_s: float
+    tokens_per_s: float
+    mean_accepted: float | None = None
+    ttft_s: float | None = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["mean_accepted"] is None:
+            d.pop("mean_accepted")
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    result: Result
+
+
+Event = Union[Canvas, Draft, Emit, Done]
+
+
+# ---- the decoder context ------------------------------------------------------------------------
+
+class Decoder:
+    """State of one generation: model passes (counted as NFE), picks, and the emitted stream."""
+
+    def __init__(self, model: torch.nn.Module, opts: GenerationOptions, cache: KVCache) -> None:
+        cfg = model.config
+        self.model = model
+        self.opts = opts
+        self.cache = cache
+        self.block = opts.block_size
+        self.mask_id = cfg.mask_token_id
+        self.eos_id = cfg.eos_token_id
+        self.device = cache.k.device
+        self.sampler = Sampler(opts.sampling, self.mask_id, self.device)
+        self.nfe = 0
+        self.stream_len = 0  # emitted tokens, a final EOS included
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.cycles = 0
+        self.cycle_tokens = 0
+        self.first_token_time: float | None = None
+
+    # -- steps
+    def forward(self, tokens: list[int], positions: int | list[int], attn: Attn,
+                use_lora: bool = False) -> torch.Tensor:
+        """One model pass (1 NFE) over `tokens` at `positions` (a start offset or a list) -> `[T, V]`.
+
+        Its K/V are left pending in the cache: the mode commits what it keeps.
+        """
+        t = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        if isinstance(positions, int):
+            pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
+        else:
+            pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        self.nfe += 1
+        with torch.inference_mode():
+            return self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora)[0]
+
+    def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        return self.sampler.pick(logits)
+
+    # -- the stream
+    @property
+    def remaining(self) -> int:
+        return self.opts.max_new_tokens - self.stream_len
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, tokens: list[int]) -> Emit:
+        """Append `tokens` to the stream, cut at the first EOS and at the budget; set `finish_reason`."""
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        kept = tokens[:self.remaining]
+        if self.eos_id in kept:
+            kept = kept[:kept.index(self.eos_id) + 1]
+            self.finish_reason = "stop"
+        self.stream_len += len(kept)
+        if self.finish_reason is None and self.remaining <= 0:
+            self.finish_reason = "length"
+        ids = kept[:-1] if self.finish_reason == "stop" else kept
+        assert self.mask_id not in ids, "the mask token must never be emitted"
+        self.output_ids.extend(ids)
+        return Emit(ids, self.nfe)
+
+    def cycle(self, emitted: int) -> None:
+        """Count one speculative cycle that emitted `emitted` tokens (for `mean_accepted`)."""
+        self.cycles += 1
+        self.cycle_tokens += emitted
+
+    def prefill(self, prompt_ids: list[int]) -> int:
+        """`F(prompt, causal)`, K/V kept; returns `t1 = pick(last logit)` (all modes but QuadraticSpec)."""
+        from edge_dlm.attention import CAUSAL
+
+        logits = self.forward(prompt_ids, self.cache.length, CAUSAL)
+        self.cache.commit(len(prompt_ids))
+        return self.pick(logits[-1:])[0][0]

@@ -1,0 +1,66 @@
+"""Diffusion (`diffusion`): denoise `B`-token blocks with a step budget `S` and a threshold `tau`.
+
+Per block: canvas `[seed, M, ..., M]`; at step s, one no-write block pass predicts every masked
+position; the `ceil(r / (S - s))` most confident (ties to the lower position) are committed, plus
+every one with confidence >= tau. Then the block up to its first EOS is emitted and, if generation
+goes on, one causal commit pass caches the block and picks the next seed.
+NFE = 1 + per block (denoising passes + 1 if its commit pass ran).
+
+Choice where `decoding.md` leaves room: "a pass that would only produce tokens beyond the budget is
+not run" is applied inside a block too, so denoising stops once no mask is left among the positions
+that can still be emitted (before the first EOS and within the remaining budget). With an unlimited
+budget this is exactly the contract's EOS rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+from edge_dlm.attention import BLOCK, CAUSAL
+from edge_dlm.decoding.base import Canvas, Decoder, Event
+
+
+def needs_pass(canvas: list[int], limit: int, mask_id: int, eos_id: int) -> bool:
+    """Whether a mask remains before the first EOS within the first `limit` positions."""
+    for tok in canvas[:limit]:
+        if tok == mask_id:
+            return True
+        if tok == eos_id:
+            return False
+    return False
+
+
+def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: int,
+                 threshold: float) -> list[int]:
+    """One no-write block pass; commits picks into `canvas` in place and returns their positions."""
+    logits = dec.forward(canvas, start, BLOCK)
+    dec.cache.commit(0)  # no-write: drop this pass's K/V
+    masked = [j for j, tok in enumerate(canvas) if tok == dec.mask_id]
+    picks, conf = dec.pick(logits[masked])
+    k = math.ceil(len(masked) / (steps - step))
+    order = sorted(range(len(masked)), key=lambda i: (-conf[i], masked[i]))
+    chosen = set(order[:k]) | {i for i, c in enumerate(conf) if c >= threshold}
+    for i in chosen:
+        canvas[masked[i]] = picks[i]
+    return sorted(masked[i] for i in chosen)
+
+
+def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
+    b, steps, tau = dec.block, dec.opts.steps, dec.opts.threshold
+    seed = dec.prefill(prompt_ids)
+    while True:
+        start = dec.cache.length
+        canvas = [seed] + [dec.mask_id] * (b - 1)
+        limit = min(b, dec.remaining)
+        for step in range(steps):
+            if not needs_pass(canvas, limit, dec.mask_id, dec.eos_id):
+                break
+            filled = denoise_step(dec, canvas, start, step, steps, tau)
+            yield Canvas(list(canvas), filled, step, dec.nfe)
+        yield dec.emit(canvas)
+        if dec.done:
+            return
+        logits = dec.forward(canvas, start, CAUSAL)  # commit pass
+        dec.cache.commit(b)
+        seed = dec.pick(logits[-1:])[0][0]

@@ -1,0 +1,51 @@
+"""Atomic file and directory writes: never leave a partial artifact behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from edge_dlm.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `target`, on failure it vanishes.
+
+    An existing `target` is an error unless `force`. Ctrl-C or any exception leaves no `target`.
+    """
+    target = Path(target)
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists; pass --force to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,179 @@
+"""The embedding API: `load()` a model once, then `generate` / `stream` requests in any mode.
+
+    import edge_dlm
+    rt = edge_dlm.load()                       # the bundled demo model, on the best device
+    print(rt.generate("def fib(n):", mode="linear-spec", max_new_tokens=64).text)
+    for ev in rt.stream([{"role": "user", "content": "Hello"}], mode="diffusion", steps=4):
+        if isinstance(ev, edge_dlm.Text):
+            print(ev.delta, end="", flush=True)
+
+Thread safety: a `Runtime` runs one request at a time (an internal lock serializes `generate` and
+`stream`; a second caller waits). Share one Runtime across threads freely; to cancel, pass a
+`threading.Event` as `cancel` and set it from any thread: the request stops after its current pass
+with `finish_reason == "cancelled"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+
+from edge_dlm.config import NLDConfig
+from edge_dlm.decoding import (Canvas, Decoder, Done, Draft, Emit, GenerationOptions, Result,
+                               mode_fn)
+from edge_dlm.errors import CheckpointError, UserError
+from edge_dlm.sampling import SamplingParams
+from edge_dlm.tokenizer import Message, StreamDetokenizer, Tokenizer
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """Newly decoded output text (emitted alongside the `Emit` event that produced it)."""
+
+    delta: str
+
+
+StreamEvent = Union[Canvas, Draft, Emit, Text, Done]
+
+
+def default_model_path() -> Path:
+    if not (DEMO_MODEL / "config.json").exists():
+        raise UserError(f"no --model given and the bundled demo model is missing at {DEMO_MODEL}")
+    return DEMO_MODEL
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"device '{device}' not supported; known: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"dtype '{dtype}' not supported; known: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Runtime:
+    """A loaded model + tokenizer, serving requests in any decoding mode without reloading."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, path: Path,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.config: NLDConfig = model.config
+        self._lock = threading.Lock()
+
+    @property
+    def has_lora(self) -> bool:
+        return any(layer.self_attn.o_lora is not None for layer in self.model.encoder.layers)
+
+    def encode(self, prompt: str | list[Message], raw: bool = False) -> list[int]:
+        if isinstance(prompt, str) and not prompt.strip():
+            raise UserError("the prompt is empty")
+        if isinstance(prompt, list) and not prompt:
+            raise UserError("the conversation has no messages")
+        return self.tokenizer.encode_prompt(prompt, raw=raw)
+
+    def options(self, **kw) -> GenerationOptions:
+        """`GenerationOptions` from keyword arguments (`temperature`, `top_k`, `top_p`, `seed` included)."""
+        sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
+                                     if k in kw and kw[k] is not None})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        return GenerationOptions(sampling=sampling, **kw).resolve(self.config.block_size)
+
+    def stream(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
+               cancel: threading.Event | None = None, **kw) -> Iterator[StreamEvent]:
+        """Yield events (`Canvas`, `Draft`, `Emit`, `Text`, then `Done`) for one request.
+
+        `prompt` is a string (chat-templated unless `raw`), a list of chat messages, or token ids.
+        Keyword options: mode, max_new_tokens, block_size, steps, threshold, temperature, top_k,
+        top_p, seed, use_lora.
+        """
+        opts = self.options(**kw)
+        ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.encode(prompt, raw=raw)
+        ctx = self.config.max_position_embeddings
+        if len(ids) >= ctx:
+            raise UserError(f"the prompt is {len(ids)} tokens but the model context is {ctx}; shorten it")
+        if opts.mode == "quadratic-spec" and len(ids) + opts.scratch_tokens() > ctx:
+            raise UserError(f"--block-size {opts.block_size} is too large for quadratic-spec: its "
+                            f"B(B+1) = {opts.scratch_tokens()}-token pass does not fit the {ctx}-token "
+                            "context after the prompt; use a smaller block size")
+        opts = dataclasses.replace(opts, max_new_tokens=min(opts.max_new_tokens, ctx - len(ids)))
+        with self._lock:
+            yield from self._run(ids, opts, cancel)
+
+    def _run(self, ids: list[int], opts: GenerationOptions,
+             cancel: threading.Event | None) -> Iterator[StreamEvent]:
+        cache = self.model.new_cache(len(ids) + opts.max_new_tokens + opts.scratch_tokens())
+        dec = Decoder(self.model, opts, cache)
+        detok = StreamDetokenizer(self.tokenizer)
+        start = time.perf_counter()
+        for event in mode_fn(opts.mode)(dec, ids):
+            yield event
+            if isinstance(event, Emit) and event.ids:
+                delta = detok.push(event.ids)
+                if delta:
+                    yield Text(delta)
+            if cancel is not None and cancel.is_set():
+                dec.finish_reason = dec.finish_reason or "cancelled"
+                break
+        tail = detok.flush()
+        if tail:
+            yield Text(tail)
+        elapsed = time.perf_counter() - start
+        yield Done(Result(
+            text=self.tokenizer.decode(dec.output_ids), prompt_ids=ids, output_ids=dec.output_ids,
+            finish_reason=dec.finish_reason or "length", mode=opts.mode, nfe=dec.nfe,
+            tpf=dec.stream_len / max(dec.nfe, 1), elapsed_s=elapsed,
+            tokens_per_s=dec.stream_len / elapsed if elapsed > 0 else 0.0,
+            mean_accepted=(dec.cycle_tokens / dec.cycles if dec.cycles else 0.0)
+            if opts.mode in ("linear-spec", "quadratic-spec") else None,
+            ttft_s=(dec.first_token_time - start) if dec.first_token_time else None))
+
+    def generate(self, prompt: str | list[Message] | list[int], **kw) -> Result:
+        """Run one request to completion; see `stream` for the arguments."""
+        result = None
+        for event in self.stream(prompt, **kw):
+            if isinstance(event, Done):
+                result = event.result
+        assert result is not None
+        return result
+
+
+def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
+         engine: str = "torch", quant: str | None = None, lora: bool = True) -> Runtime:
+    """Load a checkpoint directory (default: the bundled demo model) into a `Runtime`."""
+    from edge_dlm.weights import check_dir, load_model
+
+    if engine not in ("torch", "auto"):
+        raise UserError(f"engine '{engine}' not supported yet; known: torch")
+    path = check_dir(Path(model) if model is not None else default_model_path())
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = Tokenizer.from_dir(path)
+    net = load_model(path, dtype=dt, device=dev, lora=lora)
+    if quant:
+        from edge_dlm.quant import quantize_model
+        quantize_model(net, quant)
+    if tokenizer.vocab_size > net.config.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{net.config.vocab_size}")
+    return Runtime(net, tokenizer, path, dev, dt)

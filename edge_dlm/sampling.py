@@ -1,0 +1,77 @@
+"""`pick(logits)` from the decoding contract.
+
+The mask token is never a candidate. Temperature 0 is argmax (ties to the lowest id). Temperature
+T > 0 samples from `softmax(logits / T)` after top-k / top-p filtering. The confidence of a pick is
+its probability under the *untempered* softmax with the mask logit removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from edge_dlm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    """Applies `pick` row-wise; holds the random generator so a seed reproduces a whole run."""
+
+    def __init__(self, params: SamplingParams, mask_id: int, device: torch.device | str = "cpu") -> None:
+        params.validate()
+        self.params = params
+        self.mask_id = mask_id
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """`logits [T, V]` -> (token ids, confidences), one per row."""
+        tokens, conf = self.pick_tensor(logits)
+        return tokens.tolist(), conf.tolist()
+
+    def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float().clone()
+        logits[..., self.mask_id] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
+        p = self.params
+        if p.temperature == 0:
+            tokens = torch.argmax(logits, dim=-1)  # first maximal index on ties
+        else:
+            tokens = torch.multinomial(filtered_probs(logits / p.temperature, p.top_k, p.top_p), 1,
+                                       generator=self.generator).squeeze(-1)
+        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax of `logits [T, V]` restricted to the top-k, then to the smallest top-p nucleus."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before this token is >= p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.softmax(logits, dim=-1)

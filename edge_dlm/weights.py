@@ -1,0 +1,174 @@
+"""Checkpoint I/O: safetensors only (one file or sharded), validated tensor by tensor.
+
+Pickle formats (`*.bin`, `*.pt`, ...) are refused: loading them can execute arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from edge_dlm.config import NLDConfig
+from edge_dlm.errors import CheckpointError
+from edge_dlm.model import NLDModel, rope_inv_freq
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+LORA_DIR = "linear_spec_lora"
+
+
+def expected_shapes(cfg: NLDConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an NLD checkpoint must hold, with its shape (`nld.md`, "Tensors")."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"encoder.embed_tokens.weight": (v, h), "encoder.norm.weight": (h,),
+              "diffusion_head.weight": (v, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"encoder.layers.{n}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i)}
+    return shapes
+
+
+def check_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; --model takes a checkpoint directory")
+    return path
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file, from the shard index or the single file's header."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid shard index ({exc})") from None
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise CheckpointError(f"shard {f.name} named in {INDEX_FILE} is missing from {path}")
+        return files
+    single = path / SINGLE_FILE
+    if not single.exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds only pickle weights ({', '.join(pickles)}); edge-dlm loads safetensors "
+                f"only, since pickle can run code: convert them to model.safetensors")
+        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
+    return {n: single for n in tensor_names(single)}
+
+
+def read_tensors(files: dict[str, Path], names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read the named tensors (all by default), grouped by file, failing with a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    wanted = names if names is not None else list(files)
+    by_file: dict[Path, list[str]] = {}
+    for n in wanted:
+        by_file.setdefault(files[n], []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for f, group in by_file.items():
+        try:
+            with safe_open(f, framework="pt") as st:
+                for n in group:
+                    out[n] = st.get_tensor(n)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {f.name} ({exc}); the file may be truncated") from None
+    return out
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", lora: bool = True) -> NLDModel:
+    """Load config + weights (+ the LinearSpec LoRA drafter when present and `lora`) into `NLDModel`."""
+    path = check_dir(path)
+    cfg = NLDConfig.from_file(path / "config.json")
+    if cfg.quantization:
+        from edge_dlm.quant import load_quantized  # weight-only artifacts written by `edge-dlm export`
+        return load_quantized(path, cfg, dtype=dtype, device=device, lora=lora)
+    files = weight_files(path)
+    shapes = expected_shapes(cfg)
+    missing = [n for n in shapes if n not in files]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:3])}{more}")
+    tensors = read_tensors(files, list(shapes))
+    for name, want in shapes.items():
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
+    with torch.device("meta"):
+        model = NLDModel(cfg)
+    state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    if lora:
+        load_lora(model, path)
+    return model.eval().requires_grad_(False)
+
+
+def has_lora(path: str | Path) -> bool:
+    return (Path(path) / LORA_DIR / "adapter_model.safetensors").exists()
+
+
+def load_lora(model: NLDModel, path: Path) -> bool:
+    """Attach the PEFT `o_proj` adapter in `linear_spec_lora/` to each layer; False when absent."""
+    lora_dir = path / LORA_DIR
+    if not has_lora(path):
+        return False
+    try:
+        acfg = json.loads((lora_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{lora_dir}/adapter_config.json is missing or invalid ({exc})") from None
+    scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
+    adapter = lora_dir / "adapter_model.safetensors"
+    tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
+    p = next(model.parameters())
+    for i, layer in enumerate(model.encoder.layers):
+        attn = layer.self_attn
+        key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj.lora_"
+        try:
+            a, b = tensors[key + "A.weight"], tensors[key + "B.weight"]
+        except KeyError:
+            raise CheckpointError(f"LoRA drafter lacks {key}A/B.weight for layer {i}") from None
+        out_f, in_f = model.config.hidden_size, attn.nq * attn.hd
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise CheckpointError(f"LoRA tensors of layer {i} have shapes {list(a.shape)}/{list(b.shape)}, "
+                                  f"expected {[r, in_f]}/{[out_f, r]}")
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        attn.o_lora = (a.to(p.device, dtype), b.to(p.device, dtype), scale)
+    return True
+
+
+def tensor_names(f: Path) -> list[str]:
+    """The tensor names in one safetensors file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(f, framework="pt") as st:
+            return list(st.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{f} is not a readable safetensors file ({exc}); is it truncated?") from None
+
+
+def save_checkpoint(model_or_state: NLDModel | dict[str, torch.Tensor], cfg: NLDConfig, path: Path,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write `config.json` + `model.safetensors` into an existing directory `path`."""
+    from safetensors.torch import save_file
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in state.items()}
+    save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
