@@ -1,0 +1,145 @@
+"""The `edge-dlm` command line. Subcommands import their heavy dependencies lazily, so
+`edge-dlm --help` loads neither torch nor any extra."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from edge_dlm.errors import UserError
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as every bad input in edge-dlm gets."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--quant", choices=("int8", "int4", "nf4"),
+                   help="quantize the weights on load (weight-only)")
+    p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
+
+
+def add_decode_args(p: argparse.ArgumentParser, default_max: int = 256) -> None:
+    p.add_argument("--mode", choices=MODES, default="linear-spec",
+                   help="decoding mode (default: linear-spec, lossless and fastest)")
+    p.add_argument("--steps", type=int, help="diffusion step budget per block, 1..block size (default: block size)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="diffusion confidence threshold, 0..1 (default: 0.9)")
+    p.add_argument("--block-size", type=int, help="override the checkpoint's block size")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--max-new-tokens", type=int, default=default_max,
+                   help=f"generation budget (default: {default_max})")
+
+
+def decode_kwargs(a: argparse.Namespace) -> dict:
+    return dict(mode=a.mode, steps=a.steps, threshold=a.threshold, block_size=a.block_size,
+                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                max_new_tokens=a.max_new_tokens)
+
+
+def load_runtime(a: argparse.Namespace):
+    import edge_dlm
+
+    return edge_dlm.load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
+                         quant=a.quant, lora=not a.no_lora)
+
+
+def read_prompt(a: argparse.Namespace) -> str:
+    if a.prompt_file is not None:
+        try:
+            text = open(a.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read --prompt-file {a.prompt_file}: {exc}") from None
+    else:
+        text = a.prompt
+    if not text or not text.strip():
+        raise UserError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt-file")
+    return text
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from edge_dlm.decoding import Done
+    from edge_dlm.runtime import Text
+
+    prompt = read_prompt(a)
+    rt = load_runtime(a)
+    kw = decode_kwargs(a)
+    if a.json:
+        result = rt.generate(prompt, raw=a.raw, **kw)
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return 0
+    for ev in rt.stream(prompt, raw=a.raw, **kw):
+        if isinstance(ev, Text):
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+        elif isinstance(ev, Done):
+            r = ev.result
+            sys.stdout.write("\n")
+            acc = f", {r.mean_accepted:.2f} accepted/cycle" if r.mean_accepted is not None else ""
+            print(f"[{r.mode}] {len(r.output_ids)} tokens, {r.nfe} NFE, TPF {r.tpf:.2f}{acc}, "
+                  f"{r.tokens_per_s:.1f} tok/s, {r.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="edge-dlm", description="Run Nemotron-Labs-Diffusion models locally: AR, block "
+               "diffusion and self-speculative decoding.")
+    p.add_argument("--version", action="version", version=f"edge-dlm {__import__('edge_dlm').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from a file")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_decode_args(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object with the result and stats")
+    g.set_defaults(func=cmd_generate)
+
+    for name, module, help_ in COMMANDS:
+        sp = sub.add_parser(name, help=help_)
+        sp.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(sp)
+    return p
+
+
+# Subcommands in their own modules, each with `add_arguments(parser)` and `run(args) -> int`; those
+# modules import nothing heavy at module level. (name, module, help)
+COMMANDS: list[tuple[str, str, str]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = getattr(args, "func", None) or \
+        importlib.import_module(args.module).run
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"edge-dlm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-dlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
