@@ -122,7 +122,9 @@ def build_parser() -> Parser:
 
 # Subcommands in their own modules, each with `add_arguments(parser)` and `run(args) -> int`; those
 # modules import nothing heavy at module level. (name, module, help)
-COMMANDS: list[tuple[str, str, str]] = []
+COMMANDS: list[tuple[str, str, str]] = [
+    ("chat", "edge_dlm.chat", "chat with a model (full-screen UI, or --plain)"),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,87 @@
+"""`edge-dlm chat`: the Textual app when it is installed and stdin is a terminal, else a plain REPL.
+
+Plain REPL commands: /mode NAME, /steps N, /temp T, /new, /help, /quit. Ctrl-C stops an answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edge_dlm.cli import add_decode_args, add_model_args
+
+    add_model_args(p)
+    add_decode_args(p, default_max=200)
+    p.add_argument("--plain", action="store_true", help="line-based chat, no full-screen UI")
+
+
+def run(a: argparse.Namespace) -> int:
+    if not a.plain and sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            from edge_dlm.tui.app import run_app
+        except ImportError:
+            print("(the full-screen UI needs the 'tui' extra; using the plain chat)", file=sys.stderr)
+        else:
+            return run_app(a)
+    return plain_chat(a)
+
+
+def plain_chat(a: argparse.Namespace) -> int:
+    from edge_dlm.cli import decode_kwargs, load_runtime
+    from edge_dlm.decoding import MODES, Done
+    from edge_dlm.errors import UserError
+    from edge_dlm.runtime import Text
+
+    rt = load_runtime(a)
+    kw = decode_kwargs(a)
+    messages: list[dict[str, str]] = []
+    print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({str(rt.dtype).removeprefix('torch.')}), "
+          f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line[1:].partition(" ")
+            if cmd in ("quit", "exit", "q"):
+                return 0
+            if cmd == "new":
+                messages.clear()
+            elif cmd == "mode" and arg in MODES:
+                kw["mode"] = arg
+            elif cmd == "steps" and arg.isdigit():
+                kw["steps"] = int(arg)
+            elif cmd == "temp":
+                kw["temperature"] = float(arg or 0)
+            else:
+                print(f"commands: /mode {{{','.join(MODES)}}}, /steps N, /temp T, /new, /quit",
+                      file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        cancel = threading.Event()
+        reply = []
+        try:
+            for ev in rt.stream(list(messages), cancel=cancel, **kw):
+                if isinstance(ev, Text):
+                    reply.append(ev.delta)
+                    sys.stdout.write(ev.delta)
+                    sys.stdout.flush()
+                elif isinstance(ev, Done):
+                    r = ev.result
+                    acc = f", {r.mean_accepted:.2f}/cycle" if r.mean_accepted is not None else ""
+                    print(f"\n[{r.mode} · {r.tokens_per_s:.1f} tok/s · TPF {r.tpf:.2f}{acc}]", file=sys.stderr)
+        except KeyboardInterrupt:
+            cancel.set()
+            print("\n[stopped]", file=sys.stderr)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": "".join(reply)})
