@@ -134,7 +134,7 @@ out of the box with no network; it is a toy: expect Python-flavoured text, not a
   training tokens, about a third of them instruction pairs in the chat template (function signature +
   docstring -> function; module name -> module docstring). Held out: every 50th file by path hash,
   {info['held_out_tokens']:,} tokens.
-- Training: {info['steps']} steps of 16 x 256 tokens ({info['tokens_seen']:,} tokens seen), AdamW, lr 3e-3,
+- Training: {info['steps']} steps of {info.get('batch', 16)} x {info.get('seq_len', 256)} tokens ({info['tokens_seen']:,} tokens seen), AdamW, lr 3e-3,
   cosine decay, w_dlm 0.3 / w_ar 1.0, {info['train_minutes']} minutes on a 2-core CPU (no GPU was available;
   a longer GPU run is owed). Weights stored in bfloat16.
 

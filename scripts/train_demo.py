@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, help="override the training time budget")
     ap.add_argument("--steps", type=int, help="override the step count")
     ap.add_argument("--max-files", type=int, help="use only the first N stdlib files (for tests)")
+    ap.add_argument("--batch", type=int, help="override the batch size")
+    ap.add_argument("--seq-len", type=int, help="override the sequence length")
     ap.add_argument("--tokens-only", action="store_true", help="build tokenizer + token files, then stop")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
@@ -151,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg["train"]["minutes"] = a.minutes
     if a.steps is not None:
         cfg["train"]["steps"] = a.steps
+    if a.batch is not None:
+        cfg["train"]["batch"] = a.batch
+    if a.seq_len is not None:
+        cfg["train"]["seq_len"] = a.seq_len
     if a.max_files is not None:
         cfg["corpus"]["max_files"] = a.max_files
     if a.threads:
@@ -202,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ran = train(model, batches(train_stream, t["seq_len"], t["batch"], seed), steps=t["steps"],
                 lr=t["lr"], warmup=t["warmup"], w_dlm=t["w_dlm"], w_ar=t["w_ar"], seed=seed,
                 time_budget_s=60 * t["minutes"], log=log)
-    info = {"steps": ran, "tokens_seen": ran * t["batch"] * t["seq_len"],
+    info = {"steps": ran, "tokens_seen": ran * t["batch"] * t["seq_len"], "batch": t["batch"],
+            "seq_len": t["seq_len"],
             "train_minutes": round((time.time() - t0) / 60, 1), "train_tokens": int(len(train_stream)),
             "held_out_tokens": int(len(test_stream)), "params": sum(p.numel() for p in model.parameters())}
     (work / "train_info.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,143 @@
+"""The chat app driven by Pilot on a tiny model: stream, switch mode, stop, reopen, snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("textual")
+
+from edge_dlm.tui.app import ChatApp, Message  # noqa: E402
+from edge_dlm.tui.store import Store  # noqa: E402
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_ckpt):
+    import edge_dlm
+
+    return edge_dlm.load(tiny_ckpt, device="cpu")
+
+
+def make_app(runtime, tmp_path, **kw) -> ChatApp:
+    return ChatApp(runtime=runtime, store=Store(tmp_path / "chats.sqlite3"), **kw)
+
+
+async def wait_idle(app: ChatApp, pilot, timeout: float = 60) -> None:
+    for _ in range(int(timeout / 0.05)):
+        await pilot.pause(0.05)
+        if not app.generating:
+            return
+    raise AssertionError("generation did not finish")
+
+
+async def send(app: ChatApp, pilot, text: str) -> None:
+    app.query_one("#prompt").focus()
+    for ch in text:
+        await pilot.press(ch if ch != " " else "space")
+    await pilot.press("enter")
+    await pilot.pause(0.05)
+
+
+def test_send_switch_mode_and_reopen(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="ar", max_new_tokens=12)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(app, pilot, "hello")
+            await wait_idle(app, pilot)
+            assert app.last_result.mode == "ar" and app.last_result.output_ids
+            msgs = list(app.query(Message))
+            assert len(msgs) == 2 and app.history[-1]["content"] == app.last_result.text
+            model_before = app.runtime.model
+            # switch to diffusion with 2 steps, no reload
+            app.query_one("#mode").value = "diffusion"
+            app.query_one("#steps").value = 2
+            await send(app, pilot, "again")
+            await wait_idle(app, pilot)
+            assert app.last_result.mode == "diffusion" and app.runtime.model is model_before
+            assert "diffusion" in str(app.query_one("#status").render())
+            conv = app.conversation
+        saved = Store(tmp_path / "chats.sqlite3")
+        assert [m["role"] for m in saved.messages(conv)] == ["user", "assistant", "user", "assistant"]
+        # reopen it in a fresh app
+        app2 = make_app(runtime, tmp_path)
+        async with app2.run_test(size=(100, 30)) as pilot:
+            await pilot.press("ctrl+o")
+            await pilot.pause(0.1)
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert app2.conversation == conv and len(list(app2.query(Message))) == 4
+
+    asyncio.run(scenario())
+
+
+def test_stop_generation(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="ar", max_new_tokens=3000)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(app, pilot, "go")
+            await pilot.pause(0.3)
+            await pilot.press("escape")
+            await wait_idle(app, pilot)
+            assert app.last_result.finish_reason == "cancelled"
+            assert len(app.last_result.output_ids) < 3000
+
+    asyncio.run(scenario())
+
+
+def test_presets_set_mode_and_steps(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("f2")
+            await pilot.pause(0.1)
+            assert app.query_one("#mode").value == "diffusion" and app.query_one("#steps").value == 2
+            assert "energy" in str(app.query_one("#preset-trade").render())
+            await pilot.press("f4")
+            await pilot.pause(0.1)
+            assert app.query_one("#mode").value == "linear-spec"
+
+    asyncio.run(scenario())
+
+
+def snapshot(app: ChatApp, name: str) -> None:
+    svg = app.export_screenshot()
+    path = SNAPSHOTS / f"{name}.svg"
+    if os.environ.get("UPDATE_SNAPSHOTS") or not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(svg, encoding="utf-8")
+        if not os.environ.get("UPDATE_SNAPSHOTS"):
+            pytest.fail(f"snapshot {path.name} was missing and has been written; rerun")
+    assert svg == path.read_text(encoding="utf-8"), f"{name} differs from {path} (UPDATE_SNAPSHOTS=1 to accept)"
+
+
+def test_snapshot_main_screen(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="linear-spec")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            app.set_status("linear-spec │ - tok/s │ TPF - │ NFE - │ cpu float32")  # memory varies
+            await pilot.pause(0.1)
+            snapshot(app, "main_screen")
+
+    asyncio.run(scenario())
+
+
+def test_snapshot_block_view(runtime, tmp_path):
+    from edge_dlm.tui.render import render_block
+
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="diffusion")
+        async with app.run_test(size=(80, 24)) as pilot:
+            labels = ["def", " f", "(", "", "", ")", ":", ""]
+            masked = [False, False, False, True, True, False, False, True]
+            app.query_one("#block").update(render_block(labels, masked, fresh={5, 6}))
+            app.set_status("diffusion │ - tok/s │ TPF - │ NFE 3 │ cpu float32")
+            await pilot.pause(0.1)
+            snapshot(app, "block_view")
+
+    asyncio.run(scenario())

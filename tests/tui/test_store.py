@@ -1,0 +1,52 @@
+"""The conversation database survives a kill mid-answer."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from edge_dlm.tui.store import Store
+
+WRITER = """
+import sys, time
+from edge_dlm.tui.store import Store
+s = Store(sys.argv[1])
+c = s.new_conversation("t")
+for i in range(3):
+    s.add_message(c, "user", f"question {i}")
+    s.add_message(c, "assistant", f"answer {i}")
+s.add_message(c, "user", "last question")
+m = s.add_message(c, "assistant", "")
+print("ready", flush=True)
+text = ""
+while True:  # an answer streaming forever, saved as it grows
+    text += "token "
+    s.update_message(m, text)
+"""
+
+
+def test_kill_mid_answer_keeps_every_earlier_message(tmp_path):
+    db = tmp_path / "chats.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    msgs = Store(db).messages(1)
+    assert [m["content"] for m in msgs[:7]] == ["question 0", "answer 0", "question 1", "answer 1",
+                                                "question 2", "answer 2", "last question"]
+    assert msgs[7]["role"] == "assistant" and msgs[7]["content"].startswith("token")
+
+
+def test_conversations_listed_newest_first(tmp_path):
+    s = Store(tmp_path / "db.sqlite3")
+    a = s.new_conversation("a")
+    b = s.new_conversation("b")
+    s.add_message(a, "user", "x")
+    assert [c[0] for c in s.conversations()] == [a, b]

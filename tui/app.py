@@ -1,0 +1,330 @@
+"""`edge-dlm chat`: a Textual chat app, a thin client of `Runtime.stream`.
+
+The model loads and generates in thread workers; widgets hold no model logic. The side panel picks
+mode, step budget, threshold, temperature and max tokens (or a preset that bundles them), the block
+view shows masked positions filling in pass by pass (drafts accepted in green, rejected in red), and
+the status line reports tokens/s, TPF, NFE, mean accepted length, device, dtype and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, Select, Static
+from textual.widgets.option_list import Option
+
+from edge_dlm.tui.render import PRESETS, memory_mb, render_block, status_line
+from edge_dlm.tui.store import Store
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+
+
+class Message(Markdown):
+    """One chat message."""
+
+    DEFAULT_CSS = """
+    Message { margin: 0 1 1 0; padding: 0 1; }
+    Message.user { background: $primary 15%; border-left: thick $primary; }
+    Message.assistant { border-left: thick $success; }
+    """
+
+
+class OpenChat(ModalScreen[int | None]):
+    """Pick a saved conversation."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+    DEFAULT_CSS = "OpenChat { align: center middle; } OpenChat OptionList { width: 60; height: 16; }"
+
+    def __init__(self, conversations: list[tuple[int, str, float]]) -> None:
+        super().__init__()
+        self.items = conversations
+
+    def compose(self) -> ComposeResult:
+        yield OptionList(*[Option(f"{time.strftime('%m-%d %H:%M', time.localtime(u))}  {t}", id=str(i))
+                           for i, t, u in self.items] or [Option("(no saved chats)", id="none")])
+
+    @on(OptionList.OptionSelected)
+    def picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(None if event.option.id == "none" else int(event.option.id))
+
+
+class ChatApp(App):
+    TITLE = "edge-dlm"
+    CSS = """
+    #main { height: 1fr; }
+    #chat { width: 1fr; }
+    #side { width: 30; border-left: solid $primary; padding: 0 1; }
+    #side Label { margin-top: 1; color: $text-muted; }
+    #side Select, #side Input { width: 100%; }
+    #preset-trade { height: 3; color: $text-muted; }
+    #block { height: 3; border-top: solid $primary; padding: 0 1; }
+    #status { height: 1; background: $boost; padding: 0 1; }
+    #prompt { dock: bottom; }
+    """
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+o", "open_chat", "Open chat"),
+        Binding("f2", "preset('battery')", "Battery"),
+        Binding("f3", "preset('balanced')", "Balanced"),
+        Binding("f4", "preset('quality')", "Quality"),
+        Binding("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, *, runtime=None, load_args: argparse.Namespace | None = None,
+                 store: Store | None = None, mode: str = "linear-spec", steps: int | None = None,
+                 threshold: float = 0.9, temperature: float = 0.0, max_new_tokens: int = 200) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.load_args = load_args
+        self.store = store or Store()
+        self.init = dict(mode=mode, steps=steps, threshold=threshold, temperature=temperature,
+                         max_new_tokens=max_new_tokens)
+        self.conversation: int | None = None
+        self.history: list[dict] = []  # {"id", "role", "content"}
+        self.cancel = threading.Event()
+        self.generating = False
+        self.last_result = None
+
+    # ---- layout
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                yield VerticalScroll(id="messages")
+                yield Static("", id="block")
+            with VerticalScroll(id="side"):
+                yield Label("Mode")
+                yield Select([(m, m) for m in MODES], value=self.init["mode"], allow_blank=False, id="mode")
+                yield Label("Steps per block (diffusion)")
+                steps = self.init["steps"]
+                yield Select([(str(s), s) for s in range(1, 9)], value=steps if steps in range(1, 9) else 4,
+                             allow_blank=False, id="steps")
+                yield Label("Confidence threshold")
+                yield Input(str(self.init["threshold"]), id="threshold")
+                yield Label("Temperature")
+                yield Input(str(self.init["temperature"]), id="temperature")
+                yield Label("Max new tokens")
+                yield Input(str(self.init["max_new_tokens"]), id="max-tokens")
+                yield Label("Preset (F2 battery, F3 balanced, F4 quality)")
+                yield Select([(p, p) for p in PRESETS], prompt="custom", id="preset")
+                yield Static("", id="preset-trade")
+        yield Static("loading model…", id="status")
+        yield Input(placeholder="Loading the model…", id="prompt", disabled=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.new_conversation()
+        if self.runtime is None:
+            self.load_model()
+        else:
+            self.model_ready()
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self) -> None:
+        from edge_dlm.cli import load_runtime
+        from edge_dlm.errors import UserError
+
+        try:
+            rt = load_runtime(self.load_args)
+        except UserError as exc:
+            self.call_from_thread(self.set_status, f"error: {exc}")
+            return
+        self.runtime = rt
+        self.call_from_thread(self.model_ready)
+
+    def model_ready(self) -> None:
+        rt = self.runtime
+        self.sub_title = f"{rt.path.name} · {rt.device} · B={rt.config.block_size}"
+        prompt = self.query_one("#prompt", Input)
+        prompt.disabled = False
+        prompt.placeholder = "Message (Enter to send)"
+        prompt.focus()
+        self.show_stats()
+
+    # ---- settings
+    def settings(self) -> dict:
+        """The request options from the side panel; raises ValueError with a readable message."""
+        mode = self.query_one("#mode", Select).value
+        steps = self.query_one("#steps", Select).value
+        try:
+            threshold = float(self.query_one("#threshold", Input).value)
+            temperature = float(self.query_one("#temperature", Input).value)
+            max_new = int(self.query_one("#max-tokens", Input).value)
+        except ValueError:
+            raise ValueError("threshold and temperature must be numbers, max tokens an integer") from None
+        block = self.runtime.config.block_size
+        return dict(mode=mode, steps=min(steps, block) if mode == "diffusion" else None, threshold=threshold,
+                    temperature=temperature, max_new_tokens=max_new)
+
+    def action_preset(self, name: str) -> None:
+        self.query_one("#preset", Select).value = name
+
+    @on(Select.Changed, "#preset")
+    def preset_changed(self, event: Select.Changed) -> None:
+        if event.value not in PRESETS:
+            return
+        p = PRESETS[event.value]
+        self.query_one("#mode", Select).value = p.mode
+        if p.steps is not None:
+            self.query_one("#steps", Select).value = p.steps
+        self.query_one("#threshold", Input).value = str(p.threshold)
+        self.query_one("#preset-trade", Static).update(p.trade)
+
+    # ---- conversation
+    def new_conversation(self) -> None:
+        self.conversation = None  # created lazily on the first message
+        self.history = []
+        self.query_one("#messages").remove_children()
+        self.query_one("#block", Static).update("")
+
+    def add_message_widget(self, role: str, content: str) -> Message:
+        widget = Message(content or " ", classes=role)
+        msgs = self.query_one("#messages", VerticalScroll)
+        msgs.mount(widget)
+        msgs.scroll_end(animate=False)
+        return widget
+
+    @on(Input.Submitted, "#prompt")
+    def submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.generating or self.runtime is None:
+            return
+        event.input.value = ""
+        if self.conversation is None:
+            self.conversation = self.store.new_conversation(text[:60])
+        mid = self.store.add_message(self.conversation, "user", text)
+        self.history.append({"id": mid, "role": "user", "content": text})
+        self.add_message_widget("user", text)
+        self.start_answer()
+
+    def start_answer(self) -> None:
+        try:
+            opts = self.settings()
+        except ValueError as exc:
+            self.set_status(f"error: {exc}")
+            return
+        mid = self.store.add_message(self.conversation, "assistant", "")
+        entry = {"id": mid, "role": "assistant", "content": ""}
+        widget = self.add_message_widget("assistant", "")
+        self.cancel.clear()
+        self.generating = True
+        self.generate([{"role": m["role"], "content": m["content"]} for m in self.history], opts, entry, widget)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def generate(self, messages: list[dict], opts: dict, entry: dict, widget: Message) -> None:
+        from edge_dlm.decoding import Canvas, Done, Draft, Emit
+        from edge_dlm.errors import UserError
+        from edge_dlm.runtime import Text
+
+        rt = self.runtime
+        text: list[str] = []
+        last_save = time.monotonic()
+        mask = rt.config.mask_token_id
+        result = None
+        try:
+            for ev in rt.stream(messages, cancel=self.cancel, **opts):
+                if isinstance(ev, Text):
+                    text.append(ev.delta)
+                    self.call_from_thread(widget.update, "".join(text))
+                    if time.monotonic() - last_save > 0.5:  # a kill loses at most half a second
+                        self.store.update_message(entry["id"], "".join(text))
+                        last_save = time.monotonic()
+                elif isinstance(ev, Canvas):
+                    labels = [rt.tokenizer.decode([t]) if t != mask else "" for t in ev.tokens]
+                    self.call_from_thread(self.show_block, render_block(
+                        labels, [t == mask for t in ev.tokens], set(ev.committed)), ev.nfe, opts["mode"])
+                elif isinstance(ev, Draft):
+                    labels = [rt.tokenizer.decode([t]) for t in ev.tokens]
+                    self.call_from_thread(self.show_block, render_block(
+                        labels, [False] * len(labels), accepted=ev.accepted), ev.nfe, opts["mode"])
+                elif isinstance(ev, Emit) and opts["mode"] == "ar":
+                    self.call_from_thread(self.show_live_nfe, ev.nfe, opts["mode"])
+                elif isinstance(ev, Done):
+                    result = ev.result
+        except UserError as exc:
+            self.call_from_thread(self.set_status, f"error: {exc}")
+        final = "".join(text)
+        meta = json.dumps({k: getattr(result, k) for k in ("mode", "nfe", "tpf", "finish_reason")}) if result else None
+        self.store.update_message(entry["id"], final, meta)
+        entry["content"] = final
+        self.history.append(entry)
+        self.call_from_thread(self.answer_done, result, widget, final)
+
+    def answer_done(self, result, widget: Message, final: str) -> None:
+        self.generating = False
+        if not final:
+            widget.update("*(no answer)*")
+        self.last_result = result
+        self.show_stats()
+
+    # ---- live views
+    def show_block(self, rendered, nfe: int, mode: str) -> None:
+        self.query_one("#block", Static).update(rendered)
+        self.show_live_nfe(nfe, mode)
+
+    def show_live_nfe(self, nfe: int, mode: str) -> None:
+        rt = self.runtime
+        self.set_status(status_line(mode=mode, nfe=nfe, device=str(rt.device),
+                                    dtype=str(rt.dtype).removeprefix("torch.")) + " │ generating…")
+
+    def show_stats(self) -> None:
+        rt, r = self.runtime, self.last_result
+        mode = r.mode if r else self.query_one("#mode", Select).value
+        self.set_status(status_line(
+            mode=mode, tokens_per_s=r.tokens_per_s if r else None, tpf=r.tpf if r else None,
+            nfe=r.nfe if r else None, mean_accepted=r.mean_accepted if r else None, device=str(rt.device),
+            dtype=str(rt.dtype).removeprefix("torch."), memory_mb=memory_mb(str(rt.device))))
+
+    def set_status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    # ---- actions
+    def action_stop(self) -> None:
+        if self.generating:
+            self.cancel.set()
+
+    def action_regenerate(self) -> None:
+        if self.generating or not self.history or self.history[-1]["role"] != "assistant":
+            return
+        last = self.history.pop()
+        self.store.delete_message(last["id"])
+        widgets = self.query(Message)
+        if widgets:
+            widgets.last().remove()
+        self.start_answer()
+
+    def action_new_chat(self) -> None:
+        if not self.generating:
+            self.new_conversation()
+
+    def action_open_chat(self) -> None:
+        if self.generating:
+            return
+
+        def opened(conv: int | None) -> None:
+            if conv is None:
+                return
+            self.new_conversation()
+            self.conversation = conv
+            self.history = self.store.messages(conv)
+            for m in self.history:
+                self.add_message_widget(m["role"], m["content"])
+
+        self.push_screen(OpenChat(self.store.conversations()), opened)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    app = ChatApp(load_args=args, mode=args.mode, steps=args.steps, threshold=args.threshold,
+                  temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    app.run()
+    return 0
