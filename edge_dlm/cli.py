@@ -124,6 +124,7 @@ def build_parser() -> Parser:
 # modules import nothing heavy at module level. (name, module, help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("chat", "edge_dlm.chat", "chat with a model (full-screen UI, or --plain)"),
+    ("bench", "edge_dlm.bench", "measure tokens/s, TPF, memory and energy per mode against baselines"),
 ]
 
 

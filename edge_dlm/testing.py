@@ -115,30 +115,3 @@ def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, lora: bool = False
     if lora:
         write_lora(path, cfg, seed=seed + 1)
     return path
-
-
-def to_transformers(path: str | Path):
-    """The reference `Ministral3ForCausalLM` on the same weights (`encoder.*` -> `model.*`,
-    `diffusion_head` -> `lm_head`), fp32, eager attention. Needs `transformers` (a test extra)."""
-    from transformers import Ministral3Config, Ministral3ForCausalLM
-
-    from edge_dlm.weights import read_tensors, weight_files
-
-    path = Path(path)
-    cfg = NLDConfig.from_file(path / "config.json")
-    rope = {k: v for k, v in cfg.to_dict()["rope_parameters"].items() if k != "truncate"}
-    hf_cfg = Ministral3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.eos_token_id,
-        tie_word_embeddings=False, rope_parameters=rope)
-    hf_cfg._attn_implementation = "eager"
-    model = Ministral3ForCausalLM(hf_cfg)
-    tensors = read_tensors(weight_files(path))
-    renamed = {("lm_head.weight" if k == "diffusion_head.weight" else k.replace("encoder.", "model.", 1)): v
-               for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model.float().eval()

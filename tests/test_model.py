@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edge_dlm.attention import CAUSAL
-from edge_dlm.testing import to_transformers, write_tiny_checkpoint
+from edge_dlm.reference import to_transformers
+from edge_dlm.testing import write_tiny_checkpoint
 from edge_dlm.weights import load_model
 
 pytest.importorskip("transformers")

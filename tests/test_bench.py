@@ -1,0 +1,43 @@
+"""`edge-dlm bench` on a tiny model: the JSON fields, the baselines, the ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_dlm.cli import main
+
+
+def test_bench_json_fields(tiny_ckpt, capsys):
+    pytest.importorskip("transformers")
+    assert main(["bench", "--model", str(tiny_ckpt), "--json", "--max-new-tokens", "6", "--num-prompts", "2",
+                 "--repeats", "1", "--warmup", "0", "--steps", "2", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in out["rows"]]
+    assert names == ["transformers generate", "ar", "diffusion S=2", "diffusion S=4", "linear-spec",
+                     "quadratic-spec"]
+    rows = {r["name"]: r for r in out["rows"]}
+    for r in out["rows"]:
+        for key in ("tokens_per_s", "tpf", "mean_accepted", "ttft_s", "peak_mem_mb", "joules_per_token",
+                    "vs_ar", "vs_transformers"):
+            assert key in r
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        assert r["vs_ar"] == pytest.approx(r["tokens_per_s"] / rows["ar"]["tokens_per_s"])
+        assert r["vs_transformers"] == pytest.approx(
+            r["tokens_per_s"] / rows["transformers generate"]["tokens_per_s"])
+    assert rows["ar"]["tpf"] == pytest.approx(1.0)
+    assert rows["linear-spec"]["mean_accepted"] >= 1 and rows["ar"]["mean_accepted"] is None
+    assert out["meta"]["energy"] in ("n/a", "RAPL", "NVML")
+
+
+def test_bench_without_baseline_still_compares_to_ar(tiny_ckpt, capsys):
+    assert main(["bench", "--model", str(tiny_ckpt), "--modes", "linear-spec", "--no-baseline",
+                 "--max-new-tokens", "4", "--num-prompts", "1", "--repeats", "1", "--warmup", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "| ar |" in table and "| linear-spec |" in table and "transformers" not in table
+
+
+def test_bench_bad_prompts_file(tiny_ckpt, capsys):
+    assert main(["bench", "--model", str(tiny_ckpt), "--prompts", "/nonexistent.txt", "--no-baseline"]) == 2
+    assert "--prompts" in capsys.readouterr().err
