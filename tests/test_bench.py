@@ -41,3 +41,20 @@ def test_bench_without_baseline_still_compares_to_ar(tiny_ckpt, capsys):
 def test_bench_bad_prompts_file(tiny_ckpt, capsys):
     assert main(["bench", "--model", str(tiny_ckpt), "--prompts", "/nonexistent.txt", "--no-baseline"]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_shape_bench_times_each_pass_width(capsys):
+    import argparse
+    import dataclasses
+
+    from edge_dlm.bench_shapes import run_shapes, shape_config
+
+    cfg = dataclasses.replace(shape_config("3b", layers=1), vocab_size=512, hidden_size=256,
+                              intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=64, block_size=4)
+    args = argparse.Namespace(device="cpu", dtype="float32", repeats=1, json=True, shape="3b")
+    assert run_shapes(args, cfg=cfg, context=16) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["tokens"] for r in out["rows"]] == [1, 4, 20]
+    assert all(r["ms"] > 0 and r["vs_floor"] > 0 for r in out["rows"])
+    assert out["meta"]["copy_bandwidth_gbs"] > 0
