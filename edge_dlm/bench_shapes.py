@@ -75,13 +75,14 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device, 
     b = model.config.block_size
     cache = model.new_cache(context + max(tokens))
     with torch.inference_mode():
-        ids = torch.randint(0, 1000, (1, context), device=device)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (1, context), device=device)
         model(ids, torch.arange(context, device=device)[None], cache=cache, attn=CAUSAL)
         cache.commit(context)
         out = {}
         for t in tokens:
             attn = Attn("quad_cycle", block=b) if t == b * (b + 1) else BLOCK
-            x = torch.randint(0, 1000, (1, t), device=device)
+            x = torch.randint(0, vocab, (1, t), device=device)
             pos = torch.arange(context, context + t, device=device)[None]
             model(x, pos, cache=cache, attn=attn)  # warm-up
             times = []
