@@ -63,11 +63,12 @@ class ChatApp(App):
     #chat { width: 1fr; }
     #side { width: 30; border-left: solid $primary; padding: 0 1; }
     #side Label { margin-top: 1; color: $text-muted; }
-    #side Select, #side Input { width: 100%; }
-    #preset-trade { height: 3; color: $text-muted; }
+    #side Input { width: 100%; height: 1; border: none; padding: 0 1; background: $boost; }
+    #side Select { width: 100%; height: auto; }
+    #side Select > SelectCurrent { border: none; height: 1; padding: 0 1; background: $boost; }
+    #preset-trade { height: auto; color: $text-muted; margin-top: 1; }
     #block { height: 3; border-top: solid $primary; padding: 0 1; }
     #status { height: 1; background: $boost; padding: 0 1; }
-    #prompt { dock: bottom; }
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -105,7 +106,7 @@ class ChatApp(App):
             with VerticalScroll(id="side"):
                 yield Label("Mode")
                 yield Select([(m, m) for m in MODES], value=self.init["mode"], allow_blank=False, id="mode")
-                yield Label("Steps per block (diffusion)")
+                yield Label("Diffusion steps per block")
                 steps = self.init["steps"]
                 yield Select([(str(s), s) for s in range(1, 9)], value=steps if steps in range(1, 9) else 4,
                              allow_blank=False, id="steps")
@@ -115,7 +116,7 @@ class ChatApp(App):
                 yield Input(str(self.init["temperature"]), id="temperature")
                 yield Label("Max new tokens")
                 yield Input(str(self.init["max_new_tokens"]), id="max-tokens")
-                yield Label("Preset (F2 battery, F3 balanced, F4 quality)")
+                yield Label("Preset (F2 / F3 / F4)")
                 yield Select([(p, p) for p in PRESETS], prompt="custom", id="preset")
                 yield Static("", id="preset-trade")
         yield Static("loading model…", id="status")
