@@ -26,8 +26,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--quant", choices=("int8", "int4", "nf4"),
-                   help="quantize the weights on load (weight-only)")
     p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
 
 
@@ -56,7 +54,7 @@ def load_runtime(a: argparse.Namespace):
     import edge_dlm
 
     return edge_dlm.load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-                         quant=a.quant, lora=not a.no_lora)
+                         lora=not a.no_lora)
 
 
 def read_prompt(a: argparse.Namespace) -> str:

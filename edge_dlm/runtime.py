@@ -165,14 +165,13 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
 
     if engine not in ("torch", "auto"):
         raise UserError(f"engine '{engine}' not supported yet; known: torch")
+    if quant is not None:
+        raise UserError(f"quantization '{quant}' is not available in this version; load the full-precision model")
     path = check_dir(Path(model) if model is not None else default_model_path())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = Tokenizer.from_dir(path)
     net = load_model(path, dtype=dt, device=dev, lora=lora)
-    if quant:
-        from edge_dlm.quant import quantize_model
-        quantize_model(net, quant)
     if tokenizer.vocab_size > net.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{net.config.vocab_size}")

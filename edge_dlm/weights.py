@@ -94,8 +94,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     path = check_dir(path)
     cfg = NLDConfig.from_file(path / "config.json")
     if cfg.quantization:
-        from edge_dlm.quant import load_quantized  # weight-only artifacts written by `edge-dlm export`
-        return load_quantized(path, cfg, dtype=dtype, device=device, lora=lora)
+        raise CheckpointError(f"{path} is a quantized artifact ({cfg.quantization.get('scheme', '?')}); "
+                              "this version of edge-dlm loads full-precision checkpoints only")
     files = weight_files(path)
     shapes = expected_shapes(cfg)
     missing = [n for n in shapes if n not in files]
