@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check '$(TORCH)'
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test,tui]'
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test,tui,bench]'
 	touch $@
 
 chat: setup
