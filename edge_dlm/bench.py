@@ -271,8 +271,8 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def fmt(v, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec: str, suffix: str = "") -> str:
+    return "n/a" if v is None else format(v, spec) + suffix
 
 
 def format_table(rows: list[Row], meta: dict) -> str:
@@ -280,7 +280,7 @@ def format_table(rows: list[Row], meta: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r.name} | {r.tokens_per_s:.1f} | {fmt(r.tpf, '.2f')} | {fmt(r.mean_accepted, '.2f')} | "
              f"{fmt(r.ttft_s and r.ttft_s * 1000, '.1f')} | {r.peak_mem_mb:.0f} | {fmt(r.joules_per_token, '.3f')} | "
-             f"{fmt(r.vs_ar, '.2f')}x | {fmt(r.vs_transformers, '.2f')}x |" for r in rows]
+             f"{fmt(r.vs_ar, '.2f', 'x')} | {fmt(r.vs_transformers, '.2f', 'x')} |" for r in rows]
     info = (f"{meta['model']} on {meta['device']} ({meta['dtype']}), {meta['machine']}; "
             f"{meta['num_prompts']} {meta['prompts']} prompts x {meta['repeats']} repeats, "
             f"{meta['max_new_tokens']} new tokens, greedy; energy: {meta['energy']}")

@@ -104,6 +104,17 @@ def test_presets_set_mode_and_steps(runtime, tmp_path):
     asyncio.run(scenario())
 
 
+async def settle(app: ChatApp, pilot) -> None:
+    """Wait until the footer's key bindings have rendered (they mount asynchronously)."""
+    from textual.widgets import Footer
+
+    for _ in range(100):
+        await pilot.pause(0.05)
+        if len(app.query_one(Footer).children) >= len(app.BINDINGS):
+            break
+    await pilot.pause(0.1)
+
+
 def snapshot(app: ChatApp, name: str) -> None:
     svg = app.export_screenshot()
     path = SNAPSHOTS / f"{name}.svg"
@@ -121,7 +132,7 @@ def test_snapshot_main_screen(runtime, tmp_path):
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause(0.2)
             app.set_status("linear-spec │ - tok/s │ TPF - │ NFE - │ cpu float32")  # memory varies
-            await pilot.pause(0.1)
+            await settle(app, pilot)
             snapshot(app, "main_screen")
 
     asyncio.run(scenario())
@@ -137,7 +148,7 @@ def test_snapshot_block_view(runtime, tmp_path):
             masked = [False, False, False, True, True, False, False, True]
             app.query_one("#block").update(render_block(labels, masked, fresh={5, 6}))
             app.set_status("diffusion │ - tok/s │ TPF - │ NFE 3 │ cpu float32")
-            await pilot.pause(0.1)
+            await settle(app, pilot)
             snapshot(app, "block_view")
 
     asyncio.run(scenario())
