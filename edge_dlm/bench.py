@@ -80,16 +80,6 @@ class EnergyMeter:
         return self._read() if self._read else None
 
 
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---- prompts ------------------------------------------------------------------------------------
 
 def load_prompts(spec: str, n: int) -> tuple[list, bool]:
@@ -144,6 +134,8 @@ class Progress:
 def measure(name: str, mode: str, run_one: Callable[[object], tuple[int, int, float, float | None, float | None]],
             prompts: list, a: argparse.Namespace, device: str, meter: EnergyMeter, progress: Progress) -> Row:
     """`run_one(prompt) -> (emitted tokens, nfe, elapsed, ttft, mean_accepted)`."""
+    from edge_dlm.runtime import peak_memory_mb
+
     for _ in range(a.warmup):
         run_one(prompts[0])
     rates, ttfts, accs = [], [], []

@@ -24,8 +24,8 @@ from typing import Iterator, Union
 import torch
 
 from edge_dlm.config import NLDConfig
-from edge_dlm.decoding import (Canvas, Decoder, Done, Draft, Emit, GenerationOptions, Result,
-                               mode_fn)
+from edge_dlm.decoding import (SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, GenerationOptions,
+                               Result, mode_fn)
 from edge_dlm.errors import CheckpointError, UserError
 from edge_dlm.sampling import SamplingParams
 from edge_dlm.tokenizer import Message, StreamDetokenizer, Tokenizer
@@ -66,6 +66,15 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' not supported; known: {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA, else this process's peak resident set size."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Runtime:
@@ -145,7 +154,7 @@ class Runtime:
             tpf=dec.stream_len / max(dec.nfe, 1), elapsed_s=elapsed,
             tokens_per_s=dec.stream_len / elapsed if elapsed > 0 else 0.0,
             mean_accepted=(dec.cycle_tokens / dec.cycles if dec.cycles else 0.0)
-            if opts.mode in ("linear-spec", "quadratic-spec") else None,
+            if opts.mode in SPECULATIVE else None,
             ttft_s=(dec.first_token_time - start) if dec.first_token_time else None))
 
     def generate(self, prompt: str | list[Message] | list[int], **kw) -> Result:

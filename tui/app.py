@@ -21,7 +21,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from edge_dlm.tui.render import PRESETS, memory_mb, render_block, status_line
+from edge_dlm.runtime import peak_memory_mb
+from edge_dlm.tui.render import PRESETS, render_block, status_line
 from edge_dlm.tui.store import Store
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
@@ -284,7 +285,7 @@ class ChatApp(App):
         self.set_status(status_line(
             mode=mode, tokens_per_s=r.tokens_per_s if r else None, tpf=r.tpf if r else None,
             nfe=r.nfe if r else None, mean_accepted=r.mean_accepted if r else None, device=str(rt.device),
-            dtype=str(rt.dtype).removeprefix("torch."), memory_mb=memory_mb(str(rt.device))))
+            dtype=str(rt.dtype).removeprefix("torch."), memory_mb=peak_memory_mb(rt.device)))
 
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)

@@ -69,14 +69,3 @@ def status_line(*, mode: str, tokens_per_s: float | None = None, tpf: float | No
     if memory_mb is not None:
         parts.append(f"{memory_mb:.0f} MB")
     return " │ ".join(parts)
-
-
-def memory_mb(device: str) -> float:
-    """Peak GPU memory on CUDA, else this process's peak resident set size."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator, Union
+from typing import Union
 
 import torch
 
-from edge_dlm.attention import Attn
+from edge_dlm.attention import CAUSAL, Attn
 from edge_dlm.cache import KVCache
 from edge_dlm.errors import UserError
 from edge_dlm.sampling import Sampler, SamplingParams
@@ -191,8 +191,6 @@ class Decoder:
 
     def prefill(self, prompt_ids: list[int]) -> int:
         """`F(prompt, causal)`, K/V kept; returns `t1 = pick(last logit)` (all modes but QuadraticSpec)."""
-        from edge_dlm.attention import CAUSAL
-
         logits = self.forward(prompt_ids, self.cache.length, CAUSAL)
         self.cache.commit(len(prompt_ids))
         return self.pick(logits[-1:])[0][0]
