@@ -152,3 +152,22 @@ def test_snapshot_block_view(runtime, tmp_path):
             snapshot(app, "block_view")
 
     asyncio.run(scenario())
+
+
+def test_regenerate_replaces_the_last_answer(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="diffusion", max_new_tokens=10, temperature=1.0)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await send(app, pilot, "hello")
+            await wait_idle(app, pilot)
+            first = app.last_result
+            await pilot.press("ctrl+r")
+            await pilot.pause(0.05)
+            await wait_idle(app, pilot)
+            assert [m["role"] for m in app.history] == ["user", "assistant"]
+            assert app.last_result is not first and app.last_result.mode == "diffusion"
+            assert len(list(app.query(Message))) == 2
+            saved = app.store.messages(app.conversation)
+            assert [m["id"] for m in saved] == [m["id"] for m in app.history]
+
+    asyncio.run(scenario())
