@@ -4,22 +4,35 @@
 # CUDA build); on a GPU machine use e.g. `make chat TORCH=torch` to keep/get a CUDA build.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The test run also installs every optional backend (CPU builds), pinned to versions known to work
+# together (see docs in README): bitsandbytes, onnx + onnxruntime, triton (for TRITON_INTERPRET).
+TEST_PINS ?= triton==3.7.1 onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2 bitsandbytes==0.50.2
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
+TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
+CHAT_STAMP := $(VENV)/.chat-$(TAG)
+TEST_STAMP := $(VENV)/.test-$(TAG)
+PIP := $(VENV)/bin/python -m pip install -q --disable-pip-version-check
 
 .PHONY: setup chat test clean
-setup: $(STAMP)
+setup: $(CHAT_STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check '$(TORCH)'
-	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test,tui,bench]'
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) '$(TORCH)'
+	$(PIP) -e '.[tui]'
 	touch $@
 
-chat: setup
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) '$(TORCH)'
+	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels]' $(TEST_PINS)
+	touch $@
+
+chat: $(CHAT_STAMP)
 	$(VENV)/bin/edge-dlm chat
 
-test: setup
+test: $(TEST_STAMP)
 	$(VENV)/bin/pytest
 
 clean:

@@ -217,10 +217,15 @@ def run(a: argparse.Namespace) -> int:
             configs.append((mode, mode, None))
     if "ar" not in a.modes:
         configs.insert(0, ("ar", "ar", None))  # the in-run baseline
-    progress = Progress(a.repeats * (len(configs) + (not a.no_baseline)), a.json)
     rows = []
     hf_row = None
-    if not a.no_baseline:
+    baseline = not a.no_baseline
+    if baseline and (a.quant or rt.config.quantization):
+        baseline = False  # transformers would run different (full-precision) weights: not a like-for-like row
+        print("note: no transformers baseline for quantized weights; edge-dlm AR is the baseline",
+              file=sys.stderr)
+    progress = Progress(a.repeats * (len(configs) + baseline), a.json)
+    if baseline:
         hf_row = measure("transformers generate", "ar", transformers_runner(rt, raw, a), prompts, a, device,
                          meter, progress)
         hf_row.tpf = 1.0
@@ -232,7 +237,8 @@ def run(a: argparse.Namespace) -> int:
         r.vs_ar = r.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else None
         r.vs_transformers = r.tokens_per_s / hf_row.tokens_per_s if hf_row and hf_row.tokens_per_s else None
     all_rows = ([hf_row] if hf_row else []) + rows
-    meta = {"model": str(rt.path), "device": device, "dtype": str(rt.dtype).removeprefix("torch."),
+    quant = a.quant or (rt.config.quantization or {}).get("scheme")
+    meta = {"model": str(rt.path), "device": device, "dtype": str(rt.dtype).removeprefix("torch."), "quant": quant,
             "prompts": a.prompts, "num_prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
             "repeats": a.repeats, "energy": meter.source, "machine": machine_description(device)}
     if a.json:
@@ -273,7 +279,8 @@ def format_table(rows: list[Row], meta: dict) -> str:
     lines = [f"| {r.name} | {r.tokens_per_s:.1f} | {fmt(r.tpf, '.2f')} | {fmt(r.mean_accepted, '.2f')} | "
              f"{fmt(r.ttft_s and r.ttft_s * 1000, '.1f')} | {r.peak_mem_mb:.0f} | {fmt(r.joules_per_token, '.3f')} | "
              f"{fmt(r.vs_ar, '.2f', 'x')} | {fmt(r.vs_transformers, '.2f', 'x')} |" for r in rows]
-    info = (f"{meta['model']} on {meta['device']} ({meta['dtype']}), {meta['machine']}; "
+    quant = f", weights {meta['quant']}" if meta.get("quant") else ""
+    info = (f"{meta['model']} on {meta['device']} ({meta['dtype']}{quant}), {meta['machine']}; "
             f"{meta['num_prompts']} {meta['prompts']} prompts x {meta['repeats']} repeats, "
             f"{meta['max_new_tokens']} new tokens, greedy; energy: {meta['energy']}")
     return "\n".join([info, "", head, *lines])

@@ -32,6 +32,9 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create private files
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

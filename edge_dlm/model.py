@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None, layer: int,
-                use_lora: bool) -> torch.Tensor:
+                use_lora: bool, attn: Attn | None = None, kernel=None) -> torch.Tensor:
         n, t, _ = x.shape
         q = self.q_proj(x).view(n, t, self.nq, self.hd).transpose(1, 2)  # [N, nq, T, hd]
         k = self.k_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)  # [N, nkv, T, hd]
@@ -88,10 +88,14 @@ class SelfAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         q = q * qscale
         if cache is not None:  # batch 1: attend over committed cache + this pass's tokens
+            cached = cache.length
             k_all, v_all = cache.write(layer, k[0], v[0])
             k, v = k_all.unsqueeze(0), v_all.unsqueeze(0)  # [1, nkv, L+T, hd]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           scale=self.hd ** -0.5, enable_gqa=self.nq != self.nkv)
+        if kernel is not None:  # a fused block-attention kernel: the pattern, never a mask
+            o = kernel(q[0], k[0], v[0], attn, cached=cached, scale=self.hd ** -0.5)[None]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               scale=self.hd ** -0.5, enable_gqa=self.nq != self.nkv)
         o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
         if use_lora and self.o_lora is not None:
@@ -139,6 +143,9 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self.rope_scale = cfg.rope.yarn_attention_factor()
+        # Optional fused attention for cached passes: fn(q [nq,T,D], k, v [nkv,L+T,D], attn, cached=,
+        # scale=) -> [nq,T,D] (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
+        self.attn_kernel = None
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin `[N, 1, T, hd]` and the Llama-4 query scale `[N, 1, T, 1]` for `positions [N, T]`."""
@@ -166,15 +173,17 @@ class NLDModel(nn.Module):
         x = self.encoder.embed_tokens(tokens)
         cos, sin, qscale = self.rope(positions, x.dtype)
         t = tokens.shape[1]
+        kernel = None
         if cache is not None:
             assert attn is not None and tokens.shape[0] == 1, "cached passes run one sequence"
-            mask = attn.full_mask(cache.length, t, tokens.device)
+            kernel = self.attn_kernel
+            mask = None if kernel else attn.full_mask(cache.length, t, tokens.device)
             is_causal = False
         else:
             is_causal = mask is None and t > 1
         for i, layer in enumerate(self.encoder.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, is_causal,
-                                    cache, i, use_lora)
+                                    cache, i, use_lora, attn, kernel)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.encoder.norm(x)
 
@@ -187,7 +196,6 @@ class NLDModel(nn.Module):
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
-        p = self.diffusion_head.weight
-        dtype = p.dtype if p.is_floating_point() else self.encoder.embed_tokens.weight.dtype
+        p = self.encoder.norm.weight  # always floating point, even in a quantized model
         return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity,
-                       dtype=dtype, device=self.encoder.embed_tokens.weight.device)
+                       dtype=p.dtype, device=p.device)

@@ -81,13 +81,14 @@ class Runtime:
     """A loaded model + tokenizer, serving requests in any decoding mode without reloading."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, path: Path,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, kernels: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.device = device
         self.dtype = dtype
         self.config: NLDConfig = model.config
+        self.kernels = kernels  # Triton attention + greedy picks (see edge_dlm.kernels)
         self._lock = threading.Lock()
 
     @property
@@ -133,6 +134,10 @@ class Runtime:
              cancel: threading.Event | None) -> Iterator[StreamEvent]:
         cache = self.model.new_cache(len(ids) + opts.max_new_tokens + opts.scratch_tokens())
         dec = Decoder(self.model, opts, cache)
+        if self.kernels:
+            from edge_dlm.kernels.verify import greedy_pick
+
+            dec.sampler.greedy_fn = greedy_pick
         detok = StreamDetokenizer(self.tokenizer)
         start = time.perf_counter()
         for event in mode_fn(opts.mode)(dec, ids):
@@ -168,20 +173,43 @@ class Runtime:
 
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
-         engine: str = "torch", quant: str | None = None, lora: bool = True) -> Runtime:
-    """Load a checkpoint directory (default: the bundled demo model) into a `Runtime`."""
+         engine: str = "torch", quant: str | None = None, group_size: int = 64,
+         lora: bool = True, kernels: str = "auto") -> Runtime:
+    """Load a checkpoint directory (default: the bundled demo model) into a `Runtime`.
+
+    `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
+    "llm-int8" (bitsandbytes). A quantized artifact from `edge-dlm export` loads as it is.
+    `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
+    """
     from edge_dlm.weights import check_dir, load_model
 
     if engine not in ("torch", "auto"):
         raise UserError(f"engine '{engine}' not supported yet; known: torch")
+    spec = None
     if quant is not None:
-        raise UserError(f"quantization '{quant}' is not available in this version; load the full-precision model")
+        from edge_dlm.quant import BNB_SCHEMES, QuantSpec, require_bnb
+
+        spec = QuantSpec(quant, group_size=group_size)
+        if spec.scheme in BNB_SCHEMES:
+            require_bnb()
     path = check_dir(Path(model) if model is not None else default_model_path())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    from edge_dlm import kernels as kmod
+
+    use_kernels = kmod.resolve(kernels, dev)
     tokenizer = Tokenizer.from_dir(path)
     net = load_model(path, dtype=dt, device=dev, lora=lora)
+    if spec is not None:
+        from edge_dlm.quant import quantize_model
+
+        if net.config.quantization:
+            raise UserError(f"{path} is already quantized ({net.config.quantization.get('scheme')}); "
+                            "drop --quant, or quantize the full-precision checkpoint")
+        quantize_model(net, spec)
     if tokenizer.vocab_size > net.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{net.config.vocab_size}")
-    return Runtime(net, tokenizer, path, dev, dt)
+    if use_kernels:
+        kmod.enable(net)
+    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels)

@@ -38,6 +38,9 @@ class Sampler:
         self.params = params
         self.mask_id = mask_id
         self.generator: torch.Generator | None = None
+        # Optional fused greedy pick, fn(logits [T, V], mask_id) -> (tokens, conf) on the device
+        # (edge_dlm.kernels.verify.greedy_pick); used at temperature 0 only.
+        self.greedy_fn = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
@@ -51,6 +54,8 @@ class Sampler:
         return tokens.tolist(), conf.tolist()
 
     def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.greedy_fn is not None and self.params.temperature == 0:
+            return self.greedy_fn(logits, self.mask_id)
         logits = logits.float().clone()
         logits[..., self.mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # untempered: the confidence

@@ -20,8 +20,11 @@ SINGLE_FILE = "model.safetensors"
 LORA_DIR = "linear_spec_lora"
 
 
-def expected_shapes(cfg: NLDConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an NLD checkpoint must hold, with its shape (`nld.md`, "Tensors")."""
+def expected_shapes(cfg: NLDConfig, spec=None) -> dict[str, tuple[int, ...]]:
+    """Every tensor an NLD checkpoint must hold, with its shape (`nld.md`, "Tensors").
+
+    With a `QuantSpec`, the weights it quantizes are replaced by their stored quantized tensors.
+    """
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     shapes = {"encoder.embed_tokens.weight": (v, h), "encoder.norm.weight": (h,),
@@ -33,7 +36,18 @@ def expected_shapes(cfg: NLDConfig) -> dict[str, tuple[int, ...]]:
                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
                    p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
                    p + "mlp.down_proj.weight": (h, i)}
-    return shapes
+    if spec is None:
+        return shapes
+    from edge_dlm.quant import OWN_SCHEMES, quantized_shapes
+
+    out = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        quantized = len(shape) == 2 and (
+            (module == "diffusion_head" and spec.head) or ".layers." in module
+            or (module == "encoder.embed_tokens" and spec.embedding and spec.scheme in OWN_SCHEMES))
+        out |= quantized_shapes(module, *shape, spec) if quantized else {name: shape}
+    return out
 
 
 def check_dir(path: str | Path) -> Path:
@@ -90,14 +104,16 @@ def read_tensors(files: dict[str, Path], names: list[str] | None = None) -> dict
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", lora: bool = True) -> NLDModel:
-    """Load config + weights (+ the LinearSpec LoRA drafter when present and `lora`) into `NLDModel`."""
+    """Load config + weights (+ the LinearSpec LoRA drafter when present and `lora`) into `NLDModel`.
+
+    A quantized artifact (config.json has "quantization") loads into quantized modules directly;
+    its float tensors (norms, an unquantized head) are cast to `dtype`.
+    """
     path = check_dir(path)
     cfg = NLDConfig.from_file(path / "config.json")
-    if cfg.quantization:
-        raise CheckpointError(f"{path} is a quantized artifact ({cfg.quantization.get('scheme', '?')}); "
-                              "this version of edge-dlm loads full-precision checkpoints only")
+    spec = quant_spec(cfg, path)
     files = weight_files(path)
-    shapes = expected_shapes(cfg)
+    shapes = expected_shapes(cfg, spec)
     missing = [n for n in shapes if n not in files]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -109,12 +125,35 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
             raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
     with torch.device("meta"):
         model = NLDModel(cfg)
+    if spec is not None:
+        from edge_dlm.quant import build_quantized
+
+        build_quantized(model, spec, tensors, dtype)
     state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    model.load_state_dict(state, strict=spec is None, assign=True)
+    model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+    model.to(device)
     if lora:
         load_lora(model, path)
     return model.eval().requires_grad_(False)
+
+
+def quant_spec(cfg: NLDConfig, path: Path):
+    """The artifact's `QuantSpec`, or None for a full-precision checkpoint."""
+    if not cfg.quantization:
+        return None
+    from edge_dlm.errors import UserError
+    from edge_dlm.quant import QuantSpec
+
+    try:
+        spec = QuantSpec.from_dict(cfg.quantization)
+    except (TypeError, UserError) as exc:
+        raise CheckpointError(f"{path}/config.json has an invalid quantization entry ({exc})") from None
+    if spec.scheme == "nf4":
+        from edge_dlm.quant import require_bnb
+
+        require_bnb()
+    return spec
 
 
 def has_lora(path: str | Path) -> bool:
@@ -134,7 +173,7 @@ def load_lora(model: NLDModel, path: Path) -> bool:
     scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
     adapter = lora_dir / "adapter_model.safetensors"
     tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
-    p = next(model.parameters())
+    p = model.encoder.norm.weight  # a float parameter even in a quantized model
     for i, layer in enumerate(model.encoder.layers):
         attn = layer.self_attn
         key = f"base_model.model.encoder.layers.{i}.self_attn.o_proj.lora_"

@@ -1,0 +1,47 @@
+"""Triton kernels: block attention over the KV cache and on-device verification (edge_dlm.kernels).
+
+Importing this package is light; `triton` loads with the kernel modules. `status(device)` says
+whether the kernels can run there and why not, `enable(model)` switches a model's cached passes to
+them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+CHOICES = ("auto", "on", "off")
+
+
+def status(device: torch.device | str) -> tuple[bool, list[str]]:
+    """(usable, reasons it is not) for running the kernels on `device`."""
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed (pip install 'edge-dlm[kernels]')")
+    dev = torch.device(device)
+    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append(f"device {dev.type} is not CUDA (set TRITON_INTERPRET=1 to interpret them on CPU, slowly)")
+    return not reasons, reasons
+
+
+def resolve(choice: str, device: torch.device | str) -> bool:
+    """Whether to use the kernels for `--kernels choice`; 'on' when they cannot run is a user error."""
+    from edge_dlm.errors import UserError
+
+    if choice not in CHOICES:
+        raise UserError(f"--kernels {choice} not supported; known: {', '.join(CHOICES)}")
+    ok, reasons = status(device)
+    if choice == "on" and not ok:
+        raise UserError(f"--kernels on, but the kernels cannot run here: {'; '.join(reasons)}")
+    if choice == "auto":  # never the (slow) interpreter unless asked for with "on"
+        return ok and torch.device(device).type == "cuda"
+    return choice == "on"
+
+
+def enable(model: torch.nn.Module) -> None:
+    """Route the model's cached attention to the Triton block-attention kernel."""
+    from edge_dlm.kernels.attention import block_attention
+
+    model.attn_kernel = block_attention

@@ -1,0 +1,346 @@
+"""Weight-only quantization: group-wise int8 / int4 in plain torch, and bitsandbytes nf4 / LLM.int8.
+
+Group-wise scheme (per output row, groups of `group_size` input columns):
+
+    symmetric:   s = max|w| / qmax             q = clamp(round(w / s), -qmax - 1, qmax)   w' = q * s
+    asymmetric:  s = (max - min) / (2^b - 1)   q = round((w - min) / s) in [0, 2^b - 1]   w' = q * s + min
+
+with qmax = 2^(b-1) - 1. The zero point is the group minimum kept as a float (as HQQ and bitsandbytes
+keep theirs), so no value is ever clipped and every element satisfies |w - w'| <= s / 2: that is the
+bound the tests check. int4 packs two columns per byte (even column in the low nibble). Scales and
+minimums are stored in fp16.
+
+Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]` or uint8
+`[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
+(bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
+
+The matmul dequantizes the weight into the activation dtype and calls `F.linear` (CPU and CUDA
+alike). Fused kernels plug in through `register_matmul(scheme, device_type, fn)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_dlm.errors import UserError
+
+GROUP_SIZES = (32, 64, 128)
+OWN_SCHEMES = ("int8", "int4")   # weight-only, group-wise, stored in safetensors
+BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
+SCHEMES = OWN_SCHEMES + BNB_SCHEMES
+BNB_HINT = "install it with `pip install bitsandbytes` (or the `quant` extra)"
+
+# (scheme, device type) -> fn(x, module) -> y; filled by edge_dlm.kernels when its kernels can run.
+_MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]] = {}
+
+
+def register_matmul(scheme: str, device_type: str,
+                    fn: Callable[[torch.Tensor, "QuantLinear"], torch.Tensor] | None) -> None:
+    """Route `QuantLinear` matmuls of `scheme` on `device_type` to a fused kernel (None removes it)."""
+    if fn is None:
+        _MATMULS.pop((scheme, device_type), None)
+    else:
+        _MATMULS[(scheme, device_type)] = fn
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """A quantization scheme as recorded in an artifact's config.json."""
+
+    scheme: str
+    group_size: int = 64
+    symmetric: bool = True
+    head: bool = True        # quantize diffusion_head too
+    embedding: bool = True   # quantize the token embedding (int8/int4 only)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise UserError(f"quantization '{self.scheme}' not supported; known: {', '.join(SCHEMES)}")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"group size {self.group_size} not supported; known: "
+                            f"{', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4, "nf4": 4, "llm-int8": 8}[self.scheme]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def require_bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(f"nf4 / llm-int8 need bitsandbytes, which is not installed: {BNB_HINT}") from None
+    return bitsandbytes
+
+
+# --- group-wise int8 / int4 ----------------------------------------------------------------------
+
+def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
+    """`w [out, in]` -> {"qweight", "scales"[, "zeros"]} (see the module docstring)."""
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise UserError(f"group size {group_size} does not divide the input width {in_f}; "
+                        f"pick one of {', '.join(str(g) for g in GROUP_SIZES if in_f % g == 0) or 'none'}")
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scales = (g.abs().amax(-1) / qmax).clamp_min(1e-10).half()  # fp16 scales are what we store...
+        q = torch.round(g / scales.float()[..., None]).clamp(-qmax - 1, qmax)  # ...so quantize with them
+        zeros = None
+    else:
+        levels = 2 ** bits - 1
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales = ((hi - lo) / levels).clamp_min(1e-10).half()
+        zeros = lo.half()
+        q = torch.round((g - zeros.float()[..., None]) / scales.float()[..., None]).clamp(0, levels)
+    q = q.reshape(out_f, in_f).to(torch.int8 if symmetric else torch.uint8)
+    if bits == 4:
+        q = pack_int4(q)
+    out = {"qweight": q.contiguous(), "scales": scales.contiguous()}
+    if zeros is not None:
+        out["zeros"] = zeros.contiguous()
+    return out
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values `[out, in]` (int8 in [-8, 7] or uint8 in [0, 15]) -> uint8 `[out, in / 2]`."""
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 `[out, in / 2]` -> int8 `[out, in]` (sign-extended when `signed`)."""
+    if signed:  # arithmetic shifts on the int8 view sign-extend each nibble
+        s = p.view(torch.int8)
+        lo, hi = (s << 4) >> 4, s >> 4
+    else:
+        lo, hi = (p & 0xF).view(torch.int8), (p >> 4).view(torch.int8)
+    return torch.stack((lo, hi), dim=-1).reshape(p.shape[0], -1)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of `quantize`: `[out, in]` in `dtype`."""
+    q = unpack_int4(qweight, signed=zeros is None) if bits == 4 else qweight
+    out_f, n_groups = scales.shape
+    g = q.to(dtype).reshape(out_f, n_groups, -1) * scales.to(dtype)[..., None]
+    if zeros is not None:
+        g = g + zeros.to(dtype)[..., None]
+    return g.reshape(out_f, -1)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer holding group-wise int8/int4 weights; drop-in for `nn.Linear`."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec,
+                 tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.register_buffer("qweight", tensors["qweight"])
+        self.register_buffer("scales", tensors["scales"])
+        self.register_buffer("zeros", tensors.get("zeros"))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "QuantLinear":
+        return cls(w.shape[1], w.shape[0], spec, quantize(w, spec.bits, spec.group_size, spec.symmetric))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device)
+        return self.qweight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _MATMULS.get((self.spec.scheme, x.device.type))
+        if fused is not None:
+            return fused(x, self)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"{self.in_features}, {self.out_features}, {s.scheme}, group={s.group_size}, "
+                f"{'sym' if s.symmetric else 'asym'}")
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding stored like `QuantLinear` (`[vocab, hidden]`), dequantized row by row."""
+
+    def __init__(self, lin: QuantLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lin, self.dtype = lin, dtype  # dtype: the model's activations
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lin.qweight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        lin = self.lin
+        rows = tokens.reshape(-1)
+        z = lin.zeros[rows] if lin.zeros is not None else None
+        out = dequantize(lin.qweight[rows], lin.scales[rows], z, lin.spec.bits, self.dtype)
+        return out.reshape(*tokens.shape, lin.in_features)
+
+
+# --- bitsandbytes --------------------------------------------------------------------------------
+
+class NF4Linear(nn.Module):
+    """bitsandbytes NF4 (blockwise absmax, `group_size` per block) through `bnb.matmul_4bit`."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec,
+                 tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        bnb = require_bnb()
+        from bitsandbytes.functional import QuantState, get_4bit_type
+
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.register_buffer("qweight", tensors["qweight"])
+        self.register_buffer("absmax", tensors["absmax"])
+        self._bnb = bnb
+        self._state = QuantState(absmax=self.absmax, shape=torch.Size((out_features, in_features)),
+                                 code=get_4bit_type("nf4", device=self.absmax.device),
+                                 blocksize=spec.group_size, quant_type="nf4", dtype=torch.float32)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "NF4Linear":
+        from bitsandbytes.functional import quantize_4bit
+
+        require_bnb()
+        q, st = quantize_4bit(w.float().contiguous(), blocksize=spec.group_size, quant_type="nf4",
+                              compress_statistics=False)
+        return cls(w.shape[1], w.shape[0], spec, {"qweight": q, "absmax": st.absmax})
+
+    def _apply(self, fn, recurse=True):  # keep the QuantState on the buffers' device
+        super()._apply(fn, recurse)
+        self._state.absmax = self.absmax
+        self._state.code = self._state.code.to(self.absmax.device)
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.qweight, self._state).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._state.dtype = x.dtype
+        return self._bnb.matmul_4bit(x, self.qweight.t(), quant_state=self._state)
+
+
+def llm_int8_linear(w: torch.Tensor) -> nn.Module:
+    """bitsandbytes LLM.int8 (`Linear8bitLt`, outlier threshold 6.0); load-time only."""
+    bnb = require_bnb()
+    m = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+    m.weight = bnb.nn.Int8Params(w.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+    return m.to(w.device)  # moving to a device is what quantizes Int8Params
+
+
+class LLMInt8Linear(nn.Module):
+    """`Linear8bitLt` in fp16, with the caller's activation dtype on both sides."""
+
+    def __init__(self, w: torch.Tensor, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec, self.in_features, self.out_features = spec, w.shape[1], w.shape[0]
+        self.inner = llm_int8_linear(w)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.float16)).to(x.dtype)
+
+
+# --- applying a scheme to a model ----------------------------------------------------------------
+
+def linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Qualified names of the `nn.Linear` modules the scheme quantizes."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (spec.head or n != "diffusion_head")]
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Quantize a loaded model in place (the `--quant` load-time path) and return it."""
+    for name in linear_names(model, spec):
+        lin = model.get_submodule(name)
+        w = lin.weight.detach()
+        if spec.scheme == "nf4":
+            new = NF4Linear.from_weight(w, spec).to(w.device)
+        elif spec.scheme == "llm-int8":
+            new = LLMInt8Linear(w, spec)
+        else:
+            new = QuantLinear.from_weight(w, spec).to(w.device)
+        model.set_submodule(name, new)
+    if spec.embedding and spec.scheme in OWN_SCHEMES:
+        emb = model.encoder.embed_tokens
+        lin = QuantLinear.from_weight(emb.weight.detach(), spec).to(emb.weight.device)
+        model.encoder.embed_tokens = QuantEmbedding(lin, emb.weight.dtype)
+    return model
+
+
+def quantized_state(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """A quantized model's tensors as an artifact stores them (float tensors stay in their dtype)."""
+    if spec.scheme == "llm-int8":
+        raise UserError("llm-int8 is a load-time option (bitsandbytes re-quantizes on load); "
+                        "export int8, int4 or nf4 instead")
+    state = {}
+    for name, t in model.state_dict().items():
+        state[name.replace("embed_tokens.lin.", "embed_tokens.")] = t
+    return state
+
+
+def build_quantized(model: nn.Module, spec: QuantSpec, tensors: dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> None:
+    """Swap quantized modules into a (meta-device) model and fill them from an artifact's `tensors`.
+
+    Consumes the quantized entries of `tensors`; the float ones stay for `load_state_dict`.
+    """
+    for name in linear_names(model, spec):
+        lin = model.get_submodule(name)
+        own = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros", "absmax")
+               if f"{name}.{k}" in tensors}
+        cls = NF4Linear if spec.scheme == "nf4" else QuantLinear
+        model.set_submodule(name, cls(lin.in_features, lin.out_features, spec, own))
+    if spec.embedding and spec.scheme in OWN_SCHEMES:
+        emb = model.encoder.embed_tokens
+        own = {k: tensors.pop(f"encoder.embed_tokens.{k}") for k in ("qweight", "scales", "zeros")
+               if f"encoder.embed_tokens.{k}" in tensors}
+        model.encoder.embed_tokens = QuantEmbedding(
+            QuantLinear(emb.embedding_dim, emb.num_embeddings, spec, own), dtype)
+
+
+def quantized_shapes(name: str, out_f: int, in_f: int, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
+    """The stored tensors (and shapes) that replace `name.weight [out_f, in_f]` under `spec`."""
+    if spec.scheme == "nf4":
+        return {f"{name}.qweight": (out_f * in_f // 2, 1), f"{name}.absmax": (out_f * in_f // spec.group_size,)}
+    cols = in_f // 2 if spec.bits == 4 else in_f
+    shapes = {f"{name}.qweight": (out_f, cols), f"{name}.scales": (out_f, in_f // spec.group_size)}
+    if not spec.symmetric:
+        shapes[f"{name}.zeros"] = shapes[f"{name}.scales"]
+    return shapes
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what the weights occupy in memory)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,93 @@
+"""`edge-dlm export --quant`: a checkpoint -> a quantized artifact that loads directly.
+
+The artifact is a normal checkpoint directory (config.json with a "quantization" entry, quantized
+safetensors, tokenizer files, the LoRA drafter unchanged) plus manifest.json. It is built in a
+temporary directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from edge_dlm.errors import UserError
+from edge_dlm.export.manifest import tool_versions, write_manifest
+from edge_dlm.fsutil import atomic_dir
+from edge_dlm.quant import QuantSpec, quantize_model, quantized_state, require_bnb, weight_bytes
+from edge_dlm.weights import INDEX_FILE, LORA_DIR, PICKLE_SUFFIXES, SINGLE_FILE, check_dir, load_model
+
+SKIP = {SINGLE_FILE, INDEX_FILE, "config.json", "manifest.json"}
+
+
+def check_source(src: Path) -> dict:
+    """The source's config.json, refusing quantized artifacts (re-quantizing compounds the error)."""
+    src = check_dir(src)
+    try:
+        cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{src}/config.json is missing or invalid ({exc})") from None
+    if cfg.get("quantization"):
+        raise UserError(f"{src} is already quantized ({cfg['quantization'].get('scheme', '?')}); "
+                        "export from the full-precision checkpoint instead")
+    return cfg
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer files, model card, generation config and the LoRA drafter: everything but weights."""
+    for p in src.iterdir():
+        if p.name in SKIP or p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors" or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if p.name == LORA_DIR:
+                shutil.copytree(p, dst / p.name)
+        else:
+            shutil.copy2(p, dst / p.name)
+
+
+def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force: bool = False,
+                     log=print) -> dict:
+    """Quantize checkpoint `src` into artifact directory `out`; returns the manifest."""
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    cfg = check_source(src)
+    if spec.scheme in ("nf4", "llm-int8"):
+        require_bnb()
+    if spec.scheme == "llm-int8":
+        raise UserError("llm-int8 is a load-time option (bitsandbytes quantizes it on load: "
+                        "--quant llm-int8 on generate/chat); export int8, int4 or nf4")
+    t0 = time.perf_counter()
+    model = load_model(src, dtype=torch.float32, lora=False)
+    float_dtype = model.encoder.norm.weight.dtype
+    src_dtype = _source_dtype(src)
+    before = weight_bytes(model)
+    quantize_model(model, spec)
+    state = quantized_state(model, spec)
+    # Tensors left in float (norms, an unquantized head) keep the checkpoint's own dtype.
+    state = {k: (v.to(src_dtype) if v.dtype == float_dtype else v).contiguous() for k, v in state.items()}
+    with atomic_dir(out, force=force) as tmp:
+        log(f"quantizing {src} -> {out} ({spec.scheme}, group {spec.group_size}, "
+            f"{'symmetric' if spec.symmetric else 'asymmetric'})")
+        save_file(state, str(tmp / SINGLE_FILE), metadata={"format": "pt", "quantization": spec.scheme})
+        cfg = {**cfg, "quantization": spec.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        copy_side_files(src, tmp)
+        extra = ("bitsandbytes",) if spec.scheme == "nf4" else ()
+        manifest = write_manifest(tmp, src, kind="quantized", quantization=spec.to_dict(),
+                                  precision=spec.scheme, targets=["torch"], tool_versions=tool_versions(*extra),
+                                  weight_bytes={"source_fp32": before, "quantized": (tmp / SINGLE_FILE).stat().st_size},
+                                  export_seconds=round(time.perf_counter() - t0, 3))
+    log(f"wrote {out}: {manifest['weight_bytes']['quantized'] / 2**20:.2f} MiB of weights "
+        f"in {manifest['export_seconds']:.1f} s")
+    return manifest
+
+
+def _source_dtype(src: Path) -> torch.dtype:
+    from edge_dlm.weights import read_tensors, weight_files
+
+    files = weight_files(src)
+    return read_tensors(files, ["encoder.norm.weight"])["encoder.norm.weight"].dtype

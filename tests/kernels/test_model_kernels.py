@@ -1,0 +1,55 @@
+"""The model with the kernels switched on decodes exactly as with SDPA, in every mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import edge_dlm
+from edge_dlm import kernels
+from edge_dlm.errors import UserError
+from helpers import run_mode
+
+PROMPT = [1, 40, 41, 42, 43, 44]
+
+
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"steps": 2}), ("linear-spec", {}),
+                                     ("quadratic-spec", {})])
+def test_modes_equal_with_kernels(tiny_model, mode, kw):
+    fused = copy.deepcopy(tiny_model)
+    kernels.enable(fused)
+    ref, _ = run_mode(tiny_model, PROMPT, mode, max_new_tokens=10, **kw)
+    got, _ = run_mode(fused, PROMPT, mode, max_new_tokens=10, **kw)
+    assert got.output_ids == ref.output_ids and got.nfe == ref.nfe
+    with torch.no_grad():  # logits of one cached block pass agree closely too
+        from edge_dlm.attention import BLOCK
+
+        outs = []
+        for m in (tiny_model, fused):
+            cache = m.new_cache(16)
+            m(torch.tensor([PROMPT]), torch.arange(6)[None], cache=cache, attn=edge_dlm.attention.CAUSAL)
+            cache.commit(6)
+            outs.append(m(torch.tensor([[5, 3, 3, 3]]), torch.arange(6, 10)[None], cache=cache, attn=BLOCK))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_runtime_kernels_switch(tiny_ckpt):
+    rt = edge_dlm.load(tiny_ckpt, device="cpu", kernels="on")  # interpreter: allowed when asked for
+    assert rt.kernels and rt.model.attn_kernel is not None
+    off = edge_dlm.load(tiny_ckpt, device="cpu", kernels="off")
+    a = rt.generate([1, 40, 41], mode="linear-spec", max_new_tokens=8)
+    b = off.generate([1, 40, 41], mode="linear-spec", max_new_tokens=8)
+    assert a.output_ids == b.output_ids
+    assert not edge_dlm.load(tiny_ckpt, device="cpu").kernels  # auto never picks the interpreter
+    with pytest.raises(UserError, match="known: auto, on, off"):
+        edge_dlm.load(tiny_ckpt, device="cpu", kernels="fast")
+
+
+def test_kernels_on_without_a_gpu_is_explained(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reasons = kernels.status("cpu")
+    assert not ok and "not CUDA" in reasons[0]
+    with pytest.raises(UserError, match="cannot run here"):
+        kernels.resolve("on", "cpu")
