@@ -34,7 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["ar", "diffusion", "linear-spec", "quadratic-spec"])
     p.add_argument("--steps", nargs="+", type=int, default=[2, 4, 8], help="diffusion step budgets to run")
     p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--engine", default="torch")
     p.add_argument("--prompts", default="code", help="code, prose, or a file (JSON list or one per line)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -199,8 +198,6 @@ def run(a: argparse.Namespace) -> int:
     if a.shape:
         from edge_dlm.bench_shapes import run_shapes
         return run_shapes(a)
-    if a.engine not in ("torch", "auto"):
-        raise UserError(f"engine '{a.engine}' not supported yet; known: torch")
     if a.repeats < 1 or a.max_new_tokens < 1 or a.num_prompts < 1:
         raise UserError("--repeats, --max-new-tokens and --num-prompts must be >= 1")
     from edge_dlm.cli import load_runtime
@@ -220,6 +217,10 @@ def run(a: argparse.Namespace) -> int:
     rows = []
     hf_row = None
     baseline = not a.no_baseline
+    if baseline and rt.engine != "torch":
+        baseline = False  # transformers needs the safetensors checkpoint; compare with the torch engine instead
+        print(f"note: no transformers baseline for a {rt.engine} artifact; edge-dlm AR on it is the baseline",
+              file=sys.stderr)
     if baseline and (a.quant or rt.config.quantization):
         baseline = False  # transformers would run different (full-precision) weights: not a like-for-like row
         print("note: no transformers baseline for quantized weights; edge-dlm AR is the baseline",
@@ -238,7 +239,7 @@ def run(a: argparse.Namespace) -> int:
         r.vs_transformers = r.tokens_per_s / hf_row.tokens_per_s if hf_row and hf_row.tokens_per_s else None
     all_rows = ([hf_row] if hf_row else []) + rows
     quant = a.quant or (rt.config.quantization or {}).get("scheme")
-    meta = {"model": str(rt.path), "device": device, "dtype": str(rt.dtype).removeprefix("torch."), "quant": quant,
+    meta = {"model": str(rt.path), "engine": rt.engine, "device": device, "dtype": str(rt.dtype).removeprefix("torch."), "quant": quant,
             "prompts": a.prompts, "num_prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
             "repeats": a.repeats, "energy": meter.source, "machine": machine_description(device)}
     if a.json:
@@ -280,7 +281,8 @@ def format_table(rows: list[Row], meta: dict) -> str:
              f"{fmt(r.ttft_s and r.ttft_s * 1000, '.1f')} | {r.peak_mem_mb:.0f} | {fmt(r.joules_per_token, '.3f')} | "
              f"{fmt(r.vs_ar, '.2f', 'x')} | {fmt(r.vs_transformers, '.2f', 'x')} |" for r in rows]
     quant = f", weights {meta['quant']}" if meta.get("quant") else ""
-    info = (f"{meta['model']} on {meta['device']} ({meta['dtype']}{quant}), {meta['machine']}; "
+    info = (f"{meta['model']} on {meta['device']} ({meta.get('engine', 'torch')} engine, {meta['dtype']}{quant}), "
+            f"{meta['machine']}; "
             f"{meta['num_prompts']} {meta['prompts']} prompts x {meta['repeats']} repeats, "
             f"{meta['max_new_tokens']} new tokens, greedy; energy: {meta['energy']}")
     return "\n".join([info, "", head, *lines])

@@ -41,6 +41,16 @@ class KVCache:
         self.pending = t
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
+    def write_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a whole pass's new K/V `[layers, kv_heads, T, head_dim]` at once (exported engines)."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length} cached + {t} new > capacity {self.capacity}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.pending = t
+
     def commit(self, n: int) -> None:
         """Keep the first n tokens of the last pass."""
         if not 0 <= n <= self.pending:

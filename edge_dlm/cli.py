@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
     p.add_argument("--quant", help="quantize on load: int8, int4 (group-wise), nf4, llm-int8 (bitsandbytes)")
     p.add_argument("--group-size", type=int, default=64, help="group size for --quant int8/int4/nf4 (default 64)")
+    p.add_argument("--engine", default="auto",
+                   help="torch, onnxruntime, tensorrt, or auto: the first that can run the model (default)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="Triton attention/verification kernels: auto (on with CUDA + triton), on, off")
 
@@ -58,7 +60,7 @@ def load_runtime(a: argparse.Namespace):
     import edge_dlm
 
     return edge_dlm.load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-                         lora=not a.no_lora, quant=a.quant, group_size=a.group_size, kernels=a.kernels)
+                         lora=not a.no_lora, quant=a.quant, group_size=a.group_size, kernels=a.kernels, engine=a.engine)
 
 
 def read_prompt(a: argparse.Namespace) -> str:
@@ -128,6 +130,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("chat", "edge_dlm.chat", "chat with a model (full-screen UI, or --plain)"),
     ("bench", "edge_dlm.bench", "measure tokens/s, TPF, memory and energy per mode against baselines"),
     ("export", "edge_dlm.export.cli", "quantize a checkpoint and compile it to ONNX / TensorRT"),
+    ("doctor", "edge_dlm.doctor", "show which engines, devices, kernels and quantizers can run here, and why not"),
 ]
 
 

@@ -98,9 +98,11 @@ class SelfAttention(nn.Module):
                                                scale=self.hd ** -0.5, enable_gqa=self.nq != self.nkv)
         o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
-        if use_lora and self.o_lora is not None:
+        if self.o_lora is not None and (torch.is_tensor(use_lora) or use_lora):
             a, b, scale = self.o_lora
-            out = out + scale * F.linear(F.linear(o, a), b)
+            delta = scale * F.linear(F.linear(o, a), b)
+            # use_lora: True, or a 0-d 0/1 tensor (exported graphs switch the drafter per pass)
+            out = out + (delta * use_lora if torch.is_tensor(use_lora) else delta)
         return out
 
 
@@ -167,8 +169,9 @@ class NLDModel(nn.Module):
         """Final-normed hidden states `[N, T, H]` for `tokens [N, T]` at `positions [N, T]`.
 
         With a `cache` (batch 1), the pass attends to the committed cache plus its own tokens under
-        `attn`, and leaves its K/V pending in the cache for the decoder to commit or drop. Without a
-        cache, `mask` (`[T, T]` bool, or None for causal) says which tokens see which (training).
+        `attn` (or an explicit `[T, L+T]` `mask`, as exported graphs take it), and leaves its K/V
+        pending in the cache for the decoder to commit or drop. Without a cache, `mask` (`[T, T]`
+        bool, or None for causal) says which tokens see which (training).
         """
         x = self.encoder.embed_tokens(tokens)
         cos, sin, qscale = self.rope(positions, x.dtype)
@@ -176,8 +179,9 @@ class NLDModel(nn.Module):
         kernel = None
         if cache is not None:
             assert attn is not None and tokens.shape[0] == 1, "cached passes run one sequence"
-            kernel = self.attn_kernel
-            mask = None if kernel else attn.full_mask(cache.length, t, tokens.device)
+            kernel = self.attn_kernel if mask is None else None
+            if mask is None and kernel is None:
+                mask = attn.full_mask(cache.length, t, tokens.device)
             is_causal = False
         else:
             is_causal = mask is None and t > 1

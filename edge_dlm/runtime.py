@@ -81,7 +81,8 @@ class Runtime:
     """A loaded model + tokenizer, serving requests in any decoding mode without reloading."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, path: Path,
-                 device: torch.device, dtype: torch.dtype, kernels: bool = False) -> None:
+                 device: torch.device, dtype: torch.dtype, kernels: bool = False,
+                 engine: str = "torch") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -89,10 +90,13 @@ class Runtime:
         self.dtype = dtype
         self.config: NLDConfig = model.config
         self.kernels = kernels  # Triton attention + greedy picks (see edge_dlm.kernels)
+        self.engine = engine
         self._lock = threading.Lock()
 
     @property
     def has_lora(self) -> bool:
+        if hasattr(self.model, "has_lora"):  # exported engines know it from their graph
+            return self.model.has_lora
         return any(layer.self_attn.o_lora is not None for layer in self.model.encoder.layers)
 
     def encode(self, prompt: str | list[Message], raw: bool = False) -> list[int]:
@@ -173,7 +177,7 @@ class Runtime:
 
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
-         engine: str = "torch", quant: str | None = None, group_size: int = 64,
+         engine: str = "auto", quant: str | None = None, group_size: int = 64,
          lora: bool = True, kernels: str = "auto") -> Runtime:
     """Load a checkpoint directory (default: the bundled demo model) into a `Runtime`.
 
@@ -181,10 +185,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     "llm-int8" (bitsandbytes). A quantized artifact from `edge-dlm export` loads as it is.
     `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
     """
-    from edge_dlm.weights import check_dir, load_model
+    from edge_dlm import engines
+    from edge_dlm.weights import check_dir
 
-    if engine not in ("torch", "auto"):
-        raise UserError(f"engine '{engine}' not supported yet; known: torch")
     spec = None
     if quant is not None:
         from edge_dlm.quant import BNB_SCHEMES, QuantSpec, require_bnb
@@ -195,11 +198,15 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     path = check_dir(Path(model) if model is not None else default_model_path())
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    name = engines.select(engine, path, str(dev))
+    if name != "torch" and spec is not None:
+        raise UserError(f"--quant quantizes torch weights on load; for {name}, export a quantized "
+                        "engine instead (edge-dlm export CKPT -o OUT --target onnx --quant int4)")
     from edge_dlm import kernels as kmod
 
-    use_kernels = kmod.resolve(kernels, dev)
+    use_kernels = name == "torch" and kmod.resolve(kernels, dev)
     tokenizer = Tokenizer.from_dir(path)
-    net = load_model(path, dtype=dt, device=dev, lora=lora)
+    net = engines.module(name).open(path, dev, dt, lora=lora)
     if spec is not None:
         from edge_dlm.quant import quantize_model
 
@@ -212,4 +219,5 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                               f"{net.config.vocab_size}")
     if use_kernels:
         kmod.enable(net)
-    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels)
+    dt = getattr(net, "dtype", dt) if name != "torch" else dt
+    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name)

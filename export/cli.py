@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-head", action="store_true", help="leave diffusion_head in full precision")
     p.add_argument("--target", default="torch",
                    help="torch (safetensors for the torch engine), onnx or tensorrt (default torch)")
-    p.add_argument("--dtype", default="float32", help="ONNX/TensorRT precision: float32, float16, bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="ONNX: float32 (default) or float16; TensorRT: float16 (default), bfloat16 or float32")
+    p.add_argument("--max-prefill", type=int, default=2048, help="TensorRT: longest prompt the engine takes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
@@ -38,4 +40,16 @@ def run(a: argparse.Namespace) -> int:
         spec = QuantSpec(a.quant, group_size=a.group_size, symmetric=not a.asymmetric, head=not a.keep_head)
         export_quantized(a.checkpoint, a.output, spec, force=a.force)
         return 0
-    raise UserError(f"--target {a.target} is not available in this version")
+    if a.target == "onnx":
+        from edge_dlm.export.onnx import export_onnx
+
+        export_onnx(a.checkpoint, a.output, dtype=a.dtype or "float32", quant=a.quant, group_size=a.group_size,
+                    symmetric=not a.asymmetric, force=a.force)
+        return 0
+    if a.quant == "nf4":
+        raise UserError("TensorRT takes int8 or int4 weight-only quantization, not nf4")
+    from edge_dlm.export.tensorrt import export_tensorrt
+
+    export_tensorrt(a.checkpoint, a.output, precision=a.quant or a.dtype or "float16", group_size=a.group_size,
+                    max_prefill=a.max_prefill, force=a.force)
+    return 0

@@ -1,0 +1,65 @@
+"""`edge-dlm doctor`: which engines, devices, kernels and quantizers can run here, and why not."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="artifact or checkpoint directory to check the engines against "
+                   "(default: the bundled demo model)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def report(model: str | None) -> dict:
+    from pathlib import Path
+
+    import torch
+
+    from edge_dlm import engines, kernels
+    from edge_dlm.runtime import default_model_path
+    from edge_dlm.weights import check_dir
+
+    path = check_dir(Path(model) if model else default_model_path())
+    devices = ["cpu"] + ([f"cuda ({torch.cuda.get_device_name(0)})"] if torch.cuda.is_available() else [])
+    rows = []
+    for name in engines.ORDER:
+        mod = engines.module(name)
+        for dev in devices:
+            dev_id = dev.split(" ")[0]
+            reasons = mod.availability(path, dev_id)
+            rows.append({"engine": name, "device": dev, "ok": not reasons, "reasons": reasons,
+                         "versions": mod.versions()})
+    k_dev = "cuda" if torch.cuda.is_available() else "cpu"
+    k_ok, k_reasons = kernels.status(k_dev)
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    return {"model": str(path), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "engines": rows,
+            "auto": next((r["engine"] for r in rows if r["ok"]), None),
+            "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
+            "quantization": {"int8/int4 (torch)": [], "nf4/llm-int8 (bitsandbytes)":
+                             [] if bnb else ["bitsandbytes is not installed (pip install 'edge-dlm[quant]')"]}}
+
+
+def run(a: argparse.Namespace) -> int:
+    r = report(a.model)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}", "",
+           f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
+    for row in r["engines"]:
+        ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
+        out.append(f"{row['engine']:<12} {row['device']:<28} {'ok' if row['ok'] else 'no':<6} "
+                   f"{ver if row['ok'] else '; '.join(row['reasons'])}")
+    out.append(f"\n--engine auto picks: {r['auto'] or 'nothing (see above)'}")
+    k = r["kernels"]
+    out.append(f"Triton kernels on {k['device']}: {'ok' if k['ok'] else 'no: ' + '; '.join(k['reasons'])}")
+    for scheme, why in r["quantization"].items():
+        out.append(f"quantization {scheme}: {'ok' if not why else 'no: ' + why[0]}")
+    print("\n".join(out))
+    return 0
