@@ -63,6 +63,7 @@ class OrtEngine:
         providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not fight torch for 2 cores
         try:
             self.session = ort.InferenceSession(str(path / GRAPH_FILE), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types

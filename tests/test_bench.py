@@ -29,6 +29,15 @@ def test_bench_json_fields(tiny_ckpt, capsys):
     assert rows["ar"]["tpf"] == pytest.approx(1.0)
     assert rows["linear-spec"]["mean_accepted"] >= 1 and rows["ar"]["mean_accepted"] is None
     assert out["meta"]["energy"] in ("n/a", "RAPL", "NVML")
+    assert out["meta"]["engine"] == "torch" and out["meta"]["quant"] is None
+
+
+def test_bench_quantized_has_no_transformers_row(tiny_ckpt, capsys):
+    assert main(["bench", "--model", str(tiny_ckpt), "--quant", "int8", "--group-size", "32", "--json",
+                 "--modes", "ar", "linear-spec", "--max-new-tokens", "4", "--num-prompts", "1", "--repeats", "1",
+                 "--warmup", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["meta"]["quant"] == "int8" and [r["name"] for r in out["rows"]] == ["ar", "linear-spec"]
 
 
 def test_bench_without_baseline_still_compares_to_ar(tiny_ckpt, capsys):
