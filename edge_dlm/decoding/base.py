@@ -141,13 +141,17 @@ class Decoder:
         self.first_token_time: float | None = None
 
     # -- steps
-    def forward(self, tokens: list[int], positions: int | list[int], attn: Attn,
+    def forward(self, tokens: list[int] | torch.Tensor, positions: int | list[int], attn: Attn,
                 use_lora: bool = False) -> torch.Tensor:
         """One model pass (1 NFE) over `tokens` at `positions` (a start offset or a list) -> `[T, V]`.
 
-        Its K/V are left pending in the cache: the mode commits what it keeps.
+        `tokens` may be a device tensor `[T]` (the on-device cycles: no host round trip). Its K/V are
+        left pending in the cache: the mode commits what it keeps.
         """
-        t = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        if torch.is_tensor(tokens):
+            t = tokens.to(self.device, torch.long)[None]
+        else:
+            t = torch.tensor([tokens], dtype=torch.long, device=self.device)
         if isinstance(positions, int):
             pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
         else:
@@ -158,6 +162,12 @@ class Decoder:
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         return self.sampler.pick(logits)
+
+    @property
+    def on_device(self) -> bool:
+        """Fused kernels on and greedy: a cycle's picks and accept decisions stay on the device
+        (`edge_dlm.kernels.verify`), with one host synchronization per cycle or denoising step."""
+        return self.sampler.greedy_fn is not None and self.sampler.params.temperature == 0
 
     # -- the stream
     @property

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
+
 from edge_dlm.attention import BLOCK, CAUSAL
 from edge_dlm.decoding.base import Decoder, Draft, Event
 
@@ -35,13 +37,32 @@ def verify(dec: Decoder, seed: int, drafted: list[int], start: int) -> tuple[int
     return m, ar
 
 
+def cycle_on_device(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int]]:
+    """Draft + verify + accept with the picks on the device; one sync: (drafted, m, AR picks)."""
+    from edge_dlm.kernels.verify import greedy_pick, linear_accept
+
+    seed_t = torch.tensor([seed], device=dec.device)
+    masks = torch.full((dec.block - 1,), dec.mask_id, device=dec.device)
+    logits = dec.forward(torch.cat([seed_t, masks]), start, BLOCK, use_lora=dec.opts.use_lora)
+    dec.cache.commit(0)  # no-write
+    drafted = greedy_pick(logits[1:], dec.mask_id)[0]
+    ar = greedy_pick(dec.forward(torch.cat([seed_t, drafted]), start, CAUSAL), dec.mask_id)[0]
+    host = torch.cat([linear_accept(ar, drafted), ar, drafted]).tolist()  # the cycle's one sync
+    m, b = host[0], dec.block
+    dec.cache.commit(m + 1)
+    return host[2 + b:], m, host[2:2 + b]
+
+
 def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
     seed = dec.prefill(prompt_ids)
     yield dec.emit([seed])
     while not dec.done:
         start = dec.cache.length
-        drafted = draft(dec, seed, start)
-        m, ar = verify(dec, seed, drafted, start)
+        if dec.on_device:
+            drafted, m, ar = cycle_on_device(dec, seed, start)
+        else:
+            drafted = draft(dec, seed, start)
+            m, ar = verify(dec, seed, drafted, start)
         event = dec.emit(ar[:m + 1])
         dec.cycle(len(event.ids) + (dec.finish_reason == "stop"))
         yield Draft(drafted, m, dec.nfe)

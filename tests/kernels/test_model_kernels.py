@@ -35,6 +35,27 @@ def test_modes_equal_with_kernels(tiny_model, mode, kw):
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"steps": 2}), ("diffusion", {"steps": 4, "threshold": 0.3}),
+                                     ("linear-spec", {}), ("linear-spec", {"block_size": 1}),
+                                     ("quadratic-spec", {}), ("quadratic-spec", {"block_size": 2})])
+def test_on_device_cycles_equal_host_cycles(tiny_model, mode, kw):
+    """Greedy picks and accept decisions on the device (one sync per cycle) == the host path."""
+    from edge_dlm.kernels.verify import greedy_pick
+
+    events = {}
+    for fused in (False, True):
+        seen = []
+
+        def on_event(dec, ev, fused=fused, seen=seen):
+            if fused:
+                dec.sampler.greedy_fn = greedy_pick  # from the first event on: every cycle on the device
+            seen.append(ev)
+        dec, _ = run_mode(tiny_model, PROMPT, mode, max_new_tokens=12, on_event=on_event, **kw)
+        events[fused] = (dec.output_ids, dec.nfe, seen)
+    assert events[True][:2] == events[False][:2]
+    assert events[True][2] == events[False][2]  # the same Canvas / Draft / Emit events
+
+
 def test_runtime_kernels_switch(tiny_ckpt):
     rt = edge_dlm.load(tiny_ckpt, device="cpu", kernels="on")  # interpreter: allowed when asked for
     assert rt.kernels and rt.model.attn_kernel is not None
