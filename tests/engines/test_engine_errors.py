@@ -92,3 +92,11 @@ def test_interrupted_onnx_export_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch
 def test_unknown_engine_and_quant_with_exported_engine(tiny_ckpt, capsys):
     assert cli.main(["generate", "--model", str(tiny_ckpt), "--engine", "vulkan", "--prompt", "x"]) == 2
     one_line_error(capsys, "engine 'vulkan' not supported; known: auto, tensorrt, onnxruntime, torch")
+
+
+def test_doctor_explains_every_engine(tiny_ckpt, capsys):
+    assert cli.main(["doctor", "--model", str(tiny_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "--engine auto picks: torch" in out
+    assert "tensorrt" in out and "has no TensorRT engine" in out
+    assert "Triton kernels on" in out and "quantization int8/int4 (torch): ok" in out
