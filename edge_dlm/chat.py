@@ -38,7 +38,7 @@ def plain_chat(a: argparse.Namespace) -> int:
     rt = load_runtime(a)
     kw = decode_kwargs(a)
     messages: list[dict[str, str]] = []
-    print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({str(rt.dtype).removeprefix('torch.')}), "
+    print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({rt.precision}), "
           f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)
     while True:
         try:

@@ -91,7 +91,15 @@ class Runtime:
         self.config: NLDConfig = model.config
         self.kernels = kernels  # Triton attention + greedy picks (see edge_dlm.kernels)
         self.engine = engine
+        self.quant: str | None = None  # set by load() when it quantized the weights
         self._lock = threading.Lock()
+
+    @property
+    def precision(self) -> str:
+        """What the status lines show: dtype, weight quantization and a non-torch engine."""
+        quant = (getattr(self.config, "quantization", None) or {}).get("scheme") or getattr(self, "quant", None)
+        parts = [str(self.dtype).removeprefix("torch."), quant, None if self.engine == "torch" else self.engine]
+        return " ".join(p for p in parts if p)
 
     @property
     def has_lora(self) -> bool:
@@ -220,4 +228,6 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if use_kernels:
         kmod.enable(net)
     dt = getattr(net, "dtype", dt) if name != "torch" else dt
-    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name)
+    rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name)
+    rt.quant = spec.scheme if spec is not None else None
+    return rt

@@ -277,7 +277,7 @@ class ChatApp(App):
     def show_live_nfe(self, nfe: int, mode: str) -> None:
         rt = self.runtime
         self.set_status(status_line(mode=mode, nfe=nfe, device=str(rt.device),
-                                    dtype=str(rt.dtype).removeprefix("torch.")) + " │ generating…")
+                                    dtype=rt.precision) + " │ generating…")
 
     def show_stats(self) -> None:
         rt, r = self.runtime, self.last_result
@@ -285,7 +285,7 @@ class ChatApp(App):
         self.set_status(status_line(
             mode=mode, tokens_per_s=r.tokens_per_s if r else None, tpf=r.tpf if r else None,
             nfe=r.nfe if r else None, mean_accepted=r.mean_accepted if r else None, device=str(rt.device),
-            dtype=str(rt.dtype).removeprefix("torch."), memory_mb=peak_memory_mb(rt.device)))
+            dtype=rt.precision, memory_mb=peak_memory_mb(rt.device)))
 
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
