@@ -101,6 +101,13 @@ def quantize_graph(path: Path, bits: int, group_size: int, symmetric: bool) -> N
     q.model.save_model_to_file(str(path), use_external_data_format=False)
 
 
+def graph_inputs(path: Path) -> list[str]:
+    """The input names the saved graph really has (the exporter may keep or drop an unused one)."""
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
 def require_onnx() -> None:
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if _missing(m)]
     if missing:
@@ -152,7 +159,7 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
         manifest = write_manifest(
             tmp, src, kind="onnx", targets=["onnx"], precision=quant or dtype, dtype=dtype,
             quantization={"scheme": quant, "group_size": group_size, "symmetric": symmetric} if quant else None,
-            graph={"file": GRAPH_FILE, "inputs": INPUTS if has_lora else INPUTS[:-1], "outputs": OUTPUTS,
+            graph={"file": GRAPH_FILE, "inputs": graph_inputs(tmp / GRAPH_FILE), "outputs": OUTPUTS,
                    "lora": has_lora},
             config=model.config.to_dict(),
             tool_versions=tool_versions("onnx", "onnxruntime", "onnxscript"),

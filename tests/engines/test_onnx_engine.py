@@ -42,6 +42,7 @@ def test_artifact_and_manifest(onnx_dir):
     assert m["format_version"] == 1 and m["targets"] == ["onnx"] and m["precision"] == "float32"
     assert len(m["source_sha256"]) == 64 and "onnxruntime" in m["tool_versions"]
     assert m["graph"]["lora"] and m["config"]["block_size"] == 4
+    assert m["graph"]["inputs"] == ["input_ids", "position_ids", "attn_mask", "past_keys", "past_values", "use_lora"]
     assert not any(p.suffix == ".safetensors" for p in onnx_dir.rglob("*"))
 
 
