@@ -130,6 +130,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("chat", "edge_dlm.chat", "chat with a model (full-screen UI, or --plain)"),
     ("bench", "edge_dlm.bench", "measure tokens/s, TPF, memory and energy per mode against baselines"),
     ("export", "edge_dlm.export.cli", "quantize a checkpoint and compile it to ONNX / TensorRT"),
+    ("serve", "edge_dlm.server", "serve the model over a local OpenAI-compatible HTTP API"),
     ("doctor", "edge_dlm.doctor", "show which engines, devices, kernels and quantizers can run here, and why not"),
 ]
 
