@@ -221,7 +221,7 @@ def run(a: argparse.Namespace) -> int:
         baseline = False  # transformers needs the safetensors checkpoint; compare with the torch engine instead
         print(f"note: no transformers baseline for a {rt.engine} artifact; edge-dlm AR on it is the baseline",
               file=sys.stderr)
-    if baseline and (a.quant or rt.config.quantization):
+    if baseline and rt.quant_scheme:
         baseline = False  # transformers would run different (full-precision) weights: not a like-for-like row
         print("note: no transformers baseline for quantized weights; edge-dlm AR is the baseline",
               file=sys.stderr)
@@ -238,8 +238,8 @@ def run(a: argparse.Namespace) -> int:
         r.vs_ar = r.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else None
         r.vs_transformers = r.tokens_per_s / hf_row.tokens_per_s if hf_row and hf_row.tokens_per_s else None
     all_rows = ([hf_row] if hf_row else []) + rows
-    quant = a.quant or (rt.config.quantization or {}).get("scheme")
-    meta = {"model": str(rt.path), "engine": rt.engine, "device": device, "dtype": str(rt.dtype).removeprefix("torch."), "quant": quant,
+    meta = {"model": str(rt.path), "engine": rt.engine, "device": device, "dtype": str(rt.dtype).removeprefix("torch."),
+            "quant": rt.quant_scheme,
             "prompts": a.prompts, "num_prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
             "repeats": a.repeats, "energy": meter.source, "machine": machine_description(device)}
     if a.json:

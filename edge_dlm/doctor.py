@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -243,21 +243,17 @@ class NF4Linear(nn.Module):
         return self._bnb.matmul_4bit(x, self.qweight.t(), quant_state=self._state)
 
 
-def llm_int8_linear(w: torch.Tensor) -> nn.Module:
-    """bitsandbytes LLM.int8 (`Linear8bitLt`, outlier threshold 6.0); load-time only."""
-    bnb = require_bnb()
-    m = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
-    m.weight = bnb.nn.Int8Params(w.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
-    return m.to(w.device)  # moving to a device is what quantizes Int8Params
-
-
 class LLMInt8Linear(nn.Module):
-    """`Linear8bitLt` in fp16, with the caller's activation dtype on both sides."""
+    """bitsandbytes LLM.int8 (`Linear8bitLt` in fp16, outlier threshold 6.0), load-time only, with the
+    caller's activation dtype on both sides."""
 
     def __init__(self, w: torch.Tensor, spec: QuantSpec) -> None:
         super().__init__()
+        bnb = require_bnb()
         self.spec, self.in_features, self.out_features = spec, w.shape[1], w.shape[0]
-        self.inner = llm_int8_linear(w)
+        inner = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+        inner.weight = bnb.nn.Int8Params(w.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+        self.inner = inner.to(w.device)  # moving to a device is what quantizes Int8Params
 
     @property
     def weight(self) -> torch.Tensor:
@@ -269,10 +265,19 @@ class LLMInt8Linear(nn.Module):
 
 # --- applying a scheme to a model ----------------------------------------------------------------
 
+def quantizes(module: str, spec: QuantSpec) -> bool:
+    """Whether `spec` quantizes the weight of checkpoint module `module` (a linear layer, the head,
+    or the embedding) — the one rule for quantizing, storing and loading."""
+    if module == "diffusion_head":
+        return spec.head
+    if module == "encoder.embed_tokens":
+        return spec.embedding and spec.scheme in OWN_SCHEMES
+    return True
+
+
 def linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Qualified names of the `nn.Linear` modules the scheme quantizes."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (spec.head or n != "diffusion_head")]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantizes(n, spec)]
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -287,7 +292,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
         else:
             new = QuantLinear.from_weight(w, spec).to(w.device)
         model.set_submodule(name, new)
-    if spec.embedding and spec.scheme in OWN_SCHEMES:
+    if quantizes("encoder.embed_tokens", spec):
         emb = model.encoder.embed_tokens
         lin = QuantLinear.from_weight(emb.weight.detach(), spec).to(emb.weight.device)
         model.encoder.embed_tokens = QuantEmbedding(lin, emb.weight.dtype)
@@ -317,7 +322,7 @@ def build_quantized(model: nn.Module, spec: QuantSpec, tensors: dict[str, torch.
                if f"{name}.{k}" in tensors}
         cls = NF4Linear if spec.scheme == "nf4" else QuantLinear
         model.set_submodule(name, cls(lin.in_features, lin.out_features, spec, own))
-    if spec.embedding and spec.scheme in OWN_SCHEMES:
+    if quantizes("encoder.embed_tokens", spec):
         emb = model.encoder.embed_tokens
         own = {k: tensors.pop(f"encoder.embed_tokens.{k}") for k in ("qweight", "scales", "zeros")
                if f"encoder.embed_tokens.{k}" in tensors}

@@ -82,7 +82,7 @@ class Runtime:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, path: Path,
                  device: torch.device, dtype: torch.dtype, kernels: bool = False,
-                 engine: str = "torch") -> None:
+                 engine: str = "torch", quant: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
@@ -91,14 +91,19 @@ class Runtime:
         self.config: NLDConfig = model.config
         self.kernels = kernels  # Triton attention + greedy picks (see edge_dlm.kernels)
         self.engine = engine
-        self.quant: str | None = None  # set by load() when it quantized the weights
+        self.quant = quant  # the scheme load() quantized the weights with, if it did
         self._lock = threading.Lock()
+
+    @property
+    def quant_scheme(self) -> str | None:
+        """The weights' quantization: the artifact's own, or the one applied on load."""
+        return (self.config.quantization or {}).get("scheme") or self.quant
 
     @property
     def precision(self) -> str:
         """What the status lines show: dtype, weight quantization and a non-torch engine."""
-        quant = (getattr(self.config, "quantization", None) or {}).get("scheme") or getattr(self, "quant", None)
-        parts = [str(self.dtype).removeprefix("torch."), quant, None if self.engine == "torch" else self.engine]
+        parts = [str(self.dtype).removeprefix("torch."), self.quant_scheme,
+                 None if self.engine == "torch" else self.engine]
         return " ".join(p for p in parts if p)
 
     @property
@@ -227,7 +232,6 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                               f"{net.config.vocab_size}")
     if use_kernels:
         kmod.enable(net)
-    dt = getattr(net, "dtype", dt) if name != "torch" else dt
-    rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name)
-    rt.quant = spec.scheme if spec is not None else None
-    return rt
+    dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
+    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name,
+                   quant=spec.scheme if spec is not None else None)

@@ -140,7 +140,7 @@ def make_handler(rt, default_mode: str, model_name: str):
 
 
 def finish(result) -> str:
-    return {"stop": "stop", "length": "length"}.get(result.finish_reason, result.finish_reason) if result else "error"
+    return result.finish_reason if result else "error"
 
 
 def usage(result) -> dict:

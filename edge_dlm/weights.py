@@ -38,15 +38,15 @@ def expected_shapes(cfg: NLDConfig, spec=None) -> dict[str, tuple[int, ...]]:
                    p + "mlp.down_proj.weight": (h, i)}
     if spec is None:
         return shapes
-    from edge_dlm.quant import OWN_SCHEMES, quantized_shapes
+    from edge_dlm.quant import quantized_shapes, quantizes
 
     out = {}
     for name, shape in shapes.items():
         module = name.removesuffix(".weight")
-        quantized = len(shape) == 2 and (
-            (module == "diffusion_head" and spec.head) or ".layers." in module
-            or (module == "encoder.embed_tokens" and spec.embedding and spec.scheme in OWN_SCHEMES))
-        out |= quantized_shapes(module, *shape, spec) if quantized else {name: shape}
+        if len(shape) == 2 and quantizes(module, spec):  # norms (1-D) stay float
+            out |= quantized_shapes(module, *shape, spec)
+        else:
+            out[name] = shape
     return out
 
 

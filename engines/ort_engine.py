@@ -7,7 +7,6 @@ pattern's `[T, L+T]` mask, and writes the graph's new K/V into the cache's scrat
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from edge_dlm.attention import Attn
 from edge_dlm.cache import KVCache
 from edge_dlm.config import NLDConfig
 from edge_dlm.errors import CheckpointError
+from edge_dlm.export.manifest import read_manifest
 
 GRAPH_FILE = "model.onnx"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -51,12 +51,11 @@ class OrtEngine:
         import onnxruntime as ort
 
         self.config = NLDConfig.from_file(path / "config.json")
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-            self.dtype_name = manifest.get("dtype", "float32")
-            graph_lora = bool(manifest.get("graph", {}).get("lora"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}/manifest.json is missing or invalid ({exc})") from None
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise CheckpointError(f"{path} has no manifest.json; re-export it with edge-dlm export --target onnx")
+        self.dtype_name = manifest.get("dtype", "float32")
+        graph_lora = bool(manifest.get("graph", {}).get("lora"))
         self.np_dtype = NP_DTYPES[self.dtype_name]
         self.dtype = getattr(torch, self.dtype_name)
         self.device = device

@@ -11,7 +11,6 @@ TensorRT 10 Python API; it cannot run on CI (no TensorRT there), so it is untest
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -20,14 +19,11 @@ from edge_dlm.attention import Attn
 from edge_dlm.cache import KVCache
 from edge_dlm.config import NLDConfig
 from edge_dlm.errors import CheckpointError
+from edge_dlm.export.manifest import read_manifest
 
 
 def manifest_trt(path: Path) -> dict | None:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return manifest.get("tensorrt")
+    return (read_manifest(path) or {}).get("tensorrt")
 
 
 def check_artifact(path: Path, gpu: str | None, trt_version: str | None) -> list[str]:
@@ -82,12 +78,12 @@ class TrtEngine:
         reasons = check_artifact(path, torch.cuda.get_device_name(0), trt.__version__)
         if reasons:
             raise CheckpointError(reasons[0])
-        info = manifest_trt(path)
+        manifest = read_manifest(path)
+        info = manifest["tensorrt"]
         self.config = NLDConfig.from_file(path / "config.json")
         self.profiles = info["profiles"]
         self.device = device
-        self.dtype = torch.float32 if json.loads((path / "manifest.json").read_text())["dtype"] == "float32" \
-            else torch.float16
+        self.dtype = torch.float32 if manifest["dtype"] == "float32" else torch.float16
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine((path / info["engine"]).read_bytes())

@@ -54,7 +54,13 @@ def write_manifest(out_dir: Path, source: Path, **fields) -> dict:
 
 
 def read_manifest(path: Path) -> dict | None:
+    """An artifact's manifest, None when it has none; a corrupt one is a one-line error."""
+    from edge_dlm.errors import CheckpointError
+
     f = path / MANIFEST
     if not f.exists():
         return None
-    return json.loads(f.read_text(encoding="utf-8"))
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{f} is not valid JSON ({exc}); re-export the artifact") from None

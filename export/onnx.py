@@ -58,10 +58,7 @@ class StepGraph(nn.Module):
 
     def forward(self, input_ids, position_ids, attn_mask, past_keys, past_values, use_lora):
         cache = GraphCache(past_keys, past_values)
-        # An additive float mask with a finite minimum: onnxruntime's CPU softmax is ~2x slower on
-        # rows holding -inf (what a boolean mask becomes), and no row is ever fully masked.
-        bias = (~attn_mask).to(past_keys.dtype) * torch.finfo(past_keys.dtype).min
-        logits = self.model(input_ids, position_ids, cache=cache, attn=BLOCK, mask=bias[None, None],
+        logits = self.model(input_ids, position_ids, cache=cache, attn=BLOCK, mask=attn_mask[None, None],
                             use_lora=use_lora)
         return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
@@ -125,10 +122,10 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
                 group_size: int = 64, symmetric: bool = True, force: bool = False, log=print) -> dict:
     """Export checkpoint `src` to an ONNX artifact directory `out`; returns the manifest."""
     from edge_dlm.export.manifest import tool_versions, write_manifest
-    from edge_dlm.export.quantize import copy_side_files
+    from edge_dlm.export.quantize import check_source, copy_side_files
     from edge_dlm.fsutil import atomic_dir
     from edge_dlm.quant import GROUP_SIZES
-    from edge_dlm.weights import check_dir, load_model
+    from edge_dlm.weights import load_model
 
     require_onnx()
     if dtype not in ONNX_DTYPES:
@@ -137,12 +134,10 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
         raise UserError(f"--quant {quant} not supported for ONNX; known: {', '.join(ONNX_QUANTS)}")
     if quant is not None and group_size not in GROUP_SIZES:
         raise UserError(f"group size {group_size} not supported; known: {', '.join(map(str, GROUP_SIZES))}")
-    src = check_dir(src)
+    src = Path(src)
+    check_source(src)  # a quantized torch artifact is refused: ONNX quantizes with --quant itself
     t0 = time.perf_counter()
     model = load_model(src, dtype=ONNX_DTYPES[dtype], lora=True)
-    if model.config.quantization:
-        raise UserError(f"{src} is a quantized torch artifact; export ONNX from the full-precision "
-                        "checkpoint and pass --quant int4|int8 (onnxruntime's weight-only format)")
     has_lora = model.encoder.layers[0].self_attn.o_lora is not None
     with atomic_dir(out, force=force) as tmp:
         log(f"[1/3] tracing the step graph of {src} ({dtype})")

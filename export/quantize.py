@@ -17,7 +17,7 @@ import torch
 from edge_dlm.errors import UserError
 from edge_dlm.export.manifest import tool_versions, write_manifest
 from edge_dlm.fsutil import atomic_dir
-from edge_dlm.quant import QuantSpec, quantize_model, quantized_state, require_bnb, weight_bytes
+from edge_dlm.quant import QuantSpec, quantize_model, quantized_state, require_bnb
 from edge_dlm.weights import INDEX_FILE, LORA_DIR, PICKLE_SUFFIXES, SINGLE_FILE, check_dir, load_model
 
 SKIP = {SINGLE_FILE, INDEX_FILE, "config.json", "manifest.json"}
@@ -61,14 +61,12 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
         raise UserError("llm-int8 is a load-time option (bitsandbytes quantizes it on load: "
                         "--quant llm-int8 on generate/chat); export int8, int4 or nf4")
     t0 = time.perf_counter()
-    model = load_model(src, dtype=torch.float32, lora=False)
-    float_dtype = model.encoder.norm.weight.dtype
-    src_dtype = _source_dtype(src)
-    before = weight_bytes(model)
+    # Loaded in the checkpoint's own dtype, so what stays float (norms, an unquantized head) is
+    # stored as it was; quantization itself works in fp32.
+    model = load_model(src, dtype=_source_dtype(src), lora=False)
     quantize_model(model, spec)
-    state = quantized_state(model, spec)
-    # Tensors left in float (norms, an unquantized head) keep the checkpoint's own dtype.
-    state = {k: (v.to(src_dtype) if v.dtype == float_dtype else v).contiguous() for k, v in state.items()}
+    state = {k: v.contiguous() for k, v in quantized_state(model, spec).items()}
+    before = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     with atomic_dir(out, force=force) as tmp:
         log(f"quantizing {src} -> {out} ({spec.scheme}, group {spec.group_size}, "
             f"{'symmetric' if spec.symmetric else 'asymmetric'})")
@@ -79,7 +77,7 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
         extra = ("bitsandbytes",) if spec.scheme == "nf4" else ()
         manifest = write_manifest(tmp, src, kind="quantized", quantization=spec.to_dict(),
                                   precision=spec.scheme, targets=["torch"], tool_versions=tool_versions(*extra),
-                                  weight_bytes={"source_fp32": before, "quantized": (tmp / SINGLE_FILE).stat().st_size},
+                                  weight_bytes={"source": before, "quantized": (tmp / SINGLE_FILE).stat().st_size},
                                   export_seconds=round(time.perf_counter() - t0, 3))
     log(f"wrote {out}: {manifest['weight_bytes']['quantized'] / 2**20:.2f} MiB of weights "
         f"in {manifest['export_seconds']:.1f} s")

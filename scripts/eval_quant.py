@@ -62,8 +62,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, scheme, kw in SCHEMES:
             if scheme is None:
-                path, quant, t0 = src, None, time.perf_counter()
-                rt, nbytes = edge_dlm.load(path, device="cpu"), src_bytes
+                t0 = time.perf_counter()
+                rt, nbytes = edge_dlm.load(src, device="cpu"), src_bytes
             elif scheme == "llm-int8":
                 t0 = time.perf_counter()
                 rt = edge_dlm.load(src, device="cpu", quant="llm-int8")

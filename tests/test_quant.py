@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from edge_dlm.attention import BLOCK
 from edge_dlm.decoding import Draft
 from edge_dlm.errors import UserError
 from edge_dlm.quant import (NF4Linear, QuantLinear, QuantSpec, dequantize, pack_int4, quantize,

@@ -95,7 +95,7 @@ def test_int4_graph_within_tolerance(tmp_path):
     rel = ((got - want).norm() / want.norm()).item()
     print(f"int4 ONNX relative logit error {rel:.4f}")
     assert 0.005 < rel < INT4_TOL  # really quantized, and still close
-    assert (out / "model.onnx").stat().st_size < 0.5 * (DEMO_MODEL / "model.safetensors").stat().st_size * 2
+    assert (out / "model.onnx").stat().st_size < (DEMO_MODEL / "model.safetensors").stat().st_size
 
 
 def test_cli_runs_the_artifact(onnx_dir, capsys):

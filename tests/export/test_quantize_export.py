@@ -26,7 +26,7 @@ def test_exported_artifact_equals_quantize_on_load(tiny_ckpt, tmp_path, capsys):
     assert manifest["quantization"] == {"scheme": "int4", "group_size": 32, "symmetric": False,
                                         "head": True, "embedding": True}
     assert len(manifest["source_sha256"]) == 64 and "torch" in manifest["tool_versions"]
-    assert manifest["weight_bytes"]["quantized"] < 0.2 * manifest["weight_bytes"]["source_fp32"]
+    assert manifest["weight_bytes"]["quantized"] < 0.2 * manifest["weight_bytes"]["source"]
     assert (out / "tokenizer.json").exists() and (out / "linear_spec_lora" / "adapter_config.json").exists()
     loaded = load_model(out)
     on_load = quantize_model(load_model(tiny_ckpt), QuantSpec("int4", group_size=32, symmetric=False))
