@@ -5,8 +5,10 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # The test run also installs every optional backend (CPU builds), pinned to versions known to work
-# together (see docs in README): bitsandbytes, onnx + onnxruntime, triton (for TRITON_INTERPRET).
-TEST_PINS ?= triton==3.7.1 onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2 bitsandbytes==0.50.2
+# together (see docs in README): bitsandbytes, onnx + onnxruntime, triton (for TRITON_INTERPRET),
+# TensorRT for RTX (its builder runs without a GPU, so the tests build real engines).
+TEST_PINS ?= triton==3.7.1 onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2 bitsandbytes==0.50.2 \
+	tensorrt-rtx-cu13==1.7.1.116
 VENV := .venv
 TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
 CHAT_STAMP := $(VENV)/.chat-$(TAG)
@@ -26,7 +28,7 @@ $(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
 
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) '$(TORCH)'
-	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels]' $(TEST_PINS)
+	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx]' $(TEST_PINS)
 	touch $@
 
 chat: $(CHAT_STAMP)

@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", help="quantize on load: int8, int4 (group-wise), nf4, llm-int8 (bitsandbytes)")
     p.add_argument("--group-size", type=int, default=64, help="group size for --quant int8/int4/nf4 (default 64)")
     p.add_argument("--engine", default="auto",
-                   help="torch, onnxruntime, tensorrt, or auto: the first that can run the model (default)")
+                   help="torch, onnxruntime, tensorrt, tensorrt-rtx, or auto: the first that can run the model "
+                   "(default)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="Triton attention/verification kernels: auto (on with CUDA + triton), on, off")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from edge_dlm.errors import UserError
 
 # name -> module; auto prefers them in this order
-ENGINES = {"tensorrt": "edge_dlm.engines.trt_engine", "onnxruntime": "edge_dlm.engines.ort_engine",
-           "torch": "edge_dlm.engines.torch_engine"}
+ENGINES = {"tensorrt": "edge_dlm.engines.trt_engine", "tensorrt-rtx": "edge_dlm.engines.trt_rtx_engine",
+           "onnxruntime": "edge_dlm.engines.ort_engine", "torch": "edge_dlm.engines.torch_engine"}
 ORDER = tuple(ENGINES)
 
 

@@ -33,6 +33,8 @@ def availability(path: Path, device: str) -> list[str]:
             reasons.append("onnxruntime has no CUDA provider (install onnxruntime-gpu instead of onnxruntime)")
     if not (path / GRAPH_FILE).exists():
         reasons.append(f"{path.name} has no {GRAPH_FILE} (export one: edge-dlm export CKPT -o OUT --target onnx)")
+    elif (dtype := (read_manifest(path) or {}).get("dtype", "float32")) not in NP_DTYPES:
+        reasons.append(f"its graph is {dtype}, which onnxruntime does not run here (float32 and float16 only)")
     return reasons
 
 

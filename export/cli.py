@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 QUANTS = ("int8", "int4", "nf4")
-TARGETS = ("torch", "onnx", "tensorrt")
+TARGETS = ("torch", "onnx", "tensorrt", "tensorrt-rtx")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,9 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asymmetric", action="store_true", help="int8/int4 with a per-group minimum (default symmetric)")
     p.add_argument("--keep-head", action="store_true", help="leave diffusion_head in full precision")
     p.add_argument("--target", default="torch",
-                   help="torch (safetensors for the torch engine), onnx or tensorrt (default torch)")
+                   help="torch (safetensors for the torch engine), onnx, tensorrt (this machine's GPU) or "
+                   "tensorrt-rtx (RTX / Ampere GPUs, built on any machine) (default torch)")
     p.add_argument("--dtype", default=None,
                    help="ONNX: float32 (default) or float16; TensorRT: float16 (default), bfloat16 or float32")
+    p.add_argument("--compute-capability", action="append", metavar="CC",
+                   help="tensorrt-rtx: GPU generations to build for, e.g. 8.6 or 8.6,8.9 (repeatable; "
+                   "default 8.0,8.6,8.9,12.0,12.1; 7.5 opt-in, float16 only)")
     p.add_argument("--max-prefill", type=int, default=2048, help="TensorRT: longest prompt the engine takes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -33,7 +37,8 @@ def run(a: argparse.Namespace) -> int:
         raise UserError(f"--target {a.target} not supported; known: {', '.join(TARGETS)}")
     if a.target == "torch":
         if a.quant is None:
-            raise UserError("nothing to export: pass --quant for a quantized artifact or --target onnx|tensorrt")
+            raise UserError("nothing to export: pass --quant for a quantized artifact or "
+                            "--target onnx|tensorrt|tensorrt-rtx")
         from edge_dlm.export.quantize import export_quantized
         from edge_dlm.quant import QuantSpec
 
@@ -47,9 +52,11 @@ def run(a: argparse.Namespace) -> int:
                     symmetric=not a.asymmetric, force=a.force)
         return 0
     if a.quant == "nf4":
-        raise UserError("TensorRT takes int8 or int4 weight-only quantization, not nf4")
-    from edge_dlm.export.tensorrt import export_tensorrt
+        raise UserError(f"{a.target} takes int8 or int4 weight-only quantization, not nf4")
+    from edge_dlm.export.tensorrt import export_engine
 
-    export_tensorrt(a.checkpoint, a.output, precision=a.quant or a.dtype or "float16", group_size=a.group_size,
-                    max_prefill=a.max_prefill, force=a.force)
+    ccs = [c.strip() for arg in a.compute_capability or [] for c in arg.split(",") if c.strip()]
+    export_engine(a.checkpoint, a.output, target=a.target, dtype=a.dtype or "float16", quant=a.quant,
+                  group_size=a.group_size, compute_capabilities=ccs or None, max_prefill=a.max_prefill,
+                  force=a.force)
     return 0

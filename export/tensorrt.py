@@ -1,9 +1,18 @@
-"""`edge-dlm export --target tensorrt`: the ONNX step graph -> a TensorRT engine for this GPU.
+"""`edge-dlm export --target tensorrt|tensorrt-rtx`: the ONNX step graph -> a TensorRT engine.
 
-Steps: export the step graph (`export/onnx.py`; weight-only int4/int8 as QDQ `DequantizeLinear`,
-which TensorRT's parser takes, instead of onnxruntime's `MatMulNBits`), rewrite the few operators
-TensorRT's parser lacks (`Reciprocal` -> `Div`), check every operator against
-`tensorrt_onnx_ops.txt`, then build with one optimization profile per token count the modes use:
+One builder serves both flavours of TensorRT (`FLAVOURS`), which share the Python API:
+
+- `tensorrt` (datacenter TensorRT 10): builds for the GPU in this machine; precision by builder flags.
+- `tensorrt-rtx` (TensorRT for RTX, `tensorrt_rtx`): builds ahead of time on any machine, no GPU
+  needed, for a list of compute capabilities (Ampere 8.0/8.6, Ada 8.9, Blackwell RTX 12.0/12.1;
+  Turing 7.5 opt-in, float16 only; no Hopper), and specialises kernels just in time on the user's
+  GPU. Its networks are strongly typed: the precision is the graph's own (an fp16/bf16 graph, QDQ
+  weights), there are no precision flags.
+
+Steps: export the step graph (`export/onnx.py`) in the engine's dtype; weight-only int4/int8 as QDQ
+`DequantizeLinear` (which both parsers take) instead of onnxruntime's `MatMulNBits`; rewrite the few
+operators the parser lacks (`Reciprocal` -> `Div`); check every operator against
+`tensorrt_onnx_ops.txt`; then build with one optimization profile per token count the modes use:
 
     T = 1                AR steps
     T = B                diffusion denoising, commit passes, LinearSpec draft and verify
@@ -11,16 +20,17 @@ TensorRT's parser lacks (`Reciprocal` -> `Div`), check every operator against
     T in [1, prefill]    prompts (and QuadraticSpec's first pass, prompt + B)
 
 each with the cached length L in [0, context - T]. A timing cache (in the user cache directory)
-makes rebuilds fast; engines are cached under a key of the source checksum, precision, GPU,
-compute capability, TensorRT version and profiles. TensorRT itself is imported only here and in
-`engines/trt_engine.py`, written against the TensorRT 10 Python API (it cannot be installed on CI:
-see `platform.md`); every step before `build_serialized_network` is tested without it.
+makes rebuilds fast; the engine's cache key covers the source checksum, precision, targets, TensorRT
+version and profiles. TensorRT is imported only here and in `engines/trt_engine.py`. Datacenter
+TensorRT cannot be installed on CI (`platform.md`); TensorRT for RTX can, and CI builds real engines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,8 +38,41 @@ from pathlib import Path
 from edge_dlm.errors import UserError
 
 OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.txt")
-PRECISIONS = ("float32", "float16", "bfloat16", "int8", "int4")
+DTYPES = ("float16", "bfloat16", "float32")
+QUANTS = {"int4": 4, "int8": 8}
 ENGINE_PREFIX = "engine-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    """What differs between the two TensorRTs; everything else is one code path."""
+
+    name: str  # --target / --engine name and the manifest key
+    module: str  # the Python module
+    title: str
+    install: str  # how to get it, for the one-line error
+    strongly_typed: bool  # precision from the graph (TensorRT-RTX) instead of builder flags
+    local_gpu: bool  # builds for the GPU of this machine (datacenter TensorRT)
+
+
+TENSORRT = Flavour("tensorrt", "tensorrt", "TensorRT",
+                   "install it from NVIDIA (pip install tensorrt-cu12 with access to pypi.nvidia.com) on a "
+                   "machine with a GPU; --target tensorrt-rtx and --target onnx work without it",
+                   strongly_typed=False, local_gpu=True)
+TENSORRT_RTX = Flavour("tensorrt-rtx", "tensorrt_rtx", "TensorRT for RTX",
+                       "pip install 'edge-dlm[tensorrt-rtx]' (the tensorrt-rtx-cu13 package)",
+                       strongly_typed=True, local_gpu=False)
+FLAVOURS = {f.name: f for f in (TENSORRT, TENSORRT_RTX)}
+
+# TensorRT for RTX targets: compute capability -> its `ComputeCapability` member.
+RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")  # 7.5 (Turing) is opt-in and fp16 only
+
+
+def flavour(name: str) -> Flavour:
+    if name not in FLAVOURS:
+        raise UserError(f"TensorRT flavour {name} not supported; known: {', '.join(FLAVOURS)}")
+    return FLAVOURS[name]
 
 
 def supported_ops() -> set[str]:
@@ -57,27 +100,31 @@ def unsupported_ops(model) -> list[str]:
 
 
 def make_tensorrt_compatible(model):
-    """Rewrite operators TensorRT's matrix lacks into equivalents it has (in place; returns model)."""
+    """Rewrite operators TensorRT's matrix lacks into equivalents it has (in place; returns model).
+
+    `Reciprocal(x)` -> `Div(1, x)`, the constant typed like `x`: a strongly typed network (TensorRT
+    for RTX) refuses mixed operands, and the RMSNorm's rsqrt runs in float32 inside an fp16 graph.
+    """
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
-    import numpy as np
-
-    one = "edge_dlm_one"
-    used = False
-    for node in model.graph.node:
-        if node.op_type == "Reciprocal":  # 1 / x
-            node.op_type = "Div"
-            node.input.insert(0, one)
-            used = True
-    if used:
-        elem = onnx.TensorProto.FLOAT
-        for init in model.graph.initializer:  # match the graph's float type
-            if init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-                elem = init.data_type
-                break
-        value = numpy_helper.from_array(np.array(1.0, dtype=helper.tensor_dtype_to_np_dtype(elem)), one)
-        model.graph.initializer.append(value)
+    recips = [n for n in model.graph.node if n.op_type == "Reciprocal"]
+    if not recips:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    types |= {t.name: t.data_type for t in model.graph.initializer}
+    consts: dict[int, str] = {}
+    for node in recips:  # 1 / x
+        elem = types.get(node.input[0]) or onnx.TensorProto.FLOAT
+        if elem not in consts:
+            consts[elem] = f"edge_dlm_one_{onnx.TensorProto.DataType.Name(elem).lower()}"
+            value = np.array(1.0, dtype=helper.tensor_dtype_to_np_dtype(elem))
+            model.graph.initializer.append(numpy_helper.from_array(value, consts[elem]))
+        node.op_type = "Div"
+        node.input.insert(0, consts[elem])
     return model
 
 
@@ -103,22 +150,23 @@ def profile_for(profs: list[dict], t: int, cached: int) -> int | None:
     return None
 
 
-def cache_key(*, source_sha256: str, precision: str, gpu: str, compute_capability: str,
-              tensorrt_version: str, profs: list[dict]) -> str:
-    """Engine cache key: changes when any input to the build changes."""
-    blob = json.dumps({"source": source_sha256, "precision": precision, "gpu": gpu,
-                       "cc": compute_capability, "trt": tensorrt_version, "profiles": profs}, sort_keys=True)
+def cache_key(*, flavour: str, source_sha256: str, precision: str, targets: list[str], version: str,
+              profs: list[dict]) -> str:
+    """Engine cache key: changes when any input to the build changes (targets: GPU + compute capability
+    for TensorRT, the compute-capability list for TensorRT for RTX)."""
+    blob = json.dumps({"flavour": flavour, "source": source_sha256, "precision": precision, "targets": targets,
+                       "version": version, "profiles": profs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def require_tensorrt():
+def require_tensorrt(fl: Flavour = TENSORRT):
+    """The flavour's module, or a one-line error saying how to install it."""
+    import importlib
+
     try:
-        import tensorrt as trt
+        return importlib.import_module(fl.module)
     except ImportError:
-        raise UserError("--target tensorrt needs TensorRT, which is not installed: install it from NVIDIA "
-                        "(pip install tensorrt-cu12 with access to pypi.nvidia.com) on a machine with a GPU; "
-                        "--target onnx works without it") from None
-    return trt
+        raise UserError(f"--target {fl.name} needs {fl.title}, which is not installed: {fl.install}") from None
 
 
 def current_gpu() -> tuple[str, str]:
@@ -126,59 +174,83 @@ def current_gpu() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError("--target tensorrt builds for the local GPU, and no CUDA GPU is visible")
+        raise UserError("--target tensorrt builds for the local GPU, and no CUDA GPU is visible; "
+                        "--target tensorrt-rtx builds without one")
     major, minor = torch.cuda.get_device_capability(0)
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
+def rtx_targets(requested: list[str] | None, dtype: str, quant: str | None) -> list[str]:
+    """The compute capabilities a TensorRT-RTX engine is built for (validated, in a stable order)."""
+    ccs = list(dict.fromkeys(requested or RTX_DEFAULT_TARGETS))
+    for cc in ccs:
+        if cc == "9.0":
+            raise UserError("compute capability 9.0 (Hopper: H100, H200) is not supported by TensorRT for RTX; "
+                            "build with --target tensorrt on that machine")
+        if cc not in RTX_TARGETS:
+            raise UserError(f"--compute-capability {cc} not supported by TensorRT for RTX; "
+                            f"known: {', '.join(RTX_TARGETS)}")
+    if "7.5" in ccs and (dtype != "float16" or quant):
+        raise UserError("compute capability 7.5 (Turing) takes float16 engines only; drop 7.5 or --quant/--dtype")
+    return sorted(ccs, key=lambda c: tuple(map(int, c.split("."))))
+
+
 def _progress_monitor(trt):
     class Progress(trt.IProgressMonitor):
-        """Prints TensorRT's build phases as a one-line progress bar on stderr."""
+        """Draws TensorRT's top-level build phases as a one-line progress bar on stderr."""
 
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
-            self.phases: dict[str, tuple[int, int]] = {}
+            self.top: set[str] = set()
+            self.steps: dict[str, int] = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            self.phases[phase_name] = (0, max(num_steps, 1))
-            self._draw(phase_name)
+            if parent_phase is None:  # nested phases would interleave on one line
+                self.top.add(phase_name)
+                self.steps[phase_name] = max(num_steps, 1)
+                self._draw(phase_name, 0)
 
         def step_complete(self, phase_name, step):
-            self.phases[phase_name] = (step + 1, self.phases.get(phase_name, (0, 1))[1])
-            self._draw(phase_name)
+            if phase_name in self.top:
+                self._draw(phase_name, step + 1)
             return True  # False would cancel the build
 
         def phase_finish(self, phase_name):
-            self.phases.pop(phase_name, None)
-            print(file=sys.stderr)
+            if phase_name in self.top:
+                self.top.discard(phase_name)
+                print(file=sys.stderr)
 
-        def _draw(self, phase):
-            done, total = self.phases[phase]
+        def _draw(self, phase, done):
+            total = self.steps[phase]
             bar = "#" * int(30 * done / total)
             print(f"\r  {phase[:32]:<32} [{bar:<30}] {done}/{total}", end="", file=sys.stderr, flush=True)
 
     return Progress()
 
 
-def build_engine(onnx_path: Path, plan_path: Path, *, precision: str, profs: list[dict], cfg,
-                 timing_cache: Path, log=print) -> None:
-    """Parse `onnx_path` and build a serialized engine into `plan_path` (TensorRT 10 API)."""
-    trt = require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+def build_engine(fl: Flavour, onnx_path: Path, plan_path: Path, *, dtype: str, quant: str | None,
+                 targets: list[str], profs: list[dict], cfg, timing_cache: Path, log=print) -> float:
+    """Parse `onnx_path` and build a serialized engine into `plan_path`; returns the build seconds."""
+    from edge_dlm.fsutil import atomic_write_bytes
+
+    trt = require_tensorrt(fl)
+    logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(0)  # explicit batch; TensorRT for RTX networks are strongly typed
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT could not parse {onnx_path.name}: {errors[:300]}")
+        errors = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
+        raise UserError(f"{fl.title} could not parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
-    if precision == "float16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bfloat16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision in ("int8", "int4"):  # weight-only: QDQ weights, activations in fp16
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.INT8)
+    if fl.strongly_typed:
+        config.num_compute_capabilities = len(targets)
+        for i, cc in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, RTX_TARGETS[cc]), i)
+    else:  # datacenter TensorRT: weakly typed, precision by flags; QDQ weights need INT8 on
+        if dtype in ("float16", "bfloat16"):
+            config.set_flag(trt.BuilderFlag.FP16 if dtype == "float16" else trt.BuilderFlag.BF16)
+        if quant:
+            config.set_flag(trt.BuilderFlag.INT8)
     layers, nkv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     for p in profs:
         prof = builder.create_optimization_profile()
@@ -189,77 +261,110 @@ def build_engine(onnx_path: Path, plan_path: Path, *, precision: str, profs: lis
         for name in ("past_keys", "past_values"):
             prof.set_shape(name, (layers, nkv, l0, hd), (layers, nkv, l1, hd), (layers, nkv, l2, hd))
         config.add_optimization_profile(prof)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
-    tcache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(tcache, ignore_mismatch=False)
+    timed = not fl.strongly_typed  # TensorRT for RTX times nothing ahead of time: no timing cache
+    if timed:
+        cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
+        config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=True)
     config.progress_monitor = _progress_monitor(trt)
-    log(f"building a {precision} TensorRT engine with {len(profs)} optimization profiles (minutes)")
+    log(f"building a {quant or dtype} {fl.title} engine for {', '.join(targets)} "
+        f"with {len(profs)} optimization profiles")
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise UserError("TensorRT failed to build the engine (see the messages above)")
+        raise UserError(f"{fl.title} failed to build the engine (see the messages above)")
+    seconds = time.perf_counter() - t0
     plan_path.write_bytes(bytes(plan))
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    log(f"engine built in {time.perf_counter() - t0:.0f} s")
+    if timed:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    log(f"engine built in {seconds:.1f} s ({plan_path.stat().st_size / 2**20:.1f} MiB)")
+    return seconds
 
 
-def timing_cache_path() -> Path:
+def user_cache(fl: Flavour, name: str) -> Path:
+    """A file in edge-dlm's user cache directory for this flavour (timing cache, runtime cache)."""
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("edge-dlm")) / "tensorrt" / "timing.cache"
+    return Path(platformdirs.user_cache_dir("edge-dlm")) / fl.name / name
 
 
-def export_tensorrt(src: str | Path, out: str | Path, *, precision: str = "float16", group_size: int = 64,
-                    max_prefill: int = 2048, force: bool = False, log=print) -> dict:
-    """Export `src` to an artifact holding the TensorRT-ready ONNX graph and an engine for this GPU."""
+def export_engine(src: str | Path, out: str | Path, *, target: str = "tensorrt", dtype: str = "float16",
+                  quant: str | None = None, group_size: int = 64, compute_capabilities: list[str] | None = None,
+                  max_prefill: int = 2048, force: bool = False, log=print) -> dict:
+    """Export `src` to an artifact holding the TensorRT-ready ONNX graph and an engine; returns the manifest.
+
+    `target` "tensorrt" builds for this machine's GPU; "tensorrt-rtx" for `compute_capabilities`
+    (default: every RTX target but Turing), on any machine.
+    """
     import onnx
+    import torch
 
     from edge_dlm.config import NLDConfig
     from edge_dlm.export.manifest import file_sha256, source_checksum, tool_versions, write_manifest
-    from edge_dlm.export.onnx import GRAPH_FILE, export_graph, require_onnx
+    from edge_dlm.export.onnx import GRAPH_FILE, export_graph, graph_inputs, require_onnx
     from edge_dlm.export.quantize import check_source, copy_side_files
     from edge_dlm.fsutil import atomic_dir
-    from edge_dlm.weights import load_model
+    from edge_dlm.quant import GROUP_SIZES
+    from edge_dlm.weights import LORA_DIR, load_model
 
-    if precision not in PRECISIONS:
-        raise UserError(f"TensorRT precision {precision} not supported; known: {', '.join(PRECISIONS)}")
+    fl = flavour(target)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} not supported for {fl.name}; known: {', '.join(DTYPES)}")
+    if quant is not None and quant not in QUANTS:
+        raise UserError(f"--quant {quant} not supported for {fl.name}; known: {', '.join(QUANTS)} (weight-only)")
+    if quant is not None and group_size not in GROUP_SIZES:
+        raise UserError(f"group size {group_size} not supported; known: {', '.join(map(str, GROUP_SIZES))}")
+    if quant is not None and dtype == "bfloat16":
+        raise UserError("weight-only int4/int8 engines are built over a float16 graph; drop --dtype bfloat16")
     require_onnx()
-    trt = require_tensorrt()  # fail before any work when it cannot finish
-    gpu, cc = current_gpu()
+    trt = require_tensorrt(fl)  # fail before any work when it cannot finish
+    if fl.local_gpu:
+        if compute_capabilities:
+            raise UserError("--compute-capability is for --target tensorrt-rtx; --target tensorrt builds for this GPU")
+        gpu, cc = current_gpu()
+        targets, target_info = [gpu, cc], {"gpu": gpu, "compute_capability": cc}
+    else:
+        targets = rtx_targets(compute_capabilities, dtype, quant)
+        target_info = {"compute_capabilities": targets}
     src = Path(src)
     check_source(src)
     cfg = NLDConfig.from_file(src / "config.json")
     profs = profiles(cfg.block_size, cfg.max_position_embeddings, max_prefill)
-    key = cache_key(source_sha256=source_checksum(src), precision=precision, gpu=gpu, compute_capability=cc,
-                    tensorrt_version=trt.__version__, profs=profs)
+    precision = quant or dtype
+    key = cache_key(flavour=fl.name, source_sha256=source_checksum(src), precision=precision, targets=targets,
+                    version=trt.__version__, profs=profs)
     t0 = time.perf_counter()
-    import torch
-
-    dtype = torch.float32 if precision == "float32" else torch.float16
+    torch_dtype = getattr(torch, dtype)
+    model = load_model(src, dtype=torch_dtype)
+    has_lora = model.encoder.layers[0].self_attn.o_lora is not None
     with atomic_dir(out, force=force) as tmp:
-        log(f"[1/3] tracing the step graph ({precision})")
-        export_graph(load_model(src, dtype=dtype), tmp / GRAPH_FILE, dtype)
-        if precision in ("int8", "int4"):
-            quantize_qdq(tmp / GRAPH_FILE, 8 if precision == "int8" else 4, group_size)
-        model = make_tensorrt_compatible(onnx.load(str(tmp / GRAPH_FILE)))
-        bad = unsupported_ops(model)
+        log(f"[1/3] tracing the step graph ({dtype}{', weight-only ' + quant if quant else ''})")
+        export_graph(model, tmp / GRAPH_FILE, torch_dtype)
+        if quant:
+            quantize_qdq(tmp / GRAPH_FILE, QUANTS[quant], group_size)
+        graph = make_tensorrt_compatible(onnx.load(str(tmp / GRAPH_FILE)))
+        bad = unsupported_ops(graph)
         if bad:
             raise UserError(f"the graph uses operators TensorRT's parser does not support: {', '.join(bad)}")
-        onnx.save(model, str(tmp / GRAPH_FILE))
-        log("[2/3] TensorRT build")
+        onnx.save(graph, str(tmp / GRAPH_FILE))
+        log(f"[2/3] {fl.title} build")
         plan = tmp / f"{ENGINE_PREFIX}{key[:16]}.plan"
-        build_engine(tmp / GRAPH_FILE, plan, precision=precision, profs=profs, cfg=cfg,
-                     timing_cache=timing_cache_path(), log=log)
+        seconds = build_engine(fl, tmp / GRAPH_FILE, plan, dtype=dtype, quant=quant, targets=targets, profs=profs,
+                               cfg=cfg, timing_cache=user_cache(fl, "timing.cache"), log=log)
         log("[3/3] config, tokenizer, manifest")
         (tmp / "config.json").write_text((src / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
         copy_side_files(src, tmp)
+        shutil.rmtree(tmp / LORA_DIR, ignore_errors=True)  # baked into the graph (use_lora input)
         manifest = write_manifest(
-            tmp, src, kind="tensorrt", targets=["tensorrt", "onnx"], precision=precision,
-            dtype="float32" if precision == "float32" else "float16",
-            tensorrt={"engine": plan.name, "engine_sha256": file_sha256(plan), "cache_key": key, "gpu": gpu,
-                      "compute_capability": cc, "version": trt.__version__, "profiles": profs},
-            tool_versions=tool_versions("onnx", "onnxruntime", "tensorrt"),
+            tmp, src, kind=fl.name, targets=[fl.name, "onnx"], precision=precision, dtype=dtype,
+            quantization={"scheme": quant, "group_size": group_size, "symmetric": True, "format": "qdq"}
+            if quant else None,
+            graph={"file": GRAPH_FILE, "inputs": graph_inputs(tmp / GRAPH_FILE),
+                   "outputs": ["logits", "new_keys", "new_values"], "lora": has_lora},
+            **{fl.name: {"engine": plan.name, "engine_sha256": file_sha256(plan),
+                         "engine_bytes": plan.stat().st_size, "cache_key": key, "version": trt.__version__,
+                         **target_info, "profiles": profs, "build_seconds": round(seconds, 3)}},
+            tool_versions=tool_versions("onnx", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13"),
             export_seconds=round(time.perf_counter() - t0, 3))
     return manifest
 
@@ -270,10 +375,13 @@ def quantize_qdq(path: Path, bits: int, group_size: int) -> None:
     int4: block-wise along the input dimension (onnxruntime's quantizer, QDQ format, opset 21).
     int8: per output channel, written here (onnxruntime's quantizer has no 8-bit QDQ).
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
     model = onnx.load(str(path))
     if bits == 4:
         q = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=True,

@@ -43,10 +43,11 @@ def test_truncated_or_corrupt_engine(tiny_ckpt, tmp_path, capsys):
 def test_engine_from_another_gpu_or_tensorrt(tiny_ckpt, tmp_path):
     art = tmp_path / "trt"
     fake_trt_artifact(tiny_ckpt, art)
-    assert check_artifact(art, "NVIDIA H100 80GB HBM3", "10.13.0") == []
-    [gpu] = check_artifact(art, "NVIDIA GeForce RTX 4090", "10.13.0")
+    h100 = ("NVIDIA H100 80GB HBM3", "9.0")
+    assert check_artifact(art, h100, "10.13.0") == []
+    [gpu] = check_artifact(art, ("NVIDIA GeForce RTX 4090", "8.9"), "10.13.0")
     assert "built for NVIDIA H100 80GB HBM3, this GPU is NVIDIA GeForce RTX 4090; rebuild" in gpu
-    [ver] = check_artifact(art, "NVIDIA H100 80GB HBM3", "10.14.1")
+    [ver] = check_artifact(art, h100, "10.14.1")
     assert "TensorRT 10.13.0, installed is 10.14.1" in ver
 
 
@@ -91,7 +92,7 @@ def test_interrupted_onnx_export_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch
 
 def test_unknown_engine_and_quant_with_exported_engine(tiny_ckpt, capsys):
     assert cli.main(["generate", "--model", str(tiny_ckpt), "--engine", "vulkan", "--prompt", "x"]) == 2
-    one_line_error(capsys, "engine 'vulkan' not supported; known: auto, tensorrt, onnxruntime, torch")
+    one_line_error(capsys, "engine 'vulkan' not supported; known: auto, tensorrt, tensorrt-rtx, onnxruntime, torch")
 
 
 def test_doctor_explains_every_engine(tiny_ckpt, capsys):

@@ -94,12 +94,12 @@ def test_profiles_at_real_nld_shape():
 
 
 def test_cache_key_changes_with_every_input():
-    base = dict(source_sha256="a" * 64, precision="float16", gpu="NVIDIA H100 80GB HBM3",
-                compute_capability="9.0", tensorrt_version="10.13.0", profs=profiles(32, 4096))
+    base = dict(flavour="tensorrt", source_sha256="a" * 64, precision="float16",
+                targets=["NVIDIA H100 80GB HBM3", "9.0"], version="10.13.0", profs=profiles(32, 4096))
     key = cache_key(**base)
     assert key == cache_key(**dict(base))
-    changes = dict(source_sha256="b" * 64, precision="int4", gpu="NVIDIA GeForce RTX 4090",
-                   compute_capability="8.9", tensorrt_version="10.14.1", profs=profiles(32, 8192))
+    changes = dict(flavour="tensorrt-rtx", source_sha256="b" * 64, precision="int4",
+                   targets=["NVIDIA GeForce RTX 4090", "8.9"], version="10.14.1", profs=profiles(32, 8192))
     for field, value in changes.items():
         assert cache_key(**{**base, field: value}) != key, field
 
@@ -110,9 +110,9 @@ def test_build_and_run_engine(tiny_ckpt, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     import edge_dlm
-    from edge_dlm.export.tensorrt import export_tensorrt
+    from edge_dlm.export.tensorrt import export_engine
 
-    export_tensorrt(tiny_ckpt, tmp_path / "trt", precision="float32", max_prefill=64, log=lambda *_: None)
+    export_engine(tiny_ckpt, tmp_path / "trt", dtype="float32", max_prefill=64, log=lambda *_: None)
     trt_rt = edge_dlm.load(tmp_path / "trt", device="cuda")
     ref = edge_dlm.load(tiny_ckpt, device="cuda", dtype="float32")
     assert trt_rt.engine == "tensorrt"
