@@ -203,3 +203,15 @@ def test_engine_decodes_like_torch(engines):
     for mode in ("ar", "linear-spec", "quadratic-spec", "diffusion"):
         assert rt.generate("def add(a, b):", raw=True, mode=mode, max_new_tokens=24).output_ids == \
             ref.generate("def add(a, b):", raw=True, mode=mode, max_new_tokens=24).output_ids, mode
+
+
+def test_onnxruntime_declines_a_bfloat16_graph(engines, tmp_path):
+    from edge_dlm.engines.ort_engine import availability
+
+    art = tmp_path / "bf16"
+    shutil.copytree(engines["float16"], art)
+    assert availability(art, "cpu") == []
+    m = manifest(art)
+    (art / "manifest.json").write_text(json.dumps({**m, "dtype": "bfloat16"}))
+    assert availability(art, "cpu") == ["its graph is bfloat16, which onnxruntime does not run here "
+                                        "(float32 and float16 only)"]
