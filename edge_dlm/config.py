@@ -16,6 +16,17 @@ from typing import Any
 from edge_dlm.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings", "block_size")
+MAX_CONTEXT = 1 << 24  # tokens: far beyond any NLD checkpoint, small enough that positions stay exact
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +111,13 @@ class NLDConfig:
                 f"model_type '{model_type}' not supported; known: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         d = dict(d)
+        for key in SIZES:  # types first: the derivations below divide by them
+            if d.get(key) is not None and not _positive_int(d[key]):
+                raise CheckpointError(f"config.json: {key} must be a positive integer, got {d[key]!r}")
         if d.get("head_dim") is None and "hidden_size" in d and "num_attention_heads" in d:
+            if d["hidden_size"] % d["num_attention_heads"]:
+                raise CheckpointError(f"config.json: hidden_size {d['hidden_size']} is not divisible by "
+                                      f"num_attention_heads {d['num_attention_heads']} (and no head_dim is given)")
             d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d.get("num_attention_heads")
@@ -135,6 +152,28 @@ class NLDConfig:
         return cls.from_dict(data)
 
     def validate(self) -> None:
+        for key in SIZES:
+            if not _positive_int(getattr(self, key)):
+                raise CheckpointError(f"config.json: {key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("mask_token_id", "eos_token_id", "bos_token_id"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise CheckpointError(f"config.json: {key} must be an integer token id, got {v!r}")
+        if self.max_position_embeddings > MAX_CONTEXT:
+            raise CheckpointError(f"config.json: max_position_embeddings {self.max_position_embeddings} is beyond "
+                                  f"the {MAX_CONTEXT} tokens edge-dlm supports")
+        if self.head_dim % 2:
+            raise CheckpointError(f"config.json: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if not _positive_number(self.rms_norm_eps):
+            raise CheckpointError(f"config.json: rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not _positive_number(self.rope.rope_theta) or not _positive_number(self.rope.factor):
+            raise CheckpointError("config.json: rope_theta and the rope factor must be positive numbers")
+        if self.mask_token_id == self.eos_token_id:
+            raise CheckpointError(f"config.json: mask_token_id and eos_token_id are both {self.eos_token_id}")
+        if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
+            raise CheckpointError(f"bos_token_id {self.bos_token_id} is outside the vocabulary")
+        if self.block_size > self.max_position_embeddings:
+            raise CheckpointError(f"block_size {self.block_size} exceeds the context ({self.max_position_embeddings})")
         if self.hidden_act != "silu":
             raise CheckpointError(f"hidden_act '{self.hidden_act}' not supported; known: silu")
         if self.attention_bias or self.mlp_bias:

@@ -7,12 +7,58 @@ sandbox (a checkpoint's template is data, not code we trust).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from edge_dlm.errors import CheckpointError, UserError
 
 Message = dict[str, str]
+TEMPLATE_MAX_CHARS = 256 * 1024  # Jinja source (real chat templates are a few KB)
+TEMPLATE_SECONDS = 2.0  # render deadline
+TEMPLATE_OUTPUT_CHARS = 64 * 1024  # beyond the conversation's own text
+
+
+class TemplateTimeout(CheckpointError):
+    def __init__(self) -> None:
+        super().__init__(f"the checkpoint's chat template ran longer than {TEMPLATE_SECONDS:.0f} s; refused")
+
+
+def _sandbox(deadline: float):
+    """An immutable Jinja sandbox that stops at `deadline` (at the next call, attribute or chunk)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def check(self) -> None:
+            if time.monotonic() > deadline:
+                raise TemplateTimeout()
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+            __self.check()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            self.check()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self.check()
+            return super().getitem(obj, argument)
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            self.check()
+            if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+                n = right if isinstance(left, (str, list, tuple)) else left
+                seq = left if isinstance(left, (str, list, tuple)) else right
+                if isinstance(n, int) and len(seq) * n > TEMPLATE_OUTPUT_CHARS:
+                    raise CheckpointError("the checkpoint's chat template builds an oversized string; refused")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise CheckpointError("the checkpoint's chat template raises to an oversized power; refused")
+            return super().call_binop(context, operator, left, right)
+
+    return Sandbox(trim_blocks=True, lstrip_blocks=True)
 
 
 class Tokenizer:
@@ -65,23 +111,41 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role", "content"}]) with the checkpoint's chat template."""
+        """Render `messages` ([{"role", "content"}]) with the checkpoint's chat template.
+
+        The template is untrusted data: it runs in Jinja's immutable sandbox, with a source size limit,
+        a render deadline (checked at every call and output chunk) and an output size limit.
+        """
         if not self.chat_template:
             raise UserError("this checkpoint has no chat template; pass --raw to send the prompt as is")
+        if not isinstance(self.chat_template, str) or len(self.chat_template) > TEMPLATE_MAX_CHARS:
+            raise CheckpointError(f"the checkpoint's chat template is not a string of at most "
+                                  f"{TEMPLATE_MAX_CHARS} characters; refused")
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg: str) -> None:
             raise UserError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        limit = TEMPLATE_OUTPUT_CHARS + sum(len(str(m.get("content", ""))) for m in messages)
+        env = _sandbox(time.monotonic() + TEMPLATE_SECONDS)
         env.globals["raise_exception"] = raise_exception
+        out, size = [], 0
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
+            for chunk in env.from_string(self.chat_template).generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self._special("bos_token"), eos_token=self._special("eos_token")):
+                env.check()
+                size += len(chunk)
+                if size > limit:
+                    raise CheckpointError(f"the checkpoint's chat template rendered more than {limit} characters "
+                                          "for this conversation; refused")
+                out.append(chunk)
         except TemplateError as exc:
             raise CheckpointError(f"the checkpoint's chat template failed to render ({exc})") from None
+        except (RecursionError, MemoryError, OverflowError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"the checkpoint's chat template failed to render "
+                                  f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        return "".join(out)
 
     def encode_prompt(self, prompt: str | list[Message], *, raw: bool = False) -> list[int]:
         """Token ids for a prompt: chat-templated unless `raw` or the checkpoint has no template."""

@@ -18,6 +18,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 LORA_DIR = "linear_spec_lora"
+# every file (or folder) of a model directory that edge-dlm may open
+MODEL_FILES = ["config.json", SINGLE_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+               "manifest.json", "model.onnx", LORA_DIR]
 
 
 def expected_shapes(cfg: NLDConfig, spec=None) -> dict[str, tuple[int, ...]]:
@@ -56,6 +59,9 @@ def check_dir(path: str | Path) -> Path:
         raise CheckpointError(f"model directory {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; --model takes a checkpoint directory")
+    from edge_dlm.checks import check_files
+
+    check_files(path, MODEL_FILES)  # nothing edge-dlm reads may lead outside the directory
     return path
 
 
@@ -63,11 +69,15 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, from the shard index or the single file's header."""
     index = path / INDEX_FILE
     if index.exists():
+        from edge_dlm.checks import contained
+
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid shard index ({exc})") from None
-        files = {name: path / f for name, f in weight_map.items()}
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        files = {name: contained(path, f, "shard") for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.exists():
                 raise CheckpointError(f"shard {f.name} named in {INDEX_FILE} is missing from {path}")
@@ -118,11 +128,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:3])}{more}")
+    from edge_dlm.checks import check_finite, check_headers, check_memory
+
+    check_memory(shapes, dtype, device)
+    check_headers(files, shapes, quantized=spec is not None)  # dtypes and shapes, before reading data
     tensors = read_tensors(files, list(shapes))
-    for name, want in shapes.items():
-        got = tuple(tensors[name].shape)
-        if got != want:
-            raise CheckpointError(f"tensor {name} has shape {list(got)}, expected {list(want)} from config.json")
+    check_finite(tensors)
     with torch.device("meta"):
         model = NLDModel(cfg)
     if spec is not None:
@@ -173,6 +184,11 @@ def load_lora(model: NLDModel, path: Path) -> bool:
     scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
     adapter = lora_dir / "adapter_model.safetensors"
     tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
+    from edge_dlm.checks import check_finite
+
+    if any(not t.is_floating_point() for t in tensors.values()):
+        raise CheckpointError(f"{adapter} stores integer tensors; a LoRA drafter is floating point")
+    check_finite(tensors, " of the LoRA drafter")
     p = model.encoder.norm.weight  # a float parameter even in a quantized model
     for i, layer in enumerate(model.encoder.layers):
         attn = layer.self_attn
