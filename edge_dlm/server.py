@@ -1,108 +1,292 @@
 """`edge-dlm serve`: a local OpenAI-compatible HTTP server (standard library only).
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with
-`"stream": true` as server-sent events. Besides the OpenAI fields (`messages` / `prompt`,
-`max_tokens`, `temperature`, `top_p`, `seed`, `stop` is not supported), a request may name the
-decoding `mode`, `steps`, `threshold` and `block_size`; the response's `usage` carries `nfe`, `tpf`
-and `mean_accepted` next to the token counts. One model, one request at a time (the `Runtime` lock);
-binds 127.0.0.1 unless told otherwise. Bad requests get HTTP 400 with an OpenAI-style error object.
+`"stream": true` as server-sent events; the request schema is `edge_dlm.api` (strict: bad types,
+ranges, modes and unknown fields are HTTP 400 with an OpenAI-style error object).
+
+What it guarantees (the README's server section says the same):
+- Binds 127.0.0.1 unless told otherwise, and says so loudly when bound elsewhere; `--api-key`
+  (or EDGE_DLM_API_KEY) requires `Authorization: Bearer KEY` on every route (401 otherwise).
+- Bodies above `--max-body` bytes are refused (413) before they are read; a body needs a
+  Content-Length (411); a connection that stalls while sending or receiving is dropped after
+  `--io-timeout` seconds.
+- One request decodes at a time (the model is one), streams never interleave; up to `--queue`
+  more wait, in arrival order. A request beyond that gets 429 at once; one that waited
+  `--queue-timeout` seconds without starting gets 503. Both carry Retry-After.
+- A request stops after the pass in flight when its client disconnects (the next one starts at
+  once), and at `--request-timeout` seconds (finish_reason "timeout").
+- No traceback reaches a client: an unexpected error is logged here and answered with a plain 500.
+- SIGTERM / SIGINT: new requests get 503, the running one is cancelled after its current pass and
+  its stream is closed properly (finish_reason "cancelled", then [DONE]), then the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import dataclasses
+import hmac
+import ipaddress
 import json
+import os
+import select
+import signal
+import socket
 import sys
+import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-EXTRA = ("mode", "steps", "threshold", "block_size", "top_k")
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    default_mode: str = "linear-spec"
+    api_key: str | None = None
+    max_body: int = 1 << 20  # bytes
+    queue: int = 8  # requests waiting beside the running one
+    queue_timeout: float = 60.0  # s a request may wait before 503
+    request_timeout: float = 600.0  # s a request may decode
+    io_timeout: float = 30.0  # s a socket may stall
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from edge_dlm.cli import add_model_args
 
     add_model_args(p)
+    d = ServeOptions()
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", default="linear-spec", help="default decoding mode for requests that name none")
+    p.add_argument("--mode", default=d.default_mode, help="default decoding mode for requests that name none")
+    p.add_argument("--api-key", default=os.environ.get("EDGE_DLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $EDGE_DLM_API_KEY, else none)")
+    p.add_argument("--max-body", type=int, default=d.max_body, help=f"largest request body in bytes ({d.max_body})")
+    p.add_argument("--queue", type=int, default=d.queue, help=f"requests that may wait for the model ({d.queue})")
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
+                   help=f"seconds a request may wait before 503 ({d.queue_timeout:g})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help=f"seconds a request may decode ({d.request_timeout:g})")
+    p.add_argument("--io-timeout", type=float, default=d.io_timeout,
+                   help=f"seconds a client may stall reading or writing ({d.io_timeout:g})")
 
 
-class BadRequest(Exception):
-    pass
+class HTTPError(Exception):
+    def __init__(self, code: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.kind, self.headers = code, kind, headers or {}
 
 
-def request_kwargs(body: dict, default_mode: str) -> dict:
-    """Decoding keyword arguments from an OpenAI-style request body."""
-    kw = {"mode": body.get("mode", default_mode), "max_new_tokens": body.get("max_tokens", 256),
-          "temperature": body.get("temperature", 0.0), "top_p": body.get("top_p", 1.0), "seed": body.get("seed")}
-    for key in EXTRA[1:]:
-        if key in body:
-            kw[key] = body[key]
-    if body.get("stop"):
-        raise BadRequest("'stop' is not supported; the model stops at its end-of-sequence token")
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n = 1 is supported")
-    return kw
+SHUTTING_DOWN = HTTPError(503, "the server is shutting down", "server_error", {"Retry-After": "5"})
 
 
-def make_handler(rt, default_mode: str, model_name: str):
+class Admission:
+    """One request decodes at a time; up to `queue` wait in arrival order; beyond that, 429.
+
+    The running request hands its turn straight to the oldest waiter (no thundering herd); a waiter
+    that is not handed the turn within `timeout` seconds leaves with 503.
+    """
+
+    def __init__(self, queue: int, timeout: float) -> None:
+        self.queue, self.timeout = queue, timeout
+        self.lock = threading.Lock()
+        self.busy = False
+        self.waiting: collections.deque[threading.Event] = collections.deque()
+        self.closed = False
+        self.active_cancel: threading.Event | None = None
+        self.idle = threading.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def turn(self, cancel: threading.Event):
+        mine = None
+        with self.lock:
+            if self.closed:
+                raise SHUTTING_DOWN
+            if not self.busy:
+                self.busy = True
+                self.idle.clear()
+            elif len(self.waiting) >= self.queue:
+                raise HTTPError(429, f"the server is busy ({len(self.waiting)} requests already waiting); retry "
+                                "later", "rate_limit_error", {"Retry-After": "2"})
+            else:
+                mine = threading.Event()
+                self.waiting.append(mine)
+        if mine is not None:
+            mine.wait(self.timeout)
+            with self.lock:
+                if not mine.is_set():  # not handed the turn in time
+                    self.waiting.remove(mine)
+                    raise HTTPError(503, f"the model was busy for {self.timeout:g} s; retry later", "server_error",
+                                    {"Retry-After": "5"})
+        try:
+            with self.lock:
+                if self.closed:
+                    raise SHUTTING_DOWN
+                self.active_cancel = cancel
+            yield
+        finally:
+            with self.lock:
+                self.active_cancel = None
+                if self.waiting:
+                    self.waiting.popleft().set()  # the turn passes on; busy stays set
+                else:
+                    self.busy = False
+                    self.idle.set()
+
+    def close(self) -> None:
+        """Shutdown: refuse new requests, cancel the running one (waiters get 503 as their turn comes)."""
+        with self.lock:
+            self.closed = True
+            if self.active_cancel is not None:
+                self.active_cancel.set()
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the peer has closed its end (readable with nothing to read) or reset it."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
+    from edge_dlm.api import BadRequest, parse_request
     from edge_dlm.decoding import Done
     from edge_dlm.errors import UserError
     from edge_dlm.runtime import Text
 
+    ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "edge-dlm"
+        timeout = opts.io_timeout  # socket timeout for every read and write of this connection
 
         def log_message(self, fmt, *args):  # one line per request on stderr
             print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
 
-        def send_json(self, code: int, obj: dict) -> None:
+        def send_json(self, code: int, obj: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
 
-        def error(self, code: int, message: str) -> None:
-            self.send_json(code, {"error": {"message": message, "type": "invalid_request_error"}})
+        def error(self, e: HTTPError) -> None:
+            self.send_json(e.code, {"error": {"message": str(e), "type": e.kind, "code": e.code}}, e.headers)
+
+        def guarded(self, fn) -> None:
+            """Run a route; errors become OpenAI-style answers, never a traceback to the client."""
+            self.headers_sent = False
+            try:
+                self.authorize()
+                fn()
+            except HTTPError as e:
+                if not self.headers_sent:
+                    self.error(e)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            except Exception:  # a bug: the log gets the traceback, the client one line
+                traceback.print_exc(file=sys.stderr)
+                if not self.headers_sent:
+                    with contextlib.suppress(OSError):
+                        self.error(HTTPError(500, "internal error (see the server log)", "server_error"))
+                self.close_connection = True
+
+        def authorize(self) -> None:
+            if opts.api_key is None:
+                return
+            got = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {opts.api_key}".encode()):
+                raise HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
+                                {"WWW-Authenticate": "Bearer"})
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [
-                    {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": 0}]})
-            else:
-                self.error(404, f"no route {self.path}; try /v1/models, /v1/chat/completions, /v1/completions")
+            self.guarded(self.get)
 
         def do_POST(self):
-            chat = self.path.rstrip("/") == "/v1/chat/completions"
-            if not chat and self.path.rstrip("/") != "/v1/completions":
-                return self.error(404, f"no route {self.path}")
+            self.guarded(self.post)
+
+        def get(self):
+            if self.path.rstrip("/") != "/v1/models":
+                raise HTTPError(404, f"no route GET {self.path[:80]}; try /v1/models", "not_found_error")
+            self.send_json(200, {"object": "list", "data": [
+                {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": 0}]})
+
+        def read_body(self):
+            if self.headers.get("Transfer-Encoding"):
+                raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise HTTPError(411, "a Content-Length header is required")
+            if not length.isdigit():
+                raise HTTPError(400, "Content-Length must be a number of bytes")
+            if int(length) > opts.max_body:
+                self.close_connection = True
+                raise HTTPError(413, f"the body is {length} bytes; the limit is {opts.max_body}")
+            raw = self.rfile.read(int(length))
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
-                prompt = body.get("messages") if chat else body.get("prompt")
-                if not prompt:
-                    raise BadRequest("'messages' is required" if chat else "'prompt' is required")
-                kw = request_kwargs(body, default_mode)
-                events = rt.stream(prompt, raw=not chat, **kw)
-                first = next(events)  # validation errors surface here, before any header is sent
-            except (BadRequest, UserError, json.JSONDecodeError, TypeError, ValueError) as exc:
-                return self.error(400, str(exc))
+                return json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise HTTPError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
+
+        def post(self):
+            kind = ROUTES.get(self.path.rstrip("/"))
+            if kind is None:
+                raise HTTPError(404, f"no route POST {self.path[:80]}; try {', '.join(ROUTES)}", "not_found_error")
+            body = self.read_body()
+            try:
+                req = parse_request(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab)
+            except BadRequest as exc:
+                raise HTTPError(400, str(exc)) from None
+            cancel, timed_out = threading.Event(), threading.Event()
+            with admission.turn(cancel):
+                timer = threading.Timer(opts.request_timeout, lambda: (timed_out.set(), cancel.set()))
+                timer.daemon = True
+                timer.start()
+                try:
+                    events = rt.stream(req.prompt, raw=req.raw, cancel=cancel, **req.kwargs)
+                    try:
+                        first = next(events)  # validation errors surface here, before any header
+                    except UserError as exc:
+                        raise HTTPError(400, str(exc)) from None
+                    self.respond(kind, req, first, events, cancel, timed_out)
+                finally:
+                    timer.cancel()
+
+        def watched(self, first, events, cancel):
+            """The request's events; a client that left cancels it (the runtime stops after this pass)."""
+            for ev in [first] if first is not None else []:
+                yield ev
+            for ev in events:
+                if not cancel.is_set() and client_gone(self.connection):
+                    cancel.set()
+                yield ev
+
+        def respond(self, kind, req, first, events, cancel, timed_out):
+            chat = kind == "chat"
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             obj = "chat.completion" if chat else "text_completion"
-            if body.get("stream"):
-                return self.stream(rid, obj, chat, first, events)
+            if req.stream:
+                return self.stream(rid, obj, chat, req, self.watched(first, events, cancel), cancel, timed_out)
             text, result = [], None
-            for ev in [first, *events]:
+            for ev in self.watched(first, events, cancel):
                 if isinstance(ev, Text):
                     text.append(ev.delta)
                 elif isinstance(ev, Done):
                     result = ev.result
-            choice = {"index": 0, "finish_reason": finish(result)}
+            if cancel.is_set() and not timed_out.is_set() and client_gone(self.connection):
+                self.close_connection = True
+                return
+            choice = {"index": 0, "finish_reason": finish(result, timed_out)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "".join(text)}
             else:
@@ -110,37 +294,49 @@ def make_handler(rt, default_mode: str, model_name: str):
             self.send_json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
                                  "choices": [choice], "usage": usage(result)})
 
-        def stream(self, rid, obj, chat, first, events):
+        def stream(self, rid, obj, chat, req, events, cancel, timed_out):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
+            self.headers_sent = True
             kind = obj + ".chunk" if chat else obj
 
-            def send(choice: dict, extra: dict | None = None) -> None:
+            def send(choices: list, extra: dict | None = None) -> None:
                 chunk = {"id": rid, "object": kind, "created": int(time.time()), "model": model_name,
-                         "choices": [choice], **(extra or {})}
+                         "choices": choices, **(extra or {})}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
             try:
-                for ev in [first, *events]:
+                for ev in events:
                     if isinstance(ev, Text):
                         piece = {"delta": {"content": ev.delta}} if chat else {"text": ev.delta}
-                        send({"index": 0, **piece, "finish_reason": None})
+                        send([{"index": 0, **piece, "finish_reason": None}])
                     elif isinstance(ev, Done):
                         end = {"delta": {}} if chat else {"text": ""}
-                        send({"index": 0, **end, "finish_reason": finish(ev.result)}, {"usage": usage(ev.result)})
+                        send([{"index": 0, **end, "finish_reason": finish(ev.result, timed_out)}],
+                             None if req.include_usage else {"usage": usage(ev.result)})
+                        if req.include_usage:
+                            send([], {"usage": usage(ev.result)})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                events.close()  # the client left: stop decoding
+            except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+                cancel.set()  # the client left or stalled: stop decoding after this pass
+                with contextlib.suppress(Exception):
+                    for _ in events:  # let the runtime finish its pass and release the model
+                        pass
+                self.close_connection = True
 
     return Handler
 
 
-def finish(result) -> str:
-    return result.finish_reason if result else "error"
+def finish(result, timed_out: threading.Event | None = None) -> str:
+    if result is None:
+        return "error"
+    if result.finish_reason == "cancelled" and timed_out is not None and timed_out.is_set():
+        return "timeout"
+    return result.finish_reason
 
 
 def usage(result) -> dict:
@@ -154,8 +350,33 @@ def usage(result) -> dict:
     return out
 
 
-def build_server(rt, host: str, port: int, default_mode: str = "linear-spec") -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), make_handler(rt, default_mode, rt.path.name))
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a connection stalled in a read cannot hold the process at exit
+    request_queue_size = 64
+
+    def __init__(self, addr, handler, admission: Admission) -> None:
+        super().__init__(addr, handler)
+        self.admission = admission
+
+    def stop(self) -> None:
+        """Graceful: refuse new work, cancel the running request, leave serve_forever."""
+        self.admission.close()
+        threading.Thread(target=self.shutdown, daemon=True).start()
+
+
+def build_server(rt, host: str, port: int, opts: ServeOptions | None = None) -> Server:
+    opts = opts or ServeOptions()
+    admission = Admission(opts.queue, opts.queue_timeout)
+    return Server((host, port), make_handler(rt, opts, admission, rt.path.name), admission)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run(a: argparse.Namespace) -> int:
@@ -165,17 +386,34 @@ def run(a: argparse.Namespace) -> int:
 
     if a.mode not in MODES:
         raise UserError(f"--mode {a.mode} not supported; known: {', '.join(MODES)}")
+    for flag in ("max_body", "queue"):
+        if getattr(a, flag) < (1 if flag == "max_body" else 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("queue_timeout", "request_timeout", "io_timeout"):
+        if not getattr(a, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
+    if a.api_key is not None and not a.api_key.strip():
+        raise UserError("--api-key is empty")
     rt = load_runtime(a)
+    opts = ServeOptions(default_mode=a.mode, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
+                        queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout)
     try:
-        server = build_server(rt, a.host, a.port, a.mode)
-    except OSError as exc:
-        raise UserError(f"cannot listen on {a.host}:{a.port} ({exc.strerror}); pick another --port") from None
-    print(f"edge-dlm serve: {rt.path.name} ({rt.device}, {rt.precision}) on http://{a.host}:{server.server_port}/v1",
-          file=sys.stderr)
+        server = build_server(rt, a.host, a.port, opts)
+    except (OSError, OverflowError) as exc:
+        raise UserError(f"cannot listen on {a.host}:{a.port} ({getattr(exc, 'strerror', None) or exc}); "
+                        "pick another --port") from None
+    if not is_loopback(a.host):
+        print(f"edge-dlm serve: WARNING: listening on {a.host}, not 127.0.0.1: anyone who can reach this machine "
+              f"can use the model{'' if a.api_key else ' (no --api-key set)'}", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    print(f"edge-dlm serve: {rt.path.name} ({rt.device}, {rt.precision}) on http://{a.host}:{server.server_port}/v1"
+          f"{' (API key required)' if a.api_key else ''}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
+        server.admission.close()
+        server.admission.idle.wait(opts.io_timeout)  # the cancelled request closes its stream properly
         server.server_close()
+    print("edge-dlm serve: stopped", file=sys.stderr)
     return 0

@@ -56,8 +56,8 @@ def test_streamed_completion_concatenates_to_the_text(url):
 
 
 @pytest.mark.parametrize("path,body,match", [
-    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "mode 'turbo'"),
-    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "steps": 99}, "--steps"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "'mode' must be one of"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "steps": 99}, "'steps' must be in 1..64, got 99"),
     ("/chat/completions", {}, "'messages' is required"),
     ("/completions", {"prompt": "x", "stop": ["\n"]}, "'stop' is not supported"),
     ("/nowhere", {"prompt": "x"}, "no route"),
