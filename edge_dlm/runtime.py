@@ -149,7 +149,9 @@ class Runtime:
 
     def _run(self, ids: list[int], opts: GenerationOptions,
              cancel: threading.Event | None) -> Iterator[StreamEvent]:
-        cache = self.model.new_cache(len(ids) + opts.max_new_tokens + opts.scratch_tokens())
+        capacity = len(ids) + opts.max_new_tokens + opts.scratch_tokens()
+        self._check_cache_fits(capacity)
+        cache = self.model.new_cache(capacity)
         dec = Decoder(self.model, opts, cache)
         if self.kernels:
             from edge_dlm.kernels.verify import greedy_pick
@@ -178,6 +180,18 @@ class Runtime:
             mean_accepted=(dec.cycle_tokens / dec.cycles if dec.cycles else 0.0)
             if opts.mode in SPECULATIVE else None,
             ttft_s=(dec.first_token_time - start) if dec.first_token_time else None))
+
+    def _check_cache_fits(self, capacity: int) -> None:
+        """A request's KV cache is allocated whole: refuse one that cannot fit, with the numbers."""
+        from edge_dlm.checks import physical_memory
+
+        c = self.config
+        need = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * capacity * \
+            torch.empty((), dtype=self.dtype).element_size()
+        have = physical_memory(self.device)
+        if have is not None and need > 0.9 * have:
+            raise UserError(f"this request needs a {capacity}-token KV cache ({need / 2**30:.1f} GiB), more than the "
+                            f"{have / 2**30:.1f} GiB available; lower max_new_tokens or shorten the prompt")
 
     def generate(self, prompt: str | list[Message] | list[int], **kw) -> Result:
         """Run one request to completion; see `stream` for the arguments."""

@@ -301,3 +301,17 @@ def test_sigterm_mid_stream_exits_cleanly(tiny_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_request_whose_kv_cache_cannot_fit_is_a_400(tiny_ckpt):
+    import dataclasses
+
+    rt = edge_dlm.load(tiny_ckpt, device="cpu")
+    rt.config = dataclasses.replace(rt.config, num_key_value_heads=2 * 10**8)  # as if each token cost GiBs
+    server = start(rt)
+    try:
+        status, text, _ = post(server.server_port, "/v1/chat/completions", {**CHAT, "max_tokens": 100})
+        assert status == 400 and "KV cache" in text and "lower max_new_tokens" in text
+    finally:
+        server.stop()
+        server.server_close()
