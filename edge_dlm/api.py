@@ -20,7 +20,9 @@ ROLES = ("system", "user", "assistant")
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream",
           "stream_options", "n", "stop", "user", "presence_penalty", "frequency_penalty", "logprobs",
           "top_logprobs", "logit_bias", "response_format", "mode", "steps", "threshold", "block_size"}
-FIELDS = {"chat": COMMON | {"messages"}, "completion": COMMON | {"prompt", "echo", "best_of"}}
+FILL = {"model", "user", "temperature", "top_p", "top_k", "seed", "steps", "threshold", "block_size"}
+FIELDS = {"chat": COMMON | {"messages"}, "completion": COMMON | {"prompt", "echo", "best_of", "suffix"},
+          "edit": FILL | {"input", "spans", "stream"}}
 
 
 class BadRequest(Exception):
@@ -31,9 +33,12 @@ class BadRequest(Exception):
 class Request:
     prompt: str | list[dict[str, str]] | list[int]
     raw: bool  # a completion prompt is sent as is, a chat is templated
-    kwargs: dict[str, Any]  # for Runtime.stream
+    kwargs: dict[str, Any]  # for Runtime.stream / infill_stream / edit_stream
     stream: bool
     include_usage: bool  # stream_options.include_usage
+    call: str = "stream"  # which Runtime method: stream, infill (a completion with a suffix), edit
+    suffix: str | list[int] | None = None
+    spans: list[tuple[int, int]] | None = None
 
 
 def _int(body: dict, key: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
@@ -113,13 +118,43 @@ def _prompt(v: Any, vocab: int) -> str | list[int]:
     raise BadRequest("'prompt' must be a non-empty string or a list of token ids (one prompt per request)")
 
 
-def parse_request(kind: str, body: Any, *, default_mode: str, context: int, vocab: int) -> Request:
-    """Validate an OpenAI-style `body` for `kind` "chat" or "completion"."""
+def _sampling(body: dict, vocab: int) -> dict[str, Any]:
+    return {"temperature": _num(body, "temperature", 0.0, 2.0, 0.0),
+            "top_p": _num(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+            "top_k": _int(body, "top_k", 0, vocab, 0),
+            "seed": _int(body, "seed", -2**63, 2**63 - 1),
+            "block_size": _int(body, "block_size", 1, 64),
+            "steps": _int(body, "steps", 1, 64),
+            "threshold": _num(body, "threshold", 0.0, 1.0, 0.9)}
+
+
+def _edit(body: dict, vocab: int) -> Request:
+    """`/v1/edits`: {"input": text, "spans": [[start, end], ...]} plus the denoising options."""
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("'input' must be a non-empty string")
+    spans = body.get("spans")
+    if not (isinstance(spans, list) and spans and all(
+            isinstance(sp, list) and len(sp) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in sp)
+            for sp in spans)):
+        raise BadRequest("'spans' must be a non-empty list of [start, end] character offsets")
+    if _bool(body, "stream"):
+        raise BadRequest("edits are not streamed; drop 'stream'")
+    for key in ("model", "user"):
+        _refuse_unless(body, key, lambda v: isinstance(v, str), "must be a string")
+    kw = {k: v for k, v in _sampling(body, vocab).items() if v is not None}
+    return Request(text, True, kw, False, False, call="edit", spans=[tuple(sp) for sp in spans])
+
+
+def parse_request(kind: str, body: Any, *, default_mode: str, context: int, vocab: int, block: int = 32) -> Request:
+    """Validate an OpenAI-style `body` for `kind` "chat", "completion" or "edit"."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(str(k) for k in body if k not in FIELDS[kind])
     if unknown:
         raise BadRequest(f"Unrecognized request argument supplied: {unknown[0][:60]}")
+    if kind == "edit":
+        return _edit(body, vocab)
     if kind == "chat":
         if "messages" not in body:
             raise BadRequest("'messages' is required")
@@ -147,16 +182,21 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     if mode not in MODES:
         raise BadRequest(f"'mode' must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
     max_tokens = _int(body, "max_completion_tokens", 1, context) or _int(body, "max_tokens", 1, context, 256)
-    kw = {"mode": mode, "max_new_tokens": max_tokens,
-          "temperature": _num(body, "temperature", 0.0, 2.0, 0.0),
-          "top_p": _num(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-          "top_k": _int(body, "top_k", 0, vocab, 0),
-          "seed": _int(body, "seed", -2**63, 2**63 - 1),
-          "block_size": _int(body, "block_size", 1, 64),
-          "steps": _int(body, "steps", 1, 64),
-          "threshold": _num(body, "threshold", 0.0, 1.0, 0.9)}
+    kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab)}
     if kw["steps"] is not None and kw["block_size"] is not None and kw["steps"] > kw["block_size"]:
         raise BadRequest(f"'steps' must be at most 'block_size' ({kw['block_size']}), got {kw['steps']}")
     stream = _bool(body, "stream")
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-    return Request(prompt, raw, {k: v for k, v in kw.items() if v is not None}, stream, include_usage)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    suffix = body.get("suffix")
+    if suffix is None or suffix == "":
+        return Request(prompt, raw, kw, stream, include_usage)
+    # fill in the middle: the masks between prompt and suffix, at most max_tokens of them (<= the window)
+    if not isinstance(suffix, str):
+        raise BadRequest("'suffix' must be a string")
+    if "mode" in body and body["mode"] != "diffusion":
+        raise BadRequest("a request with 'suffix' (fill in the middle) runs the diffusion mode only")
+    fill = {k: v for k, v in kw.items() if k in FILL}
+    if body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None:
+        fill["max_length"] = min(kw["max_new_tokens"], kw.get("block_size", block))  # a fill is one window
+    return Request(prompt, raw, fill, stream, include_usage, call="infill", suffix=suffix)

@@ -118,10 +118,11 @@ def build_parser() -> Parser:
     g.add_argument("--json", action="store_true", help="print one JSON object with the result and stats")
     g.set_defaults(func=cmd_generate)
 
-    for name, module, help_ in COMMANDS:
+    for name, target, help_ in COMMANDS:
         sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(sp)
+        module, _, variant = target.partition(":")  # "module:name" -> add_name_arguments / run_name
+        sp.set_defaults(module=module, variant=variant)
+        getattr(importlib.import_module(module), f"add_{variant}_arguments" if variant else "add_arguments")(sp)
     return p
 
 
@@ -133,13 +134,15 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "edge_dlm.export.cli", "quantize a checkpoint and compile it to ONNX / TensorRT"),
     ("serve", "edge_dlm.server", "serve the model over a local OpenAI-compatible HTTP API"),
     ("doctor", "edge_dlm.doctor", "show which engines, devices, kernels and quantizers can run here, and why not"),
+    ("infill", "edge_dlm.fillcli", "fill the gap between a prefix and a suffix (diffusion only)"),
+    ("edit", "edge_dlm.fillcli:edit", "rewrite character spans of a text in place (diffusion only)"),
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = getattr(args, "func", None) or \
-        importlib.import_module(args.module).run
+    func: Callable[[argparse.Namespace], int] = getattr(args, "func", None) or getattr(
+        importlib.import_module(args.module), f"run_{args.variant}" if args.variant else "run")
     try:
         return func(args)
     except UserError as exc:

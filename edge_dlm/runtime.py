@@ -32,6 +32,7 @@ from edge_dlm.tokenizer import Message, StreamDetokenizer, Tokenizer
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FILL_OPTIONS = {"steps", "threshold", "block_size", "temperature", "top_k", "top_p", "seed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +194,157 @@ class Runtime:
             raise UserError(f"this request needs a {capacity}-token KV cache ({need / 2**30:.1f} GiB), more than the "
                             f"{have / 2**30:.1f} GiB available; lower max_new_tokens or shorten the prompt")
 
+    # -- fill in the middle and edit in place (contract: docs/infill.md) ------------------------------
+    def _fill_options(self, kw: dict) -> GenerationOptions:
+        bad = set(kw) - FILL_OPTIONS
+        if bad:
+            raise UserError(f"infill/edit take no {', '.join(sorted(bad))}; known: {', '.join(sorted(FILL_OPTIONS))}")
+        return self.options(mode="diffusion", max_new_tokens=1, **kw)
+
+    def infill_stream(self, prefix: str | list[int], suffix: str | list[int], *, length: int | None = None,
+                      max_length: int | None = None, cancel: threading.Event | None = None,
+                      **kw) -> Iterator[StreamEvent]:
+        """Fill the gap between `prefix` and `suffix` (text, or token ids) by denoising masks.
+
+        `length` fixes the number of tokens to fill (0..B); otherwise each length 1..`max_length`
+        (default B - 1) is tried and the shortest whose fill confidence (geometric mean of its picks'
+        confidences) reaches `threshold` wins, else the most confident. The masks see the prefix and
+        the first B - length suffix tokens. Keyword options: steps, threshold, block_size,
+        temperature, top_k, top_p, seed. Yields `Canvas` per step, then `Emit`, `Text`, `Done`.
+        """
+        from edge_dlm.decoding.infill import Span, choose_length, fill, geometric_mean
+
+        opts = self._fill_options(kw)
+        b = opts.block_size
+        pre = self._fill_ids(prefix, "prefix", special=True)
+        suf = self._fill_ids(suffix, "suffix", special=False)
+        if not pre and not suf:
+            raise UserError("infill needs a prefix or a suffix")
+        if length is not None and not (isinstance(length, int) and 0 <= length <= b):
+            raise UserError(f"the fill length must be in 0..{b} (the block size), got {length}")
+        if max_length is not None and not (isinstance(max_length, int) and 1 <= max_length <= b):
+            raise UserError(f"the maximum fill length must be in 1..{b} (the block size), got {max_length}")
+        ctx = self.config.max_position_embeddings
+        if len(pre) + b > ctx:
+            raise UserError(f"the prefix is {len(pre)} tokens; with the {b}-token window it exceeds the "
+                            f"{ctx}-token context; shorten it")
+        lengths = [length] if length is not None else list(range(1, (max_length or max(b - 1, 1)) + 1))
+        with self._lock:
+            start = time.perf_counter()
+            self._check_cache_fits(len(pre) + b)
+            dec = Decoder(self.model, opts, self.model.new_cache(len(pre) + b))
+            tried = []
+            for n in lengths:
+                seq, span, got = pre + [dec.mask_id] * n + suf[:b - n], Span(len(pre), len(pre) + n), {}
+                for event in fill(dec, seq, [span], got):
+                    yield event
+                    if cancel is not None and cancel.is_set():
+                        break
+                tried.append((seq[span.start:span.end], span.end - span.start < n, geometric_mean(list(got.values()))))
+                if cancel is not None and cancel.is_set():
+                    break
+            ids, cut, _ = tried[choose_length([c for *_, c in tried], opts.threshold)] if len(tried) > 1 else tried[0]
+            finish = "cancelled" if cancel is not None and cancel.is_set() else ("stop" if cut else "length")
+            yield from self._fill_done(dec, pre, ids, self.tokenizer.decode(ids), "infill", finish, start, len(ids))
+
+    def infill(self, prefix: str | list[int], suffix: str | list[int], **kw) -> Result:
+        """`infill_stream` run to completion; `Result.text` is the fill."""
+        return _last(self.infill_stream(prefix, suffix, **kw))
+
+    def edit_stream(self, text: str, spans: list[tuple[int, int]], *, cancel: threading.Event | None = None,
+                    **kw) -> Iterator[StreamEvent]:
+        """Re-mask the character `spans` [start, end) of `text` and denoise them with their context in view.
+
+        A span covers the whole tokens it touches and keeps their count (an EOS ends it early); each
+        must fit the block window (B tokens). Everything outside the spans is kept byte for byte.
+        `Result.text` is the edited text. Keyword options as for `infill_stream`.
+        """
+        from edge_dlm.decoding.infill import Span, fill
+
+        opts = self._fill_options(kw)
+        if not isinstance(text, str) or not text.strip():
+            raise UserError("the text to edit is empty")
+        ids, offsets = self.tokenizer.encode_offsets(text)
+        tok_spans = self._token_spans(text, spans, offsets, opts.block_size)
+        if len(ids) > self.config.max_position_embeddings:
+            raise UserError(f"the text is {len(ids)} tokens; the model context is {self.config.max_position_embeddings}")
+        with self._lock:
+            start = time.perf_counter()
+            self._check_cache_fits(len(ids))
+            dec = Decoder(self.model, opts, self.model.new_cache(len(ids)))
+            seq = list(ids)
+            work = [Span(a, b) for a, b in tok_spans]
+            for a, b in tok_spans:
+                seq[a:b] = [dec.mask_id] * (b - a)
+            for event in fill(dec, seq, work):
+                yield event
+                if cancel is not None and cancel.is_set():
+                    break
+            out, last = [], 0  # rebuild the text: original characters outside the spans
+            for (a, b), s in zip(tok_spans, work):
+                c0, c1 = offsets[a][0], offsets[b - 1][1]
+                out += [text[last:c0], self.tokenizer.decode([t for t in seq[s.start:s.end] if t != dec.mask_id])]
+                last = c1
+            edited = "".join(out) + text[last:]
+            finish = "cancelled" if cancel is not None and cancel.is_set() else "stop"
+            yield from self._fill_done(dec, ids, seq, edited, "edit", finish, start, sum(s.end - s.start for s in work))
+
+    def edit(self, text: str, spans: list[tuple[int, int]], **kw) -> Result:
+        """`edit_stream` run to completion; `Result.text` is the edited text."""
+        return _last(self.edit_stream(text, spans, **kw))
+
+    def _fill_ids(self, value: str | list[int], what: str, special: bool) -> list[int]:
+        if isinstance(value, list):
+            bad = [t for t in value if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"the {what} holds an invalid token id {bad[0]!r}")
+            return list(value)
+        if not isinstance(value, str):
+            raise UserError(f"the {what} must be text or token ids")
+        return self.tokenizer.encode(value, add_special_tokens=special) if value else []
+
+    @staticmethod
+    def _token_spans(text: str, spans, offsets, block: int) -> list[tuple[int, int]]:
+        """Character spans -> sorted, merged token ranges [a, b), validated."""
+        if not isinstance(spans, (list, tuple)) or not spans:
+            raise UserError("edit needs at least one span (START:END, character offsets)")
+        out = []
+        for sp in spans:
+            if not (isinstance(sp, (list, tuple)) and len(sp) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                           for x in sp)):
+                raise UserError(f"a span is two character offsets START:END, got {sp!r}")
+            c0, c1 = sp
+            if not 0 <= c0 < c1 <= len(text):
+                raise UserError(f"span {c0}:{c1} is not inside the text (0..{len(text)}) or is empty")
+            toks = [i for i, o in enumerate(offsets) if o is not None and o[1] > c0 and o[0] < c1]
+            if not toks:
+                raise UserError(f"span {c0}:{c1} covers no token")
+            out.append([toks[0], toks[-1] + 1])
+        out.sort()
+        merged = [out[0]]
+        for a, b in out[1:]:
+            if a < merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        for a, b in merged:
+            if b - a > block:
+                c0, c1 = offsets[a][0], offsets[b - 1][1]
+                raise UserError(f"span {c0}:{c1} is {b - a} tokens; at most {block} (the block size) can be "
+                                "re-masked in one place: split it")
+        return [(a, b) for a, b in merged]
+
+    def _fill_done(self, dec: Decoder, prompt_ids: list[int], ids: list[int], text: str, mode: str,
+                   finish: str, start: float, n: int) -> Iterator[StreamEvent]:
+        """The closing events of infill/edit; `n` tokens were filled."""
+        yield Emit([t for t in ids if t != dec.mask_id], dec.nfe)
+        if text:
+            yield Text(text)
+        elapsed = time.perf_counter() - start
+        yield Done(Result(text=text, prompt_ids=prompt_ids, output_ids=ids, finish_reason=finish, mode=mode,
+                          nfe=dec.nfe, tpf=n / dec.nfe if dec.nfe else 0.0, elapsed_s=elapsed,
+                          tokens_per_s=n / elapsed if elapsed > 0 else 0.0))
+
     def generate(self, prompt: str | list[Message] | list[int], **kw) -> Result:
         """Run one request to completion; see `stream` for the arguments."""
         result = None
@@ -201,6 +353,15 @@ class Runtime:
                 result = event.result
         assert result is not None
         return result
+
+
+def _last(events: Iterator[StreamEvent]) -> Result:
+    result = None
+    for event in events:
+        if isinstance(event, Done):
+            result = event.result
+    assert result is not None
+    return result
 
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,

@@ -40,7 +40,7 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/edits": "edit"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +244,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 raise HTTPError(404, f"no route POST {self.path[:80]}; try {', '.join(ROUTES)}", "not_found_error")
             body = self.read_body()
             try:
-                req = parse_request(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab)
+                req = parse_request(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab,
+                                    block=rt.config.block_size)
             except BadRequest as exc:
                 raise HTTPError(400, str(exc)) from None
             cancel, timed_out = threading.Event(), threading.Event()
@@ -253,7 +254,12 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 timer.daemon = True
                 timer.start()
                 try:
-                    events = rt.stream(req.prompt, raw=req.raw, cancel=cancel, **req.kwargs)
+                    if req.call == "infill":
+                        events = rt.infill_stream(req.prompt, req.suffix, cancel=cancel, **req.kwargs)
+                    elif req.call == "edit":
+                        events = rt.edit_stream(req.prompt, req.spans, cancel=cancel, **req.kwargs)
+                    else:
+                        events = rt.stream(req.prompt, raw=req.raw, cancel=cancel, **req.kwargs)
                     try:
                         first = next(events)  # validation errors surface here, before any header
                     except UserError as exc:
@@ -274,7 +280,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
         def respond(self, kind, req, first, events, cancel, timed_out):
             chat = kind == "chat"
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            obj = "chat.completion" if chat else "text_completion"
+            obj = {"chat": "chat.completion", "completion": "text_completion", "edit": "edit"}[kind]
             if req.stream:
                 return self.stream(rid, obj, chat, req, self.watched(first, events, cancel), cancel, timed_out)
             text, result = [], None

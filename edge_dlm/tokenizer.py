@@ -107,6 +107,13 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids (special tokens added) and each token's [start, end) character span in `text`
+        (special tokens, which cover no text, get None)."""
+        enc = self._tok.encode(text)
+        special = enc.special_tokens_mask
+        return enc.ids, [None if sp else tuple(o) for o, sp in zip(enc.offsets, special)]
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

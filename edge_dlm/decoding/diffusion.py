@@ -34,17 +34,25 @@ def needs_pass(canvas: list[int], limit: int, mask_id: int, eos_id: int) -> bool
 
 
 def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: int,
-                 threshold: float) -> list[int]:
-    """One no-write block pass; commits picks into `canvas` in place and returns their positions."""
+                 threshold: float, masked: list[int] | None = None,
+                 record: dict[int, float] | None = None) -> list[int]:
+    """One no-write block pass; commits picks into `canvas` in place and returns their positions.
+
+    `masked`: the mask positions to fill (default: every mask in the canvas; infill leaves out the
+    masks an EOS has cut off). `record` receives the confidence of each committed pick.
+    """
     logits = dec.forward(canvas, start, BLOCK)
     dec.cache.commit(0)  # no-write: drop this pass's K/V
-    masked = [j for j, tok in enumerate(canvas) if tok == dec.mask_id]
+    if masked is None:
+        masked = [j for j, tok in enumerate(canvas) if tok == dec.mask_id]
     picks, conf = dec.pick(logits[masked])
     k = math.ceil(len(masked) / (steps - step))
     order = sorted(range(len(masked)), key=lambda i: (-conf[i], masked[i]))
     chosen = set(order[:k]) | {i for i, c in enumerate(conf) if c >= threshold}
     for i in chosen:
         canvas[masked[i]] = picks[i]
+        if record is not None:
+            record[masked[i]] = conf[i]
     return sorted(masked[i] for i in chosen)
 
 
