@@ -105,6 +105,18 @@ def graph_inputs(path: Path) -> list[str]:
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
 
 
+def check_export_args(target: str, dtype: str, dtypes, quant: str | None, quants, group_size: int) -> None:
+    """One-line errors for a --dtype / --quant / --group-size the target does not take."""
+    from edge_dlm.quant import GROUP_SIZES
+
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype} not supported for {target}; known: {', '.join(dtypes)}")
+    if quant is not None and quant not in quants:
+        raise UserError(f"--quant {quant} not supported for {target}; known: {', '.join(quants)} (weight-only)")
+    if quant is not None and group_size not in GROUP_SIZES:
+        raise UserError(f"group size {group_size} not supported; known: {', '.join(map(str, GROUP_SIZES))}")
+
+
 def require_onnx() -> None:
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if _missing(m)]
     if missing:
@@ -124,16 +136,10 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
     from edge_dlm.export.manifest import tool_versions, write_manifest
     from edge_dlm.export.quantize import check_source, copy_side_files
     from edge_dlm.fsutil import atomic_dir
-    from edge_dlm.quant import GROUP_SIZES
     from edge_dlm.weights import load_model
 
     require_onnx()
-    if dtype not in ONNX_DTYPES:
-        raise UserError(f"--dtype {dtype} not supported for ONNX; known: {', '.join(ONNX_DTYPES)}")
-    if quant is not None and quant not in ONNX_QUANTS:
-        raise UserError(f"--quant {quant} not supported for ONNX; known: {', '.join(ONNX_QUANTS)}")
-    if quant is not None and group_size not in GROUP_SIZES:
-        raise UserError(f"group size {group_size} not supported; known: {', '.join(map(str, GROUP_SIZES))}")
+    check_export_args("ONNX", dtype, ONNX_DTYPES, quant, ONNX_QUANTS, group_size)
     src = Path(src)
     check_source(src)  # a quantized torch artifact is refused: ONNX quantizes with --quant itself
     t0 = time.perf_counter()

@@ -301,19 +301,13 @@ def export_engine(src: str | Path, out: str | Path, *, target: str = "tensorrt",
 
     from edge_dlm.config import NLDConfig
     from edge_dlm.export.manifest import file_sha256, source_checksum, tool_versions, write_manifest
-    from edge_dlm.export.onnx import GRAPH_FILE, export_graph, graph_inputs, require_onnx
+    from edge_dlm.export.onnx import GRAPH_FILE, check_export_args, export_graph, graph_inputs, require_onnx
     from edge_dlm.export.quantize import check_source, copy_side_files
     from edge_dlm.fsutil import atomic_dir
-    from edge_dlm.quant import GROUP_SIZES
     from edge_dlm.weights import LORA_DIR, load_model
 
     fl = flavour(target)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype} not supported for {fl.name}; known: {', '.join(DTYPES)}")
-    if quant is not None and quant not in QUANTS:
-        raise UserError(f"--quant {quant} not supported for {fl.name}; known: {', '.join(QUANTS)} (weight-only)")
-    if quant is not None and group_size not in GROUP_SIZES:
-        raise UserError(f"group size {group_size} not supported; known: {', '.join(map(str, GROUP_SIZES))}")
+    check_export_args(fl.name, dtype, DTYPES, quant, QUANTS, group_size)
     if quant is not None and dtype == "bfloat16":
         raise UserError("weight-only int4/int8 engines are built over a float16 graph; drop --dtype bfloat16")
     require_onnx()
