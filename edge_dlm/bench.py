@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_dlm.errors import UserError
+from edge_dlm.power import EnergyMeter
 
 PROMPTS_FILE = Path(__file__).with_name("bench_prompts.json")
 
@@ -43,40 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=["3b", "8b"], help="time forwards at a real NLD shape (random weights)")
     p.add_argument("--plot", help="write a PNG of tokens/s and TPF per configuration (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-
-
-# ---- energy and memory ------------------------------------------------------------------------
-
-class EnergyMeter:
-    """Joules from NVML (GPU) or RAPL (CPU package); `read()` is None when neither is readable."""
-
-    def __init__(self, device: str) -> None:
-        self.source = "n/a"
-        self._read: Callable[[], float] | None = None
-        if device.startswith("cuda"):
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-                self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
-                self.source = "NVML"
-            except (ImportError, Exception):  # pynvml raises NVMLError subclasses of Exception
-                self._read = None
-        else:
-            files = sorted(Path("/sys/class/powercap").glob("intel-rapl:[0-9]*/energy_uj"))
-            try:
-                for f in files:
-                    int(f.read_text())
-            except OSError:
-                files = []
-            if files:
-                self._read = lambda: sum(int(f.read_text()) for f in files) / 1e6
-                self.source = "RAPL"
-
-    def read(self) -> float | None:
-        return self._read() if self._read else None
 
 
 # ---- prompts ------------------------------------------------------------------------------------
