@@ -7,8 +7,10 @@ TORCH ?= torch==2.13.0
 # The test run also installs every optional backend (CPU builds), pinned to versions known to work
 # together (see docs in README): bitsandbytes, onnx + onnxruntime, triton (for TRITON_INTERPRET),
 # TensorRT for RTX (its builder runs without a GPU, so the tests build real engines).
-TEST_PINS ?= triton==3.7.1 onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2 bitsandbytes==0.50.2 \
-	tensorrt-rtx-cu13==1.7.1.116
+# The chat also gets onnxruntime: on a CPU, --mode auto builds the model's ONNX engine once into the
+# user cache when it measures faster (the demo model: ~2x).
+ONNX_PINS ?= onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2
+TEST_PINS ?= triton==3.7.1 $(ONNX_PINS) bitsandbytes==0.50.2 tensorrt-rtx-cu13==1.7.1.116
 VENV := .venv
 TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
 CHAT_STAMP := $(VENV)/.chat-$(TAG)
@@ -23,7 +25,7 @@ $(VENV)/bin/python:
 
 $(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) '$(TORCH)'
-	$(PIP) -e '.[tui]'
+	$(PIP) -e '.[tui,onnx]' $(ONNX_PINS)
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python

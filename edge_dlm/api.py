@@ -146,8 +146,12 @@ def _edit(body: dict, vocab: int) -> Request:
     return Request(text, True, kw, False, False, call="edit", spans=[tuple(sp) for sp in spans])
 
 
-def parse_request(kind: str, body: Any, *, default_mode: str, context: int, vocab: int, block: int = 32) -> Request:
-    """Validate an OpenAI-style `body` for `kind` "chat", "completion" or "edit"."""
+def parse_request(kind: str, body: Any, *, default_mode: str, context: int, vocab: int, block: int = 32,
+                  default_steps: int | None = None) -> Request:
+    """Validate an OpenAI-style `body` for `kind` "chat", "completion" or "edit".
+
+    A request naming no mode, or "auto", runs `default_mode` (with `default_steps` when that is diffusion
+    and the request sets no steps): what the server resolved at start."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(str(k) for k in body if k not in FIELDS[kind])
@@ -178,11 +182,15 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     _refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "supports only {'type': 'text'}")
     _refuse_unless(body, "stream_options", lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
                    and isinstance(v.get("include_usage", False), bool), "must be {'include_usage': bool}")
-    mode = body.get("mode", default_mode)
-    if mode not in MODES:
-        raise BadRequest(f"'mode' must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    mode = body.get("mode", "auto")
+    if mode not in MODES + ("auto",):
+        raise BadRequest(f"'mode' must be one of auto, {', '.join(MODES)}, got {str(mode)[:40]!r}")
+    auto = mode == "auto"
+    mode = default_mode if auto else mode
     max_tokens = _int(body, "max_completion_tokens", 1, context) or _int(body, "max_tokens", 1, context, 256)
     kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab)}
+    if auto and mode == "diffusion" and kw["steps"] is None:
+        kw["steps"] = default_steps
     if kw["steps"] is not None and kw["block_size"] is not None and kw["steps"] > kw["block_size"]:
         raise BadRequest(f"'steps' must be at most 'block_size' ({kw['block_size']}), got {kw['steps']}")
     stream = _bool(body, "stream")
@@ -194,7 +202,7 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     # fill in the middle: the masks between prompt and suffix, at most max_tokens of them (<= the window)
     if not isinstance(suffix, str):
         raise BadRequest("'suffix' must be a string")
-    if "mode" in body and body["mode"] != "diffusion":
+    if body.get("mode", "auto") not in ("diffusion", "auto"):
         raise BadRequest("a request with 'suffix' (fill in the middle) runs the diffusion mode only")
     fill = {k: v for k, v in kw.items() if k in FILL}
     if body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None:

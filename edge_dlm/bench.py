@@ -31,8 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from edge_dlm.cli import add_model_args
 
     add_model_args(p)
+    from edge_dlm.calibrate import add_auto_args
+
     p.add_argument("--modes", nargs="+", default=["ar", "diffusion", "linear-spec", "quadratic-spec"],
-                   choices=["ar", "diffusion", "linear-spec", "quadratic-spec"])
+                   choices=["ar", "diffusion", "linear-spec", "quadratic-spec", "auto"],
+                   help="configurations to run; auto: what --mode auto picks (engine included), next to the "
+                   "lossless modes on the engine it picked")
+    add_auto_args(p)
     p.add_argument("--steps", nargs="+", type=int, default=[2, 4, 8], help="diffusion step budgets to run")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--prompts", default="code", help="code, prose, or a file (JSON list or one per line)")
@@ -175,6 +180,8 @@ def run(a: argparse.Namespace) -> int:
     meter = EnergyMeter(device)
     configs: list[tuple[str, str, int | None]] = []
     for mode in a.modes:
+        if mode == "auto":
+            continue
         if mode == "diffusion":
             configs += [(f"diffusion S={s}", mode, s) for s in a.steps if 1 <= s <= rt.config.block_size]
         else:
@@ -192,13 +199,24 @@ def run(a: argparse.Namespace) -> int:
         baseline = False  # transformers would run different (full-precision) weights: not a like-for-like row
         print("note: no transformers baseline for quantized weights; edge-dlm AR is the baseline",
               file=sys.stderr)
-    progress = Progress(a.repeats * (len(configs) + baseline), a.json)
+    auto, auto_configs = None, []
+    if "auto" in a.modes:
+        from edge_dlm.calibrate import LOSSLESS, load_auto
+
+        auto = load_auto(a, log=lambda m: None if a.json else print(m, file=sys.stderr))
+        if auto.runtime.engine != rt.engine:  # the fastest lossless on auto's engine, measured here too
+            auto_configs = [(f"{m} [{auto.runtime.engine}]", m, None) for m in LOSSLESS]
+        auto_configs.append((f"auto: {auto.row.name} [{auto.runtime.engine}]", auto.row.mode, auto.row.steps))
+    progress = Progress(a.repeats * (len(configs) + len(auto_configs) + baseline), a.json)
     if baseline:
         hf_row = measure("transformers generate", "ar", transformers_runner(rt, raw, a), prompts, a, device,
                          meter, progress)
         hf_row.tpf = 1.0
     for name, mode, steps in configs:
         rows.append(measure(name, mode, edge_runner(rt, mode, raw, a, steps), prompts, a, device, meter, progress))
+    for name, mode, steps in auto_configs:
+        rows.append(measure(name, mode, edge_runner(auto.runtime, mode, raw, a, steps), prompts, a, device, meter,
+                            progress))
     progress.close()
     ar = next(r for r in rows if r.name == "ar")
     for r in rows + ([hf_row] if hf_row else []):
@@ -208,7 +226,8 @@ def run(a: argparse.Namespace) -> int:
     meta = {"model": str(rt.path), "engine": rt.engine, "device": device, "dtype": str(rt.dtype).removeprefix("torch."),
             "quant": rt.quant_scheme,
             "prompts": a.prompts, "num_prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
-            "repeats": a.repeats, "energy": meter.source, "machine": machine_description(device)}
+            "repeats": a.repeats, "energy": meter.source, "machine": machine_description(device),
+            "auto": auto.reason if auto else None}
     if a.json:
         print(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in all_rows]}, indent=2))
     else:
@@ -252,7 +271,7 @@ def format_table(rows: list[Row], meta: dict) -> str:
             f"{meta['machine']}; "
             f"{meta['num_prompts']} {meta['prompts']} prompts x {meta['repeats']} repeats, "
             f"{meta['max_new_tokens']} new tokens, greedy; energy: {meta['energy']}")
-    return "\n".join([info, "", head, *lines])
+    return "\n".join([info, "", head, *lines] + ([f"\n{meta['auto']}"] if meta.get("auto") else []))
 
 
 def plot(rows: list[Row], path: str) -> None:

@@ -30,13 +30,12 @@ def run(a: argparse.Namespace) -> int:
 
 
 def plain_chat(a: argparse.Namespace) -> int:
-    from edge_dlm.cli import decode_kwargs, load_runtime
+    from edge_dlm.cli import runtime_and_options
     from edge_dlm.decoding import MODES, Done
     from edge_dlm.errors import UserError
     from edge_dlm.runtime import Text
 
-    rt = load_runtime(a)
-    kw = decode_kwargs(a)
+    rt, kw = runtime_and_options(a)
     messages: list[dict[str, str]] = []
     print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({rt.precision}), "
           f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)

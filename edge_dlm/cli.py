@@ -37,9 +37,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decode_args(p: argparse.ArgumentParser, default_max: int = 256) -> None:
-    p.add_argument("--mode", choices=MODES, default="linear-spec",
-                   help="decoding mode (default: linear-spec, lossless and fastest)")
-    p.add_argument("--steps", type=int, help="diffusion step budget per block, 1..block size (default: block size)")
+    from edge_dlm.calibrate import add_auto_args
+
+    p.add_argument("--mode", choices=("auto",) + MODES, default="auto",
+                   help="decoding mode (default: auto, the fastest lossless mode measured on this machine)")
+    add_auto_args(p)
+    p.add_argument("--steps", type=int, help="diffusion step budget per block, 1..block size (default: block "
+                   "size); with no --mode it means --mode diffusion")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="diffusion confidence threshold, 0..1 (default: 0.9)")
     p.add_argument("--block-size", type=int, help="override the checkpoint's block size")
@@ -64,6 +68,29 @@ def load_runtime(a: argparse.Namespace):
                          lora=not a.no_lora, quant=a.quant, group_size=a.group_size, kernels=a.kernels, engine=a.engine)
 
 
+def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):
+    """The runtime and the request options of decoding flags; `--mode auto` resolved (reason on stderr).
+    The options (and `prompt`, if given) are checked before a calibration runs."""
+    kw = decode_kwargs(a)
+    if a.mode == "auto" and a.steps is not None:
+        kw["mode"] = "diffusion"  # a step budget only means something to diffusion
+    if kw["mode"] != "auto":
+        return load_runtime(a), kw
+    from edge_dlm.calibrate import load_auto, say
+
+    def check(rt) -> None:
+        probe = {**kw, "mode": "ar"}
+        if prompt is None:
+            rt.options(**probe)
+        else:
+            rt.prepare(prompt, raw=a.raw, **probe)
+
+    auto = load_auto(a, check=check)
+    say(auto.reason)
+    kw.update(mode=auto.row.mode, steps=auto.row.steps)
+    return auto.runtime, kw
+
+
 def read_prompt(a: argparse.Namespace) -> str:
     if a.prompt_file is not None:
         try:
@@ -82,8 +109,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from edge_dlm.runtime import Text
 
     prompt = read_prompt(a)
-    rt = load_runtime(a)
-    kw = decode_kwargs(a)
+    rt, kw = runtime_and_options(a, prompt)
     if a.json:
         result = rt.generate(prompt, raw=a.raw, **kw)
         print(json.dumps(result.to_json(), ensure_ascii=False))
@@ -133,6 +159,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench", "edge_dlm.bench", "measure tokens/s, TPF, memory and energy per mode against baselines"),
     ("export", "edge_dlm.export.cli", "quantize a checkpoint and compile it to ONNX / TensorRT"),
     ("serve", "edge_dlm.server", "serve the model over a local OpenAI-compatible HTTP API"),
+    ("calibrate", "edge_dlm.calibrate", "measure every mode on this machine for --mode auto (cached)"),
     ("doctor", "edge_dlm.doctor", "show which engines, devices, kernels and quantizers can run here, and why not"),
     ("infill", "edge_dlm.fillcli", "fill the gap between a prefix and a suffix (diffusion only)"),
     ("edit", "edge_dlm.fillcli:edit", "rewrite character spans of a text in place (diffusion only)"),

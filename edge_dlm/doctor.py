@@ -36,7 +36,16 @@ def report(model: str | None) -> dict:
     k_dev = "cuda" if torch.cuda.is_available() else "cpu"
     k_ok, k_reasons = kernels.status(k_dev)
     bnb = importlib.util.find_spec("bitsandbytes") is not None
-    return {"model": str(path), "python": platform.python_version(), "torch": torch.__version__,
+    from edge_dlm.calibrate import load_table, table_key, target
+
+    defaults = argparse.Namespace(model=str(path), device="auto", dtype="auto", quant=None, group_size=64,
+                                  no_lora=False, kernels="auto", engine="auto")
+    table = load_table(table_key(target(defaults)))
+    from edge_dlm.power import PowerSupply, Sampler
+
+    return {"calibration": table.to_json() if table else None,
+            "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
+            "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
             "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
@@ -60,5 +69,13 @@ def run(a: argparse.Namespace) -> int:
     out.append(f"Triton kernels on {k['device']}: {'ok' if k['ok'] else 'no: ' + '; '.join(k['reasons'])}")
     for scheme, why in r["quantization"].items():
         out.append(f"quantization {scheme}: {'ok' if not why else 'no: ' + why[0]}")
+    out.append(f"energy meter: {r['power']['energy']}; power supply: {r['power']['supply']}")
+    if r["calibration"]:
+        from edge_dlm.calibrate import Table, choose
+
+        table = Table.from_json(r["calibration"])
+        out += ["", table.format(), choose(table)[1]]
+    else:
+        out.append("\ncalibration: none yet for this model and machine (edge-dlm calibrate, or any --mode auto run)")
     print("\n".join(out))
     return 0

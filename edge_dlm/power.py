@@ -25,7 +25,8 @@ POWER_SUPPLY = Path("/sys/class/power_supply")
 class EnergyMeter:
     """Joules from NVML (GPU) or RAPL (CPU package); `read()` is None when neither is readable."""
 
-    def __init__(self, device: str, powercap: Path = POWERCAP) -> None:
+    def __init__(self, device: str, powercap: Path | None = None) -> None:
+        powercap = powercap or POWERCAP
         self.source = "n/a"
         self.why = ""
         self._read: Callable[[], float] | None = None
@@ -43,9 +44,11 @@ class EnergyMeter:
             except Exception as exc:  # pynvml raises NVMLError subclasses of Exception
                 self.why = f"NVML has no energy counter here ({str(exc)[:60]})"
             return
-        files = sorted(powercap.glob("intel-rapl:[0-9]*/energy_uj"))
+        # packages only (intel-rapl:N); their sub-domains (intel-rapl:N:M) are already inside them
+        files = sorted(f for f in powercap.glob("intel-rapl:*/energy_uj")
+                       if f.parent.name.count(":") == 1 and f.parent.name.split(":")[1].isdigit())
         if not files:
-            self.why = f"no RAPL counters under {powercap}"
+            self.why = f"no RAPL counters: {powercap} has none"
             return
         try:
             for f in files:
@@ -74,8 +77,8 @@ class SupplyState:
 class PowerSupply:
     """The OS power supply interface: AC online, battery status and its power draw."""
 
-    def __init__(self, root: Path = POWER_SUPPLY) -> None:
-        self.root = root
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or POWER_SUPPLY
 
     def _read(self, d: Path, name: str) -> str | None:
         try:
@@ -143,6 +146,12 @@ class Sampler:
             return self.meter.source
         return "battery" if self.supply.state().discharge_w is not None else "n/a"
 
+    @property
+    def label(self) -> str:
+        """The source, or "n/a (why)"."""
+        source = self.source
+        return source if source != "n/a" else f"n/a ({self.meter.why or self.supply.state().why})"
+
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._e0 = self.meter.read()
@@ -159,3 +168,28 @@ class Sampler:
             w = (self._w0 + state.discharge_w) / 2
             return Reading(w * dt, w, "battery")
         return Reading(None, None, "n/a", self.meter.why + ("; " + state.why if state.why else ""))
+
+
+class Monitor:
+    """Live power for a status line: `poll()` -> (watts since the last poll or None, SupplyState, why).
+
+    With a counter (NVML, RAPL) the watts are the energy since the previous poll over the time since
+    it; otherwise the battery's discharge rate while on battery; otherwise None and the reason.
+    """
+
+    def __init__(self, device: str, meter: EnergyMeter | None = None, supply: PowerSupply | None = None) -> None:
+        self.meter = meter or EnergyMeter(device)
+        self.supply = supply or PowerSupply()
+        self._last: tuple[float, float] | None = None
+
+    def poll(self) -> tuple[float | None, SupplyState, str]:
+        state = self.supply.state()
+        e, t = self.meter.read(), time.perf_counter()
+        if e is not None:
+            last, self._last = self._last, (t, e)
+            if last is None or t <= last[0]:
+                return None, state, "measuring"
+            return max(e - last[1], 0.0) / (t - last[0]), state, ""
+        if state.discharge_w is not None:
+            return state.discharge_w, state, ""
+        return None, state, self.meter.why

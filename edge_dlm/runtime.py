@@ -127,14 +127,9 @@ class Runtime:
         kw = {k: v for k, v in kw.items() if v is not None}
         return GenerationOptions(sampling=sampling, **kw).resolve(self.config.block_size)
 
-    def stream(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
-               cancel: threading.Event | None = None, **kw) -> Iterator[StreamEvent]:
-        """Yield events (`Canvas`, `Draft`, `Emit`, `Text`, then `Done`) for one request.
-
-        `prompt` is a string (chat-templated unless `raw`), a list of chat messages, or token ids.
-        Keyword options: mode, max_new_tokens, block_size, steps, threshold, temperature, top_k,
-        top_p, seed, use_lora.
-        """
+    def prepare(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
+                **kw) -> tuple[list[int], GenerationOptions]:
+        """A request's prompt ids and resolved options, or the one-line error it would fail with."""
         opts = self.options(**kw)
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.encode(prompt, raw=raw)
         ctx = self.config.max_position_embeddings
@@ -144,7 +139,17 @@ class Runtime:
             raise UserError(f"--block-size {opts.block_size} is too large for quadratic-spec: its "
                             f"B(B+1) = {opts.scratch_tokens()}-token pass does not fit the {ctx}-token "
                             "context after the prompt; use a smaller block size")
-        opts = dataclasses.replace(opts, max_new_tokens=min(opts.max_new_tokens, ctx - len(ids)))
+        return ids, dataclasses.replace(opts, max_new_tokens=min(opts.max_new_tokens, ctx - len(ids)))
+
+    def stream(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
+               cancel: threading.Event | None = None, **kw) -> Iterator[StreamEvent]:
+        """Yield events (`Canvas`, `Draft`, `Emit`, `Text`, then `Done`) for one request.
+
+        `prompt` is a string (chat-templated unless `raw`), a list of chat messages, or token ids.
+        Keyword options: mode, max_new_tokens, block_size, steps, threshold, temperature, top_k,
+        top_p, seed, use_lora.
+        """
+        ids, opts = self.prepare(prompt, raw=raw, **kw)
         with self._lock:
             yield from self._run(ids, opts, cancel)
 

@@ -45,7 +45,8 @@ ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
-    default_mode: str = "linear-spec"
+    default_mode: str = "linear-spec"  # what a request naming no mode (or "auto") runs
+    default_steps: int | None = None  # the step budget auto chose, when it chose diffusion
     api_key: str | None = None
     max_body: int = 1 << 20  # bytes
     queue: int = 8  # requests waiting beside the running one
@@ -61,7 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeOptions()
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", default=d.default_mode, help="default decoding mode for requests that name none")
+    p.add_argument("--mode", default="auto", help="decoding mode for requests that name none or 'auto' (default: "
+                   "auto, the fastest lossless mode measured on this machine)")
+    from edge_dlm.calibrate import add_auto_args
+
+    add_auto_args(p)
     p.add_argument("--api-key", default=os.environ.get("EDGE_DLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $EDGE_DLM_API_KEY, else none)")
     p.add_argument("--max-body", type=int, default=d.max_body, help=f"largest request body in bytes ({d.max_body})")
@@ -161,7 +166,10 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
     from edge_dlm.errors import UserError
     from edge_dlm.runtime import Text
 
+    from edge_dlm.power import EnergyMeter, PowerSupply, Sampler
+
     ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
+    meter, supply = EnergyMeter(str(rt.device)), PowerSupply()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "edge-dlm"
@@ -244,8 +252,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 raise HTTPError(404, f"no route POST {self.path[:80]}; try {', '.join(ROUTES)}", "not_found_error")
             body = self.read_body()
             try:
-                req = parse_request(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab,
-                                    block=rt.config.block_size)
+                req = parse_request(kind, body, default_mode=opts.default_mode, default_steps=opts.default_steps,
+                                    context=ctx, vocab=vocab, block=rt.config.block_size)
             except BadRequest as exc:
                 raise HTTPError(400, str(exc)) from None
             cancel, timed_out = threading.Event(), threading.Event()
@@ -253,6 +261,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 timer = threading.Timer(opts.request_timeout, lambda: (timed_out.set(), cancel.set()))
                 timer.daemon = True
                 timer.start()
+                self.sampler, self.reading = Sampler(str(rt.device), meter, supply), None
+                self.sampler.start()  # one request decodes at a time, so its energy is its own
                 try:
                     if req.call == "infill":
                         events = rt.infill_stream(req.prompt, req.suffix, cancel=cancel, **req.kwargs)
@@ -275,6 +285,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             for ev in events:
                 if not cancel.is_set() and client_gone(self.connection):
                     cancel.set()
+                if isinstance(ev, Done):
+                    self.reading = self.sampler.stop()
                 yield ev
 
         def respond(self, kind, req, first, events, cancel, timed_out):
@@ -298,7 +310,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             else:
                 choice["text"] = "".join(text)
             self.send_json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                                 "choices": [choice], "usage": usage(result)})
+                                 "choices": [choice], "usage": usage(result, self.reading)})
 
         def stream(self, rid, obj, chat, req, events, cancel, timed_out):
             self.send_response(200)
@@ -322,9 +334,9 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                     elif isinstance(ev, Done):
                         end = {"delta": {}} if chat else {"text": ""}
                         send([{"index": 0, **end, "finish_reason": finish(ev.result, timed_out)}],
-                             None if req.include_usage else {"usage": usage(ev.result)})
+                             None if req.include_usage else {"usage": usage(ev.result, self.reading)})
                         if req.include_usage:
-                            send([], {"usage": usage(ev.result)})
+                            send([], {"usage": usage(ev.result, self.reading)})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
@@ -345,7 +357,8 @@ def finish(result, timed_out: threading.Event | None = None) -> str:
     return result.finish_reason
 
 
-def usage(result) -> dict:
+def usage(result, reading=None) -> dict:
+    """OpenAI's usage fields, edge-dlm's pass counts, and `joules` where a meter measured the request."""
     if result is None:
         return {}
     out = {"prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.output_ids),
@@ -353,6 +366,8 @@ def usage(result) -> dict:
            "tpf": round(result.tpf, 3), "tokens_per_s": round(result.tokens_per_s, 1)}
     if result.mean_accepted is not None:
         out["mean_accepted"] = round(result.mean_accepted, 3)
+    if reading is not None and reading.joules is not None:
+        out["joules"] = round(reading.joules, 4)
     return out
 
 
@@ -390,8 +405,8 @@ def run(a: argparse.Namespace) -> int:
     from edge_dlm.decoding import MODES
     from edge_dlm.errors import UserError
 
-    if a.mode not in MODES:
-        raise UserError(f"--mode {a.mode} not supported; known: {', '.join(MODES)}")
+    if a.mode not in MODES + ("auto",):
+        raise UserError(f"--mode {a.mode} not supported; known: auto, {', '.join(MODES)}")
     for flag in ("max_body", "queue"):
         if getattr(a, flag) < (1 if flag == "max_body" else 0):
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
@@ -400,8 +415,16 @@ def run(a: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
     if a.api_key is not None and not a.api_key.strip():
         raise UserError("--api-key is empty")
-    rt = load_runtime(a)
-    opts = ServeOptions(default_mode=a.mode, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
+    mode, steps = a.mode, None
+    if mode == "auto":
+        from edge_dlm.calibrate import load_auto, say
+
+        auto = load_auto(a)
+        rt, mode, steps = auto.runtime, auto.row.mode, auto.row.steps
+        say(f"edge-dlm serve: {auto.reason}")
+    else:
+        rt = load_runtime(a)
+    opts = ServeOptions(default_mode=mode, default_steps=steps, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
                         queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout)
     try:
         server = build_server(rt, a.host, a.port, opts)

@@ -10,6 +10,21 @@ from edge_dlm.testing import write_tiny_checkpoint
 from edge_dlm.weights import load_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Calibration tables, auto-built engines and runtime caches go to a temporary cache dir, never the
+    user's (subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """2 layers, GQA 2, block 4, YaRN active past 16 positions, with a LoRA drafter."""

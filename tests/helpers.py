@@ -32,3 +32,42 @@ def reference_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     cache.commit(len(ids))
     return cache.committed()
 
+
+
+# ---- fake power hardware ------------------------------------------------------------------------
+
+class FakeMeter:
+    """An energy counter drawing a constant `watts` (a `power.EnergyMeter` stand-in); `watts=None`: none."""
+
+    def __init__(self, watts: float | None = 10.0, clock=None) -> None:
+        import time
+
+        self.watts = watts
+        self.clock = clock or time.perf_counter
+        self.source = "fake" if watts is not None else "n/a"
+        self.why = "" if watts is not None else "no meter in this test"
+
+    def read(self) -> float | None:
+        return None if self.watts is None else self.watts * self.clock()
+
+
+def fake_power_supply(root, *, ac: bool | None = True, battery: str | None = None, power_uw: int | None = None,
+                      current_ua: int | None = None, voltage_uv: int | None = None):
+    """A `/sys/class/power_supply` tree: an AC adapter (online or not) and a battery with this status."""
+    from pathlib import Path
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if ac is not None:
+        (root / "AC").mkdir(exist_ok=True)
+        (root / "AC" / "type").write_text("Mains\n")
+        (root / "AC" / "online").write_text("1\n" if ac else "0\n")
+    if battery is not None:
+        b = root / "BAT0"
+        b.mkdir(exist_ok=True)
+        (b / "type").write_text("Battery\n")
+        (b / "status").write_text(battery + "\n")
+        for name, v in (("power_now", power_uw), ("current_now", current_ua), ("voltage_now", voltage_uv)):
+            if v is not None:
+                (b / name).write_text(f"{v}\n")
+    return root

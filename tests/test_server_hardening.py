@@ -283,7 +283,10 @@ def test_sigterm_mid_stream_exits_cleanly(tiny_ckpt):
     cmd = [sys.executable, "-m", "edge_dlm.cli", "serve", "--model", str(tiny_ckpt), "--port", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        line = proc.stderr.readline()
+        line = ""
+        while "http://" not in line:  # after the auto mode's reason line
+            line = proc.stderr.readline()
+            assert line, "the server exited before listening"
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         sock = open_stream(port, {**CHAT, "max_tokens": 4000, "stream": True, "mode": "ar"})
         proc.send_signal(signal.SIGTERM)

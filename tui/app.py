@@ -4,6 +4,11 @@ The model loads and generates in thread workers; widgets hold no model logic. Th
 mode, step budget, threshold, temperature and max tokens (or a preset that bundles them), the block
 view shows masked positions filling in pass by pass (drafts accepted in green, rejected in red), and
 the status line reports tokens/s, TPF, NFE, mean accepted length, device, dtype and memory.
+
+Power: a line shows W now, J/token of the last answer, AC or battery and the budget. `--mode auto`
+(the default) loads through the calibration table (`edge_dlm.calibrate`); the budget field picks the
+fastest measured configuration within that many watts; on battery the app switches to the battery
+preset by itself, says so, and switches back on AC.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, 
 from textual.widgets.option_list import Option
 
 from edge_dlm.runtime import peak_memory_mb
-from edge_dlm.tui.render import PRESETS, render_block, status_line
+from edge_dlm.tui.render import PRESETS, power_line, render_block, status_line
 from edge_dlm.tui.store import Store
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
@@ -70,6 +75,7 @@ class ChatApp(App):
     #preset-trade { height: auto; color: $text-muted; margin-top: 1; }
     #block { height: 3; border-top: solid $primary; padding: 0 1; }
     #status { height: 1; background: $boost; padding: 0 1; }
+    #power { height: 1; padding: 0 1; color: $text-muted; }
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -84,9 +90,20 @@ class ChatApp(App):
 
     def __init__(self, *, runtime=None, load_args: argparse.Namespace | None = None,
                  store: Store | None = None, mode: str = "linear-spec", steps: int | None = None,
-                 threshold: float = 0.9, temperature: float = 0.0, max_new_tokens: int = 200) -> None:
+                 threshold: float = 0.9, temperature: float = 0.0, max_new_tokens: int = 200,
+                 table=None, monitor=None, power_budget: float | None = None, poll_s: float = 2.0) -> None:
         super().__init__()
         self.runtime = runtime
+        self.table = table  # the calibration table (edge_dlm.calibrate), once known
+        self.monitor = monitor  # edge_dlm.power.Monitor; None: made for the device once the model loads
+        self.budget = power_budget
+        self.poll_s = poll_s
+        self.watts: float | None = None
+        self.watts_why = ""
+        self.supply = "n/a"
+        self.on_battery = False
+        self.before_battery: dict | None = None  # the settings the battery preset replaced
+        self.joules_per_token: float | None = None
         self.load_args = load_args
         self.store = store or Store()
         self.init = dict(mode=mode, steps=steps, threshold=threshold, temperature=temperature,
@@ -119,7 +136,10 @@ class ChatApp(App):
                 yield Input(str(self.init["max_new_tokens"]), id="max-tokens")
                 yield Label("Preset (F2 / F3 / F4)")
                 yield Select([(p, p) for p in PRESETS], prompt="custom", id="preset")
+                yield Label("Power budget, W (Enter)")
+                yield Input("" if self.budget is None else f"{self.budget:g}", placeholder="none", id="budget")
                 yield Static("", id="preset-trade")
+        yield Static("", id="power")
         yield Static("loading model…", id="status")
         yield Input(placeholder="Loading the model…", id="prompt", disabled=True)
         yield Footer()
@@ -136,17 +156,32 @@ class ChatApp(App):
         from edge_dlm.cli import load_runtime
         from edge_dlm.errors import UserError
 
+        a = self.load_args
         try:
-            rt = load_runtime(self.load_args)
+            if a.mode == "auto" and a.steps is None:
+                from edge_dlm.calibrate import load_auto
+
+                auto = load_auto(a, log=lambda m: self.call_from_thread(self.set_status, m),
+                                 progress=lambda label, i, n: self.call_from_thread(
+                                     self.set_status, f"calibrating for auto ({i}/{n}): {label}"))
+                self.runtime, self.table = auto.runtime, auto.table
+                self.call_from_thread(self.apply_choice, auto.row, auto.reason)
+            else:
+                self.runtime = load_runtime(a)
         except UserError as exc:
             self.call_from_thread(self.set_status, f"error: {exc}")
             return
-        self.runtime = rt
         self.call_from_thread(self.model_ready)
 
     def model_ready(self) -> None:
         rt = self.runtime
-        self.sub_title = f"{rt.path.name} · {rt.device} · B={rt.config.block_size}"
+        self.sub_title = f"{rt.path.name} · {rt.device} · {rt.engine} · B={rt.config.block_size}"
+        if self.monitor is None:
+            from edge_dlm.power import Monitor
+
+            self.monitor = Monitor(str(rt.device))
+        self.poll_power()
+        self.set_interval(self.poll_s, self.poll_power)
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.placeholder = "Message (Enter to send)"
@@ -167,6 +202,92 @@ class ChatApp(App):
         block = self.runtime.config.block_size
         return dict(mode=mode, steps=min(steps, block) if mode == "diffusion" else None, threshold=threshold,
                     temperature=temperature, max_new_tokens=max_new)
+
+    def apply_choice(self, row, reason: str) -> None:
+        """Show a configuration auto (or the budget) chose in the side panel, with the reason."""
+        self.query_one("#mode", Select).value = row.mode
+        if row.steps is not None:
+            self.query_one("#steps", Select).value = row.steps
+        self.query_one("#preset-trade", Static).update(reason)
+
+    @on(Input.Submitted, "#budget")
+    def budget_submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        try:
+            budget = float(text) if text else None
+        except ValueError:
+            self.set_status("error: the power budget is a number of watts (empty: none)")
+            return
+        if budget is None:
+            self.budget = None
+            self.query_one("#preset-trade", Static).update("no power budget")
+            self.poll_power()
+            return
+        if self.table is None:
+            self.set_status("calibrating: a budget needs each mode's measured watts (once per model and machine)…")
+            self.calibrate_then(budget)
+            return
+        self.apply_budget(budget)
+
+    def apply_budget(self, budget: float) -> None:
+        from edge_dlm.calibrate import choose
+        from edge_dlm.errors import UserError
+
+        try:
+            row, reason = choose(self.table, power_budget=budget, allow_lossy=True,
+                                 engines={self.runtime.engine})
+        except UserError as exc:
+            self.set_status(f"error: {exc}")
+            return
+        self.budget = budget
+        self.apply_choice(row, reason)
+        self.poll_power()
+
+    @work(thread=True, exclusive=True, group="calibrate")
+    def calibrate_then(self, budget: float) -> None:
+        from edge_dlm.calibrate import calibrate, runtime_target, target
+
+        t = target(self.load_args) if self.load_args is not None else runtime_target(self.runtime)
+        self.table = calibrate(self.runtime, t, progress=lambda label, i, n: self.call_from_thread(
+            self.set_status, f"calibrating ({i}/{n}): {label}"))
+        self.call_from_thread(self.apply_budget, budget)
+        self.call_from_thread(self.show_stats)
+
+    # ---- power
+    def poll_power(self) -> None:
+        if self.monitor is None:
+            return
+        self.watts, state, self.watts_why = self.monitor.poll()
+        self.supply = state.label
+        if state.on_battery and not self.on_battery:
+            self.on_battery = True
+            self.before_battery = self.current_panel()
+            self.action_preset("battery")
+            self.notify("On battery: switched to the battery preset (diffusion, 2 steps per block). "
+                        "F4 for AR's exact text.", title="Power")
+        elif self.on_battery and state.on_battery is False:
+            self.on_battery = False
+            if self.before_battery is not None:
+                self.restore_panel(self.before_battery)
+                self.before_battery = None
+            self.notify("On AC again: your settings are back.", title="Power")
+        self.show_power()
+
+    def show_power(self) -> None:
+        self.query_one("#power", Static).update(power_line(
+            watts=self.watts, why=self.watts_why, joules_per_token=self.joules_per_token, supply=self.supply,
+            budget=self.budget, preset="battery" if self.on_battery else None))
+
+    def current_panel(self) -> dict:
+        return {"mode": self.query_one("#mode", Select).value, "steps": self.query_one("#steps", Select).value,
+                "threshold": self.query_one("#threshold", Input).value}
+
+    def restore_panel(self, panel: dict) -> None:
+        self.query_one("#preset", Select).clear()
+        self.query_one("#mode", Select).value = panel["mode"]
+        self.query_one("#steps", Select).value = panel["steps"]
+        self.query_one("#threshold", Input).value = panel["threshold"]
+        self.query_one("#preset-trade", Static).update("")
 
     def action_preset(self, name: str) -> None:
         self.query_one("#preset", Select).value = name
@@ -233,6 +354,7 @@ class ChatApp(App):
         last_save = time.monotonic()
         mask = rt.config.mask_token_id
         result = None
+        sampler = self.sampler()
         try:
             for ev in rt.stream(messages, cancel=self.cancel, **opts):
                 if isinstance(ev, Text):
@@ -255,6 +377,10 @@ class ChatApp(App):
                     result = ev.result
         except UserError as exc:
             self.call_from_thread(self.set_status, f"error: {exc}")
+        if sampler is not None and result is not None:
+            reading = sampler.stop()
+            tokens = len(result.output_ids) + (result.finish_reason == "stop")
+            self.joules_per_token = reading.joules / tokens if reading.joules is not None and tokens else None
         final = "".join(text)
         meta = json.dumps({k: getattr(result, k) for k in ("mode", "nfe", "tpf", "finish_reason")}) if result else None
         self.store.update_message(entry["id"], final, meta)
@@ -262,12 +388,23 @@ class ChatApp(App):
         self.history.append(entry)
         self.call_from_thread(self.answer_done, result, widget, final)
 
+    def sampler(self):
+        """A started energy sampler over the monitor's meter and supply (None before the model loads)."""
+        if self.monitor is None:
+            return None
+        from edge_dlm.power import Sampler
+
+        s = Sampler(str(self.runtime.device), self.monitor.meter, self.monitor.supply)
+        s.start()
+        return s
+
     def answer_done(self, result, widget: Message, final: str) -> None:
         self.generating = False
         if not final:
             widget.update("*(no answer)*")
         self.last_result = result
         self.show_stats()
+        self.show_power()
 
     # ---- live views
     def show_block(self, rendered, nfe: int, mode: str) -> None:
@@ -326,7 +463,9 @@ class ChatApp(App):
 
 
 def run_app(args: argparse.Namespace) -> int:
-    app = ChatApp(load_args=args, mode=args.mode, steps=args.steps, threshold=args.threshold,
-                  temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    mode = "diffusion" if args.mode == "auto" and args.steps is not None else args.mode
+    app = ChatApp(load_args=args, mode=mode if mode != "auto" else "linear-spec", steps=args.steps,
+                  threshold=args.threshold, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                  power_budget=args.power_budget)
     app.run()
     return 0

@@ -69,3 +69,14 @@ def status_line(*, mode: str, tokens_per_s: float | None = None, tpf: float | No
     if memory_mb is not None:
         parts.append(f"{memory_mb:.0f} MB")
     return " │ ".join(parts)
+
+
+def power_line(*, watts: float | None, why: str = "", joules_per_token: float | None = None,
+               supply: str = "n/a", budget: float | None = None, preset: str | None = None) -> str:
+    """The chat's power line: W now, J/token of the last answer, AC/battery, the budget."""
+    why = why.split(" (")[0].split(": ")[0]  # the reason's head; the details are in `edge-dlm doctor`
+    why = why if len(why) <= 30 else why[:29] + "…"
+    now = f"{watts:.1f} W now" if watts is not None else f"W n/a ({why})" if why else "W n/a"
+    jpt = f"{joules_per_token:.3f} J/token last answer" if joules_per_token is not None else "J/token n/a"
+    where = (supply if supply != "n/a" else "supply n/a") + (f" ({preset} preset)" if preset else "")
+    return " │ ".join(["⚡ " + now, jpt, where, f"budget {budget:g} W" if budget is not None else "no budget"])

@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("textual")
 
+from helpers import FakeMeter, fake_power_supply  # noqa: E402
+
 from edge_dlm.tui.app import ChatApp, Message  # noqa: E402
 from edge_dlm.tui.store import Store  # noqa: E402
 
@@ -24,6 +26,11 @@ def runtime(tiny_ckpt):
 
 
 def make_app(runtime, tmp_path, **kw) -> ChatApp:
+    """The app with a fake meter (none) and a fake power supply on AC: the power line is the same anywhere."""
+    from edge_dlm.power import Monitor, PowerSupply
+
+    kw.setdefault("monitor", Monitor("cpu", FakeMeter(None), PowerSupply(fake_power_supply(tmp_path / "ps", ac=True))))
+    kw.setdefault("poll_s", 3600)
     return ChatApp(runtime=runtime, store=Store(tmp_path / "chats.sqlite3"), **kw)
 
 
@@ -169,5 +176,81 @@ def test_regenerate_replaces_the_last_answer(runtime, tmp_path):
             assert len(list(app.query(Message))) == 2
             saved = app.store.messages(app.conversation)
             assert [m["id"] for m in saved] == [m["id"] for m in app.history]
+
+    asyncio.run(scenario())
+
+
+def test_power_line_and_budget(runtime, tmp_path):
+    from edge_dlm.calibrate import Row, Table
+
+    measured = Table("k", [Row("torch", "ar", None, 100.0, 1.0, 8.0, 0.08),
+                           Row("torch", "linear-spec", None, 150.0, 2.5, 14.0, 0.09),
+                           Row("torch", "diffusion", 2, 400.0, 5.0, 12.0, 0.03)], {"energy": "fake"})
+
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="linear-spec", table=measured)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.2)
+            power = str(app.query_one("#power").render())
+            assert "W n/a (no meter in this test)" in power and "AC" in power and "no budget" in power
+            budget = app.query_one("#budget")
+            budget.value = "13"
+            budget.focus()
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+            # the fastest measured configuration within 13 W (lossy allowed in the app: the panel shows it)
+            assert app.query_one("#mode").value == "diffusion" and app.query_one("#steps").value == 2
+            assert "within 13 W" in str(app.query_one("#preset-trade").render())
+            assert "budget 13 W" in str(app.query_one("#power").render())
+            budget.value = "5"
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+            assert "no configuration fits 5 W" in str(app.query_one("#status").render())
+            # an answer's energy: J/token of the last answer on the power line
+            app.monitor.meter.watts = 30.0
+            app.monitor.meter.source = "fake"
+            app.query_one("#mode").value = "ar"
+            await send(app, pilot, "hi")
+            await wait_idle(app, pilot)
+            assert app.joules_per_token is not None and app.joules_per_token > 0
+            assert "J/token last answer" in str(app.query_one("#power").render())
+
+    asyncio.run(scenario())
+
+
+def test_on_battery_it_switches_to_the_battery_preset_and_back(runtime, tmp_path):
+    from edge_dlm.power import Monitor, PowerSupply
+
+    ps = fake_power_supply(tmp_path / "ps", ac=True)
+
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="linear-spec", poll_s=0.05,
+                       monitor=Monitor("cpu", FakeMeter(None), PowerSupply(ps)))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.2)
+            assert app.query_one("#mode").value == "linear-spec"
+            fake_power_supply(ps, ac=False, battery="Discharging", power_uw=9_000_000)  # unplugged
+            await pilot.pause(0.4)
+            assert app.query_one("#mode").value == "diffusion" and app.query_one("#steps").value == 2
+            power = str(app.query_one("#power").render())
+            assert "battery (battery preset)" in power and "9.0 W now" in power
+            assert any("On battery" in n.message for n in app._notifications)
+            fake_power_supply(ps, ac=True, battery="Charging")  # plugged in again
+            await pilot.pause(0.4)
+            assert app.query_one("#mode").value == "linear-spec" and "AC" in str(app.query_one("#power").render())
+
+    asyncio.run(scenario())
+
+
+def test_snapshot_power_line(runtime, tmp_path):
+    async def scenario():
+        app = make_app(runtime, tmp_path, mode="linear-spec", power_budget=15)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            app.watts, app.joules_per_token, app.supply = 11.4, 0.042, "battery"
+            app.show_power()
+            app.set_status("linear-spec │ 212.0 tok/s │ TPF 2.31 │ NFE 26 │ acc 2.62 │ cpu float32")
+            await settle(app, pilot)
+            snapshot(app, "power_line")
 
     asyncio.run(scenario())
