@@ -188,7 +188,8 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
         return f"the model is already a {engine} artifact"
     if t.device != "cpu":
         return "the onnxruntime build here runs on the CPU only"
-    if t.dtype != "float32" or t.quant:
+    quantized = t.quant or json.loads((t.path / "config.json").read_text(encoding="utf-8")).get("quantization")
+    if t.dtype != "float32" or quantized:
         return "auto builds float32 ONNX engines only (quantized or half weights run on torch)"
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:

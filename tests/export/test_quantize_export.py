@@ -37,8 +37,9 @@ def test_exported_artifact_equals_quantize_on_load(tiny_ckpt, tmp_path, capsys):
     ls, _ = run_mode(loaded, [1, 40, 41, 42], "linear-spec", max_new_tokens=12)
     assert ls.output_ids == ar.output_ids
     assert cli.main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "4",
-                     "--device", "cpu", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "linear-spec"
+                     "--device", "cpu", "--json"]) == 0  # auto: calibrates the artifact on torch only
+    out_json = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out_json["mode"] in ("ar", "linear-spec", "quadratic-spec")
 
 
 def test_nf4_artifact_roundtrip(tiny_ckpt, tmp_path):
