@@ -108,10 +108,11 @@ class Target:
 
 def target(a: argparse.Namespace) -> Target:
     """The `Target` of CLI model arguments (cheap: resolves names, loads nothing)."""
-    from edge_dlm.runtime import default_model_path, resolve_device, resolve_dtype
+    from edge_dlm.hub import resolve
+    from edge_dlm.runtime import resolve_device, resolve_dtype
     from edge_dlm.weights import check_dir
 
-    path = check_dir(Path(a.model) if a.model else default_model_path()).resolve()
+    path = check_dir(resolve(a.model)).resolve()
     dev = resolve_device(a.device)
     dtype = str(resolve_dtype(None if a.dtype == "auto" else a.dtype, dev)).removeprefix("torch.")
     return Target(path, str(dev), dtype, a.quant, a.group_size if a.quant else 0, not a.no_lora, a.kernels, a.engine)

@@ -22,7 +22,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", help="a checkpoint directory or a Hugging Face name ORG/NAME[@REVISION] "
+                   "(default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -160,6 +161,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "edge_dlm.export.cli", "quantize a checkpoint and compile it to ONNX / TensorRT"),
     ("serve", "edge_dlm.server", "serve the model over a local OpenAI-compatible HTTP API"),
     ("calibrate", "edge_dlm.calibrate", "measure every mode on this machine for --mode auto (cached)"),
+    ("pull", "edge_dlm.hub:pull", "fetch ORG/NAME[@REVISION] from the Hugging Face Hub (safetensors and JSON only)"),
+    ("list", "edge_dlm.hub:list", "the models in the Hugging Face cache, with sizes and quantization"),
+    ("rm", "edge_dlm.hub:rm", "remove a model (or one revision) from the Hugging Face cache"),
     ("doctor", "edge_dlm.doctor", "show which engines, devices, kernels and quantizers can run here, and why not"),
     ("infill", "edge_dlm.fillcli", "fill the gap between a prefix and a suffix (diffusion only)"),
     ("edit", "edge_dlm.fillcli:edit", "rewrite character spans of a text in place (diffusion only)"),

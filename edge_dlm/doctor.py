@@ -20,10 +20,10 @@ def report(model: str | None) -> dict:
     import torch
 
     from edge_dlm import engines, kernels
-    from edge_dlm.runtime import default_model_path
+    from edge_dlm.hub import resolve
     from edge_dlm.weights import check_dir
 
-    path = check_dir(Path(model) if model else default_model_path())
+    path = check_dir(resolve(model))
     devices = ["cpu"] + ([f"cuda ({torch.cuda.get_device_name(0)})"] if torch.cuda.is_available() else [])
     rows = []
     for name in engines.ORDER:

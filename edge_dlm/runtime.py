@@ -372,7 +372,8 @@ def _last(events: Iterator[StreamEvent]) -> Result:
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          engine: str = "auto", quant: str | None = None, group_size: int = 64,
          lora: bool = True, kernels: str = "auto") -> Runtime:
-    """Load a checkpoint directory (default: the bundled demo model) into a `Runtime`.
+    """Load a model (default: the bundled demo model) into a `Runtime`: a checkpoint or artifact directory,
+    or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online).
 
     `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
     "llm-int8" (bitsandbytes). A quantized artifact from `edge-dlm export` loads as it is.
@@ -388,7 +389,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
         spec = QuantSpec(quant, group_size=group_size)
         if spec.scheme in BNB_SCHEMES:
             require_bnb()
-    path = check_dir(Path(model) if model is not None else default_model_path())
+    from edge_dlm.hub import resolve
+
+    path = check_dir(resolve(model))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     name = engines.select(engine, path, str(dev))

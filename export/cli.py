@@ -9,7 +9,7 @@ TARGETS = ("torch", "onnx", "tensorrt", "tensorrt-rtx")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="source checkpoint directory (full precision)")
+    p.add_argument("checkpoint", help="source checkpoint: a directory or ORG/NAME[@REVISION] (full precision)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to create")
     p.add_argument("--quant", help=f"weight-only quantization: {', '.join(QUANTS)}")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
@@ -35,6 +35,9 @@ def run(a: argparse.Namespace) -> int:
                         "(llm-int8 is a load-time option of generate/chat)")
     if a.target not in TARGETS:
         raise UserError(f"--target {a.target} not supported; known: {', '.join(TARGETS)}")
+    from edge_dlm.hub import resolve
+
+    a.checkpoint = resolve(a.checkpoint)
     if a.target == "torch":
         if a.quant is None:
             raise UserError("nothing to export: pass --quant for a quantized artifact or "
