@@ -189,7 +189,8 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
         return f"the model is already a {engine} artifact"
     if t.device != "cpu":
         return "the onnxruntime build here runs on the CPU only"
-    quantized = t.quant or json.loads((t.path / "config.json").read_text(encoding="utf-8")).get("quantization")
+    raw = json.loads((t.path / "config.json").read_text(encoding="utf-8"))
+    quantized = t.quant or raw.get("quantization") or raw.get("quantization_config")
     if t.dtype != "float32" or quantized:
         return "auto builds float32 ONNX engines only (quantized or half weights run on torch)"
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]

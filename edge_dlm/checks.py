@@ -23,7 +23,10 @@ import torch
 from edge_dlm.errors import CheckpointError
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-PACKED_DTYPES = {"U8", "I8"}  # a quantized format's packed weights (`.qweight`)
+# integer tensors of quantized formats: edge-dlm's `.qweight` (U8/I8), compressed-tensors' and GPTQ's
+# int32 words, shapes and group indices
+PACKED_DTYPES = {"U8", "I8", "I32", "I64"}
+INT_SUFFIXES = (".qweight", ".weight_packed", ".weight_zero_point", ".weight_shape", ".qzeros", ".g_idx")
 HEADROOM = 0.9  # of the memory the weights may take
 
 
@@ -102,10 +105,10 @@ def check_headers(files: dict[str, Path], shapes: dict[str, tuple[int, ...]], qu
                 for n in names:
                     sl = st.get_slice(n)
                     dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
-                    packed = quantized and n.endswith(".qweight")
+                    packed = quantized and n.endswith(INT_SUFFIXES)
                     allowed = PACKED_DTYPES if packed else FLOAT_DTYPES
                     if dtype not in allowed:
-                        kind = "packed integers (U8/I8)" if packed else "floating point"
+                        kind = "packed integers" if packed else "floating point"
                         raise CheckpointError(f"tensor {n} is stored as {dtype}, expected {kind}; "
                                               "the checkpoint is malformed")
                     if shape != shapes[n]:

@@ -57,11 +57,15 @@ class QuantSpec:
     symmetric: bool = True
     head: bool = True        # quantize diffusion_head too
     embedding: bool = True   # quantize the token embedding (int8/int4 only)
+    # "edge-dlm": this module's layout; "compressed-tensors" / "gptq": read from those formats
+    # (edge_dlm.formats): signed values, integer zero points, dequantized in the scales' dtype as
+    # their reference implementations do, group size per module (0: per channel)
+    layout: str = "edge-dlm"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise UserError(f"quantization '{self.scheme}' not supported; known: {', '.join(SCHEMES)}")
-        if self.group_size not in GROUP_SIZES:
+        if self.layout == "edge-dlm" and self.group_size not in GROUP_SIZES:
             raise UserError(f"group size {self.group_size} not supported; known: "
                             f"{', '.join(map(str, GROUP_SIZES))}")
 
@@ -70,7 +74,10 @@ class QuantSpec:
         return {"int8": 8, "int4": 4, "nf4": 4, "llm-int8": 8}[self.scheme]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.layout == "edge-dlm":
+            d.pop("layout")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
@@ -132,8 +139,19 @@ def unpack_int4(p: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of `quantize`: `[out, in]` in `dtype`."""
+               dtype: torch.dtype = torch.float32, int_zero: bool = False) -> torch.Tensor:
+    """The inverse of `quantize`: `[out, in]` in `dtype`.
+
+    `int_zero` (compressed-tensors, GPTQ): signed values and integer zero points, w = (q - zp) * s
+    computed in the scales' dtype, then cast — their reference dequantization, bit for bit.
+    """
+    if int_zero:
+        q = unpack_int4(qweight, signed=True) if bits == 4 else qweight
+        out_f, n_groups = scales.shape
+        g = q.to(scales.dtype).reshape(out_f, n_groups, -1)
+        if zeros is not None:
+            g = g - zeros.to(scales.dtype)[..., None]
+        return (g * scales[..., None]).reshape(out_f, -1).to(dtype)
     q = unpack_int4(qweight, signed=zeros is None) if bits == 4 else qweight
     out_f, n_groups = scales.shape
     g = q.to(dtype).reshape(out_f, n_groups, -1) * scales.to(dtype)[..., None]
@@ -152,20 +170,30 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", tensors["qweight"])
         self.register_buffer("scales", tensors["scales"])
         self.register_buffer("zeros", tensors.get("zeros"))
+        # GPTQ with act-order: stored columns are the input columns in this order (groups contiguous)
+        self.register_buffer("perm", tensors.get("perm"))
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "QuantLinear":
         return cls(w.shape[1], w.shape[0], spec, quantize(w, spec.bits, spec.group_size, spec.symmetric))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype)
+        """The stored weight `[out, in]` (columns in `perm` order when there is one)."""
+        return dequantize(self.qweight, self.scales, self.zeros, self.spec.bits, dtype,
+                          int_zero=self.spec.layout != "edge-dlm")
+
+    def weight_in_input_order(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.dequantize(dtype)
+        return w if self.perm is None else w[:, torch.argsort(self.perm)]
 
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device)
         return self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = _MATMULS.get((self.spec.scheme, x.device.type))
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        fused = _MATMULS.get((self.spec.scheme, x.device.type)) if self.spec.layout == "edge-dlm" else None
         if fused is not None:
             return fused(x, self)
         return F.linear(x, self.dequantize(x.dtype))

@@ -5,6 +5,7 @@ Pickle formats (`*.bin`, `*.pt`, ...) are refused: loading them can execute arbi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     cfg = NLDConfig.from_file(path / "config.json")
     spec = quant_spec(cfg, path)
     files = weight_files(path)
-    shapes = expected_shapes(cfg, spec)
+    community = None if spec is not None else community_format(path)
+    shapes = expected_shapes(cfg, spec) if community is None else community_shapes(cfg, community, files)
     missing = [n for n in shapes if n not in files]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -131,22 +133,52 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     from edge_dlm.checks import check_finite, check_headers, check_memory
 
     check_memory(shapes, dtype, device)
-    check_headers(files, shapes, quantized=spec is not None)  # dtypes and shapes, before reading data
+    check_headers(files, shapes, quantized=spec is not None or community is not None)  # before reading data
     tensors = read_tensors(files, list(shapes))
     check_finite(tensors)
+    if community is not None:  # what status lines, calibration and exporters see
+        cfg = dataclasses.replace(cfg, quantization=community.spec().to_dict())
     with torch.device("meta"):
         model = NLDModel(cfg)
     if spec is not None:
         from edge_dlm.quant import build_quantized
 
         build_quantized(model, spec, tensors, dtype)
+    if community is not None:
+        from edge_dlm.formats import build, packed
+
+        for name, m in list(model.named_modules()):
+            if isinstance(m, torch.nn.Linear) and packed(name, files, community):
+                model.set_submodule(name, build(name, m.out_features, m.in_features, community, tensors))
     state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}
-    model.load_state_dict(state, strict=spec is None, assign=True)
+    model.load_state_dict(state, strict=spec is None and community is None, assign=True)
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     model.to(device)
     if lora:
         load_lora(model, path)
     return model.eval().requires_grad_(False)
+
+
+def community_format(path: Path):
+    """The compressed-tensors / GPTQ format of config.json's quantization_config, or None."""
+    from edge_dlm.formats import detect
+
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return detect(raw, str(path / "config.json"))
+
+
+def community_shapes(cfg: NLDConfig, c, files: dict) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes` with each linear weight the checkpoint stores packed replaced by its tensors."""
+    from edge_dlm.formats import packed, stored_shapes
+
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        module = name.removesuffix(".weight")
+        if len(shape) == 2 and module != "encoder.embed_tokens" and packed(module, files, c):
+            out |= stored_shapes(module, *shape, c, files)
+        else:
+            out[name] = shape
+    return out
 
 
 def quant_spec(cfg: NLDConfig, path: Path):

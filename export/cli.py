@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
     p.add_argument("--asymmetric", action="store_true", help="int8/int4 with a per-group minimum (default symmetric)")
     p.add_argument("--keep-head", action="store_true", help="leave diffusion_head in full precision")
+    p.add_argument("--format", default="edge-dlm", choices=("edge-dlm", "compressed-tensors"),
+                   help="--target torch: edge-dlm (default: also quantizes the embedding, allows --asymmetric) or "
+                   "compressed-tensors (pack-quantized: loads in vLLM, SGLang, transformers)")
     p.add_argument("--target", default="torch",
                    help="torch (safetensors for the torch engine), onnx, tensorrt (this machine's GPU) or "
                    "tensorrt-rtx (RTX / Ampere GPUs, built on any machine) (default torch)")
@@ -38,6 +41,8 @@ def run(a: argparse.Namespace) -> int:
     from edge_dlm.hub import resolve
 
     a.checkpoint = resolve(a.checkpoint)
+    if a.format != "edge-dlm" and a.target != "torch":
+        raise UserError(f"--format {a.format} is a safetensors layout: use it with --target torch")
     if a.target == "torch":
         if a.quant is None:
             raise UserError("nothing to export: pass --quant for a quantized artifact or "
@@ -46,7 +51,7 @@ def run(a: argparse.Namespace) -> int:
         from edge_dlm.quant import QuantSpec
 
         spec = QuantSpec(a.quant, group_size=a.group_size, symmetric=not a.asymmetric, head=not a.keep_head)
-        export_quantized(a.checkpoint, a.output, spec, force=a.force)
+        export_quantized(a.checkpoint, a.output, spec, force=a.force, fmt=a.format)
         return 0
     if a.target == "onnx":
         from edge_dlm.export.onnx import export_onnx
