@@ -20,7 +20,9 @@ def report(model: str | None) -> dict:
     import torch
 
     from edge_dlm import engines, kernels
+    from edge_dlm.calibrate import load_table, table_key, target
     from edge_dlm.hub import resolve
+    from edge_dlm.power import PowerSupply, Sampler
     from edge_dlm.weights import check_dir
 
     path = check_dir(resolve(model))
@@ -36,13 +38,10 @@ def report(model: str | None) -> dict:
     k_dev = "cuda" if torch.cuda.is_available() else "cpu"
     k_ok, k_reasons = kernels.status(k_dev)
     bnb = importlib.util.find_spec("bitsandbytes") is not None
-    from edge_dlm.calibrate import load_table, table_key, target
-
+    # the table `--mode auto` uses with the default load options
     defaults = argparse.Namespace(model=str(path), device="auto", dtype="auto", quant=None, group_size=64,
                                   no_lora=False, kernels="auto", engine="auto")
     table = load_table(table_key(target(defaults)))
-    from edge_dlm.power import PowerSupply, Sampler
-
     return {"calibration": table.to_json() if table else None,
             "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hmac
 import ipaddress
+import itertools
 import json
 import os
 import select
@@ -164,9 +165,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
     from edge_dlm.api import BadRequest, parse_request
     from edge_dlm.decoding import Done
     from edge_dlm.errors import UserError
-    from edge_dlm.runtime import Text
-
     from edge_dlm.power import EnergyMeter, PowerSupply, Sampler
+    from edge_dlm.runtime import Text
 
     ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
     meter, supply = EnergyMeter(str(rt.device)), PowerSupply()
@@ -279,11 +279,10 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                     timer.cancel()
 
         def watched(self, first, events, cancel):
-            """The request's events; a client that left cancels it (the runtime stops after this pass)."""
-            for ev in [first] if first is not None else []:
-                yield ev
-            for ev in events:
-                if not cancel.is_set() and client_gone(self.connection):
+            """The request's events; a client that left cancels it (the runtime stops after this pass).
+            The energy reading is taken when the request is done."""
+            for i, ev in enumerate(itertools.chain([first] if first is not None else [], events)):
+                if i and not cancel.is_set() and client_gone(self.connection):
                     cancel.set()
                 if isinstance(ev, Done):
                     self.reading = self.sampler.stop()
