@@ -71,7 +71,8 @@ class Table:
     meta: dict
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "key": self.key, "meta": self.meta, "rows": [dataclasses.asdict(r) for r in self.rows]}
+        return {"format": FORMAT, "key": self.key, "meta": self.meta,
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
 
     @classmethod
     def from_json(cls, d: dict) -> "Table":
@@ -81,7 +82,8 @@ class Table:
         m = self.meta
         head = (f"calibration of {m['model']}: {m['device']} ({m['machine']}), {m['dtype']}"
                 f"{', ' + m['quant'] if m.get('quant') else ''}; energy: {m['energy']}; measured {m['created']}")
-        lines = [head, f"  {'engine':<12} {'configuration':<16} {'tok/s':>8} {'TPF':>6} {'W':>7} {'J/token':>9}  lossless"]
+        lines = [head, f"  {'engine':<12} {'configuration':<16} {'tok/s':>8} {'TPF':>6} {'W':>7} {'J/token':>9}"
+                       "  lossless"]
         for r in self.rows:
             w = f"{r.watts:.1f}" if r.watts is not None else "n/a"
             j = f"{r.joules_per_token:.4f}" if r.joules_per_token is not None else "n/a"
@@ -274,7 +276,8 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
     table = Table(key, rows, {"model": str(t.path), "device": t.device, "machine": machine_description(t.device),
                               "dtype": t.dtype, "quant": rt.quant_scheme, "energy": sampler.label,
                               "created": time.strftime("%Y-%m-%d %H:%M"), "max_new_tokens": max_new_tokens,
-                              "prompts": n_prompts, "not_measured": {**({} if why_not is None else {AUTO_ENGINE: why_not}), **skipped}})
+                              "prompts": n_prompts,
+                              "not_measured": {**({} if why_not is None else {AUTO_ENGINE: why_not}), **skipped}})
     f = cache_file(key)
     f.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(f, (json.dumps(table.to_json(), indent=2) + "\n").encode())

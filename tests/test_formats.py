@@ -250,3 +250,44 @@ def test_unsupported_quantization_is_one_line(tiny_ckpt, tmp_path, capsys, qconf
     assert cli.main(["generate", "--model", str(d), "--prompt", "hi", "--mode", "ar", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_transformers_loader_reads_the_export_bit_for_bit(tiny_ckpt, tmp_path, capsys):
+    """transformers' compressed-tensors loader on edge-dlm's export. NLD itself is remote code in
+    transformers (never run here), so the export is renamed onto Ministral3, the same layer math that
+    `edge_dlm.reference` uses: only names change, the packed tensors and quantization_config are the export's."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    from edge_dlm.config import NLDConfig
+
+    out, hf = tmp_path / "ct", tmp_path / "hf"
+    assert cli.main(["export", str(tiny_ckpt), "-o", str(out), "--quant", "int4", "--group-size", "32",
+                     "--format", "compressed-tensors"]) == 0
+    capsys.readouterr()
+    cfg = NLDConfig.from_file(out / "config.json")
+
+    def rename(k: str) -> str:
+        if k.startswith("diffusion_head"):
+            return "lm_head" + k[len("diffusion_head"):]
+        return k.replace("encoder.", "model.", 1)
+
+    hc = transformers.Ministral3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
+        rope_parameters={k: v for k, v in cfg.to_dict()["rope_parameters"].items() if k != "truncate"})
+    hf.mkdir()
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    (hf / "config.json").write_text(json.dumps({**hc.to_dict(), "architectures": ["Ministral3ForCausalLM"],
+                                                "quantization_config": qconfig}))
+    save_file({rename(k): v for k, v in load_file(out / "model.safetensors").items()}, str(hf / "model.safetensors"))
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf, dtype=torch.float16, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
+    ours = load_model(out)
+    quantized = [n for n, m in ours.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 15
+    for name in quantized:
+        assert torch.equal(model.get_submodule(rename(name)).weight, ours.get_submodule(name).dequantize(torch.float16))
