@@ -255,7 +255,7 @@ class ChatApp(App):
 
     # ---- power
     def poll_power(self) -> None:
-        if self.monitor is None:
+        if self.monitor is None or not self.query("#power"):  # not yet mounted, or already torn down
             return
         self.watts, state, self.watts_why = self.monitor.poll()
         self.supply = state.label
@@ -274,6 +274,8 @@ class ChatApp(App):
         self.show_power()
 
     def show_power(self) -> None:
+        if not self.query("#power"):
+            return
         self.query_one("#power", Static).update(power_line(
             watts=self.watts, why=self.watts_why, joules_per_token=self.joules_per_token, supply=self.supply,
             budget=self.budget, preset="battery" if self.on_battery else None))
