@@ -87,6 +87,13 @@ class Row:
     vs_transformers: float | None = None
 
 
+def bar(label: str, done: int, total: int) -> None:
+    """A one-line progress bar on stderr; the call with done == total ends the line."""
+    filled = int(30 * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r[{'#' * filled:<30}] {done}/{total} {label:<34}", end=end, file=sys.stderr, flush=True)
+
+
 class Progress:
     def __init__(self, total: int, quiet: bool) -> None:
         self.total, self.done, self.quiet = total, 0, quiet
@@ -94,12 +101,7 @@ class Progress:
     def step(self, label: str) -> None:
         self.done += 1
         if not self.quiet:
-            bar = "#" * int(30 * self.done / self.total)
-            print(f"\r[{bar:<30}] {self.done}/{self.total} {label:<28}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if not self.quiet:
-            print(file=sys.stderr)
+            bar(label, self.done, self.total)
 
 
 def measure(name: str, mode: str, run_one: Callable[[object], tuple[int, int, float, float | None, float | None]],
@@ -217,7 +219,6 @@ def run(a: argparse.Namespace) -> int:
     for name, mode, steps in auto_configs:
         rows.append(measure(name, mode, edge_runner(auto.runtime, mode, raw, a, steps), prompts, a, device, meter,
                             progress))
-    progress.close()
     ar = next(r for r in rows if r.name == "ar")
     for r in rows + ([hf_row] if hf_row else []):
         r.vs_ar = r.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else None

@@ -10,7 +10,7 @@ can pick the faster engine.
 The table is cached as JSON under the platformdirs user cache dir, keyed by what the numbers depend on:
 the model (config.json, and every weight file's name, size and modification time — cheap for a 16 GB
 checkpoint, and changed by any rewrite), the device and machine, dtype, quantization, LoRA, kernels
-and the versions of edge-dlm, torch and onnxruntime. Any change means a new key, hence a fresh
+and the versions of edge-dlm, torch, safetensors and onnxruntime. Any change means a new key, hence a fresh
 measurement. `edge-dlm calibrate` re-runs it; `edge-dlm doctor --model DIR` prints it.
 
 `choose(table, prefer, power_budget, allow_lossy, engines)` is the auto rule:
@@ -130,21 +130,10 @@ def configurations(block: int) -> list[tuple[str, int | None]]:
     return [(m, None) for m in LOSSLESS] + [("diffusion", s) for s in DIFFUSION_STEPS if s <= block]
 
 
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def table_key(t: Target) -> str:
     """What the measurement depends on: the model files, the machine, the options and the software."""
-    import torch
-
-    import edge_dlm
     from edge_dlm.bench import machine_description
+    from edge_dlm.export.manifest import tool_versions
 
     h = hashlib.sha256()
     h.update((t.path / "config.json").read_bytes())
@@ -152,8 +141,7 @@ def table_key(t: Target) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(t.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([str(t.path), machine_description(t.device), t.device, t.dtype, t.quant, t.group_size, t.lora,
-                         t.kernels, t.engine == "auto", edge_dlm.__version__, torch.__version__,
-                         _version("onnxruntime")]).encode())
+                         t.kernels, t.engine == "auto", tool_versions("onnxruntime")]).encode())
     return h.hexdigest()
 
 
@@ -242,14 +230,14 @@ def measure(rt, sampler, *, max_new_tokens: int, n_prompts: int, skipped: dict,
 
 
 def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompts: int = 3,
-              progress: Callable[[str, int, int], None] | None = None, log=None) -> Table:
+              progress: Callable[[str, int, int], None] | None = None, log=None, key: str | None = None) -> Table:
     """Measure every configuration of `rt` (and of the auto-built ONNX engine where it may be built),
     cache the table and return it."""
     from edge_dlm.fsutil import atomic_write_bytes
     from edge_dlm.power import Sampler
 
     sampler = sampler or Sampler(str(rt.device))
-    key = table_key(t)
+    key = key or table_key(t)
     why_not = onnx_candidate(t, rt.engine)
     n_configs = len(configurations(rt.config.block_size))
     total = n_configs * (1 if why_not else 2) + (0 if why_not else 1)
@@ -377,6 +365,7 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
 
     `check(runtime)` validates the request before a calibration (a bad request fails fast, alone)."""
     from edge_dlm import engines
+    from edge_dlm.bench import bar
     from edge_dlm.cli import load_runtime
 
     t = target(a)
@@ -390,7 +379,7 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
             check(rt)
         log(f"edge-dlm: calibrating {t.path.name} on {t.device} ({rt.precision}) for --mode auto; once per model "
             "and machine, `edge-dlm calibrate` re-runs it")
-        table = calibrate(rt, t, progress=progress or bar)
+        table = calibrate(rt, t, progress=progress or bar, key=key)
     allowed = {loaded} | ({AUTO_ENGINE} if loaded == "torch" and onnx_candidate(t, loaded) is None else set())
     row, reason = choose(table, a.prefer, a.power_budget, a.allow_lossy, engines=allowed)
     if row.engine != loaded:
@@ -403,13 +392,6 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
     return Auto(rt, row, reason, table)
 
 
-def bar(label: str, done: int, total: int) -> None:
-    """A one-line progress bar on stderr (the last call, done == total, ends the line)."""
-    filled = int(30 * done / max(total, 1))
-    end = "\n" if done >= total else ""
-    print(f"\r[{'#' * filled:<30}] {done}/{total} {label:<34}", end=end, file=sys.stderr, flush=True)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from edge_dlm.cli import add_model_args
 
@@ -419,6 +401,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """`edge-dlm calibrate`: measure again (progress bar), cache and print the table."""
+    from edge_dlm.bench import bar
     from edge_dlm.cli import load_runtime
 
     t = target(a)

@@ -131,16 +131,15 @@ def packed(module: str, files: dict, c: Community) -> bool:
 def stored_shapes(module: str, out_f: int, in_f: int, c: Community, files: dict) -> dict[str, tuple[int, ...]]:
     """The tensors (and shapes) a quantized `module [out_f, in_f]` is stored as."""
     per = 32 // c.bits
-    groups = in_f // c.group_size if c.group_size else 1
     if c.group_size and in_f % c.group_size:
         raise CheckpointError(f"{module}: group size {c.group_size} does not divide its input width {in_f}")
+    groups = in_f // c.group_size if c.group_size else 1
     if c.layout == CT:
         shapes = {f"{module}.weight_packed": (out_f, -(-in_f // per)), f"{module}.weight_scale": (out_f, groups),
                   f"{module}.weight_shape": (2,)}
         if not c.symmetric:
             shapes[f"{module}.weight_zero_point"] = (-(-out_f // per), groups)
         return shapes
-    groups = -(-in_f // c.group_size) if c.group_size else 1
     shapes = {f"{module}.qweight": (in_f // per, out_f), f"{module}.qzeros": (groups, out_f // per),
               f"{module}.scales": (groups, out_f)}
     if f"{module}.g_idx" in files:

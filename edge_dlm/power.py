@@ -35,7 +35,8 @@ class EnergyMeter:
                 import pynvml
 
                 pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                index = int(str(device).partition(":")[2] or 0)  # cuda:N, else the first GPU
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
                 pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
                 self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
                 self.source = "NVML"

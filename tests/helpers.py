@@ -39,16 +39,15 @@ def reference_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 class FakeMeter:
     """An energy counter drawing a constant `watts` (a `power.EnergyMeter` stand-in); `watts=None`: none."""
 
-    def __init__(self, watts: float | None = 10.0, clock=None) -> None:
-        import time
-
+    def __init__(self, watts: float | None = 10.0) -> None:
         self.watts = watts
-        self.clock = clock or time.perf_counter
         self.source = "fake" if watts is not None else "n/a"
         self.why = "" if watts is not None else "no meter in this test"
 
     def read(self) -> float | None:
-        return None if self.watts is None else self.watts * self.clock()
+        import time
+
+        return None if self.watts is None else self.watts * time.perf_counter()
 
 
 def fake_power_supply(root, *, ac: bool | None = True, battery: str | None = None, power_uw: int | None = None,

@@ -91,7 +91,7 @@ def test_generate_by_name_and_revision_offline(cache, tiny_ckpt, capsys):
     assert edge_dlm.load("org/tiny", device="cpu").path.name == COMMIT_A
 
 
-def test_a_directory_wins_over_a_name(cache, tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_a_directory_wins_over_a_name(cache, tiny_ckpt, tmp_path, monkeypatch):
     import shutil
 
     local = tmp_path / "org" / "tiny"
