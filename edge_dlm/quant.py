@@ -14,8 +14,14 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 `[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
 (bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
 
-The matmul dequantizes the weight into the activation dtype and calls `F.linear` (CPU and CUDA
-alike). Fused kernels plug in through `register_matmul(scheme, device_type, fn)`.
+Matmuls read the packed weights directly: on the CPU torch's own weight-only kernels
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, in bf16: activations and scales are rounded to
+bf16 there, as those kernels require; this module registers them), on CUDA the Triton kernels of
+`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable_quant`). Both keep a derived
+copy of the weight in the kernel's own layout next to `qweight`, built on first use per device.
+`dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
+declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
+decline a shape.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
 BNB_HINT = "install it with `pip install bitsandbytes` (or the `quant` extra)"
 
-# (scheme, device type) -> fn(x, module) -> y; filled by edge_dlm.kernels when its kernels can run.
-_MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]] = {}
+# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU ones are registered at the
+# end of this module, the CUDA ones by edge_dlm.kernels.enable_quant.
+_MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor | None]] = {}
 
 
 def register_matmul(scheme: str, device_type: str,
@@ -172,6 +179,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", tensors.get("zeros"))
         # GPTQ with act-order: stored columns are the input columns in this order (groups contiguous)
         self.register_buffer("perm", tensors.get("perm"))
+        self._derived: dict[str, object] = {}  # kernel layouts of the weight, built on first use
+
+    def derived(self, name: str, build: Callable[["QuantLinear"], object]) -> object:
+        """The weight in a kernel's own layout (`build(self)` once, then cached until moved)."""
+        got = self._derived.get(name)
+        if got is None:
+            got = self._derived[name] = build(self)
+        return got
+
+    def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the derived layouts
+        self._derived = {}
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, spec: QuantSpec) -> "QuantLinear":
@@ -194,14 +213,66 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         fused = _MATMULS.get((self.spec.scheme, x.device.type)) if self.spec.layout == "edge-dlm" else None
-        if fused is not None:
-            return fused(x, self)
-        return F.linear(x, self.dequantize(x.dtype))
+        y = fused(x, self) if fused is not None else None
+        return y if y is not None else linear_ref(x, self)
 
     def extra_repr(self) -> str:
         s = self.spec
         return (f"{self.in_features}, {self.out_features}, {s.scheme}, group={s.group_size}, "
                 f"{'sym' if s.symmetric else 'asym'}")
+
+
+def linear_ref(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
+    """The reference quantized matmul: dequantize the whole weight, then `F.linear`."""
+    return F.linear(x, mod.dequantize(x.dtype))
+
+
+# --- CPU matmuls (torch's weight-only kernels; bf16 is their fast path) ----------------------------
+
+def _cpu_int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """tinygemm's CPU layout: unsigned nibbles u with w = (u - 8) * scale + zero, scales and zeros
+    `[in / group, out, 2]` in bf16."""
+    q = unpack_int4(mod.qweight, signed=mod.zeros is None).to(torch.int32)
+    s = mod.scales.float()
+    if mod.zeros is None:  # signed q in [-8, 7]: u = q + 8, zero 0
+        u, z = q + 8, torch.zeros_like(s)
+    else:                  # unsigned q in [0, 15]: q * s + min = (q - 8) * s + (min + 8 s)
+        u, z = q, mod.zeros.float() + 8 * s
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    return packed, torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()
+
+
+def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
+    if mod.out_features % 16:  # the CPU packing works in tiles of 16 output rows
+        return None
+    packed, sz = mod.derived("cpu-int4", _cpu_int4_layout)
+    x2 = x.reshape(-1, mod.in_features).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, mod.spec.group_size, sz)
+    return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
+
+
+def _cpu_int8_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group: the int8 columns `[groups, out, group]` and the scales `[groups, out]` (bf16)."""
+    n_groups = mod.scales.shape[1]
+    w = mod.qweight.reshape(mod.out_features, n_groups, -1).transpose(0, 1).contiguous()
+    return w, mod.scales.t().to(torch.bfloat16).contiguous()
+
+
+def cpu_int8_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
+    """Group-wise int8 as a sum of per-channel int8 GEMMs, one per group (symmetric only)."""
+    if mod.zeros is not None:
+        return None
+    w, s = mod.derived("cpu-int8", _cpu_int8_layout)
+    n_groups, g = w.shape[0], w.shape[2]
+    xg = x.reshape(-1, n_groups, g).to(torch.bfloat16).transpose(0, 1).contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(xg[0], w[0], s[0]).float()
+    for i in range(1, n_groups):
+        y += torch.ops.aten._weight_int8pack_mm(xg[i], w[i], s[i])
+    return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
+
+
+register_matmul("int4", "cpu", cpu_int4_matmul)
+register_matmul("int8", "cpu", cpu_int8_matmul)
 
 
 class QuantEmbedding(nn.Module):

@@ -1,4 +1,5 @@
-"""Triton kernels: block attention over the KV cache and on-device verification (edge_dlm.kernels).
+"""Triton kernels: block attention over the KV cache, on-device verification and weight-only int4 /
+int8 matmuls (edge_dlm.kernels).
 
 Importing this package is light; `triton` loads with the kernel modules. `status(device)` says
 whether the kernels can run there and why not, `enable(model)` switches a model's cached passes to
@@ -41,7 +42,14 @@ def resolve(choice: str, device: torch.device | str) -> bool:
 
 
 def enable(model: torch.nn.Module) -> None:
-    """Route the model's cached attention to the Triton block-attention kernel."""
+    """Route the model's cached attention to the Triton block-attention kernel and, on CUDA, its
+    int4 / int8 weights to the weight-only matmul kernel (on the CPU torch's own kernels serve them)."""
     from edge_dlm.kernels.attention import block_attention
 
     model.attn_kernel = block_attention
+    if any(t.is_cuda for t in model.buffers()):
+        from edge_dlm.kernels.quant_matmul import quant_matmul
+        from edge_dlm.quant import register_matmul
+
+        for scheme in ("int4", "int8"):
+            register_matmul(scheme, "cuda", quant_matmul)

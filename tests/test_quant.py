@@ -118,7 +118,7 @@ def test_lora_drafter_on_quantized_weights(tiny_model):
 
 
 def test_quant_kernel_hook_is_used(tiny_model):
-    from edge_dlm.quant import register_matmul
+    from helpers import quant_matmul
 
     qm = quantized(tiny_model, "int8")
     calls = []
@@ -127,9 +127,49 @@ def test_quant_kernel_hook_is_used(tiny_model):
         calls.append(mod.out_features)
         return torch.nn.functional.linear(x, mod.dequantize(x.dtype))
 
-    register_matmul("int8", "cpu", fused)
-    try:
+    with quant_matmul("int8", "cpu", fused):
         run_mode(qm, PROMPT, "ar", max_new_tokens=2)
-    finally:
-        register_matmul("int8", "cpu", None)
     assert len(calls) == 2 * (2 * 7 + 1)  # prefill (gives token 1) + 1 step; 7 linears x 2 layers + head
+
+
+@pytest.mark.parametrize("m", [1, 2, 15, 16, 17, 32, 33, 272])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("scheme,symmetric", [("int4", True), ("int4", False), ("int8", True)])
+def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
+    """torch's CPU weight-only kernels (bf16 inside) == dequantize + F.linear within bf16 rounding."""
+    from edge_dlm.quant import _MATMULS, linear_ref
+
+    g = torch.Generator().manual_seed(m)
+    mod = QuantLinear.from_weight(torch.randn(48, 256, generator=g) * 0.05, QuantSpec(scheme, group, symmetric))
+    x = torch.randn(m, 256, generator=g)
+    got = _MATMULS[(scheme, "cpu")](x, mod)
+    ref = linear_ref(x, mod)
+    assert got is not None and got.dtype == torch.float32
+    err = (got - ref).norm() / ref.norm()
+    assert err < 6e-3, err  # bf16 activations and scales: ~2^-9 relative each
+    if m == 1:  # a row's result does not depend on the other rows of the pass
+        xs = torch.cat([x, torch.randn(15, 256, generator=g)])
+        torch.testing.assert_close(_MATMULS[(scheme, "cpu")](xs, mod)[:1], got, atol=0, rtol=0)
+
+
+def test_cpu_matmul_declines_what_it_cannot_run():
+    """Shapes and layouts the CPU kernels do not take fall back to the reference, same result."""
+    from edge_dlm.quant import _MATMULS, linear_ref
+
+    odd = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int4", 32))  # 40 rows: not tiles of 16
+    assert _MATMULS[("int4", "cpu")](torch.randn(3, 64), odd) is None
+    asym8 = QuantLinear.from_weight(torch.randn(48, 64), QuantSpec("int8", 32, symmetric=False))
+    assert _MATMULS[("int8", "cpu")](torch.randn(3, 64), asym8) is None
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
+
+
+def test_derived_layout_follows_the_module(tiny_model):
+    """The kernel layout is rebuilt after a move and never written to the artifact."""
+    qm = quantized(tiny_model, "int4", group_size=32)
+    lin = qm.encoder.layers[0].mlp.gate_proj
+    lin(torch.randn(2, lin.in_features))
+    assert "cpu-int4" in lin._derived or lin.out_features % 16
+    qm.to(torch.float32)
+    assert lin._derived == {}
+    assert not any("derived" in k or "cpu" in k for k in qm.state_dict())
