@@ -46,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--shape", choices=["3b", "8b"], help="time forwards at a real NLD shape (random weights)")
+    p.add_argument("--shape", choices=["3b", "8b"], help="time forwards at a real NLD shape (random weights); "
+                   "with --quant also the quantized passes")
+    p.add_argument("--layers", type=int, help="with --shape: this many layers instead of the shape's")
     p.add_argument("--plot", help="write a PNG of tokens/s and TPF per configuration (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -171,6 +173,9 @@ def transformers_runner(rt, raw: bool, a: argparse.Namespace):
 def run(a: argparse.Namespace) -> int:
     if a.shape:
         from edge_dlm.bench_shapes import run_shapes
+
+        if a.layers is not None and a.layers < 1:
+            raise UserError("--layers must be >= 1")
         return run_shapes(a)
     if a.repeats < 1 or a.max_new_tokens < 1 or a.num_prompts < 1:
         raise UserError("--repeats, --max-new-tokens and --num-prompts must be >= 1")

@@ -1,10 +1,13 @@
 """`edge-dlm bench --shape 3b|8b`: one forward at T = 1, B and B(B+1) tokens over a cache, with random
 weights at the real NLD shapes, against the memory-bandwidth floor.
 
-The floor is the time to read every weight once: weight bytes / the device's measured copy bandwidth
-(a large device-to-device copy, read + write counted). A decode step at T = 1 is memory bound, so its
-ratio to the floor says how close the engine gets to the hardware; wider passes (the diffusion block,
-QuadraticSpec's B(B+1)) should cost little more than T = 1 until compute takes over.
+The floor is the time to read every weight once: weight bytes / the bytes per second a large device
+copy moves (its reads and writes both counted, so no factor 2). A decode step at T = 1 is memory
+bound, so its ratio to the floor says how close the engine gets to the hardware; wider passes (the
+diffusion block, QuadraticSpec's B(B+1)) should cost little more than T = 1 until compute takes over.
+Each pass is timed eagerly and, on CUDA, replayed as a CUDA graph captured at the same cache length
+(what the launch overhead costs). `--quant int4|int8|nf4` times the same passes again after quantizing
+the weights, next to their own (smaller) read floor and as a ratio to the float pass.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a device copy (read + write)."""
+    """Bytes/s a device copy moves, reads and writes both counted (2 x bytes / time)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -68,8 +71,42 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / min(times)
 
 
-def time_forwards(model, tokens: list[int], context: int, device: torch.device, repeats: int) -> dict[int, float]:
-    """Median seconds of one causal/block forward of T new tokens over a `context`-token cache."""
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()` (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        s = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - s)
+    return statistics.median(times)
+
+
+def graph_replay(fn, device: torch.device, repeats: int) -> float | None:
+    """Median seconds of replaying `fn` captured once as a CUDA graph (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (lazy inits, kernel compiles)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return timed(graph.replay, device, repeats)
+    finally:
+        del graph
+
+
+def time_forwards(model, tokens: list[int], context: int, device: torch.device,
+                  repeats: int) -> dict[int, tuple[float, float | None]]:
+    """Per T: (eager, graph replay) median seconds of one forward of T new tokens over a
+    `context`-token cache (T = B(B+1): QuadraticSpec's cycle mask, else the block mask)."""
     from edge_dlm.attention import BLOCK, CAUSAL, Attn
 
     b = model.config.block_size
@@ -84,43 +121,62 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device, 
             attn = Attn("quad_cycle", block=b) if t == b * (b + 1) else BLOCK
             x = torch.randint(0, vocab, (1, t), device=device)
             pos = torch.arange(context, context + t, device=device)[None]
-            model(x, pos, cache=cache, attn=attn)  # warm-up
-            times = []
-            for _ in range(repeats):
-                sync(device)
-                s = time.perf_counter()
+
+            def step():
                 model(x, pos, cache=cache, attn=attn)
-                sync(device)
-                times.append(time.perf_counter() - s)
+
+            out[t] = (timed(step, device, repeats), graph_replay(step, device, repeats))
             cache.commit(0)
-            out[t] = statistics.median(times)
     return out
 
 
 def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int = 512) -> int:
+    from edge_dlm.quant import QuantSpec, quantize_model, weight_bytes
     from edge_dlm.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
     dtype = resolve_dtype(None if a.dtype == "auto" else a.dtype, device)
-    cfg = cfg or shape_config(a.shape)
+    cfg = cfg or shape_config(a.shape, getattr(a, "layers", None))
+    spec = QuantSpec(a.quant, group_size=a.group_size) if getattr(a, "quant", None) else None
     model = random_model(cfg, dtype, device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if spec is not None and device.type == "cuda" and getattr(a, "kernels", "auto") != "off":
+        from edge_dlm import kernels
+
+        if kernels.resolve(getattr(a, "kernels", "auto"), device):
+            kernels.enable(model)
     bw = copy_bandwidth(device)
-    floor = weight_bytes / (bw / 2)  # reading the weights once: half of a copy's traffic
     b = cfg.block_size
-    times = time_forwards(model, [1, b, b * (b + 1)], context, device, max(1, a.repeats))
-    rows = [{"tokens": t, "ms": s * 1000, "floor_ms": floor * 1000, "vs_floor": s / floor,
-             "tokens_per_s": t / s} for t, s in times.items()]
-    meta = {"shape": a.shape, "layers": cfg.num_hidden_layers, "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "weight_gb": weight_bytes / 1e9,
-            "copy_bandwidth_gbs": bw / 1e9, "context": context}
+    dname = str(dtype).removeprefix("torch.")
+    rows, gb = [], {}
+    for weights in [dname] + ([f"{spec.scheme} g{spec.group_size}"] if spec else []):
+        if weights != dname:
+            quantize_model(model, spec)
+            sync(device)
+        nbytes = weight_bytes(model)
+        gb[weights] = nbytes / 1e9
+        floor = nbytes / bw  # reading every weight once at the copy's (read + write) byte rate
+        for t, (eager, graph) in time_forwards(model, [1, b, b * (b + 1)], context, device,
+                                               max(1, a.repeats)).items():
+            best = graph if graph is not None else eager
+            rows.append({"weights": weights, "tokens": t, "ms": eager * 1000,
+                         "graph_ms": graph * 1000 if graph is not None else None, "floor_ms": floor * 1000,
+                         "vs_floor": best / floor, "tokens_per_s": t / best})
+    base = {r["tokens"]: r for r in rows if r["weights"] == dname}
+    for r in rows:
+        key = "graph_ms" if r["graph_ms"] is not None else "ms"
+        r["vs_float"] = r[key] / base[r["tokens"]][key]
+    meta = {"shape": a.shape, "layers": cfg.num_hidden_layers, "device": str(device), "dtype": dname,
+            "weight_gb": gb, "copy_bandwidth_gbs": bw / 1e9, "context": context}
     if a.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    else:
-        print(f"NLD-{a.shape} shape ({cfg.num_hidden_layers} layers, random weights) on {device} {meta['dtype']}: "
-              f"{meta['weight_gb']:.2f} GB of weights, copy bandwidth {meta['copy_bandwidth_gbs']:.0f} GB/s, "
-              f"cache {context} tokens\n")
-        print("| tokens | ms / forward | floor ms | x floor | tokens/s |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['tokens']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {r['vs_floor']:.2f} | {r['tokens_per_s']:.0f} |")
+        return 0
+    sizes = ", ".join(f"{k} {v:.2f} GB" for k, v in gb.items())
+    print(f"NLD-{a.shape} shape ({cfg.num_hidden_layers} layers, random weights) on {device}: {sizes}; "
+          f"copy bandwidth {meta['copy_bandwidth_gbs']:.0f} GB/s (read + write), cache {context} tokens\n")
+    print("| weights | tokens | eager ms | graph ms | read floor ms | x floor | vs float | tokens/s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        graph = f"{r['graph_ms']:.2f}" if r["graph_ms"] is not None else "n/a (CPU)"
+        print(f"| {r['weights']} | {r['tokens']} | {r['ms']:.2f} | {graph} | {r['floor_ms']:.2f} | "
+              f"{r['vs_floor']:.2f} | {r['vs_float']:.2f} | {r['tokens_per_s']:.0f} |")
     return 0

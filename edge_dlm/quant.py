@@ -242,11 +242,16 @@ def _cpu_int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()
 
 
+CPU_INT4_MAX_ROWS = 192  # tinygemm's CPU cost grows with every row; past this, dequantize + bf16 GEMM
+
+
 def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
     if mod.out_features % 16:  # the CPU packing works in tiles of 16 output rows
         return None
-    packed, sz = mod.derived("cpu-int4", _cpu_int4_layout)
     x2 = x.reshape(-1, mod.in_features).to(torch.bfloat16)
+    if x2.shape[0] > CPU_INT4_MAX_ROWS:  # wide passes (QuadraticSpec, prefill) are compute bound
+        return linear_ref(x2, mod).to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
+    packed, sz = mod.derived("cpu-int4", _cpu_int4_layout)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, mod.spec.group_size, sz)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 

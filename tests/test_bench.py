@@ -61,9 +61,20 @@ def test_shape_bench_times_each_pass_width(capsys):
     cfg = dataclasses.replace(shape_config("3b", layers=1), vocab_size=512, hidden_size=256,
                               intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=64, block_size=4)
-    args = argparse.Namespace(device="cpu", dtype="float32", repeats=1, json=True, shape="3b")
+    args = argparse.Namespace(device="cpu", dtype="float32", repeats=1, json=True, shape="3b", quant="int4",
+                              group_size=64, kernels="auto")
     assert run_shapes(args, cfg=cfg, context=16) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["tokens"] for r in out["rows"]] == [1, 4, 20]
-    assert all(r["ms"] > 0 and r["vs_floor"] > 0 for r in out["rows"])
-    assert out["meta"]["copy_bandwidth_gbs"] > 0
+    assert [(r["weights"], r["tokens"]) for r in out["rows"]] == [
+        ("float32", 1), ("float32", 4), ("float32", 20), ("int4 g64", 1), ("int4 g64", 4), ("int4 g64", 20)]
+    assert all(r["ms"] > 0 and r["vs_floor"] > 0 and r["graph_ms"] is None for r in out["rows"])  # no CUDA
+    gb, bw = out["meta"]["weight_gb"], out["meta"]["copy_bandwidth_gbs"]
+    assert gb["int4 g64"] < 0.2 * gb["float32"] and bw > 0
+    for r in out["rows"]:  # the read floor: weight bytes / the copy's bytes per second (reads + writes)
+        assert r["floor_ms"] == pytest.approx(gb[r["weights"]] / bw * 1000)
+        assert r["vs_float"] == pytest.approx(1.0) if r["weights"] == "float32" else r["vs_float"] > 0
+
+
+def test_shape_bench_bad_layers(capsys):
+    assert main(["bench", "--shape", "3b", "--layers", "0"]) == 2
+    assert "--layers" in capsys.readouterr().err
