@@ -250,7 +250,8 @@ def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
         return None
     x2 = x.reshape(-1, mod.in_features).to(torch.bfloat16)
     if x2.shape[0] > CPU_INT4_MAX_ROWS:  # wide passes (QuadraticSpec, prefill) are compute bound
-        return linear_ref(x2, mod).to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
+        w = mod.dequantize(torch.float32).to(torch.bfloat16)  # fp32 first: asymmetric q * s + zero cancels
+        return F.linear(x2, w).to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
     packed, sz = mod.derived("cpu-int4", _cpu_int4_layout)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, mod.spec.group_size, sz)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
