@@ -30,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
     p.add_argument("--quant", help="quantize on load: int8, int4 (group-wise), nf4, llm-int8 (bitsandbytes)")
     p.add_argument("--group-size", type=int, default=64, help="group size for --quant int8/int4/nf4 (default 64)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --quant int4/int8: rescale and clip the weights on calibration text first (AWQ)")
     p.add_argument("--engine", default="auto",
                    help="torch, onnxruntime, tensorrt, tensorrt-rtx, or auto: the first that can run the model "
                    "(default)")
@@ -66,7 +68,8 @@ def load_runtime(a: argparse.Namespace):
     import edge_dlm
 
     return edge_dlm.load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-                         lora=not a.no_lora, quant=a.quant, group_size=a.group_size, kernels=a.kernels, engine=a.engine)
+                         lora=not a.no_lora, quant=a.quant, group_size=a.group_size, calibrate=a.calibrate, kernels=a.kernels,
+                         engine=a.engine)
 
 
 def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):

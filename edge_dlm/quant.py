@@ -68,10 +68,16 @@ class QuantSpec:
     # (edge_dlm.formats): signed values, integer zero points, dequantized in the scales' dtype as
     # their reference implementations do, group size per module (0: per channel)
     layout: str = "edge-dlm"
+    # "awq": weights rescaled and clipped on calibration tokens before quantizing (edge_dlm.awq)
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise UserError(f"quantization '{self.scheme}' not supported; known: {', '.join(SCHEMES)}")
+        if self.calibration not in (None, "awq"):
+            raise UserError(f"calibration '{self.calibration}' not supported; known: awq")
+        if self.calibration and self.scheme not in OWN_SCHEMES:
+            raise UserError(f"--calibrate is for int4 and int8 (bitsandbytes quantizes {self.scheme} itself)")
         if self.layout == "edge-dlm" and self.group_size not in GROUP_SIZES:
             raise UserError(f"group size {self.group_size} not supported; known: "
                             f"{', '.join(map(str, GROUP_SIZES))}")
@@ -84,6 +90,8 @@ class QuantSpec:
         d = dataclasses.asdict(self)
         if self.layout == "edge-dlm":
             d.pop("layout")
+        if self.calibration is None:
+            d.pop("calibration")
         return d
 
     @classmethod
@@ -385,8 +393,15 @@ def linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantizes(n, spec)]
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    """Quantize a loaded model in place (the `--quant` load-time path) and return it."""
+def quantize_model(model: nn.Module, spec: QuantSpec, tokenizer=None, log=lambda *_: None) -> nn.Module:
+    """Quantize a loaded model in place (the `--quant` load-time path) and return it; a calibrated
+    spec first calibrates on the bundled prompts through `tokenizer` (edge_dlm.awq)."""
+    if spec.calibration:
+        from edge_dlm import awq
+
+        if tokenizer is None:
+            raise UserError("calibrated quantization needs the model's tokenizer")
+        awq.calibrate(model, spec, awq.calibration_tokens(tokenizer)[:, :model.config.max_position_embeddings], log)
     for name in linear_names(model, spec):
         lin = model.get_submodule(name)
         w = lin.weight.detach()

@@ -370,23 +370,26 @@ def _last(events: Iterator[StreamEvent]) -> Result:
 
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
-         engine: str = "auto", quant: str | None = None, group_size: int = 64,
+         engine: str = "auto", quant: str | None = None, group_size: int = 64, calibrate: bool = False,
          lora: bool = True, kernels: str = "auto") -> Runtime:
     """Load a model (default: the bundled demo model) into a `Runtime`: a checkpoint or artifact directory,
     or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online).
 
     `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
-    "llm-int8" (bitsandbytes). A quantized artifact from `edge-dlm export` loads as it is.
+    "llm-int8" (bitsandbytes); `calibrate` first rescales and clips int8 / int4 weights on the bundled
+    prompts (edge_dlm.awq). A quantized artifact from `edge-dlm export` loads as it is.
     `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
     """
     from edge_dlm import engines
     from edge_dlm.weights import check_dir
 
     spec = None
+    if calibrate and quant is None:
+        raise UserError("--calibrate calibrates a quantization: add --quant int4 (or int8)")
     if quant is not None:
         from edge_dlm.quant import BNB_SCHEMES, QuantSpec, require_bnb
 
-        spec = QuantSpec(quant, group_size=group_size)
+        spec = QuantSpec(quant, group_size=group_size, calibration="awq" if calibrate else None)
         if spec.scheme in BNB_SCHEMES:
             require_bnb()
     from edge_dlm.hub import resolve
@@ -409,7 +412,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
         if net.config.quantization:
             raise UserError(f"{path} is already quantized ({net.config.quantization.get('scheme')}); "
                             "drop --quant, or quantize the full-precision checkpoint")
-        quantize_model(net, spec)
+        quantize_model(net, spec, tokenizer)
     if tokenizer.vocab_size > net.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{net.config.vocab_size}")

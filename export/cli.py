@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
     p.add_argument("--asymmetric", action="store_true", help="int8/int4 with a per-group minimum (default symmetric)")
     p.add_argument("--keep-head", action="store_true", help="leave diffusion_head in full precision")
+    p.add_argument("--calibrate", action="store_true", help="--target torch, int4/int8: rescale and clip the "
+                   "weights on calibration text before quantizing (AWQ; a few hundred bundled tokens)")
     p.add_argument("--format", default="edge-dlm", choices=("edge-dlm", "compressed-tensors"),
                    help="--target torch: edge-dlm (default: also quantizes the embedding, allows --asymmetric) or "
                    "compressed-tensors (pack-quantized: loads in vLLM, SGLang, transformers)")
@@ -43,6 +45,8 @@ def run(a: argparse.Namespace) -> int:
     a.checkpoint = resolve(a.checkpoint)
     if a.format != "edge-dlm" and a.target != "torch":
         raise UserError(f"--format {a.format} is a safetensors layout: use it with --target torch")
+    if a.calibrate and (a.target != "torch" or a.quant is None):
+        raise UserError("--calibrate calibrates --quant int4/int8 for --target torch")
     if a.target == "torch":
         if a.quant is None:
             raise UserError("nothing to export: pass --quant for a quantized artifact or "
@@ -50,7 +54,8 @@ def run(a: argparse.Namespace) -> int:
         from edge_dlm.export.quantize import export_quantized
         from edge_dlm.quant import QuantSpec
 
-        spec = QuantSpec(a.quant, group_size=a.group_size, symmetric=not a.asymmetric, head=not a.keep_head)
+        spec = QuantSpec(a.quant, group_size=a.group_size, symmetric=not a.asymmetric, head=not a.keep_head,
+                         calibration="awq" if a.calibrate else None)
         export_quantized(a.checkpoint, a.output, spec, force=a.force, fmt=a.format)
         return 0
     if a.target == "onnx":

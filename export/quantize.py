@@ -82,7 +82,12 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
     # Loaded in the checkpoint's own dtype, so what stays float (norms, an unquantized head) is
     # stored as it was; quantization itself works in fp32.
     model = load_model(src, dtype=_source_dtype(src), lora=False)
-    quantize_model(model, spec)
+    tokenizer = None
+    if spec.calibration:
+        from edge_dlm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(src)
+    quantize_model(model, spec, tokenizer, log=log)
     if fmt == "compressed-tensors":
         state, qconfig = compressed_tensors_state(model, spec)
     else:

@@ -13,32 +13,41 @@ from edge_dlm.errors import UserError
 from helpers import run_mode
 
 PROMPT = [1, 40, 41, 42, 43, 44]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    """The tiny model where the kernels run: the GPU when there is one (fp32 there too)."""
+    return copy.deepcopy(tiny_model).to(DEVICE)
 
 
 @pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"steps": 2}), ("linear-spec", {}),
                                      ("quadratic-spec", {})])
-def test_modes_equal_with_kernels(tiny_model, mode, kw):
-    fused = copy.deepcopy(tiny_model)
+def test_modes_equal_with_kernels(model, mode, kw):
+    fused = copy.deepcopy(model)
     kernels.enable(fused)
-    ref, _ = run_mode(tiny_model, PROMPT, mode, max_new_tokens=10, **kw)
+    ref, _ = run_mode(model, PROMPT, mode, max_new_tokens=10, **kw)
     got, _ = run_mode(fused, PROMPT, mode, max_new_tokens=10, **kw)
     assert got.output_ids == ref.output_ids and got.nfe == ref.nfe
     with torch.no_grad():  # logits of one cached block pass agree closely too
         from edge_dlm.attention import BLOCK
 
         outs = []
-        for m in (tiny_model, fused):
+        for m in (model, fused):
             cache = m.new_cache(16)
-            m(torch.tensor([PROMPT]), torch.arange(6)[None], cache=cache, attn=edge_dlm.attention.CAUSAL)
+            m(torch.tensor([PROMPT], device=DEVICE), torch.arange(6, device=DEVICE)[None], cache=cache,
+              attn=edge_dlm.attention.CAUSAL)
             cache.commit(6)
-            outs.append(m(torch.tensor([[5, 3, 3, 3]]), torch.arange(6, 10)[None], cache=cache, attn=BLOCK))
+            outs.append(m(torch.tensor([[5, 3, 3, 3]], device=DEVICE), torch.arange(6, 10, device=DEVICE)[None],
+                          cache=cache, attn=BLOCK))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"steps": 2}), ("diffusion", {"steps": 4, "threshold": 0.3}),
                                      ("linear-spec", {}), ("linear-spec", {"block_size": 1}),
                                      ("quadratic-spec", {}), ("quadratic-spec", {"block_size": 2})])
-def test_on_device_cycles_equal_host_cycles(tiny_model, mode, kw):
+def test_on_device_cycles_equal_host_cycles(model, mode, kw):
     """Greedy picks and accept decisions on the device (one sync per cycle) == the host path."""
     from edge_dlm.kernels.verify import greedy_pick
 
@@ -50,20 +59,20 @@ def test_on_device_cycles_equal_host_cycles(tiny_model, mode, kw):
             if fused:
                 dec.sampler.greedy_fn = greedy_pick  # from the first event on: every cycle on the device
             seen.append(ev)
-        dec, _ = run_mode(tiny_model, PROMPT, mode, max_new_tokens=12, on_event=on_event, **kw)
+        dec, _ = run_mode(model, PROMPT, mode, max_new_tokens=12, on_event=on_event, **kw)
         events[fused] = (dec.output_ids, dec.nfe, seen)
     assert events[True][:2] == events[False][:2]
     assert events[True][2] == events[False][2]  # the same Canvas / Draft / Emit events
 
 
 def test_runtime_kernels_switch(tiny_ckpt):
-    rt = edge_dlm.load(tiny_ckpt, device="cpu", kernels="on")  # interpreter: allowed when asked for
+    rt = edge_dlm.load(tiny_ckpt, device=DEVICE, dtype="float32", kernels="on")  # CPU: the interpreter, when asked for
     assert rt.kernels and rt.model.attn_kernel is not None
-    off = edge_dlm.load(tiny_ckpt, device="cpu", kernels="off")
+    off = edge_dlm.load(tiny_ckpt, device=DEVICE, dtype="float32", kernels="off")
     a = rt.generate([1, 40, 41], mode="linear-spec", max_new_tokens=8)
     b = off.generate([1, 40, 41], mode="linear-spec", max_new_tokens=8)
     assert a.output_ids == b.output_ids
-    assert not edge_dlm.load(tiny_ckpt, device="cpu").kernels  # auto never picks the interpreter
+    assert edge_dlm.load(tiny_ckpt, device=DEVICE).kernels == (DEVICE == "cuda")  # auto: never the interpreter
     with pytest.raises(UserError, match="known: auto, on, off"):
         edge_dlm.load(tiny_ckpt, device="cpu", kernels="fast")
 
