@@ -14,9 +14,9 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 `[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
 (bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
 
-Matmuls read the packed weights directly: on the CPU torch's own weight-only kernels
-(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`, in bf16: activations and scales are rounded to
-bf16 there, as those kernels require; this module registers them), on CUDA the Triton kernels of
+Matmuls read the packed weights directly: int4 on the CPU through torch's own weight-only kernel
+(`_weight_int4pack_mm_for_cpu`, in bf16: activations and scales are rounded to bf16 there, as the
+kernel requires; this module registers it), int4 and int8 on CUDA through the Triton kernel of
 `edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable_quant`). Both keep a derived
 copy of the weight in the kernel's own layout next to `qweight`, built on first use per device.
 `dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
@@ -41,8 +41,10 @@ BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
 BNB_HINT = "install it with `pip install bitsandbytes` (or the `quant` extra)"
 
-# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU ones are registered at the
-# end of this module, the CUDA ones by edge_dlm.kernels.enable_quant.
+# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU int4 one is registered below,
+# the CUDA ones by edge_dlm.kernels.enable. CPU int8 stays on the reference: torch's per-channel
+# `_weight_int8pack_mm` run once per group measured slower than a bf16 model and its results depend
+# on the pass width (LinearSpec then differed from AR).
 _MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor | None]] = {}
 
 
@@ -265,28 +267,7 @@ def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
-def _cpu_int8_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group: the int8 columns `[groups, out, group]` and the scales `[groups, out]` (bf16)."""
-    n_groups = mod.scales.shape[1]
-    w = mod.qweight.reshape(mod.out_features, n_groups, -1).transpose(0, 1).contiguous()
-    return w, mod.scales.t().to(torch.bfloat16).contiguous()
-
-
-def cpu_int8_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
-    """Group-wise int8 as a sum of per-channel int8 GEMMs, one per group (symmetric only)."""
-    if mod.zeros is not None:
-        return None
-    w, s = mod.derived("cpu-int8", _cpu_int8_layout)
-    n_groups, g = w.shape[0], w.shape[2]
-    xg = x.reshape(-1, n_groups, g).to(torch.bfloat16).transpose(0, 1).contiguous()
-    y = torch.ops.aten._weight_int8pack_mm(xg[0], w[0], s[0]).float()
-    for i in range(1, n_groups):
-        y += torch.ops.aten._weight_int8pack_mm(xg[i], w[i], s[i])
-    return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
-
-
 register_matmul("int4", "cpu", cpu_int4_matmul)
-register_matmul("int8", "cpu", cpu_int8_matmul)
 
 
 class QuantEmbedding(nn.Module):

@@ -134,9 +134,9 @@ def test_quant_kernel_hook_is_used(tiny_model):
 
 @pytest.mark.parametrize("m", [1, 2, 15, 16, 17, 32, 33, 272])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("scheme,symmetric", [("int4", True), ("int4", False), ("int8", True)])
+@pytest.mark.parametrize("scheme,symmetric", [("int4", True), ("int4", False)])
 def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
-    """torch's CPU weight-only kernels (bf16 inside) == dequantize + F.linear within bf16 rounding."""
+    """torch's CPU int4 kernel (bf16 inside) == dequantize + F.linear within bf16 rounding."""
     from edge_dlm.quant import _MATMULS, linear_ref
 
     g = torch.Generator().manual_seed(m)
@@ -158,8 +158,7 @@ def test_cpu_matmul_declines_what_it_cannot_run():
 
     odd = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int4", 32))  # 40 rows: not tiles of 16
     assert _MATMULS[("int4", "cpu")](torch.randn(3, 64), odd) is None
-    asym8 = QuantLinear.from_weight(torch.randn(48, 64), QuantSpec("int8", 32, symmetric=False))
-    assert _MATMULS[("int8", "cpu")](torch.randn(3, 64), asym8) is None
+    assert ("int8", "cpu") not in _MATMULS  # int8 on the CPU: the reference (see edge_dlm.quant)
     x = torch.randn(3, 64)
     torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
 
