@@ -17,8 +17,9 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 Matmuls read the packed weights directly: int4 on the CPU through torch's own weight-only kernel
 (`_weight_int4pack_mm_for_cpu`, in bf16: activations and scales are rounded to bf16 there, as the
 kernel requires; this module registers it), int4 and int8 on CUDA through the Triton kernel of
-`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable_quant`). Both keep a derived
-copy of the weight in the kernel's own layout next to `qweight`, built on first use per device.
+`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable`). The CPU kernel keeps a
+derived copy of the weight in its own tile layout next to `qweight` (`QuantLinear.derived`, built on
+first use per device); the Triton kernel reads `qweight` as it is.
 `dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
 declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
 decline a shape.
