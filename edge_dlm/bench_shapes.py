@@ -97,10 +97,7 @@ def graph_replay(fn, device: torch.device, repeats: int) -> float | None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    try:
-        return timed(graph.replay, device, repeats)
-    finally:
-        del graph
+    return timed(graph.replay, device, repeats)
 
 
 def time_forwards(model, tokens: list[int], context: int, device: torch.device,
@@ -131,19 +128,17 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device,
 
 
 def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int = 512) -> int:
+    from edge_dlm import kernels
     from edge_dlm.quant import QuantSpec, quantize_model, weight_bytes
     from edge_dlm.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
     dtype = resolve_dtype(None if a.dtype == "auto" else a.dtype, device)
-    cfg = cfg or shape_config(a.shape, getattr(a, "layers", None))
-    spec = QuantSpec(a.quant, group_size=a.group_size) if getattr(a, "quant", None) else None
+    cfg = cfg or shape_config(a.shape, a.layers)
+    spec = QuantSpec(a.quant, group_size=a.group_size) if a.quant else None
     model = random_model(cfg, dtype, device)
-    if spec is not None and device.type == "cuda" and getattr(a, "kernels", "auto") != "off":
-        from edge_dlm import kernels
-
-        if kernels.resolve(getattr(a, "kernels", "auto"), device):
-            kernels.enable(model)
+    if kernels.resolve(a.kernels, device):  # as a loaded model: Triton attention / int matmuls on CUDA
+        kernels.enable(model)
     bw = copy_bandwidth(device)
     b = cfg.block_size
     dname = str(dtype).removeprefix("torch.")

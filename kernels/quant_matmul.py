@@ -20,19 +20,14 @@ Under `TRITON_INTERPRET=1` (CPU CI) the dot runs in fp32: the interpreter comput
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from edge_dlm.kernels.attention import interpreting
 from edge_dlm.quant import QuantLinear, linear_ref
 
 SM_TARGET = 264  # programs to aim for: two waves of an H100's 132 SMs
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -62,7 +62,7 @@ def test_shape_bench_times_each_pass_width(capsys):
                               intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=64, block_size=4)
     args = argparse.Namespace(device="cpu", dtype="float32", repeats=1, json=True, shape="3b", quant="int4",
-                              group_size=64, kernels="auto")
+                              group_size=64, kernels="auto", layers=None)
     assert run_shapes(args, cfg=cfg, context=16) == 0
     out = json.loads(capsys.readouterr().out)
     assert [(r["weights"], r["tokens"]) for r in out["rows"]] == [
