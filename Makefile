@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # user cache when it measures faster (the demo model: ~2x).
 ONNX_PINS ?= onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2
 TEST_PINS ?= triton==3.7.1 $(ONNX_PINS) bitsandbytes==0.50.2 tensorrt-rtx-cu13==1.7.1.116 \
-	compressed-tensors==0.20.0
+	compressed-tensors==0.20.0 import-linter==2.17
 VENV := .venv
 TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
 CHAT_STAMP := $(VENV)/.chat-$(TAG)

@@ -23,14 +23,13 @@ from typing import Iterator, Union
 
 import torch
 
-from edge_dlm.config import NLDConfig
+from edge_dlm.model.config import NLDConfig
 from edge_dlm.decoding import (SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, GenerationOptions,
                                Result, mode_fn)
-from edge_dlm.errors import CheckpointError, UserError
-from edge_dlm.sampling import SamplingParams
-from edge_dlm.tokenizer import Message, StreamDetokenizer, Tokenizer
+from edge_dlm.primitives.errors import CheckpointError, UserError
+from edge_dlm.primitives.sampling import SamplingParams
+from edge_dlm.primitives.tokenizer import Message, StreamDetokenizer, Tokenizer
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FILL_OPTIONS = {"steps", "threshold", "block_size", "temperature", "top_k", "top_p", "seed"}
 
@@ -43,12 +42,6 @@ class Text:
 
 
 StreamEvent = Union[Canvas, Draft, Emit, Text, Done]
-
-
-def default_model_path() -> Path:
-    if not (DEMO_MODEL / "config.json").exists():
-        raise UserError(f"no --model given and the bundled demo model is missing at {DEMO_MODEL}")
-    return DEMO_MODEL
 
 
 def resolve_device(device: str) -> torch.device:
@@ -189,7 +182,7 @@ class Runtime:
 
     def _check_cache_fits(self, capacity: int) -> None:
         """A request's KV cache is allocated whole: refuse one that cannot fit, with the numbers."""
-        from edge_dlm.checks import physical_memory
+        from edge_dlm.model.checks import physical_memory
 
         c = self.config
         need = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * capacity * \
@@ -377,17 +370,17 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
 
     `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
     "llm-int8" (bitsandbytes); `calibrate` first rescales and clips int8 / int4 weights on the bundled
-    prompts (edge_dlm.awq). A quantized artifact from `edge-dlm export` loads as it is.
+    prompts (edge_dlm.model.awq). A quantized artifact from `edge-dlm export` loads as it is.
     `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
     """
     from edge_dlm import engines
-    from edge_dlm.weights import check_dir
+    from edge_dlm.model.weights import check_dir
 
     spec = None
     if calibrate and quant is None:
         raise UserError("--calibrate calibrates a quantization: add --quant int4 (or int8)")
     if quant is not None:
-        from edge_dlm.quant import BNB_SCHEMES, QuantSpec, require_bnb
+        from edge_dlm.model.quant import BNB_SCHEMES, QuantSpec, require_bnb
 
         spec = QuantSpec(quant, group_size=group_size, calibration="awq" if calibrate else None)
         if spec.scheme in BNB_SCHEMES:
@@ -407,7 +400,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     tokenizer = Tokenizer.from_dir(path)
     net = engines.module(name).open(path, dev, dt, lora=lora)
     if spec is not None:
-        from edge_dlm.quant import quantize_model
+        from edge_dlm.model.quantize import quantize_model
 
         if net.config.quantization:
             raise UserError(f"{path} is already quantized ({net.config.quantization.get('scheme')}); "

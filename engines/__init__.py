@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 # name -> module; auto prefers them in this order
 ENGINES = {"tensorrt": "edge_dlm.engines.trt_engine", "tensorrt-rtx": "edge_dlm.engines.trt_rtx_engine",

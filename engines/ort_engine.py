@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_dlm.attention import Attn
-from edge_dlm.cache import KVCache
-from edge_dlm.config import NLDConfig
-from edge_dlm.errors import CheckpointError
+from edge_dlm.primitives.attention import Attn
+from edge_dlm.primitives.cache import KVCache
+from edge_dlm.model.config import NLDConfig
+from edge_dlm.primitives.errors import CheckpointError
 from edge_dlm.export.manifest import read_manifest
 
 GRAPH_FILE = "model.onnx"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.weights import INDEX_FILE, SINGLE_FILE
+from edge_dlm.model.weights import INDEX_FILE, SINGLE_FILE
 
 
 def availability(path: Path, device: str) -> list[str]:
@@ -24,6 +24,6 @@ def versions() -> dict[str, str]:
 
 
 def open(path: Path, device: torch.device, dtype: torch.dtype, lora: bool = True):  # noqa: A001
-    from edge_dlm.weights import load_model
+    from edge_dlm.model.weights import load_model
 
     return load_model(path, dtype=dtype, device=device, lora=lora)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.attention import Attn
-from edge_dlm.cache import KVCache
-from edge_dlm.config import NLDConfig
-from edge_dlm.errors import CheckpointError
+from edge_dlm.primitives.attention import Attn
+from edge_dlm.primitives.cache import KVCache
+from edge_dlm.model.config import NLDConfig
+from edge_dlm.primitives.errors import CheckpointError
 from edge_dlm.export.manifest import read_manifest
 from edge_dlm.export.tensorrt import TENSORRT, Flavour, user_cache
 
@@ -173,7 +173,7 @@ class TrtEngine:
     def save_runtime_cache(self) -> None:
         if self.runtime_cache is None:
             return
-        from edge_dlm.fsutil import atomic_write_bytes
+        from edge_dlm.primitives.fsutil import atomic_write_bytes
 
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.cache_file, bytes(self.runtime_cache.serialize()))

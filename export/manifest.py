@@ -55,7 +55,7 @@ def write_manifest(out_dir: Path, source: Path, **fields) -> dict:
 
 def read_manifest(path: Path) -> dict | None:
     """An artifact's manifest, None when it has none; a corrupt one is a one-line error."""
-    from edge_dlm.errors import CheckpointError
+    from edge_dlm.primitives.errors import CheckpointError
 
     f = path / MANIFEST
     if not f.exists():

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_dlm.attention import BLOCK
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.attention import BLOCK
+from edge_dlm.primitives.errors import UserError
 
 GRAPH_FILE = "model.onnx"
 INPUTS = ["input_ids", "position_ids", "attn_mask", "past_keys", "past_values", "use_lora"]
@@ -107,7 +107,7 @@ def graph_inputs(path: Path) -> list[str]:
 
 def check_export_args(target: str, dtype: str, dtypes, quant: str | None, quants, group_size: int) -> None:
     """One-line errors for a --dtype / --quant / --group-size the target does not take."""
-    from edge_dlm.quant import GROUP_SIZES
+    from edge_dlm.model.quant import GROUP_SIZES
 
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype} not supported for {target}; known: {', '.join(dtypes)}")
@@ -135,8 +135,8 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
     """Export checkpoint `src` to an ONNX artifact directory `out`; returns the manifest."""
     from edge_dlm.export.manifest import tool_versions, write_manifest
     from edge_dlm.export.quantize import check_source, copy_side_files
-    from edge_dlm.fsutil import atomic_dir
-    from edge_dlm.weights import load_model
+    from edge_dlm.primitives.fsutil import atomic_dir
+    from edge_dlm.model.weights import load_model
 
     require_onnx()
     check_export_args("ONNX", dtype, ONNX_DTYPES, quant, ONNX_QUANTS, group_size)

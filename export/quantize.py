@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 from edge_dlm.export.manifest import tool_versions, write_manifest
-from edge_dlm.fsutil import atomic_dir
-from edge_dlm.quant import QuantSpec, quantize_model, quantized_state, require_bnb
-from edge_dlm.weights import INDEX_FILE, LORA_DIR, PICKLE_SUFFIXES, SINGLE_FILE, check_dir, load_model
+from edge_dlm.primitives.fsutil import atomic_dir
+from edge_dlm.model.quant import QuantSpec, require_bnb
+from edge_dlm.model.quantize import quantize_model, quantized_state
+from edge_dlm.model.weights import INDEX_FILE, LORA_DIR, PICKLE_SUFFIXES, SINGLE_FILE, check_dir, load_model
 
 SKIP = {SINGLE_FILE, INDEX_FILE, "config.json", "manifest.json"}
 
@@ -67,7 +68,7 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} not supported; known: {', '.join(FORMATS)}")
     if fmt == "compressed-tensors":
-        from edge_dlm.formats import ct_config
+        from edge_dlm.model.formats import ct_config
 
         if spec.scheme not in ("int4", "int8"):
             raise UserError(f"--format compressed-tensors takes --quant int4 or int8, not {spec.scheme}")
@@ -84,7 +85,7 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
     model = load_model(src, dtype=_source_dtype(src), lora=False)
     tokenizer = None
     if spec.calibration:
-        from edge_dlm.tokenizer import Tokenizer
+        from edge_dlm.primitives.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(src)
     quantize_model(model, spec, tokenizer, log=log)
@@ -112,8 +113,8 @@ def export_quantized(src: str | Path, out: str | Path, spec: QuantSpec, *, force
 
 def compressed_tensors_state(model, spec: QuantSpec) -> tuple[dict[str, torch.Tensor], dict]:
     """The quantized model's tensors in compressed-tensors' pack-quantized layout, and its config."""
-    from edge_dlm.formats import ct_config, ct_tensors
-    from edge_dlm.quant import QuantLinear
+    from edge_dlm.model.formats import ct_config, ct_tensors
+    from edge_dlm.model.quant import QuantLinear
 
     state = {}
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -127,7 +128,7 @@ def compressed_tensors_state(model, spec: QuantSpec) -> tuple[dict[str, torch.Te
 
 
 def _source_dtype(src: Path) -> torch.dtype:
-    from edge_dlm.weights import read_tensors, weight_files
+    from edge_dlm.model.weights import read_tensors, weight_files
 
     files = weight_files(src)
     return read_tensors(files, ["encoder.norm.weight"])["encoder.norm.weight"].dtype

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.txt")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -231,7 +231,7 @@ def _progress_monitor(trt):
 def build_engine(fl: Flavour, onnx_path: Path, plan_path: Path, *, dtype: str, quant: str | None,
                  targets: list[str], profs: list[dict], cfg, timing_cache: Path, log=print) -> float:
     """Parse `onnx_path` and build a serialized engine into `plan_path`; returns the build seconds."""
-    from edge_dlm.fsutil import atomic_write_bytes
+    from edge_dlm.primitives.fsutil import atomic_write_bytes
 
     trt = require_tensorrt(fl)
     logger = trt.Logger(trt.Logger.ERROR)
@@ -299,12 +299,12 @@ def export_engine(src: str | Path, out: str | Path, *, target: str = "tensorrt",
     import onnx
     import torch
 
-    from edge_dlm.config import NLDConfig
+    from edge_dlm.model.config import NLDConfig
     from edge_dlm.export.manifest import file_sha256, source_checksum, tool_versions, write_manifest
     from edge_dlm.export.onnx import GRAPH_FILE, check_export_args, export_graph, graph_inputs, require_onnx
     from edge_dlm.export.quantize import check_source, copy_side_files
-    from edge_dlm.fsutil import atomic_dir
-    from edge_dlm.weights import LORA_DIR, load_model
+    from edge_dlm.primitives.fsutil import atomic_dir
+    from edge_dlm.model.weights import LORA_DIR, load_model
 
     fl = flavour(target)
     check_export_args(fl.name, dtype, DTYPES, quant, QUANTS, group_size)

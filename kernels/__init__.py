@@ -29,7 +29,7 @@ def status(device: torch.device | str) -> tuple[bool, list[str]]:
 
 def resolve(choice: str, device: torch.device | str) -> bool:
     """Whether to use the kernels for `--kernels choice`; 'on' when they cannot run is a user error."""
-    from edge_dlm.errors import UserError
+    from edge_dlm.primitives.errors import UserError
 
     if choice not in CHOICES:
         raise UserError(f"--kernels {choice} not supported; known: {', '.join(CHOICES)}")
@@ -49,7 +49,7 @@ def enable(model: torch.nn.Module) -> None:
     model.attn_kernel = block_attention
     if any(t.is_cuda for t in model.buffers()):
         from edge_dlm.kernels.quant_matmul import quant_matmul
-        from edge_dlm.quant import register_matmul
+        from edge_dlm.model.quant import register_matmul
 
         for scheme in ("int4", "int8"):
             register_matmul(scheme, "cuda", quant_matmul)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edge_dlm.attention import Attn
+from edge_dlm.primitives.attention import Attn
 
 PATTERNS = {"causal": 0, "block": 1, "quad_first": 2, "quad_cycle": 3}
 

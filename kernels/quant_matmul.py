@@ -1,6 +1,6 @@
 """Weight-only int4 / int8 matmuls that read the packed weights once: `y = x @ dequant(W)^T`.
 
-The weights stay in edge-dlm's own layout (`edge_dlm.quant`): `qweight` `[N, K]` int8 or `[N, K / 2]`
+The weights stay in edge-dlm's own layout (`edge_dlm.model.quant`): `qweight` `[N, K]` int8 or `[N, K / 2]`
 uint8 (two columns per byte, the even column in the low nibble), `scales` `[N, K / group]` fp16 and,
 asymmetric, `zeros` (the group minimum, fp16): w = q * s (+ zero). No repacking, no second copy.
 
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from edge_dlm.kernels.attention import interpreting
-from edge_dlm.quant import QuantLinear, linear_ref
+from edge_dlm.model.quant import QuantLinear, linear_ref
 
 SM_TARGET = 264  # programs to aim for: two waves of an H100's 132 SMs
 

@@ -22,7 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from edge_dlm.attention import Attn  # noqa: E402
+from edge_dlm.primitives.attention import Attn  # noqa: E402
 from edge_dlm.kernels.attention import block_attention, block_attention_ref  # noqa: E402
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import edge_dlm  # noqa: E402
 from edge_dlm.export.quantize import export_quantized  # noqa: E402
-from edge_dlm.quant import QuantSpec  # noqa: E402
-from edge_dlm.runtime import DEMO_MODEL  # noqa: E402
+from edge_dlm.model.quant import QuantSpec  # noqa: E402
+from edge_dlm.hub import DEMO_MODEL  # noqa: E402
 from eval_demo import held_out_ppl, python_prompts  # noqa: E402
 from train_demo import build_corpus, token_stream  # noqa: E402
 

@@ -58,7 +58,7 @@ def main() -> int:
     a = p.parse_args()
 
     import edge_dlm
-    from edge_dlm.server import ServeOptions, build_server
+    from edge_dlm.server.app import ServeOptions, build_server
 
     rt = edge_dlm.load(a.model, device="cpu")
     server = build_server(rt, "127.0.0.1", 0, ServeOptions(queue=a.clients, queue_timeout=300))

@@ -8,7 +8,7 @@ Recipe (config in scripts/demo_recipe.json):
      docstring asking for the function, the function as the answer; a module name asking what it is
      for, its docstring as the answer.
   3. A byte-level BPE tokenizer (special tokens bos/eos/mask/[INST]/[/INST]).
-  4. The joint AR + masked-diffusion objective of NLD (edge_dlm.training), AdamW, cosine decay,
+  4. The joint AR + masked-diffusion objective of NLD (edge_dlm.model.training), AdamW, cosine decay,
      for a wall-clock budget.
   5. The checkpoint (config.json, model.safetensors, tokenizer files) is written atomically.
 
@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_dlm.fsutil import atomic_dir  # noqa: E402
-from edge_dlm.model import NLDModel  # noqa: E402
-from edge_dlm.testing import build_tokenizer, tiny_config  # noqa: E402
-from edge_dlm.tokenizer import Tokenizer  # noqa: E402
-from edge_dlm.training import init_weights, train  # noqa: E402
-from edge_dlm.weights import save_checkpoint  # noqa: E402
+from edge_dlm.primitives.fsutil import atomic_dir  # noqa: E402
+from edge_dlm.model.nld import NLDModel  # noqa: E402
+from edge_dlm.model.testing import build_tokenizer, tiny_config  # noqa: E402
+from edge_dlm.primitives.tokenizer import Tokenizer  # noqa: E402
+from edge_dlm.model.training import init_weights, train  # noqa: E402
+from edge_dlm.model.weights import save_checkpoint  # noqa: E402
 
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 

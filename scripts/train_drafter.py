@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import edge_dlm  # noqa: E402
-from edge_dlm.testing import write_lora  # noqa: E402
-from edge_dlm.weights import load_model  # noqa: E402
+from edge_dlm.model.testing import write_lora  # noqa: E402
+from edge_dlm.model.weights import load_model  # noqa: E402
 from train_demo import build_corpus, token_stream  # noqa: E402
 
 

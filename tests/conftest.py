@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_dlm.testing import write_tiny_checkpoint
-from edge_dlm.weights import load_model
+from edge_dlm.model.testing import write_tiny_checkpoint
+from edge_dlm.model.weights import load_model
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from edge_dlm.decoding import Decoder, GenerationOptions, mode_fn
-from edge_dlm.sampling import SamplingParams
+from edge_dlm.primitives.sampling import SamplingParams
 
 
 def run_mode(model, prompt_ids: list[int], mode: str, *, on_event=None, **kw):
@@ -26,7 +26,7 @@ def run_mode(model, prompt_ids: list[int], mode: str, *, on_event=None, **kw):
 
 def reference_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V an AR run holds after caching `ids`: one causal pass from an empty cache."""
-    from edge_dlm.attention import CAUSAL
+    from edge_dlm.primitives.attention import CAUSAL
 
     cache = model.new_cache(len(ids))
     with torch.inference_mode():
@@ -77,7 +77,7 @@ def fake_power_supply(root, *, ac: bool | None = True, battery: str | None = Non
 @contextlib.contextmanager
 def quant_matmul(scheme: str, device_type: str, fn):
     """Route `scheme`'s QuantLinear matmuls on `device_type` to `fn` (None: the reference) for a block."""
-    from edge_dlm import quant
+    from edge_dlm.model import quant
 
     old = quant._MATMULS.get((scheme, device_type))
     quant.register_matmul(scheme, device_type, fn)

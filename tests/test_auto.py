@@ -15,10 +15,10 @@ import pytest
 from helpers import FakeMeter, fake_power_supply
 
 import edge_dlm
-from edge_dlm import calibrate as cal
+from edge_dlm.session import calibrate as cal
 from edge_dlm.cli import main
-from edge_dlm.errors import UserError
-from edge_dlm.power import EnergyMeter, Monitor, PowerSupply, Sampler
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.power import EnergyMeter, Monitor, PowerSupply, Sampler
 
 
 # ---- meters and the power supply ----------------------------------------------------------------
@@ -291,8 +291,8 @@ def test_calibrate_command_and_doctor_print_the_table(tiny_ckpt, own_cache, caps
 # ---- the server -----------------------------------------------------------------------------------
 
 def test_server_reports_joules_and_runs_auto_requests(tiny_ckpt, monkeypatch):
-    from edge_dlm import power
-    from edge_dlm.server import ServeOptions, build_server
+    from edge_dlm.primitives import power
+    from edge_dlm.server.app import ServeOptions, build_server
 
     monkeypatch.setattr(power, "EnergyMeter", lambda device, powercap=None: FakeMeter(50.0))
     rt = edge_dlm.load(tiny_ckpt, device="cpu")

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from edge_dlm import awq
+from edge_dlm.model import awq
 from edge_dlm.cli import main
-from edge_dlm.quant import QuantSpec, linear_ref, quantize_model
-from edge_dlm.runtime import DEMO_MODEL
-from edge_dlm.tokenizer import Tokenizer
-from edge_dlm.weights import load_model
+from edge_dlm.model.quant import QuantSpec, linear_ref
+from edge_dlm.model.quantize import quantize_model
+from edge_dlm.hub import DEMO_MODEL
+from edge_dlm.primitives.tokenizer import Tokenizer
+from edge_dlm.model.weights import load_model
 from helpers import quant_matmul, run_mode
 
 

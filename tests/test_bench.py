@@ -56,7 +56,7 @@ def test_shape_bench_times_each_pass_width(capsys):
     import argparse
     import dataclasses
 
-    from edge_dlm.bench_shapes import run_shapes, shape_config
+    from edge_dlm.cli.bench_shapes import run_shapes, shape_config
 
     cfg = dataclasses.replace(shape_config("3b", layers=1), vocab_size=512, hidden_size=256,
                               intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,

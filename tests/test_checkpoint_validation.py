@@ -97,7 +97,7 @@ def write(name: str, data: bytes):
 
 def quantized_with_float_qweight(d: Path, outside: Path) -> None:
     from edge_dlm.export.quantize import export_quantized
-    from edge_dlm.quant import QuantSpec
+    from edge_dlm.model.quant import QuantSpec
 
     q = outside / "q"
     export_quantized(d, q, QuantSpec("int8"), log=lambda *_: None)

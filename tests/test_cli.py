@@ -134,7 +134,7 @@ def test_empty_prompt(tiny_ckpt, tmp_path):
 
 
 def test_prompt_longer_than_context(tmp_path):
-    from edge_dlm.testing import write_tiny_checkpoint
+    from edge_dlm.model.testing import write_tiny_checkpoint
 
     d = write_tiny_checkpoint(tmp_path / "c", max_positions=32)
     assert_one_line_error(run_cli("generate", "--model", str(d), "--prompt", "word " * 100, "--raw"),

@@ -13,9 +13,9 @@ from helpers import run_mode
 from safetensors.torch import load_file, save_file
 
 from edge_dlm import cli
-from edge_dlm.attention import BLOCK
-from edge_dlm.quant import QuantLinear
-from edge_dlm.weights import load_model
+from edge_dlm.primitives.attention import BLOCK
+from edge_dlm.model.quant import QuantLinear
+from edge_dlm.model.weights import load_model
 
 PROMPT = [1, 40, 41, 42, 43]
 
@@ -256,10 +256,10 @@ def test_unsupported_quantization_is_one_line(tiny_ckpt, tmp_path, capsys, qconf
 def test_transformers_loader_reads_the_export_bit_for_bit(tiny_ckpt, tmp_path, capsys):
     """transformers' compressed-tensors loader on edge-dlm's export. NLD itself is remote code in
     transformers (never run here), so the export is renamed onto Ministral3, the same layer math that
-    `edge_dlm.reference` uses: only names change, the packed tensors and quantization_config are the export's."""
+    `edge_dlm.model.reference` uses: only names change, the packed tensors and quantization_config are the export's."""
     pytest.importorskip("compressed_tensors")
     transformers = pytest.importorskip("transformers")
-    from edge_dlm.config import NLDConfig
+    from edge_dlm.model.config import NLDConfig
 
     out, hf = tmp_path / "ct", tmp_path / "hf"
     assert cli.main(["export", str(tiny_ckpt), "-o", str(out), "--quant", "int4", "--group-size", "32",

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from edge_dlm.errors import UserError
-from edge_dlm.fsutil import atomic_dir, atomic_write_bytes
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.fsutil import atomic_dir, atomic_write_bytes
 
 
 def test_failed_atomic_dir_leaves_nothing(tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 import edge_dlm
 from edge_dlm import Canvas, Done, cli
-from edge_dlm.attention import CAUSAL
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.attention import CAUSAL
+from edge_dlm.primitives.errors import UserError
 
 PREFIX = [1, 40, 41, 42, 43, 44]
 SUFFIX = [50, 51, 52, 53, 54, 55, 56, 57, 58, 59]
@@ -182,7 +182,7 @@ def test_server_suffix_and_edits(tiny_ckpt):
     import urllib.error
     import urllib.request
 
-    from edge_dlm.server import build_server
+    from edge_dlm.server.app import build_server
 
     rt = edge_dlm.load(tiny_ckpt, device="cpu", dtype="float32")
     server = build_server(rt, "127.0.0.1", 0)

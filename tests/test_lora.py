@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from edge_dlm.attention import BLOCK
+from edge_dlm.primitives.attention import BLOCK
 from edge_dlm.decoding import Draft
-from edge_dlm.weights import load_model
+from edge_dlm.model.weights import load_model
 from helpers import run_mode
 
 PROMPT = [1, 40, 41, 42, 43, 44]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_dlm.attention import CAUSAL
-from edge_dlm.reference import to_transformers
-from edge_dlm.testing import write_tiny_checkpoint
-from edge_dlm.weights import load_model
+from edge_dlm.primitives.attention import CAUSAL
+from edge_dlm.model.reference import to_transformers
+from edge_dlm.model.testing import write_tiny_checkpoint
+from edge_dlm.model.weights import load_model
 
 pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def test_cached_decoding_equals_full_recomputation(tiny_model):
 
 
 def test_no_write_pass_leaves_cache_untouched(tiny_model):
-    from edge_dlm.attention import BLOCK
+    from edge_dlm.primitives.attention import BLOCK
 
     cache = tiny_model.new_cache(20)
     with torch.no_grad():

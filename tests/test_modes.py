@@ -133,9 +133,9 @@ def test_eos_stops_every_mode(tiny_model):
 def counting_model():
     """Trained in seconds with the joint AR + diffusion objective on 'count up by one' sequences,
     so drafts are often right and speculation really accepts several tokens per cycle."""
-    from edge_dlm.model import NLDModel
-    from edge_dlm.testing import tiny_config
-    from edge_dlm.training import init_weights, train
+    from edge_dlm.model.nld import NLDModel
+    from edge_dlm.model.testing import tiny_config
+    from edge_dlm.model.training import init_weights, train
 
     torch.manual_seed(0)
     cfg = tiny_config(64, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,

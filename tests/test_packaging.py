@@ -47,6 +47,6 @@ def test_wheel_carries_the_data_files(tmp_path):
     [whl] = tmp_path.glob("edge_dlm-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     for needed in ("edge_dlm/demo_model/model.safetensors", "edge_dlm/demo_model/tokenizer.json",
-                   "edge_dlm/bench_prompts.json", "edge_dlm/export/tensorrt_onnx_ops.txt",
+                   "edge_dlm/primitives/prompts.json", "edge_dlm/export/tensorrt_onnx_ops.txt",
                    "edge_dlm/kernels/attention.py", "edge_dlm/engines/ort_engine.py"):
         assert needed in names, needed

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from edge_dlm.decoding import Draft
-from edge_dlm.errors import UserError
-from edge_dlm.quant import (NF4Linear, QuantLinear, QuantSpec, dequantize, pack_int4, quantize,
-                            quantize_model, unpack_int4, weight_bytes)
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.model.quant import (NF4Linear, QuantLinear, QuantSpec, dequantize, pack_int4, quantize, unpack_int4,
+                                  weight_bytes)
+from edge_dlm.model.quantize import quantize_model
 from helpers import run_mode
 
 PROMPT = [1, 40, 41, 42, 43, 44]
@@ -78,8 +79,8 @@ BYTES_RATIO = {"int8": 0.27, "int4": 0.14, "nf4": 0.36, "llm-int8": 0.44}
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from edge_dlm.runtime import DEMO_MODEL
-    from edge_dlm.weights import load_model
+    from edge_dlm.hub import DEMO_MODEL
+    from edge_dlm.model.weights import load_model
 
     return load_model(DEMO_MODEL)
 
@@ -137,7 +138,7 @@ def test_quant_kernel_hook_is_used(tiny_model):
 @pytest.mark.parametrize("scheme,symmetric", [("int4", True), ("int4", False)])
 def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
     """torch's CPU int4 kernel (bf16 inside) == dequantize + F.linear within bf16 rounding."""
-    from edge_dlm.quant import _MATMULS, linear_ref
+    from edge_dlm.model.quant import _MATMULS, linear_ref
 
     g = torch.Generator().manual_seed(m)
     mod = QuantLinear.from_weight(torch.randn(48, 256, generator=g) * 0.05, QuantSpec(scheme, group, symmetric))
@@ -154,11 +155,11 @@ def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
 
 def test_cpu_matmul_declines_what_it_cannot_run():
     """Shapes and layouts the CPU kernels do not take fall back to the reference, same result."""
-    from edge_dlm.quant import _MATMULS, linear_ref
+    from edge_dlm.model.quant import _MATMULS, linear_ref
 
     odd = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int4", 32))  # 40 rows: not tiles of 16
     assert _MATMULS[("int4", "cpu")](torch.randn(3, 64), odd) is None
-    assert ("int8", "cpu") not in _MATMULS  # int8 on the CPU: the reference (see edge_dlm.quant)
+    assert ("int8", "cpu") not in _MATMULS  # int8 on the CPU: the reference (see edge_dlm.model.quant)
     x = torch.randn(3, 64)
     torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 import edge_dlm
-from edge_dlm.server import build_server
+from edge_dlm.server.app import build_server
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import edge_dlm
-from edge_dlm.server import ServeOptions, build_server, is_loopback
+from edge_dlm.server.app import ServeOptions, build_server, is_loopback
 
 CHAT = {"messages": [{"role": "user", "content": "def add(a, b):"}], "temperature": 0}
 

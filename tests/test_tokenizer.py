@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_dlm.errors import UserError
-from edge_dlm.tokenizer import StreamDetokenizer, Tokenizer
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.tokenizer import StreamDetokenizer, Tokenizer
 
 
 def test_chat_template_renders_and_encodes_specials(tiny_ckpt):

@@ -6,7 +6,7 @@ view shows masked positions filling in pass by pass (drafts accepted in green, r
 the status line reports tokens/s, TPF, NFE, mean accepted length, device, dtype and memory.
 
 Power: a line shows W now, J/token of the last answer, AC or battery and the budget. `--mode auto`
-(the default) loads through the calibration table (`edge_dlm.calibrate`); the budget field picks the
+(the default) loads through the calibration table (`edge_dlm.session.calibrate`); the budget field picks the
 fastest measured configuration within that many watts; on battery the app switches to the battery
 preset by itself, says so, and switches back on AC.
 """
@@ -94,8 +94,8 @@ class ChatApp(App):
                  table=None, monitor=None, power_budget: float | None = None, poll_s: float = 2.0) -> None:
         super().__init__()
         self.runtime = runtime
-        self.table = table  # the calibration table (edge_dlm.calibrate), once known
-        self.monitor = monitor  # edge_dlm.power.Monitor; None: made for the device once the model loads
+        self.table = table  # the calibration table (edge_dlm.session.calibrate), once known
+        self.monitor = monitor  # edge_dlm.primitives.power.Monitor; None: made for the device once the model loads
         self.budget = power_budget
         self.poll_s = poll_s
         self.watts: float | None = None
@@ -153,13 +153,13 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self) -> None:
-        from edge_dlm.cli import load_runtime
-        from edge_dlm.errors import UserError
+        from edge_dlm.session.load import load_runtime
+        from edge_dlm.primitives.errors import UserError
 
         a = self.load_args
         try:
             if a.mode == "auto" and a.steps is None:
-                from edge_dlm.calibrate import load_auto
+                from edge_dlm.session.load import load_auto
 
                 auto = load_auto(a, log=lambda m: self.call_from_thread(self.set_status, m),
                                  progress=lambda label, i, n: self.call_from_thread(
@@ -177,7 +177,7 @@ class ChatApp(App):
         rt = self.runtime
         self.sub_title = f"{rt.path.name} · {rt.device} · {rt.engine} · B={rt.config.block_size}"
         if self.monitor is None:
-            from edge_dlm.power import Monitor
+            from edge_dlm.primitives.power import Monitor
 
             self.monitor = Monitor(str(rt.device))
         self.poll_power()
@@ -230,8 +230,8 @@ class ChatApp(App):
         self.apply_budget(budget)
 
     def apply_budget(self, budget: float) -> None:
-        from edge_dlm.calibrate import choose
-        from edge_dlm.errors import UserError
+        from edge_dlm.session.calibrate import choose
+        from edge_dlm.primitives.errors import UserError
 
         try:
             row, reason = choose(self.table, power_budget=budget, allow_lossy=True,
@@ -245,7 +245,7 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="calibrate")
     def calibrate_then(self, budget: float) -> None:
-        from edge_dlm.calibrate import calibrate, runtime_target, target
+        from edge_dlm.session.calibrate import calibrate, runtime_target, target
 
         t = target(self.load_args) if self.load_args is not None else runtime_target(self.runtime)
         self.table = calibrate(self.runtime, t, progress=lambda label, i, n: self.call_from_thread(
@@ -348,7 +348,7 @@ class ChatApp(App):
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, messages: list[dict], opts: dict, entry: dict, widget: Message) -> None:
         from edge_dlm.decoding import Canvas, Done, Draft, Emit
-        from edge_dlm.errors import UserError
+        from edge_dlm.primitives.errors import UserError
         from edge_dlm.runtime import Text
 
         rt = self.runtime
@@ -394,7 +394,7 @@ class ChatApp(App):
         """A started energy sampler over the monitor's meter and supply (None before the model loads)."""
         if self.monitor is None:
             return None
-        from edge_dlm.power import Sampler
+        from edge_dlm.primitives.power import Sampler
 
         s = Sampler(str(self.runtime.device), self.monitor.meter, self.monitor.supply)
         s.start()

@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 from edge_dlm.decoding.base import (MODES, SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, Event,
                                     GenerationOptions, Result)
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 _MODULES = {"ar": "ar", "diffusion": "diffusion", "linear-spec": "linear_spec",
             "quadratic-spec": "quadratic_spec"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from edge_dlm.attention import CAUSAL
+from edge_dlm.primitives.attention import CAUSAL
 from edge_dlm.decoding.base import Decoder, Event
 
 

@@ -13,10 +13,10 @@ from typing import Union
 
 import torch
 
-from edge_dlm.attention import CAUSAL, Attn
-from edge_dlm.cache import KVCache
-from edge_dlm.errors import UserError
-from edge_dlm.sampling import Sampler, SamplingParams
+from edge_dlm.primitives.attention import CAUSAL, Attn
+from edge_dlm.primitives.cache import KVCache
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.sampling import Sampler, SamplingParams
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")

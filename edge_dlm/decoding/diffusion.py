@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from edge_dlm.attention import BLOCK, CAUSAL
+from edge_dlm.primitives.attention import BLOCK, CAUSAL
 from edge_dlm.decoding.base import Canvas, Decoder, Event
 
 

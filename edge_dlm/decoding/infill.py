@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import Iterator
 
-from edge_dlm.attention import CAUSAL
+from edge_dlm.primitives.attention import CAUSAL
 from edge_dlm.decoding.base import Canvas, Decoder, Event
 from edge_dlm.decoding.diffusion import denoise_step
 

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from edge_dlm.attention import Attn
+from edge_dlm.primitives.attention import Attn
 from edge_dlm.decoding.base import Decoder, Draft, Event
 
 

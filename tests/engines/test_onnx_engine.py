@@ -12,10 +12,10 @@ pytest.importorskip("onnxscript", reason="needs the onnx extra")
 
 import edge_dlm  # noqa: E402
 from edge_dlm import cli  # noqa: E402
-from edge_dlm.attention import CAUSAL  # noqa: E402
+from edge_dlm.primitives.attention import CAUSAL  # noqa: E402
 from edge_dlm.decoding import Draft  # noqa: E402
 from edge_dlm.export.onnx import export_onnx  # noqa: E402
-from edge_dlm.weights import load_model  # noqa: E402
+from edge_dlm.model.weights import load_model  # noqa: E402
 from helpers import reference_kv, run_mode  # noqa: E402
 
 PROMPT = [1, 40, 41, 42, 43, 44]
@@ -81,7 +81,7 @@ INT4_TOL = 0.1
 
 
 def test_int4_graph_within_tolerance(tmp_path):
-    from edge_dlm.runtime import DEMO_MODEL
+    from edge_dlm.hub import DEMO_MODEL
 
     out = tmp_path / "int4"
     export_onnx(DEMO_MODEL, out, quant="int4", log=lambda *_: None)

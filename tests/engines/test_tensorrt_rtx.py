@@ -27,8 +27,8 @@ from edge_dlm.export.manifest import file_sha256  # noqa: E402
 from edge_dlm.export.onnx import GRAPH_FILE  # noqa: E402
 from edge_dlm.export.tensorrt import (RTX_DEFAULT_TARGETS, TENSORRT_RTX, export_engine, profile_for,  # noqa: E402
                                       profiles, unsupported_ops)
-from edge_dlm.runtime import DEMO_MODEL  # noqa: E402
-from edge_dlm.weights import load_model  # noqa: E402
+from edge_dlm.hub import DEMO_MODEL  # noqa: E402
+from edge_dlm.model.weights import load_model  # noqa: E402
 from helpers import run_mode  # noqa: E402
 
 PRECISIONS = {"float16": {"dtype": "float16"}, "int4": {"dtype": "float16", "quant": "int4"}}
@@ -94,7 +94,7 @@ def test_profiles_cover_every_pass_of_the_modes_on_the_demo_model(engines):
             passes.append((tokens.shape[1], cache.length))
             return model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora)
 
-    from edge_dlm.tokenizer import Tokenizer
+    from edge_dlm.primitives.tokenizer import Tokenizer
 
     ids = Tokenizer.from_dir(DEMO_MODEL).encode_prompt("Write a Python function is_even(n).")
     for mode, kw in [("ar", {}), ("diffusion", {"steps": 4}), ("linear-spec", {}), ("quadratic-spec", {})]:
@@ -118,7 +118,7 @@ def test_library_header_check(engines, tmp_path):
 
 def test_artifact_graph_computes_the_model(engines):
     """The graph handed to the builder (fp16, Div rewrite, int4 QDQ) runs in onnxruntime and matches torch."""
-    from edge_dlm.attention import CAUSAL
+    from edge_dlm.primitives.attention import CAUSAL
     from edge_dlm.engines.ort_engine import OrtEngine
 
     ids = torch.tensor([[1, 30, 31, 32, 33, 34, 35, 36]])

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from edge_dlm import cli
-from edge_dlm.attention import BLOCK
-from edge_dlm.quant import QuantSpec, quantize_model
-from edge_dlm.weights import load_model
+from edge_dlm.primitives.attention import BLOCK
+from edge_dlm.model.quant import QuantSpec
+from edge_dlm.model.quantize import quantize_model
+from edge_dlm.model.weights import load_model
 from helpers import run_mode
 
 

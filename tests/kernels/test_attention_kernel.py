@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_dlm.attention import Attn
+from edge_dlm.primitives.attention import Attn
 from edge_dlm.kernels.attention import block_attention, block_attention_ref
 
 PATTERNS = [(Attn("causal"), 1), (Attn("causal"), 6), (Attn("block"), 4), (Attn("block"), 17),

@@ -9,7 +9,7 @@ import torch
 
 import edge_dlm
 from edge_dlm import kernels
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 from helpers import run_mode
 
 PROMPT = [1, 40, 41, 42, 43, 44]
@@ -31,13 +31,13 @@ def test_modes_equal_with_kernels(model, mode, kw):
     got, _ = run_mode(fused, PROMPT, mode, max_new_tokens=10, **kw)
     assert got.output_ids == ref.output_ids and got.nfe == ref.nfe
     with torch.no_grad():  # logits of one cached block pass agree closely too
-        from edge_dlm.attention import BLOCK
+        from edge_dlm.primitives.attention import BLOCK
 
         outs = []
         for m in (model, fused):
             cache = m.new_cache(16)
             m(torch.tensor([PROMPT], device=DEVICE), torch.arange(6, device=DEVICE)[None], cache=cache,
-              attn=edge_dlm.attention.CAUSAL)
+              attn=edge_dlm.primitives.attention.CAUSAL)
             cache.commit(6)
             outs.append(m(torch.tensor([[5, 3, 3, 3]], device=DEVICE), torch.arange(6, 10, device=DEVICE)[None],
                           cache=cache, attn=BLOCK))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edge_dlm.kernels.quant_matmul import launch_config, quant_matmul, quant_matmul_ref
-from edge_dlm.quant import QuantLinear, QuantSpec, quantize_model
+from edge_dlm.model.quant import QuantLinear, QuantSpec
+from edge_dlm.model.quantize import quantize_model
 from helpers import quant_matmul as quant_matmul_routed
 from helpers import run_mode
 

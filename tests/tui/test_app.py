@@ -27,7 +27,7 @@ def runtime(tiny_ckpt):
 
 def make_app(runtime, tmp_path, **kw) -> ChatApp:
     """The app with a fake meter (none) and a fake power supply on AC: the power line is the same anywhere."""
-    from edge_dlm.power import Monitor, PowerSupply
+    from edge_dlm.primitives.power import Monitor, PowerSupply
 
     kw.setdefault("monitor", Monitor("cpu", FakeMeter(None), PowerSupply(fake_power_supply(tmp_path / "ps", ac=True))))
     kw.setdefault("poll_s", 3600)
@@ -181,7 +181,7 @@ def test_regenerate_replaces_the_last_answer(runtime, tmp_path):
 
 
 def test_power_line_and_budget(runtime, tmp_path):
-    from edge_dlm.calibrate import Row, Table
+    from edge_dlm.session.calibrate import Row, Table
 
     measured = Table("k", [Row("torch", "ar", None, 100.0, 1.0, 8.0, 0.08),
                            Row("torch", "linear-spec", None, 150.0, 2.5, 14.0, 0.09),
@@ -219,7 +219,7 @@ def test_power_line_and_budget(runtime, tmp_path):
 
 
 def test_on_battery_it_switches_to_the_battery_preset_and_back(runtime, tmp_path):
-    from edge_dlm.power import Monitor, PowerSupply
+    from edge_dlm.primitives.power import Monitor, PowerSupply
 
     ps = fake_power_supply(tmp_path / "ps", ac=True)
 

@@ -20,10 +20,10 @@ def report(model: str | None) -> dict:
     import torch
 
     from edge_dlm import engines, kernels
-    from edge_dlm.calibrate import load_table, table_key, target
+    from edge_dlm.session.calibrate import load_table, table_key, target
     from edge_dlm.hub import resolve
-    from edge_dlm.power import PowerSupply, Sampler
-    from edge_dlm.weights import check_dir
+    from edge_dlm.primitives.power import PowerSupply, Sampler
+    from edge_dlm.model.weights import check_dir
 
     path = check_dir(resolve(model))
     devices = ["cpu"] + ([f"cuda ({torch.cuda.get_device_name(0)})"] if torch.cuda.is_available() else [])
@@ -70,7 +70,7 @@ def run(a: argparse.Namespace) -> int:
         out.append(f"quantization {scheme}: {'ok' if not why else 'no: ' + why[0]}")
     out.append(f"energy meter: {r['power']['energy']}; power supply: {r['power']['supply']}")
     if r["calibration"]:
-        from edge_dlm.calibrate import Table, choose
+        from edge_dlm.session.calibrate import Table, choose
 
         table = Table.from_json(r["calibration"])
         out += ["", table.format(), choose(table)[1]]

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

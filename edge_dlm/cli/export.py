@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from edge_dlm.errors import UserError
+    from edge_dlm.primitives.errors import UserError
 
     if a.quant is not None and a.quant not in QUANTS:
         raise UserError(f"--quant {a.quant} not supported for export; known: {', '.join(QUANTS)} "
@@ -52,7 +52,7 @@ def run(a: argparse.Namespace) -> int:
             raise UserError("nothing to export: pass --quant for a quantized artifact or "
                             "--target onnx|tensorrt|tensorrt-rtx")
         from edge_dlm.export.quantize import export_quantized
-        from edge_dlm.quant import QuantSpec
+        from edge_dlm.model.quant import QuantSpec
 
         spec = QuantSpec(a.quant, group_size=a.group_size, symmetric=not a.asymmetric, head=not a.keep_head,
                          calibration="awq" if a.calibrate else None)

@@ -20,12 +20,11 @@ Inputs are the float model's own activations, gathered once with forward hooks.
 
 from __future__ import annotations
 
-import json
 
 import torch
 from torch import nn
 
-from edge_dlm.quant import QuantSpec, dequantize, quantize
+from edge_dlm.model.quant import QuantSpec, dequantize, quantize
 
 ALPHAS = [i / 20 for i in range(21)]
 CLIPS = [1.0 - i * 0.05 for i in range(11)]
@@ -35,11 +34,10 @@ ROW_CHUNK = 512     # output rows per error evaluation (bounds memory at the rea
 
 def calibration_tokens(tokenizer) -> torch.Tensor:
     """The bundled code and prose prompts as one `[1, T]` token sequence (T <= MAX_TOKENS)."""
-    from edge_dlm.bench import PROMPTS_FILE
+    from edge_dlm.primitives.prompts import bundled
 
-    data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
     ids: list[int] = []
-    for text in data["code"] + data["prose"]:
+    for text in bundled("code") + bundled("prose"):
         ids += tokenizer.encode(text)  # each starts with BOS, as a prompt does
     return torch.tensor([ids[:MAX_TOKENS]])
 
@@ -98,7 +96,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torch.Tens
 @torch.no_grad()
 def calibrate(model: nn.Module, spec: QuantSpec, tokens: torch.Tensor, log=lambda *_: None) -> None:
     """Rescale and clip a float model's weights in place for `spec` (see the module docstring)."""
-    from edge_dlm.quant import quantizes
+    from edge_dlm.model.quant import quantizes
 
     layers = model.encoder.layers
     inputs: dict[str, torch.Tensor] = {}

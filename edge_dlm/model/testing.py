@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.config import NLDConfig, RopeConfig
+from edge_dlm.model.config import NLDConfig, RopeConfig
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<mask>", "[INST]", "[/INST]"]
 CHAT_TEMPLATE = (
@@ -69,7 +69,7 @@ def tiny_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: in
 
 
 def random_state(cfg: NLDConfig, seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
-    from edge_dlm.weights import expected_shapes
+    from edge_dlm.model.weights import expected_shapes
 
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -105,7 +105,7 @@ def write_lora(path: Path, cfg: NLDConfig, *, r: int = 4, alpha: float = 16.0, s
 def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, lora: bool = False,
                           vocab_size: int = 320, **config_kw) -> Path:
     """Write config.json, model.safetensors, tokenizer files (and a LoRA drafter) into `path`."""
-    from edge_dlm.weights import save_checkpoint
+    from edge_dlm.model.weights import save_checkpoint
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

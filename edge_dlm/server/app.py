@@ -1,7 +1,7 @@
-"""`edge-dlm serve`: a local OpenAI-compatible HTTP server (standard library only).
+"""A local OpenAI-compatible HTTP server (standard library only); `edge-dlm serve` is `edge_dlm.cli.serve`.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with
-`"stream": true` as server-sent events; the request schema is `edge_dlm.api` (strict: bad types,
+`"stream": true` as server-sent events; the request schema is `edge_dlm.server.schema` (strict: bad types,
 ranges, modes and unknown fields are HTTP 400 with an OpenAI-style error object).
 
 What it guarantees (the README's server section says the same):
@@ -22,7 +22,6 @@ What it guarantees (the README's server section says the same):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -30,9 +29,7 @@ import hmac
 import ipaddress
 import itertools
 import json
-import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -54,30 +51,6 @@ class ServeOptions:
     queue_timeout: float = 60.0  # s a request may wait before 503
     request_timeout: float = 600.0  # s a request may decode
     io_timeout: float = 30.0  # s a socket may stall
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from edge_dlm.cli import add_model_args
-
-    add_model_args(p)
-    d = ServeOptions()
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", default="auto", help="decoding mode for requests that name none or 'auto' (default: "
-                   "auto, the fastest lossless mode measured on this machine)")
-    from edge_dlm.calibrate import add_auto_args
-
-    add_auto_args(p)
-    p.add_argument("--api-key", default=os.environ.get("EDGE_DLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $EDGE_DLM_API_KEY, else none)")
-    p.add_argument("--max-body", type=int, default=d.max_body, help=f"largest request body in bytes ({d.max_body})")
-    p.add_argument("--queue", type=int, default=d.queue, help=f"requests that may wait for the model ({d.queue})")
-    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
-                   help=f"seconds a request may wait before 503 ({d.queue_timeout:g})")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                   help=f"seconds a request may decode ({d.request_timeout:g})")
-    p.add_argument("--io-timeout", type=float, default=d.io_timeout,
-                   help=f"seconds a client may stall reading or writing ({d.io_timeout:g})")
 
 
 class HTTPError(Exception):
@@ -162,10 +135,10 @@ def client_gone(sock: socket.socket) -> bool:
 
 
 def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
-    from edge_dlm.api import BadRequest, parse_request
+    from edge_dlm.server.schema import BadRequest, parse_request
     from edge_dlm.decoding import Done
-    from edge_dlm.errors import UserError
-    from edge_dlm.power import EnergyMeter, PowerSupply, Sampler
+    from edge_dlm.primitives.errors import UserError
+    from edge_dlm.primitives.power import EnergyMeter, PowerSupply, Sampler
     from edge_dlm.runtime import Text
 
     ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
@@ -397,51 +370,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def run(a: argparse.Namespace) -> int:
-    from edge_dlm.cli import load_runtime
-    from edge_dlm.decoding import MODES
-    from edge_dlm.errors import UserError
-
-    if a.mode not in MODES + ("auto",):
-        raise UserError(f"--mode {a.mode} not supported; known: auto, {', '.join(MODES)}")
-    for flag in ("max_body", "queue"):
-        if getattr(a, flag) < (1 if flag == "max_body" else 0):
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    for flag in ("queue_timeout", "request_timeout", "io_timeout"):
-        if not getattr(a, flag) > 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
-    if a.api_key is not None and not a.api_key.strip():
-        raise UserError("--api-key is empty")
-    mode, steps = a.mode, None
-    if mode == "auto":
-        from edge_dlm.calibrate import load_auto, say
-
-        auto = load_auto(a)
-        rt, mode, steps = auto.runtime, auto.row.mode, auto.row.steps
-        say(f"edge-dlm serve: {auto.reason}")
-    else:
-        rt = load_runtime(a)
-    opts = ServeOptions(default_mode=mode, default_steps=steps, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
-                        queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout)
-    try:
-        server = build_server(rt, a.host, a.port, opts)
-    except (OSError, OverflowError) as exc:
-        raise UserError(f"cannot listen on {a.host}:{a.port} ({getattr(exc, 'strerror', None) or exc}); "
-                        "pick another --port") from None
-    if not is_loopback(a.host):
-        print(f"edge-dlm serve: WARNING: listening on {a.host}, not 127.0.0.1: anyone who can reach this machine "
-              f"can use the model{'' if a.api_key else ' (no --api-key set)'}", file=sys.stderr)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    print(f"edge-dlm serve: {rt.path.name} ({rt.device}, {rt.precision}) on http://{a.host}:{server.server_port}/v1"
-          f"{' (API key required)' if a.api_key else ''}", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.admission.close()
-        server.admission.idle.wait(opts.io_timeout)  # the cancelled request closes its stream properly
-        server.server_close()
-    print("edge-dlm serve: stopped", file=sys.stderr)
-    return 0

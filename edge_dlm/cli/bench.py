@@ -21,18 +21,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_dlm.errors import UserError
-from edge_dlm.power import EnergyMeter
-
-PROMPTS_FILE = Path(__file__).with_name("bench_prompts.json")
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.machine import machine_description
+from edge_dlm.primitives.power import EnergyMeter
+from edge_dlm.primitives.prompts import KINDS, bundled
+from edge_dlm.session.load import bar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from edge_dlm.cli import add_model_args
+    from edge_dlm.cli.args import add_auto_args, add_model_args
 
     add_model_args(p)
-    from edge_dlm.calibrate import add_auto_args
-
     p.add_argument("--modes", nargs="+", default=["ar", "diffusion", "linear-spec", "quadratic-spec"],
                    choices=["ar", "diffusion", "linear-spec", "quadratic-spec", "auto"],
                    help="configurations to run; auto: what --mode auto picks (engine included), next to the "
@@ -57,9 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_prompts(spec: str, n: int) -> tuple[list, bool]:
     """(prompts, raw): built-in `code` (raw completion) or `prose` (chat), or a file."""
-    if spec in ("code", "prose"):
-        data = json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))
-        return data[spec][:n], spec == "code"
+    if spec in KINDS:
+        return bundled(spec)[:n], spec == "code"
     path = Path(spec)
     if not path.exists():
         raise UserError(f"--prompts {spec}: not 'code', 'prose' or an existing file")
@@ -87,13 +85,6 @@ class Row:
     joules_per_token: float | None
     vs_ar: float | None = None
     vs_transformers: float | None = None
-
-
-def bar(label: str, done: int, total: int) -> None:
-    """A one-line progress bar on stderr; the call with done == total ends the line."""
-    filled = int(30 * done / max(total, 1))
-    end = "\n" if done >= total else ""
-    print(f"\r[{'#' * filled:<30}] {done}/{total} {label:<34}", end=end, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -151,7 +142,7 @@ def edge_runner(rt, mode: str, raw: bool, a: argparse.Namespace, steps: int | No
 def transformers_runner(rt, raw: bool, a: argparse.Namespace):
     import torch
 
-    from edge_dlm.reference import to_transformers
+    from edge_dlm.model.reference import to_transformers
 
     ref = to_transformers(rt.path, dtype=rt.dtype, device=rt.device, attn_implementation="sdpa")
     eos = rt.config.eos_token_id
@@ -172,14 +163,14 @@ def transformers_runner(rt, raw: bool, a: argparse.Namespace):
 
 def run(a: argparse.Namespace) -> int:
     if a.shape:
-        from edge_dlm.bench_shapes import run_shapes
+        from edge_dlm.cli.bench_shapes import run_shapes
 
         if a.layers is not None and a.layers < 1:
             raise UserError("--layers must be >= 1")
         return run_shapes(a)
     if a.repeats < 1 or a.max_new_tokens < 1 or a.num_prompts < 1:
         raise UserError("--repeats, --max-new-tokens and --num-prompts must be >= 1")
-    from edge_dlm.cli import load_runtime
+    from edge_dlm.session.load import load_runtime
 
     prompts, raw = load_prompts(a.prompts, a.num_prompts)
     rt = load_runtime(a)
@@ -208,7 +199,8 @@ def run(a: argparse.Namespace) -> int:
               file=sys.stderr)
     auto, auto_configs = None, []
     if "auto" in a.modes:
-        from edge_dlm.calibrate import LOSSLESS, load_auto
+        from edge_dlm.session.calibrate import LOSSLESS
+        from edge_dlm.session.load import load_auto
 
         auto = load_auto(a, log=lambda m: None if a.json else print(m, file=sys.stderr))
         if auto.runtime.engine != rt.engine:  # the fastest lossless on auto's engine, measured here too
@@ -243,25 +235,6 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def machine_description(device: str) -> str:
-    import os
-    import platform
-
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def fmt(v, spec: str, suffix: str = "") -> str:
     return "n/a" if v is None else format(v, spec) + suffix
 
@@ -288,7 +261,7 @@ def plot(rows: list[Row], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge_dlm.fsutil import atomic_write_bytes
+    from edge_dlm.primitives.fsutil import atomic_write_bytes
 
     names = [r.name for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from edge_dlm.model import NLDModel
+from edge_dlm.model.nld import NLDModel
 
 
 def sbd_block_diff_mask(n: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.config import NLDConfig
-from edge_dlm.errors import require
-from edge_dlm.weights import read_tensors, weight_files
+from edge_dlm.model.config import NLDConfig
+from edge_dlm.primitives.errors import require
+from edge_dlm.model.weights import read_tensors, weight_files
 
 
 def to_transformers(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from edge_dlm.errors import CheckpointError, UserError
+from edge_dlm.primitives.errors import CheckpointError, UserError
 
 Message = dict[str, str]
 TEMPLATE_MAX_CHARS = 256 * 1024  # Jinja source (real chat templates are a few KB)

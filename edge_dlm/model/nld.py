@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_dlm.attention import Attn
-from edge_dlm.cache import KVCache
-from edge_dlm.config import NLDConfig, RopeConfig
+from edge_dlm.primitives.attention import Attn
+from edge_dlm.primitives.cache import KVCache
+from edge_dlm.model.config import NLDConfig, RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.config import NLDConfig
-from edge_dlm.errors import CheckpointError
-from edge_dlm.model import NLDModel, rope_inv_freq
+from edge_dlm.model.config import NLDConfig
+from edge_dlm.primitives.errors import CheckpointError
+from edge_dlm.model.nld import NLDModel, rope_inv_freq
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,7 +42,7 @@ def expected_shapes(cfg: NLDConfig, spec=None) -> dict[str, tuple[int, ...]]:
                    p + "mlp.down_proj.weight": (h, i)}
     if spec is None:
         return shapes
-    from edge_dlm.quant import quantized_shapes, quantizes
+    from edge_dlm.model.quant import quantized_shapes, quantizes
 
     out = {}
     for name, shape in shapes.items():
@@ -60,7 +60,7 @@ def check_dir(path: str | Path) -> Path:
         raise CheckpointError(f"model directory {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; --model takes a checkpoint directory")
-    from edge_dlm.checks import check_files
+    from edge_dlm.model.checks import check_files
 
     check_files(path, MODEL_FILES)  # nothing edge-dlm reads may lead outside the directory
     return path
@@ -70,7 +70,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, from the shard index or the single file's header."""
     index = path / INDEX_FILE
     if index.exists():
-        from edge_dlm.checks import contained
+        from edge_dlm.model.checks import contained
 
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -130,7 +130,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:3])}{more}")
-    from edge_dlm.checks import check_finite, check_headers, check_memory
+    from edge_dlm.model.checks import check_finite, check_headers, check_memory
 
     check_memory(shapes, dtype, device)
     check_headers(files, shapes, quantized=spec is not None or community is not None)  # before reading data
@@ -141,11 +141,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = NLDModel(cfg)
     if spec is not None:
-        from edge_dlm.quant import build_quantized
+        from edge_dlm.model.quantize import build_quantized
 
         build_quantized(model, spec, tensors, dtype)
     if community is not None:
-        from edge_dlm.formats import build, packed
+        from edge_dlm.model.formats import build, packed
 
         for name, m in list(model.named_modules()):
             if isinstance(m, torch.nn.Linear) and packed(name, files, community):
@@ -161,7 +161,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
 def community_format(path: Path):
     """The compressed-tensors / GPTQ format of config.json's quantization_config, or None."""
-    from edge_dlm.formats import detect
+    from edge_dlm.model.formats import detect
 
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return detect(raw, str(path / "config.json"))
@@ -169,7 +169,7 @@ def community_format(path: Path):
 
 def community_shapes(cfg: NLDConfig, c, files: dict) -> dict[str, tuple[int, ...]]:
     """`expected_shapes` with each linear weight the checkpoint stores packed replaced by its tensors."""
-    from edge_dlm.formats import packed, stored_shapes
+    from edge_dlm.model.formats import packed, stored_shapes
 
     out = {}
     for name, shape in expected_shapes(cfg).items():
@@ -185,15 +185,15 @@ def quant_spec(cfg: NLDConfig, path: Path):
     """The artifact's `QuantSpec`, or None for a full-precision checkpoint."""
     if not cfg.quantization:
         return None
-    from edge_dlm.errors import UserError
-    from edge_dlm.quant import QuantSpec
+    from edge_dlm.primitives.errors import UserError
+    from edge_dlm.model.quant import QuantSpec
 
     try:
         spec = QuantSpec.from_dict(cfg.quantization)
     except (TypeError, UserError) as exc:
         raise CheckpointError(f"{path}/config.json has an invalid quantization entry ({exc})") from None
     if spec.scheme == "nf4":
-        from edge_dlm.quant import require_bnb
+        from edge_dlm.model.quant import require_bnb
 
         require_bnb()
     return spec
@@ -216,7 +216,7 @@ def load_lora(model: NLDModel, path: Path) -> bool:
     scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
     adapter = lora_dir / "adapter_model.safetensors"
     tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
-    from edge_dlm.checks import check_finite
+    from edge_dlm.model.checks import check_finite
 
     if any(not t.is_floating_point() for t in tensors.values()):
         raise CheckpointError(f"{adapter} stores integer tensors; a LoRA drafter is floating point")

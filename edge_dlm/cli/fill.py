@@ -14,7 +14,7 @@ import sys
 
 
 def add_fill_args(p: argparse.ArgumentParser) -> None:
-    from edge_dlm.cli import add_model_args
+    from edge_dlm.cli.args import add_model_args
 
     add_model_args(p)
     p.add_argument("--steps", type=int, help="denoising step budget per window, 1..block size (default: block size)")
@@ -26,7 +26,7 @@ def add_fill_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_text(value: str | None, path: str | None, what: str) -> str | None:
-    from edge_dlm.errors import UserError
+    from edge_dlm.primitives.errors import UserError
 
     if path is None:
         return value
@@ -46,7 +46,7 @@ def report(a: argparse.Namespace, result, out: str | None = None) -> int:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0
     if out is not None:
-        from edge_dlm.fsutil import atomic_write_bytes
+        from edge_dlm.primitives.fsutil import atomic_write_bytes
 
         atomic_write_bytes(out, result.text.encode("utf-8"))
     else:
@@ -67,8 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from edge_dlm.cli import load_runtime
-    from edge_dlm.errors import UserError
+    from edge_dlm.session.load import load_runtime
+    from edge_dlm.primitives.errors import UserError
 
     prefix = read_text(a.prefix, a.prefix_file, "prefix")
     suffix = read_text(a.suffix, a.suffix_file, "suffix")
@@ -89,8 +89,8 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_edit(a: argparse.Namespace) -> int:
-    from edge_dlm.cli import load_runtime
-    from edge_dlm.errors import UserError
+    from edge_dlm.session.load import load_runtime
+    from edge_dlm.primitives.errors import UserError
 
     spans = []
     for s in a.span:

@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from edge_dlm.errors import CheckpointError, UserError
+from edge_dlm.primitives.errors import CheckpointError, UserError
 
 CT = "compressed-tensors"
 GPTQ = "gptq"
@@ -50,7 +50,7 @@ class Community:
         return f"int{self.bits}"
 
     def spec(self):
-        from edge_dlm.quant import QuantSpec
+        from edge_dlm.model.quant import QuantSpec
 
         return QuantSpec(self.scheme, group_size=self.group_size, symmetric=self.symmetric, embedding=False,
                          layout=self.layout)
@@ -163,14 +163,14 @@ def _unpack(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tenso
 
 def _own_packing(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed values `[out, in]` -> the QuantLinear storage (int8, or two nibbles per byte for int4)."""
-    from edge_dlm.quant import pack_int4
+    from edge_dlm.model.quant import pack_int4
 
     return pack_int4(q.to(torch.int8)) if bits == 4 else q.to(torch.int8).contiguous()
 
 
 def build(module: str, out_f: int, in_f: int, c: Community, t: dict[str, torch.Tensor]):
     """A `QuantLinear` from a module's stored tensors in format `c` (the entries are consumed)."""
-    from edge_dlm.quant import QuantLinear
+    from edge_dlm.model.quant import QuantLinear
 
     half = 1 << (c.bits - 1)
     if c.layout == CT:
@@ -223,7 +223,7 @@ def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def ct_tensors(module: str, lin) -> dict[str, torch.Tensor]:
     """A symmetric edge-dlm `QuantLinear` as compressed-tensors pack-quantized tensors (same numbers)."""
-    from edge_dlm.quant import unpack_int4
+    from edge_dlm.model.quant import unpack_int4
 
     bits = lin.spec.bits
     q = unpack_int4(lin.qweight, signed=True) if bits == 4 else lin.qweight

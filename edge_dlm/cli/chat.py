@@ -11,7 +11,7 @@ import threading
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from edge_dlm.cli import add_decode_args, add_model_args
+    from edge_dlm.cli.args import add_decode_args, add_model_args
 
     add_model_args(p)
     add_decode_args(p, default_max=200)
@@ -30,9 +30,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def plain_chat(a: argparse.Namespace) -> int:
-    from edge_dlm.cli import runtime_and_options
+    from edge_dlm.cli.args import runtime_and_options
     from edge_dlm.decoding import MODES, Done
-    from edge_dlm.errors import UserError
+    from edge_dlm.primitives.errors import UserError
     from edge_dlm.runtime import Text
 
     rt, kw = runtime_and_options(a)

@@ -2,7 +2,7 @@
 
 `calibrate()` runs every configuration — AR, LinearSpec, QuadraticSpec and diffusion at step budgets
 1/2/4/8 — on a few bundled code prompts (greedy, 32 new tokens, after a warm-up) and records
-tokens/s, TPF and, where a meter exists (`edge_dlm.power`), average watts and J/token. With
+tokens/s, TPF and, where a meter exists (`edge_dlm.primitives.power`), average watts and J/token. With
 `--engine auto`, a float32 checkpoint on the CPU and onnxruntime installed, it also builds the model's
 ONNX engine once into the user cache (the checkpoint is never touched) and measures it too, so auto
 can pick the faster engine.
@@ -31,12 +31,11 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
 PREFER = ("speed", "energy", "quality")
@@ -112,7 +111,7 @@ def target(a: argparse.Namespace) -> Target:
     """The `Target` of CLI model arguments (cheap: resolves names, loads nothing)."""
     from edge_dlm.hub import resolve
     from edge_dlm.runtime import resolve_device, resolve_dtype
-    from edge_dlm.weights import check_dir
+    from edge_dlm.model.weights import check_dir
 
     path = check_dir(resolve(a.model)).resolve()
     dev = resolve_device(a.device)
@@ -132,7 +131,7 @@ def configurations(block: int) -> list[tuple[str, int | None]]:
 
 def table_key(t: Target) -> str:
     """What the measurement depends on: the model files, the machine, the options and the software."""
-    from edge_dlm.bench import machine_description
+    from edge_dlm.primitives.machine import machine_description
     from edge_dlm.export.manifest import tool_versions
 
     h = hashlib.sha256()
@@ -190,9 +189,9 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
 
 
 def prompts(n: int = 3) -> list[str]:
-    from edge_dlm.bench import PROMPTS_FILE
+    from edge_dlm.primitives.prompts import bundled
 
-    return json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))["code"][:n]
+    return bundled("code")[:n]
 
 
 def measure(rt, sampler, *, max_new_tokens: int, n_prompts: int, skipped: dict,
@@ -233,8 +232,8 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
               progress: Callable[[str, int, int], None] | None = None, log=None, key: str | None = None) -> Table:
     """Measure every configuration of `rt` (and of the auto-built ONNX engine where it may be built),
     cache the table and return it."""
-    from edge_dlm.fsutil import atomic_write_bytes
-    from edge_dlm.power import Sampler
+    from edge_dlm.primitives.fsutil import atomic_write_bytes
+    from edge_dlm.primitives.power import Sampler
 
     sampler = sampler or Sampler(str(rt.device))
     key = key or table_key(t)
@@ -259,7 +258,7 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
         other.model.close()
     if progress:
         progress("done", total, total)
-    from edge_dlm.bench import machine_description
+    from edge_dlm.primitives.machine import machine_description
 
     table = Table(key, rows, {"model": str(t.path), "device": t.device, "machine": machine_description(t.device),
                               "dtype": t.dtype, "quant": rt.quant_scheme, "energy": sampler.label,
@@ -274,7 +273,7 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
 
 def open_onnx(t: Target, key: str, *, build: bool, log=None):
     """The auto-built ONNX engine of `t` as a Runtime (built first if `build` and absent), or None."""
-    import edge_dlm
+    from edge_dlm.runtime import load
 
     out = artifact_dir(key)
     if not (out / "manifest.json").exists():
@@ -283,7 +282,7 @@ def open_onnx(t: Target, key: str, *, build: bool, log=None):
         from edge_dlm.export.onnx import export_onnx
 
         export_onnx(t.path, out, dtype="float32", force=True, log=log or (lambda m: None))
-    return edge_dlm.load(out, device=t.device, engine=AUTO_ENGINE, lora=t.lora)
+    return load(out, device=t.device, engine=AUTO_ENGINE, lora=t.lora)
 
 
 def choose(table: Table, prefer: str = "speed", power_budget: float | None = None,
@@ -331,81 +330,3 @@ def choose(table: Table, prefer: str = "speed", power_budget: float | None = Non
     if best.watts is not None:
         why.append(f"{best.watts:.1f} W")
     return best, f"auto: {best.name} on {best.engine} ({'; '.join(why)})"
-
-
-# ---- the CLI side: --mode auto, edge-dlm calibrate -------------------------------------------------
-
-def add_auto_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefer", choices=PREFER, default="speed",
-                   help="what --mode auto optimizes: speed (default), energy (J/token), quality (lossless only)")
-    p.add_argument("--power-budget", type=float, metavar="WATTS",
-                   help="--mode auto runs the fastest configuration whose measured average power fits")
-    p.add_argument("--allow-lossy", action="store_true",
-                   help="let --mode auto pick diffusion step budgets (faster, not AR's exact text)")
-
-
-@dataclasses.dataclass
-class Auto:
-    """What `load_auto` resolved: the runtime to use, the row it runs, the reason and the table."""
-
-    runtime: object
-    row: Row
-    reason: str
-    table: Table
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
-              progress: Callable[[str, int, int], None] | None = None, recalibrate: bool = False,
-              check: Callable[[object], None] | None = None) -> Auto:
-    """Load the model for `--mode auto`: calibrate once if needed, then pick engine, mode and steps.
-
-    `check(runtime)` validates the request before a calibration (a bad request fails fast, alone)."""
-    from edge_dlm import engines
-    from edge_dlm.bench import bar
-    from edge_dlm.cli import load_runtime
-
-    t = target(a)
-    key = table_key(t)
-    loaded = engines.select(t.engine, t.path, t.device)
-    table = None if recalibrate else load_table(key)
-    rt = None
-    if table is None:
-        rt = load_runtime(a)
-        if check is not None:
-            check(rt)
-        log(f"edge-dlm: calibrating {t.path.name} on {t.device} ({rt.precision}) for --mode auto; once per model "
-            "and machine, `edge-dlm calibrate` re-runs it")
-        table = calibrate(rt, t, progress=progress or bar, key=key)
-    allowed = {loaded} | ({AUTO_ENGINE} if loaded == "torch" and onnx_candidate(t, loaded) is None else set())
-    row, reason = choose(table, a.prefer, a.power_budget, a.allow_lossy, engines=allowed)
-    if row.engine != loaded:
-        other = open_onnx(t, key, build=False)
-        if other is None:  # the cache lost the engine: measure again (it rebuilds it)
-            return load_auto(a, log=log, progress=progress, recalibrate=True, check=check)
-        rt = other
-    elif rt is None:
-        rt = load_runtime(a)
-    return Auto(rt, row, reason, table)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from edge_dlm.cli import add_model_args
-
-    add_model_args(p)
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
-
-
-def run(a: argparse.Namespace) -> int:
-    """`edge-dlm calibrate`: measure again (progress bar), cache and print the table."""
-    from edge_dlm.bench import bar
-    from edge_dlm.cli import load_runtime
-
-    t = target(a)
-    rt = load_runtime(a)
-    table = calibrate(rt, t, progress=None if a.json else bar)
-    print(json.dumps(table.to_json(), indent=2) if a.json else table.format())
-    return 0

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from edge_dlm.config import NLDConfig, RopeConfig
+from edge_dlm.model.config import NLDConfig, RopeConfig
 
 SHAPES = {  # nld.md, "The family"
     "3b": dict(num_hidden_layers=26, hidden_size=3072, intermediate_size=9216),
@@ -39,7 +39,7 @@ def shape_config(shape: str, layers: int | None = None) -> NLDConfig:
 
 
 def random_model(cfg: NLDConfig, dtype: torch.dtype, device: torch.device):
-    from edge_dlm.model import NLDModel, rope_inv_freq
+    from edge_dlm.model.nld import NLDModel, rope_inv_freq
 
     with torch.device("meta"):
         model = NLDModel(cfg)
@@ -104,7 +104,7 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device,
                   repeats: int) -> dict[int, tuple[float, float | None]]:
     """Per T: (eager, graph replay) median seconds of one forward of T new tokens over a
     `context`-token cache (T = B(B+1): QuadraticSpec's cycle mask, else the block mask)."""
-    from edge_dlm.attention import BLOCK, CAUSAL, Attn
+    from edge_dlm.primitives.attention import BLOCK, CAUSAL, Attn
 
     b = model.config.block_size
     cache = model.new_cache(context + max(tokens))
@@ -129,7 +129,8 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device,
 
 def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int = 512) -> int:
     from edge_dlm import kernels
-    from edge_dlm.quant import QuantSpec, quantize_model, weight_bytes
+    from edge_dlm.model.quant import QuantSpec, weight_bytes
+    from edge_dlm.model.quantize import quantize_model
     from edge_dlm.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)

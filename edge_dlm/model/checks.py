@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.errors import CheckpointError
+from edge_dlm.primitives.errors import CheckpointError
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # integer tensors of quantized formats: edge-dlm's `.qweight` (U8/I8), compressed-tensors' and GPTQ's

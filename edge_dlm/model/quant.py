@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 GROUP_SIZES = (32, 64, 128)
 OWN_SCHEMES = ("int8", "int4")   # weight-only, group-wise, stored in safetensors
@@ -68,10 +68,10 @@ class QuantSpec:
     head: bool = True        # quantize diffusion_head too
     embedding: bool = True   # quantize the token embedding (int8/int4 only)
     # "edge-dlm": this module's layout; "compressed-tensors" / "gptq": read from those formats
-    # (edge_dlm.formats): signed values, integer zero points, dequantized in the scales' dtype as
+    # (edge_dlm.model.formats): signed values, integer zero points, dequantized in the scales' dtype as
     # their reference implementations do, group size per module (0: per channel)
     layout: str = "edge-dlm"
-    # "awq": weights rescaled and clipped on calibration tokens before quantizing (edge_dlm.awq)
+    # "awq": weights rescaled and clipped on calibration tokens before quantizing (edge_dlm.model.awq)
     calibration: str | None = None
 
     def __post_init__(self) -> None:
@@ -373,63 +373,6 @@ def quantizes(module: str, spec: QuantSpec) -> bool:
 def linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Qualified names of the `nn.Linear` modules the scheme quantizes."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and quantizes(n, spec)]
-
-
-def quantize_model(model: nn.Module, spec: QuantSpec, tokenizer=None, log=lambda *_: None) -> nn.Module:
-    """Quantize a loaded model in place (the `--quant` load-time path) and return it; a calibrated
-    spec first calibrates on the bundled prompts through `tokenizer` (edge_dlm.awq)."""
-    if spec.calibration:
-        from edge_dlm import awq
-
-        if tokenizer is None:
-            raise UserError("calibrated quantization needs the model's tokenizer")
-        awq.calibrate(model, spec, awq.calibration_tokens(tokenizer)[:, :model.config.max_position_embeddings], log)
-    for name in linear_names(model, spec):
-        lin = model.get_submodule(name)
-        w = lin.weight.detach()
-        if spec.scheme == "nf4":
-            new = NF4Linear.from_weight(w, spec).to(w.device)
-        elif spec.scheme == "llm-int8":
-            new = LLMInt8Linear(w, spec)
-        else:
-            new = QuantLinear.from_weight(w, spec).to(w.device)
-        model.set_submodule(name, new)
-    if quantizes("encoder.embed_tokens", spec):
-        emb = model.encoder.embed_tokens
-        lin = QuantLinear.from_weight(emb.weight.detach(), spec).to(emb.weight.device)
-        model.encoder.embed_tokens = QuantEmbedding(lin, emb.weight.dtype)
-    return model
-
-
-def quantized_state(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """A quantized model's tensors as an artifact stores them (float tensors stay in their dtype)."""
-    if spec.scheme == "llm-int8":
-        raise UserError("llm-int8 is a load-time option (bitsandbytes re-quantizes on load); "
-                        "export int8, int4 or nf4 instead")
-    state = {}
-    for name, t in model.state_dict().items():
-        state[name.replace("embed_tokens.lin.", "embed_tokens.")] = t
-    return state
-
-
-def build_quantized(model: nn.Module, spec: QuantSpec, tensors: dict[str, torch.Tensor],
-                    dtype: torch.dtype) -> None:
-    """Swap quantized modules into a (meta-device) model and fill them from an artifact's `tensors`.
-
-    Consumes the quantized entries of `tensors`; the float ones stay for `load_state_dict`.
-    """
-    for name in linear_names(model, spec):
-        lin = model.get_submodule(name)
-        own = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "scales", "zeros", "absmax")
-               if f"{name}.{k}" in tensors}
-        cls = NF4Linear if spec.scheme == "nf4" else QuantLinear
-        model.set_submodule(name, cls(lin.in_features, lin.out_features, spec, own))
-    if quantizes("encoder.embed_tokens", spec):
-        emb = model.encoder.embed_tokens
-        own = {k: tensors.pop(f"encoder.embed_tokens.{k}") for k in ("qweight", "scales", "zeros")
-               if f"encoder.embed_tokens.{k}" in tensors}
-        model.encoder.embed_tokens = QuantEmbedding(
-            QuantLinear(emb.embedding_dim, emb.num_embeddings, spec, own), dtype)
 
 
 def quantized_shapes(name: str, out_f: int, in_f: int, spec: QuantSpec) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edge_dlm.errors import CheckpointError
+from edge_dlm.primitives.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

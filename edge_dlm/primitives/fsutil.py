@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from edge_dlm.errors import UserError
+from edge_dlm.primitives.errors import UserError
 
 
 def _umask() -> int:

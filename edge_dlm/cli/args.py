@@ -1,0 +1,111 @@
+"""The flags every command that loads a model shares, and how they become a request.
+
+`add_model_args` (which model, where, how), `add_decode_args` (mode and sampling) and `add_auto_args`
+(what `--mode auto` optimizes); `runtime_and_options` turns them into a loaded Runtime and the request's
+options, checking the request before any calibration runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from edge_dlm.primitives.errors import UserError
+from edge_dlm.session.calibrate import PREFER
+from edge_dlm.session.load import load_auto, load_runtime, say
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as every bad input in edge-dlm gets."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a checkpoint directory or a Hugging Face name ORG/NAME[@REVISION] "
+                   "(default: the bundled demo model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
+    p.add_argument("--quant", help="quantize on load: int8, int4 (group-wise), nf4, llm-int8 (bitsandbytes)")
+    p.add_argument("--group-size", type=int, default=64, help="group size for --quant int8/int4/nf4 (default 64)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --quant int4/int8: rescale and clip the weights on calibration text first (AWQ)")
+    p.add_argument("--engine", default="auto",
+                   help="torch, onnxruntime, tensorrt, tensorrt-rtx, or auto: the first that can run the model "
+                   "(default)")
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="Triton attention/verification kernels: auto (on with CUDA + triton), on, off")
+
+
+def add_auto_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefer", choices=PREFER, default="speed",
+                   help="what --mode auto optimizes: speed (default), energy (J/token), quality (lossless only)")
+    p.add_argument("--power-budget", type=float, metavar="WATTS",
+                   help="--mode auto runs the fastest configuration whose measured average power fits")
+    p.add_argument("--allow-lossy", action="store_true",
+                   help="let --mode auto pick diffusion step budgets (faster, not AR's exact text)")
+
+
+def add_decode_args(p: argparse.ArgumentParser, default_max: int = 256) -> None:
+    p.add_argument("--mode", choices=("auto",) + MODES, default="auto",
+                   help="decoding mode (default: auto, the fastest lossless mode measured on this machine)")
+    add_auto_args(p)
+    p.add_argument("--steps", type=int, help="diffusion step budget per block, 1..block size (default: block "
+                   "size); with no --mode it means --mode diffusion")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="diffusion confidence threshold, 0..1 (default: 0.9)")
+    p.add_argument("--block-size", type=int, help="override the checkpoint's block size")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--max-new-tokens", type=int, default=default_max,
+                   help=f"generation budget (default: {default_max})")
+
+
+def decode_kwargs(a: argparse.Namespace) -> dict:
+    return dict(mode=a.mode, steps=a.steps, threshold=a.threshold, block_size=a.block_size,
+                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                max_new_tokens=a.max_new_tokens)
+
+
+def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):
+    """The runtime and the request options of decoding flags; `--mode auto` resolved (reason on stderr).
+    The options (and `prompt`, if given) are checked before a calibration runs."""
+    kw = decode_kwargs(a)
+    if a.mode == "auto" and a.steps is not None:
+        kw["mode"] = "diffusion"  # a step budget only means something to diffusion
+    if kw["mode"] != "auto":
+        return load_runtime(a), kw
+
+    def check(rt) -> None:
+        probe = {**kw, "mode": "ar"}
+        if prompt is None:
+            rt.options(**probe)
+        else:
+            rt.prepare(prompt, raw=a.raw, **probe)
+
+    auto = load_auto(a, check=check)
+    say(auto.reason)
+    kw.update(mode=auto.row.mode, steps=auto.row.steps)
+    return auto.runtime, kw
+
+
+def read_prompt(a: argparse.Namespace) -> str:
+    if a.prompt_file is not None:
+        try:
+            text = open(a.prompt_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read --prompt-file {a.prompt_file}: {exc}") from None
+    else:
+        text = a.prompt
+    if not text or not text.strip():
+        raise UserError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt-file")
+    return text
+
+
