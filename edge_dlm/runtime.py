@@ -118,13 +118,16 @@ class Runtime:
         sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
                                      if k in kw and kw[k] is not None})
         kw = {k: v for k, v in kw.items() if v is not None}
-        return GenerationOptions(sampling=sampling, **kw).resolve(self.config.block_size)
+        return GenerationOptions(sampling=sampling, **kw).resolve(self.config.block_size,
+                                                                  self.config.max_position_embeddings)
 
     def prepare(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
                 **kw) -> tuple[list[int], GenerationOptions]:
         """A request's prompt ids and resolved options, or the one-line error it would fail with."""
         opts = self.options(**kw)
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.encode(prompt, raw=raw)
+        if not ids:
+            raise UserError("the prompt encodes to no tokens")
         ctx = self.config.max_position_embeddings
         if len(ids) >= ctx:
             raise UserError(f"the prompt is {len(ids)} tokens but the model context is {ctx}; shorten it")
@@ -271,17 +274,24 @@ class Runtime:
             self._check_cache_fits(len(ids))
             dec = Decoder(self.model, opts, self.model.new_cache(len(ids)))
             seq = list(ids)
-            work = [Span(a, b) for a, b in tok_spans]
-            for a, b in tok_spans:
+            work = [Span(a, b) for a, b, _, _ in tok_spans]
+            for a, b, _, _ in tok_spans:
                 seq[a:b] = [dec.mask_id] * (b - a)
             for event in fill(dec, seq, work):
                 yield event
                 if cancel is not None and cancel.is_set():
                     break
-            out, last = [], 0  # rebuild the text: original characters outside the spans
-            for (a, b), s in zip(tok_spans, work):
-                c0, c1 = offsets[a][0], offsets[b - 1][1]
-                out += [text[last:c0], self.tokenizer.decode([t for t in seq[s.start:s.end] if t != dec.mask_id])]
+            # Rebuild the text from the original characters outside the spans, byte for byte. The
+            # re-masked tokens may reach past a span (a leading space, the rest of a word): those
+            # characters are kept as they were, and dropped from the new text where it repeats them.
+            out, last = [], 0
+            for (a, b, c0, c1), s in zip(tok_spans, work):
+                t0, t1 = offsets[a][0], offsets[b - 1][1]
+                new = self.tokenizer.decode([t for t in seq[s.start:s.end] if t != dec.mask_id])
+                before, after = text[t0:c0], text[c1:t1]
+                new = new[len(before):] if before and new.startswith(before) else new
+                new = new[:len(new) - len(after)] if after and new.endswith(after) else new
+                out += [text[last:c0], new]
                 last = c1
             edited = "".join(out) + text[last:]
             finish = "cancelled" if cancel is not None and cancel.is_set() else "stop"
@@ -302,8 +312,9 @@ class Runtime:
         return self.tokenizer.encode(value, add_special_tokens=special) if value else []
 
     @staticmethod
-    def _token_spans(text: str, spans, offsets, block: int) -> list[tuple[int, int]]:
-        """Character spans -> sorted, merged token ranges [a, b), validated."""
+    def _token_spans(text: str, spans, offsets, block: int) -> list[tuple[int, int, int, int]]:
+        """Character spans -> sorted token ranges `(a, b, c0, c1)`: tokens [a, b) re-masked for the
+        characters [c0, c1). Spans that touch a common token merge into one (with what lies between)."""
         if not isinstance(spans, (list, tuple)) or not spans:
             raise UserError("edit needs at least one span (START:END, character offsets)")
         out = []
@@ -317,20 +328,20 @@ class Runtime:
             toks = [i for i, o in enumerate(offsets) if o is not None and o[1] > c0 and o[0] < c1]
             if not toks:
                 raise UserError(f"span {c0}:{c1} covers no token")
-            out.append([toks[0], toks[-1] + 1])
+            out.append([toks[0], toks[-1] + 1, c0, c1])
         out.sort()
         merged = [out[0]]
-        for a, b in out[1:]:
-            if a < merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
+        for a, b, c0, c1 in out[1:]:
+            m = merged[-1]
+            if a < m[1]:
+                m[1], m[3] = max(m[1], b), max(m[3], c1)
             else:
-                merged.append([a, b])
-        for a, b in merged:
+                merged.append([a, b, c0, c1])
+        for a, b, c0, c1 in merged:
             if b - a > block:
-                c0, c1 = offsets[a][0], offsets[b - 1][1]
                 raise UserError(f"span {c0}:{c1} is {b - a} tokens; at most {block} (the block size) can be "
                                 "re-masked in one place: split it")
-        return [(a, b) for a, b in merged]
+        return [(a, b, c0, c1) for a, b, c0, c1 in merged]
 
     def _fill_done(self, dec: Decoder, prompt_ids: list[int], ids: list[int], text: str, mode: str,
                    finish: str, start: float, n: int) -> Iterator[StreamEvent]:
@@ -406,9 +417,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
             raise UserError(f"{path} is already quantized ({net.config.quantization.get('scheme')}); "
                             "drop --quant, or quantize the full-precision checkpoint")
         quantize_model(net, spec, tokenizer)
-    if tokenizer.vocab_size > net.config.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{net.config.vocab_size}")
+    if tokenizer.max_id >= net.config.vocab_size:
+        raise CheckpointError(f"tokenizer has token ids up to {tokenizer.max_id} but the model only "
+                              f"{net.config.vocab_size} embedding rows; the tokenizer does not belong to this model")
     if use_kernels:
         kmod.enable(net)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with

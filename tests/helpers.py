@@ -41,15 +41,28 @@ def reference_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 class FakeMeter:
     """An energy counter drawing a constant `watts` (a `power.EnergyMeter` stand-in); `watts=None`: none."""
 
-    def __init__(self, watts: float | None = 10.0) -> None:
+    def __init__(self, watts: float | None = 10.0, clock=None) -> None:
+        import time
+
         self.watts = watts
+        self.clock = clock or time.perf_counter
         self.source = "fake" if watts is not None else "n/a"
         self.why = "" if watts is not None else "no meter in this test"
 
     def read(self) -> float | None:
-        import time
+        return None if self.watts is None else self.watts * self.clock()
 
-        return None if self.watts is None else self.watts * time.perf_counter()
+
+class Ticks:
+    """A clock that advances `step` seconds at every reading: meters and samplers that share it measure
+    exactly, whatever the machine is doing."""
+
+    def __init__(self, step: float = 0.25) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
 
 
 def fake_power_supply(root, *, ac: bool | None = True, battery: str | None = None, power_uw: int | None = None,

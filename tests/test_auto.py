@@ -7,12 +7,11 @@ import json
 import os
 import shutil
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FakeMeter, fake_power_supply
+from helpers import FakeMeter, Ticks, fake_power_supply
 
 import edge_dlm
 from edge_dlm.session import calibrate as cal
@@ -56,11 +55,11 @@ def test_rapl_meter_sums_packages_and_says_why_not(tmp_path):
 
 
 def test_sampler_uses_the_counter_then_the_battery_then_says_na(tmp_path):
-    s = Sampler("cpu", FakeMeter(20.0), PowerSupply(tmp_path / "none"))
+    clock = Ticks(0.05)
+    s = Sampler("cpu", FakeMeter(20.0, clock), PowerSupply(tmp_path / "none"), clock=clock)
     s.start()
-    time.sleep(0.05)
     r = s.stop()
-    assert r.source == "fake" and r.watts == pytest.approx(20.0, rel=0.02) and r.joules == pytest.approx(1.0, rel=0.2)
+    assert r.source == "fake" and r.watts == 20.0 and r.joules == pytest.approx(1.0)
     bat = fake_power_supply(tmp_path / "bat", ac=False, battery="Discharging", power_uw=8_000_000)
     s = Sampler("cpu", FakeMeter(None), PowerSupply(bat))
     s.start()
@@ -74,11 +73,11 @@ def test_sampler_uses_the_counter_then_the_battery_then_says_na(tmp_path):
 
 
 def test_monitor_gives_watts_between_polls(tmp_path):
-    m = Monitor("cpu", FakeMeter(7.0), PowerSupply(tmp_path / "none"))
+    clock = Ticks()
+    m = Monitor("cpu", FakeMeter(7.0, clock), PowerSupply(tmp_path / "none"), clock=clock)
     assert m.poll()[0] is None  # the first poll has nothing to compare with
-    time.sleep(0.05)
     w, state, _ = m.poll()
-    assert w == pytest.approx(7.0, rel=0.02) and state.on_battery is None
+    assert w == pytest.approx(7.0) and state.on_battery is None
     bat = fake_power_supply(tmp_path / "bat", ac=False, battery="Discharging", power_uw=9_000_000)
     w, state, _ = Monitor("cpu", FakeMeter(None), PowerSupply(bat)).poll()
     assert w == pytest.approx(9.0) and state.on_battery
@@ -141,12 +140,14 @@ def tiny_rt(tiny_ckpt):
 def test_calibration_measures_every_configuration_with_the_meter(tiny_rt):
     t = cal.runtime_target(tiny_rt)
     steps = []
-    got = cal.calibrate(tiny_rt, t, sampler=Sampler("cpu", FakeMeter(12.0), PowerSupply(Path("/nonexistent"))),
+    clock = Ticks()
+    meter = Sampler("cpu", FakeMeter(12.0, clock), PowerSupply(Path("/nonexistent")), clock=clock)
+    got = cal.calibrate(tiny_rt, t, sampler=meter,
                         max_new_tokens=6, n_prompts=2, progress=lambda label, i, n: steps.append((label, i, n)))
     names = [r.name for r in got.rows]
     assert names == ["ar", "linear-spec", "quadratic-spec", "diffusion S=1", "diffusion S=2", "diffusion S=4"]
     assert all(r.engine == "torch" and r.tokens_per_s > 0 and r.tpf > 0 for r in got.rows)
-    assert all(r.watts == pytest.approx(12.0, rel=0.05) and r.joules_per_token > 0 for r in got.rows)
+    assert all(r.watts == pytest.approx(12.0) and r.joules_per_token > 0 for r in got.rows)  # exact: one clock
     assert got.rows[0].tpf == 1.0 and got.meta["energy"] == "fake"
     assert steps[-1] == ("done", len(steps) - 1, len(steps) - 1)
     assert cal.load_table(cal.table_key(t)).to_json() == got.to_json()  # cached, read back the same

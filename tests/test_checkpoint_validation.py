@@ -190,6 +190,8 @@ def test_malformed_checkpoint_is_refused(case, tiny_ckpt, tmp_path, capsys, monk
             native.append(str(f))
             return real_tok(f)
 
+        from_str = staticmethod(tokenizers.Tokenizer.from_str)  # the file itself was opened in Python (audited)
+
     monkeypatch.setattr(tokenizers, "Tokenizer", Tok)
     OPENED = []
     try:

@@ -130,6 +130,35 @@ def test_edit_keeps_everything_outside_its_spans(rt):
     assert rt.model.passes[0] == (ids[:first], 0, True)
 
 
+@pytest.mark.parametrize("text", [
+    "- budget approved\n- travel pending\n",
+    "def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value\n",
+    "Caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9s, \u00fcber\ttabs  and  doubled  spaces.",
+])
+def test_edit_keeps_every_byte_outside_its_span_on_random_spans(tiny_ckpt, text):
+    """1000 random spans over three texts (inside words, on token boundaries, with leading spaces):
+    the text outside each span comes back byte for byte."""
+    import random
+
+    rt = edge_dlm.load(tiny_ckpt, device="cpu")
+    rng = random.Random(len(text))
+    ids, offsets = rt.tokenizer.encode_offsets(text)
+    starts = sorted(({o[0] for o in offsets if o} | {o[1] for o in offsets if o}) - {len(text)})  # token edges
+    done = 0
+    while done < 334:
+        c0 = rng.choice(starts) if rng.random() < 0.4 else rng.randrange(len(text) - 1)
+        c1 = min(len(text), c0 + rng.randint(1, 6))
+        try:
+            res = rt.edit(text, [(c0, c1)], steps=1, temperature=rng.choice([0.0, 1.0]), seed=rng.randrange(1 << 30))
+        except UserError as exc:  # a span over more tokens than the window: refused, not cut
+            assert "at most 4" in str(exc), exc
+            continue
+        assert res.text.startswith(text[:c0]), (c0, c1, res.text)
+        assert res.text.endswith(text[c1:]), (c0, c1, res.text)
+        assert len(res.text) >= len(text) - (c1 - c0) and res.text.encode("utf-8")  # whole characters
+        done += 1
+
+
 def test_edit_spans_are_whole_tokens_and_can_merge(rt):
     text = "x = 1 + 2"
     ids, offsets = rt.tokenizer.encode_offsets(text)

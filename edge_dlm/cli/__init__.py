@@ -11,6 +11,7 @@ from typing import Sequence
 
 from edge_dlm.cli.args import Parser
 from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.inputs import os_error
 
 
 def build_parser() -> Parser:
@@ -54,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"edge-dlm: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file the command was pointed at: one line naming it, as for any bad input
+        if exc.filename is None or isinstance(exc, BrokenPipeError):
+            raise
+        print(f"edge-dlm: error: {os_error(exc.filename, exc, 'file')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edge-dlm: interrupted", file=sys.stderr)
         return 130

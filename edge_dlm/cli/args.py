@@ -11,6 +11,7 @@ import argparse
 from typing import NoReturn
 
 from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.inputs import read_text
 from edge_dlm.session.calibrate import PREFER
 from edge_dlm.session.load import load_auto, load_runtime, say
 
@@ -97,13 +98,7 @@ def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):
 
 
 def read_prompt(a: argparse.Namespace) -> str:
-    if a.prompt_file is not None:
-        try:
-            text = open(a.prompt_file, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read --prompt-file {a.prompt_file}: {exc}") from None
-    else:
-        text = a.prompt
+    text = read_text(a.prompt_file, "--prompt-file") if a.prompt_file is not None else a.prompt
     if not text or not text.strip():
         raise UserError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt-file")
     return text

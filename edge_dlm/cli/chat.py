@@ -29,6 +29,9 @@ def run(a: argparse.Namespace) -> int:
     return plain_chat(a)
 
 
+SETTINGS = {"mode": ("mode", str), "steps": ("steps", int), "temp": ("temperature", float)}  # /cmd: (option, parse)
+
+
 def plain_chat(a: argparse.Namespace) -> int:
     from edge_dlm.cli.args import runtime_and_options
     from edge_dlm.decoding import MODES, Done
@@ -36,6 +39,8 @@ def plain_chat(a: argparse.Namespace) -> int:
     from edge_dlm.runtime import Text
 
     rt, kw = runtime_and_options(a)
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach the tokenizer's one-line refusal
+        sys.stdin.reconfigure(errors="surrogateescape")
     messages: list[dict[str, str]] = []
     print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({rt.precision}), "
           f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)
@@ -53,15 +58,24 @@ def plain_chat(a: argparse.Namespace) -> int:
                 return 0
             if cmd == "new":
                 messages.clear()
-            elif cmd == "mode" and arg in MODES:
-                kw["mode"] = arg
-            elif cmd == "steps" and arg.isdigit():
-                kw["steps"] = int(arg)
-            elif cmd == "temp":
-                kw["temperature"] = float(arg or 0)
+                print("(new conversation)", file=sys.stderr)
+            elif cmd in SETTINGS and arg.strip():
+                key, parse = SETTINGS[cmd]
+                try:
+                    value = parse(arg.strip())
+                    rt.options(**{**kw, key: value})  # the runtime's own check of every option
+                except ValueError:
+                    print(f"error: /{cmd} takes a number, got {arg.strip()!r}", file=sys.stderr)
+                except UserError as exc:
+                    msg = str(exc).replace("--temperature", "/temp").replace("--steps", "/steps")
+                    print(f"error: {msg}", file=sys.stderr)
+                else:
+                    kw[key] = value
+                    if key == "steps" and kw.get("mode") != "diffusion":
+                        kw["mode"] = "diffusion"  # a step budget means diffusion, as --steps does
+                    print(f"({cmd} {value}{', mode diffusion' if key == 'steps' else ''})", file=sys.stderr)
             else:
-                print(f"commands: /mode {{{','.join(MODES)}}}, /steps N, /temp T, /new, /quit",
-                      file=sys.stderr)
+                print(f"commands: /mode {{{','.join(MODES)}}}, /steps N, /temp T, /new, /quit", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         cancel = threading.Event()

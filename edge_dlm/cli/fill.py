@@ -26,15 +26,9 @@ def add_fill_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_text(value: str | None, path: str | None, what: str) -> str | None:
-    from edge_dlm.primitives.errors import UserError
+    from edge_dlm.primitives.inputs import read_text as read_file
 
-    if path is None:
-        return value
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the {what} file {path}: {exc}") from None
+    return value if path is None else read_file(path, f"the {what} file")
 
 
 def fill_kwargs(a: argparse.Namespace) -> dict:
@@ -89,8 +83,9 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_edit(a: argparse.Namespace) -> int:
-    from edge_dlm.session.load import load_runtime
     from edge_dlm.primitives.errors import UserError
+    from edge_dlm.primitives.fsutil import check_output_file
+    from edge_dlm.session.load import load_runtime
 
     spans = []
     for s in a.span:
@@ -102,5 +97,7 @@ def run_edit(a: argparse.Namespace) -> int:
     text = read_text(a.text, a.file, "text")
     if not text or not text.strip():
         raise UserError("the text to edit is empty")
+    if a.output is not None:
+        check_output_file(a.output)
     rt = load_runtime(a)
     return report(a, rt.edit(text, spans, **fill_kwargs(a)), a.output)

@@ -20,8 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="auto", help="decoding mode for requests that name none or 'auto' (default: "
                    "auto, the fastest lossless mode measured on this machine)")
     add_auto_args(p)
-    p.add_argument("--api-key", default=os.environ.get("EDGE_DLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $EDGE_DLM_API_KEY, else none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="FILE",
+                     help="require 'Authorization: Bearer KEY' with KEY read from FILE (kept out of `ps`)")
+    key.add_argument("--api-key", default=os.environ.get("EDGE_DLM_API_KEY"),
+                     help="the same with KEY on the command line, visible to other users in `ps`; prefer "
+                     "--api-key-file or $EDGE_DLM_API_KEY (the default)")
     p.add_argument("--max-body", type=int, default=d.max_body, help=f"largest request body in bytes ({d.max_body})")
     p.add_argument("--queue", type=int, default=d.queue, help=f"requests that may wait for the model ({d.queue})")
     p.add_argument("--queue-timeout", type=float, default=d.queue_timeout,
@@ -45,6 +49,12 @@ def run(a: argparse.Namespace) -> int:
     for flag in ("queue_timeout", "request_timeout", "io_timeout"):
         if not getattr(a, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
+    if a.api_key_file is not None:
+        from edge_dlm.primitives.inputs import read_text
+
+        a.api_key = read_text(a.api_key_file, "--api-key-file", limit=4096).strip()
+        if not a.api_key or any(c.isspace() for c in a.api_key):
+            raise UserError(f"--api-key-file {a.api_key_file} must hold one key (no spaces)")
     if a.api_key is not None and not a.api_key.strip():
         raise UserError("--api-key is empty")
     mode, steps = a.mode, None
@@ -72,7 +82,7 @@ def run(a: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         server.admission.close()
-        server.admission.idle.wait(opts.io_timeout)  # the cancelled request closes its stream properly
+        server.drain(opts.io_timeout)  # the cancelled request closes its stream; late clients get 503
         server.server_close()
     print("edge-dlm serve: stopped", file=sys.stderr)
     return 0

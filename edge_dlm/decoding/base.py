@@ -34,20 +34,29 @@ class GenerationOptions:
     sampling: SamplingParams = SamplingParams()
     use_lora: bool = True
 
-    def resolve(self, default_block: int) -> "GenerationOptions":
+    def resolve(self, default_block: int, context: int | None = None) -> "GenerationOptions":
         """Fill defaults from the checkpoint and validate; raises `UserError` with the flag to fix."""
         if self.mode not in MODES:
-            raise UserError(f"mode '{self.mode}' not supported; known: {', '.join(MODES)}")
+            raise UserError(f"mode '{str(self.mode)[:40]}' not supported; known: {', '.join(MODES)}")
+        for name in ("block_size", "steps", "max_new_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise UserError(f"--{name.replace('_', '-')} must be an integer, got {str(v)[:40]!r}")
         b = default_block if self.block_size is None else self.block_size
         if b < 1:
             raise UserError(f"--block-size must be >= 1, got {b}")
+        if context is not None and b > context:
+            raise UserError(f"--block-size {b} is larger than the model's {context}-token context")
         s = b if self.steps is None else self.steps
         if not 1 <= s <= b:
             raise UserError(f"--steps must be in 1..{b} (the block size), got {s}")
-        if not 0 <= self.threshold <= 1:
-            raise UserError(f"--threshold must be in 0..1, got {self.threshold}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0 <= self.threshold <= 1:
+            raise UserError(f"--threshold must be in 0..1, got {str(self.threshold)[:40]}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.use_lora, bool):
+            raise UserError(f"use_lora must be true or false, got {self.use_lora!r}")
         self.sampling.validate()
         return dataclasses.replace(self, block_size=b, steps=s)
 

@@ -16,11 +16,13 @@ What `weights.load_model` checks, in this order (each failure is one `Checkpoint
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import torch
 
 from edge_dlm.primitives.errors import CheckpointError
+from edge_dlm.primitives.inputs import os_error
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # integer tensors of quantized formats: edge-dlm's `.qweight` (U8/I8), compressed-tensors' and GPTQ's
@@ -47,21 +49,49 @@ def contained(path: Path, name: str, what: str = "file") -> Path:
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise CheckpointError(f"{path} names {what} {name!r} outside the model directory; refused")
-    target = (path / rel).resolve()
+    try:
+        target = (path / rel).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise CheckpointError(f"{path / name} is a symlink loop; refused") from None
     if not any(target == r or r in target.parents for r in allowed_roots(path)):
         raise CheckpointError(f"{path / name} is a link to {target}, outside the model directory; refused")
     return path / rel
 
 
-def check_files(path: Path, names: list[str]) -> None:
-    """Every listed file that exists in `path` (and each file under a listed folder) stays inside it."""
+def regular_file(p: Path, what: str = "file") -> Path:
+    """`p` itself when it is a regular file (symlinks followed); a FIFO, device, directory, loop or
+    unreadable path is one line naming it."""
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as exc:
+        raise CheckpointError(os_error(p, exc, what)) from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise CheckpointError(f"{what} {p} is {kind}; expected a regular file")
+    if not os.access(p, os.R_OK):
+        raise CheckpointError(f"cannot read {what} {p}: permission denied")
+    return p
+
+
+def check_files(path: Path, names: list[str], directories: tuple[str, ...] = ()) -> None:
+    """Every listed file that exists in `path` (and each file under a listed folder) stays inside it and
+    is a readable regular file; the model directory itself must be readable."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"cannot read model directory {path}: permission denied")
     for name in names:
         p = path / name
         if p.is_symlink() or p.exists():
             contained(path, name)
-        if p.is_dir():
+            if name in directories:
+                if not p.is_dir():
+                    raise CheckpointError(f"{p} should be a directory")
+            else:
+                regular_file(p, name)
+        if p.is_dir() and name in directories:
             for sub in sorted(p.rglob("*")):
                 contained(path, str(sub.relative_to(path)))
+                if not sub.is_dir():
+                    regular_file(sub, str(sub.relative_to(path)))
 
 
 def physical_memory(device: torch.device | str) -> int | None:
@@ -77,7 +107,11 @@ def physical_memory(device: torch.device | str) -> int | None:
 def check_memory(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str) -> None:
     """Refuse weights that cannot fit before anything is read or allocated (packed weights: 1 byte)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    need = sum(_numel(s) * (1 if n.endswith(".qweight") else elem) for n, s in shapes.items())
+    check_bytes(sum(_numel(s) * (1 if n.endswith(".qweight") else elem) for n, s in shapes.items()), dtype, device)
+
+
+def check_bytes(need: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Refuse `need` bytes of weights that cannot fit this device."""
     have = physical_memory(device)
     if have is not None and need > HEADROOM * have:
         raise CheckpointError(f"the config implies {need / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} "

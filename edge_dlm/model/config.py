@@ -8,12 +8,14 @@ block size, eos) always come from the checkpoint, never from constants in the co
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from edge_dlm.primitives.errors import CheckpointError
+from edge_dlm.primitives.inputs import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("nemotron_labs_diffusion",)
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -27,6 +29,43 @@ def _positive_int(v: Any) -> bool:
 
 def _positive_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _matches(v: Any, tp: Any) -> bool:
+    """Whether JSON value `v` has annotated type `tp` (ints are not bools, floats are finite)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_matches(v, a) for a in typing.get_args(tp))
+    tp = typing.get_origin(tp) or tp
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, tp) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object"}
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return " or ".join(names.get(typing.get_origin(a) or a, str(a)) for a in args)
+
+
+def _typed(cls: type, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The known fields of `d` for dataclass `cls`, each checked against its annotation first."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d and d[f.name] is not None and not dataclasses.is_dataclass(hints[f.name]):
+            v = d[f.name]
+            if not _matches(v, hints[f.name]):
+                want = "an integer token id" if f.name.endswith("_token_id") else _describe(hints[f.name])
+                raise CheckpointError(f"config.json: {where}{f.name} must be {want}, got {str(v)[:40]!r} "
+                                      f"({type(v).__name__})")
+            out[f.name] = v
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +86,12 @@ class RopeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RopeConfig":
+        if d is not None and not isinstance(d, dict):
+            raise CheckpointError(f"config.json: rope_parameters must be an object, got {type(d).__name__}")
         d = dict(d or {})
         if "type" in d and "rope_type" not in d:
             d["rope_type"] = d.pop("type")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and v is not None}
-        cfg = cls(**kw)
+        cfg = cls(**_typed(cls, d, "rope_parameters."))
         if cfg.rope_type not in ("default", "yarn"):
             raise CheckpointError(f"rope_type '{cfg.rope_type}' not supported; known: default, yarn")
         return cfg
@@ -125,10 +164,9 @@ class NLDConfig:
         if isinstance(eos, list):  # HF allows a list; the decoding contract has one EOS
             d["eos_token_id"] = eos[0] if eos else None
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if "rope_theta" not in rope and "rope_theta" in d:
+        if isinstance(rope, dict) and "rope_theta" not in rope and "rope_theta" in d:
             rope = {**rope, "rope_theta": d["rope_theta"]}
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope"}
-        kw = {k: v for k, v in d.items() if k in fields}
+        kw = _typed(cls, d, "")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name != "rope" and kw.get(f.name) is None]
@@ -141,15 +179,9 @@ class NLDConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "NLDConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointError(f"{path} not found: a checkpoint directory needs config.json")
+        return cls.from_dict(read_json_object(path, str(path), error=CheckpointError))
 
     def validate(self) -> None:
         for key in SIZES:
@@ -186,6 +218,13 @@ class NLDConfig:
             raise CheckpointError(f"eos_token_id {self.eos_token_id} is outside the vocabulary")
         if self.block_size < 1:
             raise CheckpointError(f"block_size must be >= 1, got {self.block_size}")
+
+    def parameter_count(self) -> int:
+        """Weights the config implies (embedding, head, layers), computed without building any shape."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h + 2 * q * h + 2 * kv * h + 3 * i * h
+        return 2 * v * h + h + self.num_hidden_layers * per_layer
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json form (as NVIDIA writes it), for exporters and test checkpoints."""

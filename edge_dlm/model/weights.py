@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from edge_dlm.model.config import NLDConfig
-from edge_dlm.primitives.errors import CheckpointError
 from edge_dlm.model.nld import NLDModel, rope_inv_freq
+from edge_dlm.primitives.errors import CheckpointError
+from edge_dlm.primitives.inputs import read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LORA_DIR = "linear_spec_lora"
 # every file (or folder) of a model directory that edge-dlm may open
 MODEL_FILES = ["config.json", SINGLE_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
@@ -62,7 +65,7 @@ def check_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{path} is not a directory; --model takes a checkpoint directory")
     from edge_dlm.model.checks import check_files
 
-    check_files(path, MODEL_FILES)  # nothing edge-dlm reads may lead outside the directory
+    check_files(path, MODEL_FILES, (LORA_DIR,))  # nothing edge-dlm reads may lead outside the directory
     return path
 
 
@@ -70,18 +73,16 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, from the shard index or the single file's header."""
     index = path / INDEX_FILE
     if index.exists():
-        from edge_dlm.model.checks import contained
+        from edge_dlm.model.checks import contained, regular_file
 
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid shard index ({exc})") from None
+        weight_map = read_json_object(index, str(index), error=CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map):
             raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = {name: contained(path, f, "shard") for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
-            if not f.exists():
+            if not f.exists() and not f.is_symlink():
                 raise CheckpointError(f"shard {f.name} named in {INDEX_FILE} is missing from {path}")
+            regular_file(f, "shard")
         return files
     single = path / SINGLE_FILE
     if not single.exists():
@@ -91,7 +92,9 @@ def weight_files(path: Path) -> dict[str, Path]:
                 f"{path} holds only pickle weights ({', '.join(pickles)}); edge-dlm loads safetensors "
                 f"only, since pickle can run code: convert them to model.safetensors")
         raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
-    return {n: single for n in tensor_names(single)}
+    from edge_dlm.model.checks import regular_file
+
+    return {n: single for n in tensor_names(regular_file(single, "weights file"))}
 
 
 def read_tensors(files: dict[str, Path], names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -120,8 +123,11 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     A quantized artifact (config.json has "quantization") loads into quantized modules directly;
     its float tensors (norms, an unquantized head) are cast to `dtype`.
     """
+    from edge_dlm.model.checks import check_bytes, check_finite, check_headers, check_memory
+
     path = check_dir(path)
     cfg = NLDConfig.from_file(path / "config.json")
+    check_bytes(cfg.parameter_count() // 2, dtype, device)  # int4's half byte a weight: before listing shapes
     spec = quant_spec(cfg, path)
     files = weight_files(path)
     community = None if spec is not None else community_format(path)
@@ -130,8 +136,6 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:3])}{more}")
-    from edge_dlm.model.checks import check_finite, check_headers, check_memory
-
     check_memory(shapes, dtype, device)
     check_headers(files, shapes, quantized=spec is not None or community is not None)  # before reading data
     tensors = read_tensors(files, list(shapes))
@@ -163,7 +167,7 @@ def community_format(path: Path):
     """The compressed-tensors / GPTQ format of config.json's quantization_config, or None."""
     from edge_dlm.model.formats import detect
 
-    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    raw = read_json_object(path / "config.json", error=CheckpointError)
     return detect(raw, str(path / "config.json"))
 
 
@@ -208,18 +212,27 @@ def load_lora(model: NLDModel, path: Path) -> bool:
     lora_dir = path / LORA_DIR
     if not has_lora(path):
         return False
-    try:
-        acfg = json.loads((lora_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{lora_dir}/adapter_config.json is missing or invalid ({exc})") from None
-    scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
-    adapter = lora_dir / "adapter_model.safetensors"
-    tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
-    from edge_dlm.model.checks import check_finite
+    where = f"{lora_dir}/adapter_config.json"
+    if not (lora_dir / "adapter_config.json").exists():
+        raise CheckpointError(f"{where} is missing; the LoRA drafter needs it (or pass --no-lora)")
+    acfg = read_json_object(lora_dir / "adapter_config.json", where, error=CheckpointError)
+    r, alpha, rs = acfg.get("r"), acfg.get("lora_alpha"), acfg.get("use_rslora", False)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 1 << 16:
+        raise CheckpointError(f"{where}: r must be a positive integer rank, got {r!r}")
+    if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)
+            or abs(alpha) > 1e6):
+        raise CheckpointError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(rs, bool):
+        raise CheckpointError(f"{where}: use_rslora must be true or false, got {rs!r}")
+    scale = alpha / r ** 0.5 if rs else alpha / r
+    from edge_dlm.model.checks import check_finite, regular_file
 
-    if any(not t.is_floating_point() for t in tensors.values()):
-        raise CheckpointError(f"{adapter} stores integer tensors; a LoRA drafter is floating point")
+    adapter = regular_file(lora_dir / "adapter_model.safetensors", "LoRA drafter")
+    tensors = read_tensors({n: adapter for n in tensor_names(adapter)})
+    if any(t.dtype not in LORA_DTYPES for t in tensors.values()):
+        bad = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.dtype not in LORA_DTYPES})
+        raise CheckpointError(f"{adapter} stores {', '.join(bad)} tensors; a LoRA drafter is floating point (float16, bfloat16 or "
+                              "float32)")
     check_finite(tensors, " of the LoRA drafter")
     p = model.encoder.norm.weight  # a float parameter even in a quantized model
     for i, layer in enumerate(model.encoder.layers):

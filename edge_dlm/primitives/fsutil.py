@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -18,17 +19,59 @@ def _umask() -> int:
     return mask
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(target: Path) -> None:
+    """Tidy what an interrupted `atomic_dir` left beside `target`: a previous artifact moved aside by a
+    `--force` swap that was killed goes back into place, and the temporary and old folders of dead
+    processes are removed."""
+    if not target.parent.is_dir():
+        return
+    for kind in ("old", "tmp"):
+        for p in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            pid = p.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not target.exists() and not target.is_symlink():
+                p.rename(target)  # the swap was interrupted after the old artifact moved aside
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target`, on failure it vanishes.
 
-    An existing `target` is an error unless `force`. Ctrl-C or any exception leaves no `target`.
+    An existing `target` is an error unless `force`. Ctrl-C or any exception leaves no `target`; a kill
+    leaves `target` as it was (complete or absent), and the next call tidies what the kill left (`recover`).
     """
     target = Path(target)
+    recover(target)
     if target.exists() and not force:
         raise UserError(f"{target} already exists; pass --force to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
@@ -39,6 +82,9 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():
+        if _exchange(tmp, target):  # target is the new artifact at once; tmp holds the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
         tmp.rename(target)
@@ -47,9 +93,23 @@ def atomic_dir(target: str | Path, *, force: bool = False) -> Iterator[Path]:
         tmp.rename(target)
 
 
+def check_output_file(path: str | Path) -> Path:
+    """`path` when a file can be written there: its folder exists and it is not a directory or a device."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory")
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot write {path}: it is not a regular file")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: permission denied in {path.parent}")
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename it into place."""
-    path = Path(path)
+    path = check_output_file(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

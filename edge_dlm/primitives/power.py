@@ -135,9 +135,11 @@ class Sampler:
     sampled at start and stop, gives watts (and joules = watts x time). Otherwise n/a, with the reason.
     """
 
-    def __init__(self, device: str, meter: EnergyMeter | None = None, supply: PowerSupply | None = None) -> None:
+    def __init__(self, device: str, meter: EnergyMeter | None = None, supply: PowerSupply | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.meter = meter or EnergyMeter(device)
         self.supply = supply or PowerSupply()
+        self.clock = clock  # seconds; tests give the meter and the sampler one fake clock
         self._t0 = self._e0 = None
         self._w0: float | None = None
 
@@ -154,12 +156,13 @@ class Sampler:
         return source if source != "n/a" else f"n/a ({self.meter.why or self.supply.state().why})"
 
     def start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         self._e0 = self.meter.read()
         self._w0 = None if self._e0 is not None else self.supply.state().discharge_w
 
     def stop(self) -> Reading:
-        dt = max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+        t1 = self.clock()
+        dt = max(t1 - (t1 if self._t0 is None else self._t0), 1e-9)
         e1 = self.meter.read()
         if self._e0 is not None and e1 is not None:
             j = max(e1 - self._e0, 0.0)
@@ -178,14 +181,16 @@ class Monitor:
     it; otherwise the battery's discharge rate while on battery; otherwise None and the reason.
     """
 
-    def __init__(self, device: str, meter: EnergyMeter | None = None, supply: PowerSupply | None = None) -> None:
+    def __init__(self, device: str, meter: EnergyMeter | None = None, supply: PowerSupply | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.meter = meter or EnergyMeter(device)
         self.supply = supply or PowerSupply()
+        self.clock = clock
         self._last: tuple[float, float] | None = None
 
     def poll(self) -> tuple[float | None, SupplyState, str]:
         state = self.supply.state()
-        e, t = self.meter.read(), time.perf_counter()
+        t, e = self.clock(), self.meter.read()
         if e is not None:
             last, self._last = self._last, (t, e)
             if last is None or t <= last[0]:

@@ -8,10 +8,22 @@ its probability under the *untempered* softmax with the mask logit removed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from edge_dlm.primitives.errors import UserError
+
+
+MAX_TEMPERATURE = 100.0  # beyond it sampling is uniform noise
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +34,17 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        """Ranges that keep every probability finite: a finite temperature up to `MAX_TEMPERATURE` (any
+        positive one is safe: logits are shifted by their maximum before dividing), top-p in (0, 1] (the
+        most likely token always survives), a seed torch's generator takes."""
+        if not _number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise UserError(f"--temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {self.temperature!r}")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise UserError(f"--top-k must be an integer >= 0, got {self.top_k!r}")
+        if not _number(self.top_p) or not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 1 << 64):
+            raise UserError(f"--seed must be an integer in 0..2**64-1, got {str(self.seed)[:40]}")
 
 
 class Sampler:
@@ -56,6 +73,10 @@ class Sampler:
     def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.greedy_fn is not None and self.params.temperature == 0:
             return self.greedy_fn(logits, self.mask_id)
+        if not bool(torch.isfinite(logits).all()):
+            raise UserError("the model produced NaN or infinite logits: its weights overflow in "
+                            f"{str(logits.dtype).removeprefix('torch.')}; try --dtype float32, or the checkpoint "
+                            "is damaged")
         logits = logits.float().clone()
         logits[..., self.mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
@@ -63,7 +84,11 @@ class Sampler:
         if p.temperature == 0:
             tokens = torch.argmax(logits, dim=-1)  # first maximal index on ties
         else:
-            tokens = torch.multinomial(filtered_probs(logits / p.temperature, p.top_k, p.top_p), 1,
+            # shifted by the maximum (<= 0), dividing by a tiny T cannot overflow; T below float32's
+            # smallest normal would round to 0 (0 / 0), and samples as greedily as that smallest one
+            shifted = logits - logits.amax(dim=-1, keepdim=True)
+            t = max(p.temperature, torch.finfo(torch.float32).tiny)
+            tokens = torch.multinomial(filtered_probs(shifted / t, p.top_k, p.top_p), 1,
                                        generator=self.generator).squeeze(-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
 
@@ -77,6 +102,7 @@ def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before this token is >= p
+        drop[..., 0] = False  # the most likely token always stays (a p below float32's range is 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)

@@ -6,17 +6,18 @@ sandbox (a checkpoint's template is data, not code we trust).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from edge_dlm.primitives.errors import CheckpointError, UserError
+from edge_dlm.primitives.inputs import check_text, read_json_object, read_text
 
 Message = dict[str, str]
 TEMPLATE_MAX_CHARS = 256 * 1024  # Jinja source (real chat templates are a few KB)
 TEMPLATE_SECONDS = 2.0  # render deadline
 TEMPLATE_OUTPUT_CHARS = 64 * 1024  # beyond the conversation's own text
+TOKENIZER_BYTES = 256 << 20  # tokenizer.json (a 131k-token vocabulary is ~17 MB)
 
 
 class TemplateTimeout(CheckpointError):
@@ -24,28 +25,86 @@ class TemplateTimeout(CheckpointError):
         super().__init__(f"the checkpoint's chat template ran longer than {TEMPLATE_SECONDS:.0f} s; refused")
 
 
+# The filters a chat template may use: cheap ones, each run with its arguments and result bounded.
+# (Left out: wordwrap, urlize, pprint, xmlattr, filesizeformat and the like — slow on large input and
+# never needed to lay out a conversation.)
+TEMPLATE_FILTERS = ("abs", "attr", "capitalize", "count", "default", "d", "dictsort", "e", "escape", "first",
+                    "float", "forceescape", "groupby", "int", "items", "join", "last", "length", "list", "lower",
+                    "map", "max", "min", "reject", "rejectattr", "replace", "reverse", "round", "safe", "select",
+                    "selectattr", "sort", "string", "striptags", "sum", "title", "tojson", "trim", "truncate",
+                    "unique", "upper", "wordcount")
+
+
+def _oversized(value: Any) -> bool:
+    """An argument that would make one call build more than the output limit: a big width or count,
+    or a format string asking for a big width."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > TEMPLATE_OUTPUT_CHARS
+    if isinstance(value, float):
+        return not abs(value) <= TEMPLATE_OUTPUT_CHARS
+    return False
+
+
+def _wide_format(fmt: Any) -> bool:
+    """A %- or {}-format string with a field width or precision beyond the output limit."""
+    import re
+
+    return isinstance(fmt, str) and any(int(n) > TEMPLATE_OUTPUT_CHARS for n in re.findall(r"\d{6,}", fmt))
+
+
+def _refuse(what: str) -> CheckpointError:
+    return CheckpointError(f"the checkpoint's chat template {what}; refused")
+
+
 def _sandbox(deadline: float):
-    """An immutable Jinja sandbox that stops at `deadline` (at the next call, attribute or chunk)."""
+    """An immutable Jinja sandbox that stops at `deadline` (at every call, filter, attribute and chunk)
+    and refuses any single operation whose result would exceed the output limit before it runs."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def bounded(result: Any) -> Any:
+        if isinstance(result, (str, list, tuple)) and len(result) > TEMPLATE_OUTPUT_CHARS:
+            raise _refuse("builds an oversized value")
+        return result
 
     class Sandbox(ImmutableSandboxedEnvironment):
         def check(self) -> None:
             if time.monotonic() > deadline:
                 raise TemplateTimeout()
 
+        def precheck(self, obj: Any, args: tuple, kwargs: dict) -> None:
+            self.check()
+            values = list(args) + list(kwargs.values())
+            name = getattr(obj, "__name__", "")
+            if name != "safe_range" and any(_oversized(v) for v in values):  # Jinja bounds range() itself
+                raise _refuse("passes an oversized width or count")
+            if name in ("format", "format_map") and (_wide_format(getattr(obj, "__self__", None))
+                                                     or any(_wide_format(v) for v in values)):
+                raise _refuse("formats with an oversized width")
+            if name == "replace" and len(values) >= 2:
+                src = getattr(obj, "__self__", values[0] if len(values) > 2 else "")
+                new = values[-1] if isinstance(values[-1], str) else values[1] if len(values) > 1 else ""
+                if isinstance(src, str) and isinstance(new, str) and (len(src) + 1) * len(new) > TEMPLATE_OUTPUT_CHARS:
+                    raise _refuse("replaces into an oversized string")
+
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
-            __self.check()
-            return super().call(__context, __obj, *args, **kwargs)
+            __self.precheck(__obj, args, kwargs)
+            return bounded(super().call(__context, __obj, *args, **kwargs))
 
         def getattr(self, obj, attribute):
             self.check()
+            if attribute in ("format", "format_map") and _wide_format(obj):
+                raise _refuse("formats with an oversized width")
             return super().getattr(obj, attribute)
 
         def getitem(self, obj, argument):
             self.check()
+            if argument in ("format", "format_map") and _wide_format(obj):
+                raise _refuse("formats with an oversized width")
             return super().getitem(obj, argument)
 
-        intercepted_binops = frozenset(["*", "**"])
+        intercepted_binops = frozenset(["*", "**", "%", "+"])
 
         def call_binop(self, context, operator, left, right):
             self.check()
@@ -53,12 +112,29 @@ def _sandbox(deadline: float):
                 n = right if isinstance(left, (str, list, tuple)) else left
                 seq = left if isinstance(left, (str, list, tuple)) else right
                 if isinstance(n, int) and len(seq) * n > TEMPLATE_OUTPUT_CHARS:
-                    raise CheckpointError("the checkpoint's chat template builds an oversized string; refused")
+                    raise _refuse("builds an oversized string")
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-                raise CheckpointError("the checkpoint's chat template raises to an oversized power; refused")
-            return super().call_binop(context, operator, left, right)
+                raise _refuse("raises to an oversized power")
+            if operator == "%" and (_wide_format(left) or any(
+                    _oversized(v) for v in (right if isinstance(right, (tuple, list)) else (right,)))):
+                raise _refuse("formats with an oversized width")
+            return bounded(super().call_binop(context, operator, left, right))
 
-    return Sandbox(trim_blocks=True, lstrip_blocks=True)
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True)
+
+    def guarded(fn):
+        def run(*args, **kwargs):
+            env.precheck(fn, args, kwargs)
+            return bounded(fn(*args, **kwargs))
+
+        for attr in ("jinja_pass_arg",):  # keep Jinja's context/environment passing markers
+            if hasattr(fn, attr):
+                setattr(run, attr, getattr(fn, attr))
+        return run
+
+    env.filters = {name: guarded(f) for name, f in env.filters.items() if name in TEMPLATE_FILTERS}
+    env.tests = {name: guarded(f) for name, f in env.tests.items()}
+    return env
 
 
 class Tokenizer:
@@ -73,24 +149,39 @@ class Tokenizer:
 
         path = Path(path)
         tj = path / "tokenizer.json"
-        if not tj.exists():
+        if not tj.exists() and not tj.is_symlink():
             raise CheckpointError(f"{path} has no tokenizer.json")
+        text = read_text(tj, "tokenizer file", TOKENIZER_BYTES, CheckpointError)
         try:
-            tok = HFTokenizer.from_file(str(tj))
+            tok = HFTokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise CheckpointError(f"{tj} is not a valid tokenizers file ({str(exc)[:120]})") from None
         config: dict[str, Any] = {}
         tc = path / "tokenizer_config.json"
-        if tc.exists():
-            try:
-                config = json.loads(tc.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{tc} is not valid JSON ({exc})") from None
+        if tc.exists() or tc.is_symlink():
+            config = read_json_object(tc, str(tc), error=CheckpointError)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": "..."}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{tc}: chat_template must be a string, got {type(template).__name__}")
+        for key in ("bos_token", "eos_token"):
+            v = config.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is not None and not isinstance(v, str):
+                raise CheckpointError(f"{tc}: {key} must be a string, got {type(v).__name__}")
+        config = {**config, "chat_template": template}
         return cls(tok, config)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_id(self) -> int:
+        """The largest id this tokenizer can produce (added tokens may sit beyond the vocabulary's count)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -105,12 +196,12 @@ class Tokenizer:
         return v or ""
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode(check_text(text), add_special_tokens=add_special_tokens).ids
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids (special tokens added) and each token's [start, end) character span in `text`
         (special tokens, which cover no text, get None)."""
-        enc = self._tok.encode(text)
+        enc = self._tok.encode(check_text(text))
         special = enc.special_tokens_mask
         return enc.ids, [None if sp else tuple(o) for o, sp in zip(enc.offsets, special)]
 
@@ -131,7 +222,7 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         def raise_exception(msg: str) -> None:
-            raise UserError(f"chat template: {msg}")
+            raise UserError(f"chat template: {str(msg)[:200]}")
 
         limit = TEMPLATE_OUTPUT_CHARS + sum(len(str(m.get("content", ""))) for m in messages)
         env = _sandbox(time.monotonic() + TEMPLATE_SECONDS)
@@ -148,7 +239,7 @@ class Tokenizer:
                                           "for this conversation; refused")
                 out.append(chunk)
         except TemplateError as exc:
-            raise CheckpointError(f"the checkpoint's chat template failed to render ({exc})") from None
+            raise CheckpointError(f"the checkpoint's chat template failed to render ({str(exc)[:200]})") from None
         except (RecursionError, MemoryError, OverflowError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's chat template failed to render "
                                   f"({type(exc).__name__}: {str(exc)[:120]})") from None
@@ -161,7 +252,11 @@ class Tokenizer:
                 return self.encode(prompt)
             prompt = [{"role": "user", "content": prompt}]
         # the template writes the bos text itself; special-token strings in it map to their ids
-        return self.encode(self.render_chat(prompt), add_special_tokens=False)
+        ids = self.encode(self.render_chat(prompt), add_special_tokens=False)
+        if not ids:
+            raise CheckpointError("the checkpoint's chat template rendered an empty prompt; pass --raw to send "
+                                  "the prompt as is")
+        return ids
 
 
 class StreamDetokenizer:

@@ -164,6 +164,18 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
         def error(self, e: HTTPError) -> None:
             self.send_json(e.code, {"error": {"message": str(e), "type": e.kind, "code": e.code}}, e.headers)
 
+        def send_error(self, code, message=None, explain=None):
+            """The standard library's own error answers (a malformed request line, headers too long, an
+            unknown method), as the same JSON error object every route answers with."""
+            self.close_connection = True
+            if code == 501:  # no do_<METHOD>: a method this API does not have
+                code, message, headers = 405, f"method {str(self.command)[:16]} not allowed; use GET or POST", \
+                    {"Allow": "GET, POST"}
+            else:
+                headers = {}
+            with contextlib.suppress(OSError):
+                self.error(HTTPError(int(code), message or "bad request", headers=headers))
+
         def guarded(self, fn) -> None:
             """Run a route; errors become OpenAI-style answers, never a traceback to the client."""
             self.headers_sent = False
@@ -173,6 +185,11 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             except HTTPError as e:
                 if not self.headers_sent:
                     self.error(e)
+            except UserError as exc:  # a request the runtime refused: the client's to fix, one log line
+                print(f"{self.address_string()} refused: {exc}", file=sys.stderr)
+                if not self.headers_sent:
+                    self.error(HTTPError(400, str(exc)))
+                self.close_connection = self.headers_sent
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 self.close_connection = True
             except Exception:  # a bug: the log gets the traceback, the client one line
@@ -205,18 +222,25 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
         def read_body(self):
             if self.headers.get("Transfer-Encoding"):
                 raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
-            length = self.headers.get("Content-Length")
-            if length is None:
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
                 raise HTTPError(411, "a Content-Length header is required")
-            if not length.isdigit():
-                raise HTTPError(400, "Content-Length must be a number of bytes")
+            length = lengths[0].strip()
+            if len(lengths) > 1:
+                self.close_connection = True
+                raise HTTPError(400, "the request has more than one Content-Length header")
+            if not (length.isascii() and length.isdigit()) or len(length) > 18:
+                self.close_connection = True
+                raise HTTPError(400, "Content-Length must be a number of bytes (ASCII digits)")
             if int(length) > opts.max_body:
                 self.close_connection = True
                 raise HTTPError(413, f"the body is {length} bytes; the limit is {opts.max_body}")
             raw = self.rfile.read(int(length))
             try:
                 return json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            except RecursionError:
+                raise HTTPError(400, "the body is nested too deeply") from None
+            except ValueError as exc:  # not UTF-8, not JSON, or an integer beyond Python's digit limit
                 raise HTTPError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
 
         def post(self):
@@ -355,6 +379,33 @@ class Server(ThreadingHTTPServer):
         """Graceful: refuse new work, cancel the running request, leave serve_forever."""
         self.admission.close()
         threading.Thread(target=self.shutdown, daemon=True).start()
+
+    def drain(self, seconds: float) -> None:
+        """After `stop`: keep answering what reaches the socket (503 for new work) until the running
+        request has finished and nothing has arrived for a moment, at most `seconds`; a client that
+        connected during shutdown gets an answer, not a reset."""
+        self.timeout, self.quiet = 0.2, False
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.quiet = True
+            self.handle_request()  # one connection, or `handle_timeout` after 0.2 s of silence
+            if self.quiet and self.admission.idle.is_set():
+                return
+
+    def handle_timeout(self) -> None:
+        self.quiet = True
+
+    def process_request(self, request, client_address):
+        self.quiet = False
+        super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that broke is one log line; anything else keeps its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            print(f"{client_address[0]} connection closed ({type(exc).__name__})", file=sys.stderr)
+        else:
+            super().handle_error(request, client_address)
 
 
 def build_server(rt, host: str, port: int, opts: ServeOptions | None = None) -> Server:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.inputs import read_json_object
 
 LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
 PREFER = ("speed", "energy", "quality")
@@ -110,10 +111,12 @@ class Target:
 def target(a: argparse.Namespace) -> Target:
     """The `Target` of CLI model arguments (cheap: resolves names, loads nothing)."""
     from edge_dlm.hub import resolve
-    from edge_dlm.runtime import resolve_device, resolve_dtype
+    from edge_dlm.model.config import NLDConfig
     from edge_dlm.model.weights import check_dir
+    from edge_dlm.runtime import resolve_device, resolve_dtype
 
     path = check_dir(resolve(a.model)).resolve()
+    NLDConfig.from_file(path / "config.json")  # validated before anything reads it for the key
     dev = resolve_device(a.device)
     dtype = str(resolve_dtype(None if a.dtype == "auto" else a.dtype, dev)).removeprefix("torch.")
     return Target(path, str(dev), dtype, a.quant, a.group_size if a.quant else 0, not a.no_lora, a.kernels, a.engine)
@@ -166,7 +169,7 @@ def load_table(key: str) -> Table | None:
         if d.get("format") != FORMAT or d.get("key") != key:
             return None
         return Table.from_json(d)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -178,7 +181,7 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
         return f"the model is already a {engine} artifact"
     if t.device != "cpu":
         return "the onnxruntime build here runs on the CPU only"
-    raw = json.loads((t.path / "config.json").read_text(encoding="utf-8"))
+    raw = read_json_object(t.path / "config.json")
     quantized = t.quant or raw.get("quantization") or raw.get("quantization_config")
     if t.dtype != "float32" or quantized:
         return "auto builds float32 ONNX engines only (quantized or half weights run on torch)"
@@ -285,19 +288,25 @@ def open_onnx(t: Target, key: str, *, build: bool, log=None):
     return load(out, device=t.device, engine=AUTO_ENGINE, lora=t.lora)
 
 
+def check_preferences(prefer: str, power_budget: float | None) -> None:
+    """What `choose` takes, checked before anything is measured."""
+    if prefer not in PREFER:
+        raise UserError(f"--prefer {prefer} not supported; known: {', '.join(PREFER)}")
+    if power_budget is not None and (isinstance(power_budget, bool) or not isinstance(power_budget, (int, float))
+                                     or not 0 < power_budget < float("inf")):
+        raise UserError(f"--power-budget must be a positive number of watts, got {power_budget}")
+
+
 def choose(table: Table, prefer: str = "speed", power_budget: float | None = None,
            allow_lossy: bool = False, engines: set[str] | None = None) -> tuple[Row, str]:
     """The configuration auto runs, and why (see the module docstring)."""
-    if prefer not in PREFER:
-        raise UserError(f"--prefer {prefer} not supported; known: {', '.join(PREFER)}")
+    check_preferences(prefer, power_budget)
     rows = [r for r in table.rows if (engines is None or r.engine in engines)
             and (r.lossless or (allow_lossy and prefer != "quality"))]
     if not rows:
         raise UserError("the calibration table has no configuration for this engine; run edge-dlm calibrate")
     why = []
     if power_budget is not None:
-        if not power_budget > 0:
-            raise UserError(f"--power-budget must be a positive number of watts, got {power_budget:g}")
         measured = [r for r in rows if r.watts is not None]
         if not measured:
             raise UserError(f"--power-budget needs measured watts and this calibration has none (energy: "

@@ -11,8 +11,8 @@ import dataclasses
 import sys
 from typing import Callable
 
-from edge_dlm.session.calibrate import (AUTO_ENGINE, Row, Table, calibrate, choose, load_table, onnx_candidate,
-                                        open_onnx, table_key, target)
+from edge_dlm.session.calibrate import (AUTO_ENGINE, Row, Table, calibrate, check_preferences, choose, load_table,
+                                        onnx_candidate, open_onnx, table_key, target)
 
 
 def say(msg: str) -> None:
@@ -53,6 +53,7 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
     `check(runtime)` validates the request before a calibration (a bad request fails fast, alone)."""
     from edge_dlm import engines
 
+    check_preferences(a.prefer, a.power_budget)
     t = target(a)
     key = table_key(t)
     loaded = engines.select(t.engine, t.path, t.device)
