@@ -59,7 +59,7 @@ def test_sampler_uses_the_counter_then_the_battery_then_says_na(tmp_path):
     s = Sampler("cpu", FakeMeter(20.0, clock), PowerSupply(tmp_path / "none"), clock=clock)
     s.start()
     r = s.stop()
-    assert r.source == "fake" and r.watts == 20.0 and r.joules == pytest.approx(1.0)
+    assert r.source == "fake" and r.watts == pytest.approx(20.0) and r.joules == pytest.approx(2.0)  # 0.1 s
     bat = fake_power_supply(tmp_path / "bat", ac=False, battery="Discharging", power_uw=8_000_000)
     s = Sampler("cpu", FakeMeter(None), PowerSupply(bat))
     s.start()
