@@ -65,6 +65,14 @@ def resolve(spec: str | Path | None) -> Path:
     return snapshot(*name, download=not offline())
 
 
+def display_name(path: Path) -> str:
+    """A model directory's own name: `ORG/NAME` for a Hub cache snapshot, else the directory's name."""
+    p = Path(path).resolve()
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return p.name
+
+
 def snapshot(repo: str, revision: str | None, *, download: bool) -> Path:
     """The cached snapshot of `repo@revision`, fetched first (allowed files only) when `download`."""
     hub = _hub()

@@ -8,7 +8,7 @@
             print(ev.delta, end="", flush=True)
 
 Thread safety: a `Runtime` runs one request at a time (an internal lock serializes `generate` and
-`stream`; a second caller waits). Share one Runtime across threads freely; to cancel, pass a
+`stream`; callers wait their turn in arrival order). Share one Runtime across threads freely; to cancel, pass a
 `threading.Event` as `cancel` and set it from any thread: the request stops after its current pass
 with `finish_reason == "cancelled"`.
 """
@@ -27,6 +27,7 @@ from edge_dlm.model.config import NLDConfig
 from edge_dlm.decoding import (SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, GenerationOptions,
                                Result, mode_fn)
 from edge_dlm.primitives.errors import CheckpointError, UserError
+from edge_dlm.primitives.machine import set_threads
 from edge_dlm.primitives.sampling import SamplingParams
 from edge_dlm.primitives.tokenizer import Message, StreamDetokenizer, Tokenizer
 
@@ -71,22 +72,43 @@ def peak_memory_mb(device: str | torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class FifoLock:
+    """A lock granted in arrival order: a request never starves behind a loop that takes the runtime
+    again and again (a background calibration runs one measurement at a time between requests)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self) -> "FifoLock":
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class Runtime:
     """A loaded model + tokenizer, serving requests in any decoding mode without reloading."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, path: Path,
                  device: torch.device, dtype: torch.dtype, kernels: bool = False,
-                 engine: str = "torch", quant: str | None = None) -> None:
+                 engine: str = "torch", quant: str | None = None, name: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
+        self.name = name or path.name  # the model's own name: titles, banners, the server's "model"
         self.device = device
         self.dtype = dtype
         self.config: NLDConfig = model.config
         self.kernels = kernels  # Triton attention + greedy picks (see edge_dlm.kernels)
         self.engine = engine
         self.quant = quant  # the scheme load() quantized the weights with, if it did
-        self._lock = threading.Lock()
+        self._lock = FifoLock()
 
     @property
     def quant_scheme(self) -> str | None:
@@ -375,14 +397,17 @@ def _last(events: Iterator[StreamEvent]) -> Result:
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          engine: str = "auto", quant: str | None = None, group_size: int = 64, calibrate: bool = False,
-         lora: bool = True, kernels: str = "auto") -> Runtime:
+         lora: bool = True, kernels: str = "auto", name: str | None = None, threads: int | None = None) -> Runtime:
     """Load a model (default: the bundled demo model) into a `Runtime`: a checkpoint or artifact directory,
-    or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online).
+    or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online). `name` is
+    what titles and the server call it (default: `ORG/NAME` for a Hub snapshot, else the directory's name).
 
     `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
     "llm-int8" (bitsandbytes); `calibrate` first rescales and clips int8 / int4 weights on the bundled
     prompts (edge_dlm.model.awq). A quantized artifact from `edge-dlm export` loads as it is.
     `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
+    `threads`: torch's CPU threads (process-wide; default $EDGE_DLM_THREADS, else half the CPUs:
+    `edge_dlm.primitives.machine.default_threads` says why).
     """
     from edge_dlm import engines
     from edge_dlm.model.weights import check_dir
@@ -396,20 +421,21 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
         spec = QuantSpec(quant, group_size=group_size, calibration="awq" if calibrate else None)
         if spec.scheme in BNB_SCHEMES:
             require_bnb()
-    from edge_dlm.hub import resolve
+    from edge_dlm.hub import display_name, resolve
 
     path = check_dir(resolve(model))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    name = engines.select(engine, path, str(dev))
-    if name != "torch" and spec is not None:
-        raise UserError(f"--quant quantizes torch weights on load; for {name}, export a quantized "
+    set_threads(threads)
+    engine_name = engines.select(engine, path, str(dev))
+    if engine_name != "torch" and spec is not None:
+        raise UserError(f"--quant quantizes torch weights on load; for {engine_name}, export a quantized "
                         "engine instead (edge-dlm export CKPT -o OUT --target onnx --quant int4)")
     from edge_dlm import kernels as kmod
 
-    use_kernels = name == "torch" and kmod.resolve(kernels, dev)
+    use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev)
     tokenizer = Tokenizer.from_dir(path)
-    net = engines.module(name).open(path, dev, dt, lora=lora)
+    net = engines.module(engine_name).open(path, dev, dt, lora=lora)
     if spec is not None:
         from edge_dlm.model.quantize import quantize_model
 
@@ -423,5 +449,5 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if use_kernels:
         kmod.enable(net)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
-    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=name,
-                   quant=spec.scheme if spec is not None else None)
+    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
+                   quant=spec.scheme if spec is not None else None, name=name or display_name(path))

@@ -1,29 +1,88 @@
 #!/usr/bin/env bash
-# Start `edge-dlm chat` in a real terminal under tmux, type a prompt, and check the answer shows up.
-# Usage: scripts/tmux_chat_check.sh [MODEL_DIR]   (default: the bundled demo model)
-# Exit 0 when the answer and the status line appear; prints the final screen either way.
+# `edge-dlm chat` in a real terminal under tmux, as a user sees it, at 80x24 and 120x40:
+#  - the reply is on screen while it streams and at its end, without any key pressed;
+#  - the status line and the footer fit the width (F4 shows, the status line is not cut);
+#  - the chat's tok/s is within 10% of `edge-dlm generate` on the same model, mode and engine,
+#    measured alternately in this run (the best of ROUNDS each).
+# Usage: scripts/tmux_chat_check.sh [MODEL_DIR] [ROUNDS]   (default: the bundled demo model, 3)
+# Exit 0 when every check holds; prints the screens and the numbers either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-session="edge-dlm-check-$$"
-data=$(mktemp -d)
 model_arg=()
-[ $# -ge 1 ] && model_arg=(--model "$1")
+[ $# -ge 1 ] && [ -n "$1" ] && model_arg=(--model "$1")
+rounds=${2:-3}
+tokens=1500
+prompt="Write a Python function is_even(n)."
+data=$(mktemp -d)
+session="edge-dlm-check-$$"
 cleanup() { tmux kill-session -t "$session" 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
-# XDG_DATA_HOME keeps the check's chat database out of the user's own
-tmux new-session -d -s "$session" -x 100 -y 30 \
-  "XDG_DATA_HOME=$data TERM=xterm-256color .venv/bin/edge-dlm chat ${model_arg[*]} --mode ar --max-new-tokens 24"
+export XDG_DATA_HOME="$data/data" XDG_CACHE_HOME="$data/cache"  # the user's chats and caches stay untouched
+fail() { { echo "FAIL: $*"; tmux capture-pane -p -t "$session" 2>/dev/null || true; } >&2; exit 1; }
 screen() { tmux capture-pane -p -t "$session"; }
-wait_for() {  # wait_for PATTERN SECONDS
-  for _ in $(seq 1 $(( $2 * 5 ))); do
-    screen | grep -q "$1" && return 0
-    sleep 0.2
+poll=0.05
+wait_for() {  # wait_for PATTERN SECONDS (looks every $poll s)
+  local end=$(( $(date +%s) + $2 ))
+  while [ "$(date +%s)" -le "$end" ]; do
+    screen | grep -q -- "$1" && return 0
+    sleep "$poll"
   done
   return 1
 }
-if ! wait_for "Message (Enter to send)" 60; then echo "the app did not become ready"; screen; exit 1; fi
-tmux send-keys -t "$session" "Write a Python function is_even(n)." Enter
-if ! wait_for "tok/s │ TPF [0-9]" 120; then echo "no answer within 120 s"; screen; exit 1; fi
-screen
-screen | grep -q "is_even" || { echo "the prompt is not on screen"; exit 1; }
-echo "tmux chat check: ok (answer streamed, status line shows $(screen | grep -o '[0-9.]* tok/s' | head -1))"
+
+# the reference: generate, same model, mode and engine (torch: no calibration, no auto-built engine)
+expected=$(.venv/bin/edge-dlm generate "${model_arg[@]}" --mode ar --engine torch --max-new-tokens $tokens \
+  --prompt "$prompt" --json)
+last_word=$(python3 -c 'import json,re,sys; w=re.findall(r"[A-Za-z_]{4,}", json.loads(sys.argv[1])["text"]); print(w[-1] if w else "")' "$expected")
+
+chat_rate() {  # chat_rate COLS ROWS -> the tok/s the status line shows after one answer
+  tmux kill-session -t "$session" 2>/dev/null || true
+  tmux new-session -d -s "$session" -x "$1" -y "$2" \
+    "TERM=xterm-256color .venv/bin/edge-dlm chat ${model_arg[*]} --mode ar --engine torch --max-new-tokens $tokens"
+  wait_for "Message (Enter to send)" 60 || fail "the app did not become ready at $1x$2"
+  tmux send-keys -t "$session" "$prompt" Enter
+  if [ "${3:-}" = "look" ]; then
+    wait_for "generating" 30 || fail "no streaming status at $1x$2"
+    sleep 0.5
+    mid=$(screen)
+    echo "$mid" | grep -q "generating" || fail "the answer ended before it could be seen streaming at $1x$2"
+    # while it streams, the reply is on screen: words of the expected answer show before it ends
+    seen=$(python3 -c 'import json,sys; t=" ".join(json.loads(sys.argv[1])["text"].split())
+rows = [r.split("\u2502")[0].lstrip("\u2588 ").strip() for r in sys.argv[2].splitlines() if r.startswith("\u2588")]
+print(sum(1 for r in rows if len(r) > 3 and " ".join(r.split()) in t))' "$expected" "$mid")
+    [ "$seen" -ge 3 ] || fail "the streaming reply is not visible at $1x$2 ($seen lines of it on screen)"
+  fi
+  wait_for "tok/s │ TPF [0-9]" 120 || fail "no answer within 120 s at $1x$2"
+  sleep 0.3
+  if [ "${3:-}" = "look" ]; then
+    end=$(screen)
+    printf -- '---- %sx%s, at the end of the answer ----\n%s\n' "$1" "$2" "$end" >&2
+    [ -z "$last_word" ] || echo "$end" | grep -q -- "$last_word" || fail "the end of the reply ('$last_word') is not visible at $1x$2"
+    echo "$end" | grep -q "f4 Quality" || fail "the footer is cut at $1x$2"
+    status=$(echo "$end" | grep "tok/s │ TPF")
+    echo "$status" | grep -q "MB" || fail "the status line is cut at $1x$2: $status"
+  fi
+  screen | grep -o '[0-9.]* tok/s' | head -1 | cut -d' ' -f1
+  tmux kill-session -t "$session" 2>/dev/null || true
+}
+
+chat_rate 80 24 look >/dev/null
+chat_rate 120 40 look >/dev/null
+chats=(); gens=()
+poll=1  # while timing, look rarely: the check must not take the CPU the chat decodes on
+for _ in $(seq 1 "$rounds"); do  # alternately, so both see the same machine
+  gens+=("$(.venv/bin/edge-dlm generate "${model_arg[@]}" --mode ar --engine torch --max-new-tokens $tokens \
+    --prompt "$prompt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
+  chats+=("$(chat_rate 100 30 | tail -1)")
+done
+python3 - "${chats[*]}" "${gens[*]}" <<'EOF'
+import statistics, sys
+chat = [float(x) for x in sys.argv[1].split()]
+gen = [float(x) for x in sys.argv[2].split()]
+# best of each (as timeit takes the fastest run): the other runs measure what else the machine did
+c, g = max(chat), max(gen)
+print(f"chat tok/s {chat} best {c:.1f} (median {statistics.median(chat):.1f}); generate tok/s "
+      f"{[round(x, 1) for x in gen]} best {g:.1f} (median {statistics.median(gen):.1f}); chat/generate {c / g:.3f}")
+sys.exit(0 if c >= 0.9 * g else 1)
+EOF
+echo "tmux chat check: ok"

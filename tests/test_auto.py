@@ -253,9 +253,11 @@ def test_auto_builds_the_onnx_engine_once_and_uses_it(tiny_ckpt, own_cache, tmp_
     d = Path(shutil.copytree(tiny_ckpt, tmp_path / "m"))
     before = {p: p.stat().st_mtime_ns for p in d.rglob("*")}
     argv = ["generate", "--model", str(d), "--device", "cpu", "--prompt", "hello", "--json", "--max-new-tokens", "6"]
-    assert main(argv) == 0
+    assert main(argv) == 0  # not measured yet: the default at once, no calibration, and how to measure
     err = capsys.readouterr().err
-    assert "calibrating m on cpu" in err
+    assert "auto: ar on torch (the default: this machine is not measured yet" in err and "calibrating" not in err
+    assert main(["calibrate", "--model", str(d), "--device", "cpu"]) == 0
+    capsys.readouterr()
     key = cli_key(d)
     measured = cal.load_table(key)
     assert {r.engine for r in measured.rows} == {"torch", "onnxruntime"}

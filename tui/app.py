@@ -23,14 +23,21 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, Select, Static
 from textual.widgets.option_list import Option
+from rich.text import Text as RichText
 
 from edge_dlm.runtime import peak_memory_mb
-from edge_dlm.tui.render import PRESETS, power_line, render_block, status_line
+from edge_dlm.tui.render import PRESETS, LineBreaks, power_line, render_block, status_line
 from edge_dlm.tui.store import Store
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+
+
+def displayed(text: str) -> str:
+    """Model text as Markdown that shows its lines as written (`render.LineBreaks`, all at once)."""
+    return LineBreaks().feed(text)
 
 
 class Message(Markdown):
@@ -41,6 +48,55 @@ class Message(Markdown):
     Message.user { background: $primary 15%; border-left: thick $primary; }
     Message.assistant { border-left: thick $success; }
     """
+
+
+class Line(Widget):
+    """A one-line status: redrawn in place, without laying the screen out again (a layout pass costs
+    ~20 ms of the interpreter the decoding thread needs)."""
+
+    DEFAULT_CSS = "Line { height: 1; padding: 0 1; }"
+
+    def __init__(self, text: str = "", **kw) -> None:
+        super().__init__(**kw)
+        self.text = text
+
+    def update(self, text) -> None:
+        self.text = text
+        self.refresh()
+
+    def render(self):
+        return self.text
+
+
+class LiveReply(Widget):
+    """A reply while it streams: plain wrapped text, at most a screenful (its end, which is what a
+    follower reads), so once it fills the view it redraws in place and the screen is never laid out
+    again until the reply is done. The finished reply replaces it with a `Message` (Markdown), once."""
+
+    DEFAULT_CSS = """
+    LiveReply { height: auto; margin: 0 1 1 0; padding: 0 1; border-left: thick $success; }
+    """
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__()
+        self.shown = RichText(text)
+        self.rows = 1
+
+    def update(self, text: str) -> None:
+        width = max(self.content_size.width, 1)
+        room = max((self.parent.size.height if self.parent else 0) - 1, 1)  # the view, less the margin
+        lines = RichText(text).wrap(self.app.console, width)
+        if len(lines) > room:
+            lines = lines[len(lines) - room:]
+        self.shown = RichText("\n").join(lines)
+        rows, self.rows = self.rows, len(lines)
+        self.refresh(layout=rows != self.rows)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return self.rows
+
+    def render(self):
+        return self.shown
 
 
 class OpenChat(ModalScreen[int | None]):
@@ -64,28 +120,36 @@ class OpenChat(ModalScreen[int | None]):
 
 class ChatApp(App):
     TITLE = "edge-dlm"
+    ENABLE_COMMAND_PALETTE = False  # its footer entry would push F4 off an 80-column footer
     CSS = """
     #main { height: 1fr; }
     #chat { width: 1fr; }
     #side { width: 30; border-left: solid $primary; padding: 0 1; }
+    .-narrow #side { width: 24; }
     #side Label { margin-top: 1; color: $text-muted; }
+    .-short #side Label { margin-top: 0; }
     #side Input { width: 100%; height: 1; border: none; padding: 0 1; background: $boost; }
     #side Select { width: 100%; height: auto; }
     #side Select > SelectCurrent { border: none; height: 1; padding: 0 1; background: $boost; }
     #preset-trade { height: auto; color: $text-muted; margin-top: 1; }
     #block { height: 3; border-top: solid $primary; padding: 0 1; }
-    #status { height: 1; background: $boost; padding: 0 1; }
-    #power { height: 1; padding: 0 1; color: $text-muted; }
+    .-short #block { height: 2; }
+    #status { background: $boost; }
+    #power { color: $text-muted; }
     """
+    # the layout tightens on an 80x24 terminal (Textual sets these classes on the screen by size)
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
+    RENDER_HZ = 4  # how often a streaming reply is redrawn; decoding never waits for the screen
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+o", "open_chat", "Open chat"),
+        Binding("ctrl+r", "regenerate", "Redo"),
+        Binding("ctrl+n", "new_chat", "New"),
+        Binding("ctrl+o", "open_chat", "Open"),
         Binding("f2", "preset('battery')", "Battery"),
         Binding("f3", "preset('balanced')", "Balanced"),
         Binding("f4", "preset('quality')", "Quality"),
-        Binding("ctrl+q", "quit", "Quit"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
     def __init__(self, *, runtime=None, load_args: argparse.Namespace | None = None,
@@ -113,7 +177,11 @@ class ChatApp(App):
         self.cancel = threading.Event()
         self.generating = False
         self.last_result = None
-
+        self.live: tuple | None = None  # (version, text, block, nfe, mode): what the decode thread has, latest
+        self.shown = 0  # the live version on screen
+        self.streaming: Message | None = None
+        self.measured = None  # a background calibration's result, adopted between answers
+        self.applying_preset = False
     # ---- layout
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -124,27 +192,28 @@ class ChatApp(App):
             with VerticalScroll(id="side"):
                 yield Label("Mode")
                 yield Select([(m, m) for m in MODES], value=self.init["mode"], allow_blank=False, id="mode")
-                yield Label("Diffusion steps per block")
+                yield Label("Steps per block")
                 steps = self.init["steps"]
-                yield Select([(str(s), s) for s in range(1, 9)], value=steps if steps in range(1, 9) else 4,
-                             allow_blank=False, id="steps")
-                yield Label("Confidence threshold")
+                choices = sorted(set(range(1, 9)) | ({steps} if steps else set()))
+                yield Select([(str(s), s) for s in choices], value=steps or 4, allow_blank=False, id="steps")
+                yield Label("Threshold")
                 yield Input(str(self.init["threshold"]), id="threshold")
                 yield Label("Temperature")
                 yield Input(str(self.init["temperature"]), id="temperature")
-                yield Label("Max new tokens")
+                yield Label("Max tokens")
                 yield Input(str(self.init["max_new_tokens"]), id="max-tokens")
-                yield Label("Preset (F2 / F3 / F4)")
+                yield Label("Preset (F2-F4)")
                 yield Select([(p, p) for p in PRESETS], prompt="custom", id="preset")
-                yield Label("Power budget, W (Enter)")
+                yield Label("Budget, W (Enter)")
                 yield Input("" if self.budget is None else f"{self.budget:g}", placeholder="none", id="budget")
                 yield Static("", id="preset-trade")
-        yield Static("", id="power")
-        yield Static("loading model…", id="status")
+        yield Line("", id="power")
+        yield Line("loading model…", id="status")
         yield Input(placeholder="Loading the model…", id="prompt", disabled=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        self.set_interval(1 / self.RENDER_HZ, self.render_live)
         self.new_conversation()
         if self.runtime is None:
             self.load_model()
@@ -161,11 +230,11 @@ class ChatApp(App):
             if a.mode == "auto" and a.steps is None:
                 from edge_dlm.session.load import load_auto
 
-                auto = load_auto(a, log=lambda m: self.call_from_thread(self.set_status, m),
-                                 progress=lambda label, i, n: self.call_from_thread(
-                                     self.set_status, f"calibrating for auto ({i}/{n}): {label}"))
+                auto = load_auto(a, log=lambda m: self.call_from_thread(self.set_status, m), measure="background")
                 self.runtime, self.table = auto.runtime, auto.table
                 self.call_from_thread(self.apply_choice, auto.row, auto.reason)
+                if auto.measuring is not None:
+                    auto.measuring.add_done_callback(lambda f: self.call_from_thread(self.measured_done, f, auto.row))
             else:
                 self.runtime = load_runtime(a)
         except UserError as exc:
@@ -173,9 +242,34 @@ class ChatApp(App):
             return
         self.call_from_thread(self.model_ready)
 
+    def measured_done(self, future, default) -> None:
+        """The background calibration finished: adopt its choice now, or after the answer in flight."""
+        try:
+            self.measured = (future.result(), default)
+        except Exception as exc:  # noqa: BLE001 (the chat goes on with what it runs)
+            self.notify(f"auto: measuring failed ({exc}); keeping {default.name}", title="Auto")
+            return
+        if not self.generating:
+            self.adopt_measured()
+
+    def adopt_measured(self) -> None:
+        if self.measured is None:
+            return
+        auto, default = self.measured
+        self.measured = None
+        self.table = auto.table
+        if self.query_one("#mode", Select).value != default.mode:  # the user chose meanwhile: keep it
+            self.notify(f"measured: {auto.reason}", title="Auto")
+            return
+        self.runtime = auto.runtime
+        self.apply_choice(auto.row, auto.reason)
+        self.sub_title = f"{self.runtime.name} · {self.runtime.device} · {self.runtime.engine} · " \
+                         f"B={self.runtime.config.block_size}"
+        self.show_stats()
+
     def model_ready(self) -> None:
         rt = self.runtime
-        self.sub_title = f"{rt.path.name} · {rt.device} · {rt.engine} · B={rt.config.block_size}"
+        self.sub_title = f"{rt.name} · {rt.device} · {rt.engine} · B={rt.config.block_size}"
         if self.monitor is None:
             from edge_dlm.primitives.power import Monitor
 
@@ -204,11 +298,13 @@ class ChatApp(App):
                     temperature=temperature, max_new_tokens=max_new)
 
     def apply_choice(self, row, reason: str) -> None:
-        """Show a configuration auto (or the budget) chose in the side panel, with the reason."""
+        """Show a configuration auto (or the budget) chose in the side panel (the choice) and as a
+        notification (the whole reason: it does not fit a 24-column panel)."""
         self.query_one("#mode", Select).value = row.mode
         if row.steps is not None:
             self.query_one("#steps", Select).value = row.steps
-        self.query_one("#preset-trade", Static).update(reason)
+        self.query_one("#preset-trade", Static).update(reason if len(reason) <= 66 else reason[:65] + "…")
+        self.notify(reason, title="Auto", timeout=5)
 
     @on(Input.Submitted, "#budget")
     def budget_submitted(self, event: Input.Submitted) -> None:
@@ -276,7 +372,7 @@ class ChatApp(App):
     def show_power(self) -> None:
         if not self.query("#power"):
             return
-        self.query_one("#power", Static).update(power_line(
+        self.query_one("#power", Line).update(power_line(
             watts=self.watts, why=self.watts_why, joules_per_token=self.joules_per_token, supply=self.supply,
             budget=self.budget, preset="battery" if self.on_battery else None))
 
@@ -292,18 +388,39 @@ class ChatApp(App):
         self.query_one("#preset-trade", Static).update("")
 
     def action_preset(self, name: str) -> None:
+        """Apply a preset (a key works whatever the panel shows, also after a change by hand)."""
+        self.apply_preset(name)
         self.query_one("#preset", Select).value = name
 
     @on(Select.Changed, "#preset")
     def preset_changed(self, event: Select.Changed) -> None:
-        if event.value not in PRESETS:
-            return
-        p = PRESETS[event.value]
+        if event.value in PRESETS:
+            self.apply_preset(event.value)
+
+    def apply_preset(self, name: str) -> None:
+        p = PRESETS[name]
+        self.applying_preset = True
         self.query_one("#mode", Select).value = p.mode
         if p.steps is not None:
             self.query_one("#steps", Select).value = p.steps
         self.query_one("#threshold", Input).value = str(p.threshold)
         self.query_one("#preset-trade", Static).update(p.trade)
+        self.call_after_refresh(setattr, self, "applying_preset", False)  # after the Changed events it caused
+
+    @on(Select.Changed, "#mode")
+    @on(Select.Changed, "#steps")
+    @on(Input.Changed, "#threshold")
+    def setting_changed_by_hand(self, event) -> None:
+        """A setting changed by hand: the panel no longer shows a preset."""
+        preset = self.query_one("#preset", Select)
+        if self.applying_preset or preset.value not in PRESETS:
+            return
+        p = PRESETS[preset.value]
+        now = self.current_panel()
+        if (now["mode"], str(now["threshold"])) != (p.mode, str(p.threshold)) or \
+                (p.steps is not None and now["steps"] != p.steps):
+            preset.clear()
+            self.query_one("#preset-trade", Static).update("custom settings")
 
     # ---- conversation
     def new_conversation(self) -> None:
@@ -313,10 +430,11 @@ class ChatApp(App):
         self.query_one("#block", Static).update("")
 
     def add_message_widget(self, role: str, content: str) -> Message:
-        widget = Message(content or " ", classes=role)
+        widget = Message(displayed(content) or " ", classes=role)
         msgs = self.query_one("#messages", VerticalScroll)
         msgs.mount(widget)
         msgs.scroll_end(animate=False)
+        msgs.anchor()  # follow what grows at the end, until the user scrolls up
         return widget
 
     @on(Input.Submitted, "#prompt")
@@ -340,13 +458,20 @@ class ChatApp(App):
             return
         mid = self.store.add_message(self.conversation, "assistant", "")
         entry = {"id": mid, "role": "assistant", "content": ""}
-        widget = self.add_message_widget("assistant", "")
+        widget = LiveReply("…")
+        msgs = self.query_one("#messages", VerticalScroll)
+        msgs.mount(widget)
+        msgs.scroll_end(animate=False)
+        msgs.anchor()
         self.cancel.clear()
         self.generating = True
+        self.streaming, self.live, self.shown = widget, None, 0
         self.generate([{"role": m["role"], "content": m["content"]} for m in self.history], opts, entry, widget)
 
     @work(thread=True, exclusive=True, group="generate")
-    def generate(self, messages: list[dict], opts: dict, entry: dict, widget: Message) -> None:
+    def generate(self, messages: list[dict], opts: dict, entry: dict, widget: LiveReply) -> None:
+        """Decode in this worker thread. It never waits for the screen: it leaves the latest text and
+        block in `self.live`, and the screen redraws from there `RENDER_HZ` times a second."""
         from edge_dlm.decoding import Canvas, Done, Draft, Emit
         from edge_dlm.primitives.errors import UserError
         from edge_dlm.runtime import Text
@@ -356,27 +481,25 @@ class ChatApp(App):
         last_save = time.monotonic()
         mask = rt.config.mask_token_id
         result = None
+        block, nfe, version = None, 0, 0
         sampler = self.sampler()
         try:
             for ev in rt.stream(messages, cancel=self.cancel, **opts):
                 if isinstance(ev, Text):
                     text.append(ev.delta)
-                    self.call_from_thread(widget.update, "".join(text))
                     if time.monotonic() - last_save > 0.5:  # a kill loses at most half a second
                         self.store.update_message(entry["id"], "".join(text))
                         last_save = time.monotonic()
                 elif isinstance(ev, Canvas):
-                    labels = [rt.tokenizer.decode([t]) if t != mask else "" for t in ev.tokens]
-                    self.call_from_thread(self.show_block, render_block(
-                        labels, [t == mask for t in ev.tokens], set(ev.committed)), ev.nfe, opts["mode"])
+                    block = (ev.tokens, mask, set(ev.committed), None)
                 elif isinstance(ev, Draft):
-                    labels = [rt.tokenizer.decode([t]) for t in ev.tokens]
-                    self.call_from_thread(self.show_block, render_block(
-                        labels, [False] * len(labels), accepted=ev.accepted), ev.nfe, opts["mode"])
-                elif isinstance(ev, Emit) and opts["mode"] == "ar":
-                    self.call_from_thread(self.show_live_nfe, ev.nfe, opts["mode"])
+                    block = (ev.tokens, None, set(), ev.accepted)
                 elif isinstance(ev, Done):
                     result = ev.result
+                if isinstance(ev, (Canvas, Draft, Emit)):
+                    nfe = ev.nfe
+                version += 1
+                self.live = (version, text, block, nfe, opts["mode"])  # one reference swap: no lock needed
         except UserError as exc:
             self.call_from_thread(self.set_status, f"error: {exc}")
         if sampler is not None and result is not None:
@@ -390,6 +513,24 @@ class ChatApp(App):
         self.history.append(entry)
         self.call_from_thread(self.answer_done, result, widget, final)
 
+    def render_live(self) -> None:
+        """Draw what the decode thread has produced since the last frame (a timer, on the screen's thread).
+        While it streams the reply is plain text (Markdown is parsed once, at the end): a frame is
+        cheap, so the screen takes little from the decoding."""
+        live, widget = self.live, self.streaming
+        if live is None or widget is None or live[0] == self.shown:
+            return
+        version, text, block, nfe, mode = live
+        self.shown = version
+        widget.update("".join(text))
+        if block is not None:
+            tokens, mask, fresh, accepted = block
+            decode = self.runtime.tokenizer.decode
+            labels = [decode([t]) if t != mask else "" for t in tokens]
+            self.query_one("#block", Static).update(render_block(labels, [t == mask for t in tokens], fresh,
+                                                                 accepted=accepted))
+        self.show_live_nfe(nfe, mode)
+
     def sampler(self):
         """A started energy sampler over the monitor's meter and supply (None before the model loads)."""
         if self.monitor is None:
@@ -400,19 +541,20 @@ class ChatApp(App):
         s.start()
         return s
 
-    def answer_done(self, result, widget: Message, final: str) -> None:
-        self.generating = False
-        if not final:
-            widget.update("*(no answer)*")
+    async def answer_done(self, result, widget: LiveReply, final: str) -> None:
+        self.render_live()  # the last block and status
+        self.generating, self.streaming = False, None
+        stopped = result is not None and result.finish_reason == "cancelled"
+        note = "*(stopped)*" if stopped else "*(no answer)*" if not final else ""
+        message = Message(displayed(final) + ("\n\n" if final and note else "") + note, classes="assistant")
+        await self.query_one("#messages", VerticalScroll).mount(message, after=widget)
+        await widget.remove()
         self.last_result = result
         self.show_stats()
         self.show_power()
+        self.adopt_measured()
 
     # ---- live views
-    def show_block(self, rendered, nfe: int, mode: str) -> None:
-        self.query_one("#block", Static).update(rendered)
-        self.show_live_nfe(nfe, mode)
-
     def show_live_nfe(self, nfe: int, mode: str) -> None:
         rt = self.runtime
         self.set_status(status_line(mode=mode, nfe=nfe, device=str(rt.device),
@@ -427,7 +569,7 @@ class ChatApp(App):
             dtype=rt.precision, memory_mb=peak_memory_mb(rt.device)))
 
     def set_status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+        self.query_one("#status", Line).update(text)
 
     # ---- actions
     def action_stop(self) -> None:

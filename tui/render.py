@@ -28,6 +28,34 @@ PRESETS = {
 }
 
 
+class LineBreaks:
+    """Model text -> Markdown that shows its lines as written, fed in pieces as they stream.
+
+    Outside code fences a newline becomes a hard break (Markdown would join the lines into one
+    paragraph) and a line's leading spaces become no-break spaces (Markdown would make an indented
+    line a code block, which cannot wrap on a narrow terminal). Inside ``` fences text is left as is.
+    The state carries over between pieces, so feeding a text in any split gives the same result.
+    """
+
+    def __init__(self) -> None:
+        self.fenced = False
+        self.line = ""  # the current line so far, as the model wrote it
+
+    def feed(self, text: str) -> str:
+        out = []
+        for ch in text:
+            if ch == "\n":
+                out.append("\n" if self.fenced or not self.line.strip() else "  \n")
+                if self.line.lstrip().startswith("```"):
+                    self.fenced = not self.fenced
+                self.line = ""
+                continue
+            at_start = not self.line.strip(" ")
+            self.line += ch
+            out.append("\u00a0" if ch == " " and at_start and not self.fenced else ch)
+        return "".join(out)
+
+
 def token_label(text: str, width: int = 3) -> str:
     """A token as a fixed-width cell: whitespace made visible, long tokens cut."""
     text = text.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·")

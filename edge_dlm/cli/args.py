@@ -41,6 +41,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="Triton attention/verification kernels: auto (on with CUDA + triton), on, off")
+    p.add_argument("--threads", type=int, help="CPU threads for the model's passes (default: $EDGE_DLM_THREADS, "
+                   "else half the CPUs, which stays fast when other programs run)")
 
 
 def add_auto_args(p: argparse.ArgumentParser) -> None:
@@ -75,14 +77,15 @@ def decode_kwargs(a: argparse.Namespace) -> dict:
                 max_new_tokens=a.max_new_tokens)
 
 
-def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):
-    """The runtime and the request options of decoding flags; `--mode auto` resolved (reason on stderr).
-    The options (and `prompt`, if given) are checked before a calibration runs."""
+def runtime_and_options(a: argparse.Namespace, prompt: str | None = None, measure: str = "never"):
+    """The runtime and the request options of decoding flags; `--mode auto` resolved (reason on stderr),
+    measuring an unmeasured machine as `measure` says (`edge_dlm.session.load.load_auto`). The options
+    (and `prompt`, if given) are checked before a calibration runs. Returns (runtime, options, Auto or None)."""
     kw = decode_kwargs(a)
     if a.mode == "auto" and a.steps is not None:
         kw["mode"] = "diffusion"  # a step budget only means something to diffusion
     if kw["mode"] != "auto":
-        return load_runtime(a), kw
+        return load_runtime(a), kw, None
 
     def check(rt) -> None:
         probe = {**kw, "mode": "ar"}
@@ -91,10 +94,10 @@ def runtime_and_options(a: argparse.Namespace, prompt: str | None = None):
         else:
             rt.prepare(prompt, raw=a.raw, **probe)
 
-    auto = load_auto(a, check=check)
+    auto = load_auto(a, check=check, measure=measure)
     say(auto.reason)
     kw.update(mode=auto.row.mode, steps=auto.row.steps)
-    return auto.runtime, kw
+    return auto.runtime, kw, auto
 
 
 def read_prompt(a: argparse.Namespace) -> str:

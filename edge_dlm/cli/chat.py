@@ -38,11 +38,12 @@ def plain_chat(a: argparse.Namespace) -> int:
     from edge_dlm.primitives.errors import UserError
     from edge_dlm.runtime import Text
 
-    rt, kw = runtime_and_options(a)
+    rt, kw, auto = runtime_and_options(a, measure="background")
+    measuring = auto.measuring if auto is not None else None
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach the tokenizer's one-line refusal
         sys.stdin.reconfigure(errors="surrogateescape")
     messages: list[dict[str, str]] = []
-    print(f"edge-dlm chat: {rt.path.name} on {rt.device} ({rt.precision}), "
+    print(f"edge-dlm chat: {rt.name} on {rt.device} ({rt.precision}), "
           f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)
     while True:
         try:
@@ -52,6 +53,17 @@ def plain_chat(a: argparse.Namespace) -> int:
             return 0
         if not line:
             continue
+        if measuring is not None and measuring.done():  # the background calibration finished: adopt it
+            try:
+                done = measuring.result()
+            except Exception as exc:  # noqa: BLE001 (the chat goes on with what it runs)
+                print(f"(auto: measuring failed: {exc}; keeping {kw['mode']})", file=sys.stderr)
+            else:
+                if kw.get("mode") == auto.row.mode:  # not changed by hand meanwhile
+                    rt = done.runtime
+                    kw.update(mode=done.row.mode, steps=done.row.steps)
+                    print(f"({done.reason})", file=sys.stderr)
+            measuring = None
         if line.startswith("/"):
             cmd, _, arg = line[1:].partition(" ")
             if cmd in ("quit", "exit", "q"):

@@ -25,7 +25,7 @@ def run(a: argparse.Namespace) -> int:
     from edge_dlm.runtime import Text
 
     prompt = read_prompt(a)
-    rt, kw = runtime_and_options(a, prompt)
+    rt, kw, _ = runtime_and_options(a, prompt)
     if a.json:
         result = rt.generate(prompt, raw=a.raw, **kw)
         print(json.dumps(result.to_json(), ensure_ascii=False))

@@ -76,7 +76,7 @@ def run(a: argparse.Namespace) -> int:
               f"can use the model{'' if a.api_key else ' (no --api-key set)'}", file=sys.stderr)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
-    print(f"edge-dlm serve: {rt.path.name} ({rt.device}, {rt.precision}) on http://{a.host}:{server.server_port}/v1"
+    print(f"edge-dlm serve: {rt.name} ({rt.device}, {rt.precision}) on http://{a.host}:{server.server_port}/v1"
           f"{' (API key required)' if a.api_key else ''}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -411,7 +411,7 @@ class Server(ThreadingHTTPServer):
 def build_server(rt, host: str, port: int, opts: ServeOptions | None = None) -> Server:
     opts = opts or ServeOptions()
     admission = Admission(opts.queue, opts.queue_timeout)
-    return Server((host, port), make_handler(rt, opts, admission, rt.path.name), admission)
+    return Server((host, port), make_handler(rt, opts, admission, rt.name), admission)
 
 
 def is_loopback(host: str) -> bool:

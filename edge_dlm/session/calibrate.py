@@ -276,6 +276,7 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
 
 def open_onnx(t: Target, key: str, *, build: bool, log=None):
     """The auto-built ONNX engine of `t` as a Runtime (built first if `build` and absent), or None."""
+    from edge_dlm.hub import display_name
     from edge_dlm.runtime import load
 
     out = artifact_dir(key)
@@ -285,7 +286,7 @@ def open_onnx(t: Target, key: str, *, build: bool, log=None):
         from edge_dlm.export.onnx import export_onnx
 
         export_onnx(t.path, out, dtype="float32", force=True, log=log or (lambda m: None))
-    return load(out, device=t.device, engine=AUTO_ENGINE, lora=t.lora)
+    return load(out, device=t.device, engine=AUTO_ENGINE, lora=t.lora, name=display_name(t.path))
 
 
 def check_preferences(prefer: str, power_budget: float | None) -> None:

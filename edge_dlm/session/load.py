@@ -7,8 +7,10 @@ declared in `edge_dlm.cli.args`.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import sys
+import threading
 from typing import Callable
 
 from edge_dlm.session.calibrate import (AUTO_ENGINE, Row, Table, calibrate, check_preferences, choose, load_table,
@@ -32,25 +34,38 @@ def load_runtime(a: argparse.Namespace):
 
     return load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
                          lora=not a.no_lora, quant=a.quant, group_size=a.group_size, calibrate=a.calibrate,
-                         kernels=a.kernels, engine=a.engine)
+                         kernels=a.kernels, engine=a.engine, threads=getattr(a, "threads", None))
 
 
 @dataclasses.dataclass
 class Auto:
-    """What `load_auto` resolved: the runtime to use, the row it runs, the reason and the table."""
+    """What `load_auto` resolved: the runtime to use, the row it runs, the reason and the table (None
+    while unmeasured); `measuring` resolves to the measured `Auto` when a background calibration runs."""
 
     runtime: object
     row: Row
     reason: str
-    table: Table
+    table: Table | None
+    measuring: concurrent.futures.Future | None = None
+
+
+def default_row(rt) -> Row:
+    """What auto runs before this machine is measured: AR on a CPU (where a pass costs about what its
+    tokens cost, so drafting rarely pays), LinearSpec on a GPU (a pass of B tokens costs about one of 1)."""
+    return Row(rt.engine, "ar" if rt.device.type == "cpu" else "linear-spec", None, 0.0, 0.0)
 
 
 def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
               progress: Callable[[str, int, int], None] | None = None, recalibrate: bool = False,
-              check: Callable[[object], None] | None = None) -> Auto:
-    """Load the model for `--mode auto`: calibrate once if needed, then pick engine, mode and steps.
+              check: Callable[[object], None] | None = None, measure: str = "now", runtime=None) -> Auto:
+    """Load the model for `--mode auto` and pick engine, mode and steps from this machine's table.
 
-    `check(runtime)` validates the request before a calibration (a bad request fails fast, alone)."""
+    With no table yet, `measure` says what happens: "now" calibrates first (a minute on a laptop; a
+    power budget or `--prefer energy` always needs it), "background" answers at once with `default_row`
+    and calibrates in a thread (`Auto.measuring`; each measurement waits for the request in flight),
+    "never" uses the default and says how to measure. `check(runtime)` validates the request before
+    any calibration (a bad request fails fast, alone). `runtime`: the model already loaded with these
+    options, reused instead of loading it again."""
     from edge_dlm import engines
 
     check_preferences(a.prefer, a.power_budget)
@@ -58,11 +73,28 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
     key = table_key(t)
     loaded = engines.select(t.engine, t.path, t.device)
     table = None if recalibrate else load_table(key)
-    rt = None
+    rt = runtime
     if table is None:
-        rt = load_runtime(a)
+        rt = rt or load_runtime(a)
         if check is not None:
             check(rt)
+        if measure != "now" and a.power_budget is None and a.prefer != "energy":
+            row = default_row(rt)
+            if measure == "never":
+                return Auto(rt, row, f"auto: {row.name} on {rt.engine} (the default: this machine is not measured "
+                            "yet; `edge-dlm calibrate` measures it once, chat does it while you read)", None)
+            pending: concurrent.futures.Future = concurrent.futures.Future()
+
+            def measure_in_background() -> None:
+                try:
+                    calibrate(rt, t, progress=progress, key=key)
+                    pending.set_result(load_auto(a, log=log, check=check, measure="now", runtime=rt))
+                except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
+                    pending.set_exception(exc)
+
+            threading.Thread(target=measure_in_background, name="edge-dlm-calibrate", daemon=True).start()
+            return Auto(rt, row, f"auto: {row.name} on {rt.engine} for now (measuring this machine in the "
+                        "background, once; later answers use what it finds)", None, pending)
         log(f"edge-dlm: calibrating {t.path.name} on {t.device} ({rt.precision}) for --mode auto; once per model "
             "and machine, `edge-dlm calibrate` re-runs it")
         table = calibrate(rt, t, progress=progress or bar, key=key)

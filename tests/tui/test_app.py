@@ -82,9 +82,30 @@ def test_send_switch_mode_and_reopen(runtime, tmp_path):
     asyncio.run(scenario())
 
 
-def test_stop_generation(runtime, tmp_path):
+class SlowModel:
+    """The model with 20 ms passes, so an answer is still running when a key arrives."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *a, **k):
+        import time
+
+        time.sleep(0.02)
+        return self.model(*a, **k)
+
+
+def test_stop_generation(tiny_ckpt, tmp_path):
+    import edge_dlm
+
+    slow = edge_dlm.load(tiny_ckpt, device="cpu")
+    slow.model = SlowModel(slow.model)
+
     async def scenario():
-        app = make_app(runtime, tmp_path, mode="ar", max_new_tokens=3000)
+        app = make_app(slow, tmp_path, mode="ar", max_new_tokens=3000)
         async with app.run_test(size=(100, 30)) as pilot:
             await send(app, pilot, "go")
             await pilot.pause(0.3)
@@ -92,6 +113,7 @@ def test_stop_generation(runtime, tmp_path):
             await wait_idle(app, pilot)
             assert app.last_result.finish_reason == "cancelled"
             assert len(app.last_result.output_ids) < 3000
+            assert "(stopped)" in app.query(Message).last().source  # marked as stopped
 
     asyncio.run(scenario())
 

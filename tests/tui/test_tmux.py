@@ -1,4 +1,6 @@
-"""`edge-dlm chat` in a real terminal: tmux starts it, types a prompt, and the answer appears."""
+"""`edge-dlm chat` in a real terminal (tmux), on the bundled demo model, at 80x24 and 120x40: the reply is
+visible while it streams and at its end with no key pressed, the status line and footer fit, and the
+chat decodes within 10% of `generate` on the same model, mode and engine (scripts/tmux_chat_check.sh)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "edge-dlm").exists(), reason="needs the .venv CLI")
-def test_chat_in_tmux(tiny_ckpt):
-    proc = subprocess.run([str(ROOT / "scripts" / "tmux_chat_check.sh"), str(tiny_ckpt)],
-                          capture_output=True, text=True, timeout=300)
+def test_chat_in_tmux():
+    proc = subprocess.run([str(ROOT / "scripts" / "tmux_chat_check.sh"), "", "5"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tmux chat check: ok" in proc.stdout
