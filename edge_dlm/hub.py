@@ -73,12 +73,29 @@ def display_name(path: Path) -> str:
     return p.name
 
 
+def full_revision(repo: str, revision: str | None) -> str | None:
+    """A commit prefix (as `edge-dlm list` prints them) -> the cached commit it names; anything else
+    (a branch, a tag, a full hash, a prefix nothing cached starts with) as given."""
+    if not revision or len(revision) >= 40 or not re.fullmatch(r"[0-9a-f]{4,39}", revision):
+        return revision
+    snaps = cache_dir() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    try:
+        found = sorted(p.name for p in snaps.iterdir() if p.name.startswith(revision))
+    except OSError:
+        return revision
+    if len(found) > 1:
+        raise UserError(f"{repo}@{revision} is ambiguous: cached revisions {', '.join(f[:12] for f in found)}; "
+                        "give more characters")
+    return found[0] if found else revision
+
+
 def snapshot(repo: str, revision: str | None, *, download: bool) -> Path:
     """The cached snapshot of `repo@revision`, fetched first (allowed files only) when `download`."""
     hub = _hub()
     from huggingface_hub import errors
 
     label = repo + (f"@{revision}" if revision else "")
+    revision = full_revision(repo, revision)
     try:
         return Path(hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir(), allow_patterns=ALLOW,
                                           ignore_patterns=NEVER, local_files_only=not download))

@@ -89,6 +89,12 @@ def test_generate_by_name_and_revision_offline(cache, tiny_ckpt, capsys):
     assert gen("org/tiny@v2", capsys)["output_ids"] == want
     assert edge_dlm.load("org/tiny@v2", device="cpu").path.name == COMMIT_B
     assert edge_dlm.load("org/tiny", device="cpu").path.name == COMMIT_A
+    # the 10-character revisions `list` prints are accepted, as any unique prefix
+    assert edge_dlm.load(f"org/tiny@{COMMIT_B[:10]}", device="cpu").path.name == COMMIT_B
+    assert edge_dlm.load(f"org/tiny@{COMMIT_A[:4]}", device="cpu").path.name == COMMIT_A
+    add_snapshot(cache, "org/tiny", tiny_ckpt, "a" * 39 + "c")
+    assert main(["generate", "--model", "org/tiny@aaaaaa", "--prompt", "hi"]) == 2
+    assert "ambiguous" in capsys.readouterr().err
 
 
 def test_a_directory_wins_over_a_name(cache, tiny_ckpt, tmp_path, monkeypatch):

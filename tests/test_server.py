@@ -55,6 +55,16 @@ def test_streamed_completion_concatenates_to_the_text(url):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
 
 
+def test_streamed_chat_names_the_role_first(url):
+    base, rt = url
+    status, text = post(base + "/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 6, "stream": True, "mode": "ar"})
+    chunks = [json.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    assert status == 200 and chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+        rt.generate([{"role": "user", "content": "hi"}], mode="ar", max_new_tokens=6).text
+
+
 @pytest.mark.parametrize("path,body,match", [
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "'mode' must be one of"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "steps": 99}, "'steps' must be in 1..64, got 99"),

@@ -181,6 +181,7 @@ class ChatApp(App):
         self.shown = 0  # the live version on screen
         self.streaming: Message | None = None
         self.measured = None  # a background calibration's result, adopted between answers
+        self.auto = None  # what --mode auto resolved (its background calibration, if one runs)
         self.applying_preset = False
     # ---- layout
     def compose(self) -> ComposeResult:
@@ -231,7 +232,7 @@ class ChatApp(App):
                 from edge_dlm.session.load import load_auto
 
                 auto = load_auto(a, log=lambda m: self.call_from_thread(self.set_status, m), measure="background")
-                self.runtime, self.table = auto.runtime, auto.table
+                self.runtime, self.table, self.auto = auto.runtime, auto.table, auto
                 self.call_from_thread(self.apply_choice, auto.row, auto.reason)
                 if auto.measuring is not None:
                     auto.measuring.add_done_callback(lambda f: self.call_from_thread(self.measured_done, f, auto.row))
@@ -612,4 +613,7 @@ def run_app(args: argparse.Namespace) -> int:
                   threshold=args.threshold, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                   power_budget=args.power_budget)
     app.run()
+    from edge_dlm.session.load import before_exit
+
+    before_exit(app.auto)
     return 0

@@ -6,6 +6,7 @@ Plain REPL commands: /mode NAME, /steps N, /temp T, /new, /help, /quit. Ctrl-C s
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import threading
 
@@ -29,20 +30,56 @@ def run(a: argparse.Namespace) -> int:
     return plain_chat(a)
 
 
+class Saved:
+    """The plain chat's conversations, in the same store the chat screen lists (Ctrl+O there)."""
+
+    def __init__(self) -> None:
+        self.store, self.conversation = None, None
+        try:
+            from edge_dlm.tui.store import Store
+
+            self.store = Store()
+        except (ImportError, OSError, sqlite3.Error) as exc:
+            print(f"(this chat is not saved: {exc})", file=sys.stderr)
+
+    def add(self, pair: list[dict[str, str]]) -> None:
+        if self.store is None:
+            return
+        try:
+            if self.conversation is None:
+                self.conversation = self.store.new_conversation(pair[0]["content"][:60])
+            for m in pair:
+                self.store.add_message(self.conversation, m["role"], m["content"])
+        except (OSError, sqlite3.Error) as exc:
+            print(f"(saving stopped: {exc})", file=sys.stderr)
+            self.store = None
+
+
 SETTINGS = {"mode": ("mode", str), "steps": ("steps", int), "temp": ("temperature", float)}  # /cmd: (option, parse)
 
 
 def plain_chat(a: argparse.Namespace) -> int:
+    from edge_dlm.session.load import before_exit
+
+    try:
+        return _plain_chat(a)
+    finally:
+        before_exit(getattr(a, "_auto", None))
+
+
+def _plain_chat(a: argparse.Namespace) -> int:
     from edge_dlm.cli.args import runtime_and_options
     from edge_dlm.decoding import MODES, Done
     from edge_dlm.primitives.errors import UserError
     from edge_dlm.runtime import Text
 
     rt, kw, auto = runtime_and_options(a, measure="background")
+    a._auto = auto
     measuring = auto.measuring if auto is not None else None
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach the tokenizer's one-line refusal
         sys.stdin.reconfigure(errors="surrogateescape")
     messages: list[dict[str, str]] = []
+    saved = Saved()
     print(f"edge-dlm chat: {rt.name} on {rt.device} ({rt.precision}), "
           f"mode {kw['mode']}. /help for commands, /quit to leave.", file=sys.stderr)
     while True:
@@ -70,6 +107,7 @@ def plain_chat(a: argparse.Namespace) -> int:
                 return 0
             if cmd == "new":
                 messages.clear()
+                saved.conversation = None
                 print("(new conversation)", file=sys.stderr)
             elif cmd in SETTINGS and arg.strip():
                 key, parse = SETTINGS[cmd]
@@ -110,3 +148,4 @@ def plain_chat(a: argparse.Namespace) -> int:
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": "".join(reply)})
+        saved.add(messages[-2:])

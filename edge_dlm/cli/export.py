@@ -40,8 +40,17 @@ def run(a: argparse.Namespace) -> int:
                         "(llm-int8 is a load-time option of generate/chat)")
     if a.target not in TARGETS:
         raise UserError(f"--target {a.target} not supported; known: {', '.join(TARGETS)}")
-    from edge_dlm.hub import resolve
+    from pathlib import Path
 
+    from edge_dlm.hub import resolve
+    from edge_dlm.primitives.fsutil import recover
+
+    out = Path(a.output)
+    recover(out)  # what an interrupted export left beside it
+    if (out.exists() or out.is_symlink()) and not a.force:  # before any work, not after it
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not an artifact directory; remove it or pick another -o")
     a.checkpoint = resolve(a.checkpoint)
     if a.format != "edge-dlm" and a.target != "torch":
         raise UserError(f"--format {a.format} is a safetensors layout: use it with --target torch")

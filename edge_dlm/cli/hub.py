@@ -54,6 +54,7 @@ def run_list(a: argparse.Namespace) -> int:
 
 def add_rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", type=_name_arg, help="ORG/NAME (every cached revision) or ORG/NAME@REVISION")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask (it asks only in a terminal)")
 
 
 def run_rm(a: argparse.Namespace) -> int:
@@ -70,6 +71,13 @@ def run_rm(a: argparse.Namespace) -> int:
     if not revisions:
         raise UserError(f"{repo} has no cached revision {rev}; cached: "
                         f"{', '.join(r.commit_hash[:10] for r in repos[0].revisions)}")
+    if not a.yes and sys.stdin.isatty():
+        size = sum(r.size_on_disk for r in revisions)
+        answer = input(f"remove {repo} ({len(revisions)} revision{'s' if len(revisions) > 1 else ''}, "
+                       f"{size / 2**20:.1f} MiB)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed", file=sys.stderr)
+            return 0
     strategy = info.delete_revisions(*[r.commit_hash for r in revisions])
     strategy.execute()
     print(f"removed {repo} ({len(revisions)} revision{'s' if len(revisions) > 1 else ''}), "

@@ -323,6 +323,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 self.wfile.flush()
 
             try:
+                if chat:  # OpenAI's first chunk names the role, with no content yet
+                    send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 for ev in events:
                     if isinstance(ev, Text):
                         piece = {"delta": {"content": ev.delta}} if chat else {"text": ev.delta}

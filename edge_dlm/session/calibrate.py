@@ -42,6 +42,7 @@ LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
 PREFER = ("speed", "energy", "quality")
 DIFFUSION_STEPS = (1, 2, 4, 8)
 AUTO_ENGINE = "onnxruntime"  # the engine auto may build into the cache
+AUTO_BUILD_BYTES = 2 << 30  # ... for weights up to this size: never a multi-gigabyte build nobody asked for
 FORMAT = 2
 
 
@@ -185,6 +186,10 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
     quantized = t.quant or raw.get("quantization") or raw.get("quantization_config")
     if t.dtype != "float32" or quantized:
         return "auto builds float32 ONNX engines only (quantized or half weights run on torch)"
+    size = sum(f.stat().st_size for f in t.path.glob("*.safetensors"))
+    if size > AUTO_BUILD_BYTES:
+        return (f"the weights are {size / 2**30:.1f} GiB: auto builds engines only up to "
+                f"{AUTO_BUILD_BYTES / 2**30:.0f} GiB; `edge-dlm export --target onnx` builds one when asked")
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed (pip install 'edge-dlm[onnx]')"
@@ -197,8 +202,12 @@ def prompts(n: int = 3) -> list[str]:
     return bundled("code")[:n]
 
 
+class Stopped(Exception):
+    """A calibration asked to stop (`cancel` set) before it finished; nothing was cached."""
+
+
 def measure(rt, sampler, *, max_new_tokens: int, n_prompts: int, skipped: dict,
-            step: Callable[[str], None] = lambda label: None) -> list[Row]:
+            step: Callable[[str], None] = lambda label: None, cancel=None) -> list[Row]:
     """One row per configuration of `rt` (its engine), each after its own warm-up run. The prompts are
     cut to a quarter of the context (and so are the new tokens); a configuration the context cannot
     hold at all is left out, its reason in `skipped`."""
@@ -208,6 +217,8 @@ def measure(rt, sampler, *, max_new_tokens: int, n_prompts: int, skipped: dict,
     rows = []
     rt.generate(texts[0], mode="ar", max_new_tokens=min(new, 8))  # allocator, threads
     for mode, steps in configurations(rt.config.block_size):
+        if cancel is not None and cancel.is_set():
+            raise Stopped()
         name = f"{mode}{f' S={steps}' if steps else ''}"
         step(f"{rt.engine} {name}")
         try:
@@ -231,7 +242,7 @@ def measure(rt, sampler, *, max_new_tokens: int, n_prompts: int, skipped: dict,
     return rows
 
 
-def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompts: int = 3,
+def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompts: int = 3, cancel=None,
               progress: Callable[[str, int, int], None] | None = None, log=None, key: str | None = None) -> Table:
     """Measure every configuration of `rt` (and of the auto-built ONNX engine where it may be built),
     cache the table and return it."""
@@ -252,12 +263,15 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
         done += 1
 
     skipped: dict[str, str] = {}
-    rows = measure(rt, sampler, max_new_tokens=max_new_tokens, n_prompts=n_prompts, skipped=skipped, step=step)
+    rows = measure(rt, sampler, max_new_tokens=max_new_tokens, n_prompts=n_prompts, skipped=skipped, step=step,
+                   cancel=cancel)
     if why_not is None:
+        if cancel is not None and cancel.is_set():
+            raise Stopped()
         step("building the ONNX engine (once)")
         other = open_onnx(t, key, build=True, log=log)
         rows += measure(other, sampler, max_new_tokens=max_new_tokens, n_prompts=n_prompts, skipped=skipped,
-                        step=step)
+                        step=step, cancel=cancel)
         other.model.close()
     if progress:
         progress("done", total, total)

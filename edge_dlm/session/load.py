@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import os
 import sys
 import threading
 from typing import Callable
@@ -47,6 +48,19 @@ class Auto:
     reason: str
     table: Table | None
     measuring: concurrent.futures.Future | None = None
+    stop: threading.Event | None = None  # set it to end a background calibration early
+
+    def stop_measuring(self, timeout: float = 3.0) -> bool:
+        """Ask a background calibration to stop after its current measurement and wait up to `timeout`
+        seconds; False while it is still running (an engine build finishes what it started)."""
+        if self.measuring is None or self.measuring.done():
+            return True
+        self.stop.set()
+        try:
+            self.measuring.exception(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
 
 
 def default_row(rt) -> Row:
@@ -84,17 +98,18 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
                 return Auto(rt, row, f"auto: {row.name} on {rt.engine} (the default: this machine is not measured "
                             "yet; `edge-dlm calibrate` measures it once, chat does it while you read)", None)
             pending: concurrent.futures.Future = concurrent.futures.Future()
+            stop = threading.Event()
 
             def measure_in_background() -> None:
                 try:
-                    calibrate(rt, t, progress=progress, key=key)
+                    calibrate(rt, t, progress=progress, key=key, cancel=stop)
                     pending.set_result(load_auto(a, log=log, check=check, measure="now", runtime=rt))
                 except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
                     pending.set_exception(exc)
 
             threading.Thread(target=measure_in_background, name="edge-dlm-calibrate", daemon=True).start()
             return Auto(rt, row, f"auto: {row.name} on {rt.engine} for now (measuring this machine in the "
-                        "background, once; later answers use what it finds)", None, pending)
+                        "background, once; later answers use what it finds)", None, pending, stop)
         log(f"edge-dlm: calibrating {t.path.name} on {t.device} ({rt.precision}) for --mode auto; once per model "
             "and machine, `edge-dlm calibrate` re-runs it")
         table = calibrate(rt, t, progress=progress or bar, key=key)
@@ -108,3 +123,13 @@ def load_auto(a: argparse.Namespace, *, log: Callable[[str], None] = say,
     elif rt is None:
         rt = load_runtime(a)
     return Auto(rt, row, reason, table)
+
+
+def before_exit(auto: Auto | None) -> None:
+    """End a background calibration before the interpreter does (a thread inside torch at exit aborts
+    the process): it stops after its current measurement; one still building an engine after a few
+    seconds is abandoned with the process (the half-built engine is tidied by the next build)."""
+    if auto is not None and not auto.stop_measuring():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
