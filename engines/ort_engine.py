@@ -15,7 +15,7 @@ import torch
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.model.config import NLDConfig
-from edge_dlm.primitives.errors import CheckpointError
+from edge_dlm.primitives.errors import CheckpointError, install_hint
 from edge_dlm.export.manifest import read_manifest
 
 GRAPH_FILE = "model.onnx"
@@ -25,7 +25,7 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 def availability(path: Path, device: str) -> list[str]:
     reasons = []
     if importlib.util.find_spec("onnxruntime") is None:
-        reasons.append("onnxruntime is not installed (pip install 'edge-dlm[onnx]')")
+        reasons.append(f"onnxruntime is not installed ({install_hint('onnx')})")
     elif device.startswith("cuda"):
         import onnxruntime as ort
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from edge_dlm.primitives.attention import BLOCK
-from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.errors import UserError, install_hint
 
 GRAPH_FILE = "model.onnx"
 INPUTS = ["input_ids", "position_ids", "attn_mask", "past_keys", "past_values", "use_lora"]
@@ -120,8 +120,7 @@ def check_export_args(target: str, dtype: str, dtypes, quant: str | None, quants
 def require_onnx() -> None:
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if _missing(m)]
     if missing:
-        raise UserError(f"--target onnx needs {', '.join(missing)}, not installed: "
-                        "pip install 'edge-dlm[onnx]'")
+        raise UserError(f"--target onnx needs {', '.join(missing)}, not installed: {install_hint('onnx')}")
 
 
 def _missing(module: str) -> bool:

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.errors import UserError, install_hint
 
 OPS_FILE = Path(__file__).with_name("tensorrt_onnx_ops.txt")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -60,7 +60,7 @@ TENSORRT = Flavour("tensorrt", "tensorrt", "TensorRT",
                    "machine with a GPU; --target tensorrt-rtx and --target onnx work without it",
                    strongly_typed=False, local_gpu=True)
 TENSORRT_RTX = Flavour("tensorrt-rtx", "tensorrt_rtx", "TensorRT for RTX",
-                       "pip install 'edge-dlm[tensorrt-rtx]' (the tensorrt-rtx-cu13 package)",
+                       f"{install_hint('tensorrt-rtx')} (the tensorrt-rtx-cu13 package)",
                        strongly_typed=True, local_gpu=False)
 FLAVOURS = {f.name: f for f in (TENSORRT, TENSORRT_RTX)}
 

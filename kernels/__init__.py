@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from edge_dlm.primitives.errors import install_hint
+
 CHOICES = ("auto", "on", "off")
 
 
@@ -20,7 +22,7 @@ def status(device: torch.device | str) -> tuple[bool, list[str]]:
     """(usable, reasons it is not) for running the kernels on `device`."""
     reasons = []
     if importlib.util.find_spec("triton") is None:
-        reasons.append("triton is not installed (pip install 'edge-dlm[kernels]')")
+        reasons.append(f"triton is not installed ({install_hint('kernels')})")
     dev = torch.device(device)
     if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reasons.append(f"device {dev.type} is not CUDA (set TRITON_INTERPRET=1 to interpret them on CPU, slowly)")

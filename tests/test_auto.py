@@ -265,8 +265,9 @@ def test_auto_builds_the_onnx_engine_once_and_uses_it(tiny_ckpt, own_cache, tmp_
     assert (engine / "model.onnx").exists() and (engine / "manifest.json").exists()
     assert {p: p.stat().st_mtime_ns for p in d.rglob("*")} == before  # the user's checkpoint is untouched
     # the table says onnxruntime AR is fastest: auto loads the cached engine, no rebuild, same tokens
-    rows = [r for r in measured.rows if r.mode != "ar" or r.engine != "onnxruntime"]
-    write_table(key, cal.Table(key, rows + [cal.Row("onnxruntime", "ar", None, 1e6, 1.0)], measured.meta))
+    rows = [r for r in measured.rows if (r.mode, r.engine) not in (("ar", "onnxruntime"), ("linear-spec", "torch"))]
+    write_table(key, cal.Table(key, rows + [cal.Row("onnxruntime", "ar", None, 1e6, 1.0),
+                                            cal.Row("torch", "linear-spec", None, 1e6, 1.0)], measured.meta))
     built = (engine / "model.onnx").stat().st_mtime_ns
     assert main(argv) == 0
     out = capsys.readouterr()
@@ -274,6 +275,16 @@ def test_auto_builds_the_onnx_engine_once_and_uses_it(tiny_ckpt, own_cache, tmp_
     assert (engine / "model.onnx").stat().st_mtime_ns == built
     want = edge_dlm.load(d, device="cpu", engine="torch").generate("hello", mode="ar", max_new_tokens=6)
     assert json.loads(out.out)["output_ids"] == want.output_ids
+    # one engine rule for every mode: an explicit --mode ar runs where the table says AR is fastest ...
+    assert main([*argv, "--mode", "ar"]) == 0
+    out = capsys.readouterr()
+    assert "engine: onnxruntime (measured faster for ar here" in out.err
+    assert json.loads(out.out)["output_ids"] == want.output_ids
+    # ... and a mode measured faster on torch runs on torch; --engine says otherwise when asked
+    assert main([*argv, "--mode", "linear-spec"]) == 0 and "engine:" not in capsys.readouterr().err
+    assert main([*argv, "--mode", "ar", "--engine", "torch"]) == 0 and "engine:" not in capsys.readouterr().err
+    assert main([*argv, "--mode", "ar", "--engine", "onnxruntime"]) == 0  # the engine auto built, by name
+    assert json.loads(capsys.readouterr().out)["output_ids"] == want.output_ids
     # the cache lost the engine: auto measures again and rebuilds it
     shutil.rmtree(engine)
     assert main(argv) == 0

@@ -237,7 +237,8 @@ class ChatApp(App):
                 if auto.measuring is not None:
                     auto.measuring.add_done_callback(lambda f: self.call_from_thread(self.measured_done, f, auto.row))
             else:
-                self.runtime = load_runtime(a)
+                self.runtime = load_runtime(a, a.mode if a.mode != "auto" else "diffusion", a.steps,
+                                            log=lambda m: self.call_from_thread(self.set_status, m))
         except UserError as exc:
             self.call_from_thread(self.set_status, f"error: {exc}")
             return

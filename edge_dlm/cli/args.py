@@ -85,7 +85,7 @@ def runtime_and_options(a: argparse.Namespace, prompt: str | None = None, measur
     if a.mode == "auto" and a.steps is not None:
         kw["mode"] = "diffusion"  # a step budget only means something to diffusion
     if kw["mode"] != "auto":
-        return load_runtime(a), kw, None
+        return load_runtime(a, kw["mode"], kw["steps"]), kw, None
 
     def check(rt) -> None:
         probe = {**kw, "mode": "ar"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import statistics
 import sys
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.errors import UserError, install_hint
 from edge_dlm.primitives.machine import machine_description
 from edge_dlm.primitives.power import EnergyMeter
 from edge_dlm.primitives.prompts import KINDS, bundled
@@ -88,13 +89,16 @@ class Row:
 
 
 class Progress:
+    """The bar, with an estimate of the time left from the pace so far."""
+
     def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.done, self.quiet = total, 0, quiet
+        self.total, self.done, self.quiet, self.start = total, 0, quiet, time.perf_counter()
 
     def step(self, label: str) -> None:
         self.done += 1
         if not self.quiet:
-            bar(label, self.done, self.total)
+            left = (time.perf_counter() - self.start) / self.done * (self.total - self.done)
+            bar(f"{label} (~{left:.0f} s left)" if self.done < self.total else label, self.done, self.total)
 
 
 def measure(name: str, mode: str, run_one: Callable[[object], tuple[int, int, float, float | None, float | None]],
@@ -170,6 +174,16 @@ def run(a: argparse.Namespace) -> int:
         return run_shapes(a)
     if a.repeats < 1 or a.max_new_tokens < 1 or a.num_prompts < 1:
         raise UserError("--repeats, --max-new-tokens and --num-prompts must be >= 1")
+    # every optional package this run will need, before any work starts
+    if not a.no_baseline and importlib.util.find_spec("transformers") is None:
+        raise UserError("the transformers baseline needs transformers, which is not installed: "
+                        f"{install_hint('bench')}, or pass --no-baseline")
+    if a.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError(f"--plot needs matplotlib: {install_hint('bench')}")
+    if a.plot:
+        from edge_dlm.primitives.fsutil import check_output_file
+
+        check_output_file(a.plot)
     from edge_dlm.session.load import load_runtime
 
     prompts, raw = load_prompts(a.prompts, a.num_prompts)
@@ -257,7 +271,7 @@ def plot(rows: list[Row], path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("--plot needs matplotlib: .venv/bin/pip install 'edge-dlm[bench]'") from None
+        raise UserError(f"--plot needs matplotlib: {install_hint('bench')}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

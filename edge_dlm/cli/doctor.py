@@ -20,8 +20,10 @@ def report(model: str | None) -> dict:
     import torch
 
     from edge_dlm import engines, kernels
-    from edge_dlm.session.calibrate import load_table, table_key, target
+    from edge_dlm.session.calibrate import artifact_dir, load_table, onnx_candidate, table_key, target
+    from edge_dlm.session.load import ENGINE_RULE
     from edge_dlm.hub import resolve
+    from edge_dlm.primitives.errors import install_hint
     from edge_dlm.primitives.power import PowerSupply, Sampler
     from edge_dlm.model.weights import check_dir
 
@@ -41,15 +43,20 @@ def report(model: str | None) -> dict:
     # the table `--mode auto` uses with the default load options
     defaults = argparse.Namespace(model=str(path), device="auto", dtype="auto", quant=None, group_size=64,
                                   no_lora=False, kernels="auto", engine="auto")
-    table = load_table(table_key(target(defaults)))
-    return {"calibration": table.to_json() if table else None,
+    t = target(defaults)
+    key = table_key(t)
+    table = load_table(key)
+    built = (artifact_dir(key) / "manifest.json").exists()
+    return {"engine_rule": ENGINE_RULE, "auto_built_onnx": {
+                "path": str(artifact_dir(key)), "built": built,
+                "why_not": None if (path / "model.onnx").exists() else onnx_candidate(t, "torch")},"calibration": table.to_json() if table else None,
             "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
             "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
             "quantization": {"int8/int4 (torch)": [], "nf4/llm-int8 (bitsandbytes)":
-                             [] if bnb else ["bitsandbytes is not installed (pip install 'edge-dlm[quant]')"]}}
+                             [] if bnb else [f"bitsandbytes is not installed ({install_hint('quant')})"]}}
 
 
 def run(a: argparse.Namespace) -> int:
@@ -63,7 +70,12 @@ def run(a: argparse.Namespace) -> int:
         ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
         out.append(f"{row['engine']:<12} {row['device']:<28} {'ok' if row['ok'] else 'no':<6} "
                    f"{ver if row['ok'] else '; '.join(row['reasons'])}")
-    out.append(f"\n--engine auto picks: {r['auto'] or 'nothing (see above)'}")
+    built = r["auto_built_onnx"]
+    out.append(f"\nthe engine rule: {r['engine_rule']}")
+    out.append(f"--engine auto loads: {r['auto'] or 'nothing (see above)'}; the ONNX engine auto builds for it: "
+               + ("built (" + built["path"] + ")" if built["built"] else
+                  "not built yet" + (f" and not built here: {built['why_not']}" if built["why_not"] else
+                                     " (edge-dlm calibrate builds and measures it)")))
     k = r["kernels"]
     out.append(f"Triton kernels on {k['device']}: {'ok' if k['ok'] else 'no: ' + '; '.join(k['reasons'])}")
     for scheme, why in r["quantization"].items():

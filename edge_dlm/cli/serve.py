@@ -63,7 +63,7 @@ def run(a: argparse.Namespace) -> int:
         rt, mode, steps = auto.runtime, auto.row.mode, auto.row.steps
         say(f"edge-dlm serve: {auto.reason}")
     else:
-        rt = load_runtime(a)
+        rt = load_runtime(a, mode)
     opts = ServeOptions(default_mode=mode, default_steps=steps, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
                         queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout)
     try:

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.errors import UserError, install_hint
 
 GROUP_SIZES = (32, 64, 128)
 OWN_SCHEMES = ("int8", "int4")   # weight-only, group-wise, stored in safetensors
 BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
-BNB_HINT = "install it with `pip install bitsandbytes` (or the `quant` extra)"
+BNB_HINT = f"install it with {install_hint('quant')}"
 
 # (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU int4 one is registered below,
 # the CUDA ones by edge_dlm.kernels.enable. CPU int8 stays on the reference: torch's per-channel

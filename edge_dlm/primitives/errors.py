@@ -20,13 +20,17 @@ class CheckpointError(UserError):
     """A checkpoint directory that cannot be loaded (missing, corrupt, wrong format)."""
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra (edge-dlm is installed from its clone, not an index)."""
+    return f".venv/bin/pip install -e '.[{extra}]' in the edge-dlm clone"
+
+
 class MissingDependencyError(UserError):
     """An optional dependency (an extra) that a requested feature needs is not installed."""
 
     def __init__(self, module: str, extra: str, feature: str) -> None:
         super().__init__(
-            f"{feature} needs the '{module}' package, which is not installed; "
-            f"install it with: .venv/bin/pip install 'edge-dlm[{extra}]'"
+            f"{feature} needs the '{module}' package, which is not installed; install it with: {install_hint(extra)}"
         )
 
 

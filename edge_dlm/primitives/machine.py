@@ -8,7 +8,9 @@ import platform
 from pathlib import Path
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, threads: int | None = None) -> str:
+    """The device (GPU name, or CPU model and cores), torch's version and the CPU threads passes use
+    (`threads`, default: torch's current setting)."""
     import torch
 
     if device.startswith("cuda"):
@@ -21,7 +23,8 @@ def machine_description(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
 
 
 def default_threads() -> int:
@@ -41,9 +44,17 @@ def default_threads() -> int:
 
 
 def set_threads(n: int | None) -> int:
-    """Set torch's intra-op threads: `n`, else $EDGE_DLM_THREADS, else `default_threads()`. Returns it."""
+    """Set torch's intra-op threads to `threads_for(n)` and return it."""
     import torch
 
+    n = threads_for(n)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def threads_for(n: int | None) -> int:
+    """The CPU threads passes use: `n`, else $EDGE_DLM_THREADS, else `default_threads()` (checked)."""
     from edge_dlm.primitives.errors import UserError
 
     if n is None:
@@ -56,6 +67,4 @@ def set_threads(n: int | None) -> int:
         n = default_threads()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
         raise UserError(f"--threads must be a positive integer, got {n!r}")
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
     return n

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.errors import UserError, install_hint
 from edge_dlm.primitives.inputs import read_json_object
 
 LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
@@ -107,6 +107,7 @@ class Target:
     lora: bool
     kernels: str
     engine: str  # the engine the request names ("auto" lets calibration add the ONNX engine)
+    threads: int = 1  # CPU threads the passes use
 
 
 def target(a: argparse.Namespace) -> Target:
@@ -114,19 +115,23 @@ def target(a: argparse.Namespace) -> Target:
     from edge_dlm.hub import resolve
     from edge_dlm.model.config import NLDConfig
     from edge_dlm.model.weights import check_dir
+    from edge_dlm.primitives.machine import threads_for
     from edge_dlm.runtime import resolve_device, resolve_dtype
 
     path = check_dir(resolve(a.model)).resolve()
     NLDConfig.from_file(path / "config.json")  # validated before anything reads it for the key
     dev = resolve_device(a.device)
     dtype = str(resolve_dtype(None if a.dtype == "auto" else a.dtype, dev)).removeprefix("torch.")
-    return Target(path, str(dev), dtype, a.quant, a.group_size if a.quant else 0, not a.no_lora, a.kernels, a.engine)
+    return Target(path, str(dev), dtype, a.quant, a.group_size if a.quant else 0, not a.no_lora, a.kernels, a.engine,
+                  threads_for(getattr(a, "threads", None)))
 
 
 def runtime_target(rt) -> Target:
     """The `Target` of an already loaded Runtime (embedding API, tests): its own engine only."""
+    import torch
+
     return Target(rt.path.resolve(), str(rt.device), str(rt.dtype).removeprefix("torch."), rt.quant_scheme, 0,
-                  rt.has_lora, "on" if rt.kernels else "off", rt.engine)
+                  rt.has_lora, "on" if rt.kernels else "off", rt.engine, torch.get_num_threads())
 
 
 def configurations(block: int) -> list[tuple[str, int | None]]:
@@ -143,7 +148,7 @@ def table_key(t: Target) -> str:
     for f in sorted(p for p in t.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".onnx", ".plan")):
         st = f.stat()
         h.update(f"{f.relative_to(t.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(json.dumps([str(t.path), machine_description(t.device), t.device, t.dtype, t.quant, t.group_size, t.lora,
+    h.update(json.dumps([str(t.path), machine_description(t.device, t.threads), t.device, t.dtype, t.quant, t.group_size, t.lora,
                          t.kernels, t.engine == "auto", tool_versions("onnxruntime")]).encode())
     return h.hexdigest()
 
@@ -192,7 +197,7 @@ def onnx_candidate(t: Target, engine: str) -> str | None:
                 f"{AUTO_BUILD_BYTES / 2**30:.0f} GiB; `edge-dlm export --target onnx` builds one when asked")
     missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        return f"{', '.join(missing)} not installed (pip install 'edge-dlm[onnx]')"
+        return f"{', '.join(missing)} not installed ({install_hint('onnx')})"
     return None
 
 
@@ -277,7 +282,8 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
         progress("done", total, total)
     from edge_dlm.primitives.machine import machine_description
 
-    table = Table(key, rows, {"model": str(t.path), "device": t.device, "machine": machine_description(t.device),
+    table = Table(key, rows, {"model": str(t.path), "device": t.device,
+                              "machine": machine_description(t.device, t.threads),
                               "dtype": t.dtype, "quant": rt.quant_scheme, "energy": sampler.label,
                               "created": time.strftime("%Y-%m-%d %H:%M"), "max_new_tokens": max_new_tokens,
                               "prompts": n_prompts,

@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Callable
 
+from edge_dlm.primitives.errors import UserError
 from edge_dlm.session.calibrate import (AUTO_ENGINE, Row, Table, calibrate, check_preferences, choose, load_table,
                                         onnx_candidate, open_onnx, table_key, target)
 
@@ -29,13 +30,48 @@ def bar(label: str, done: int, total: int) -> None:
     print(f"\r[{'#' * filled:<30}] {done}/{total} {label:<34}", end=end, file=sys.stderr, flush=True)
 
 
-def load_runtime(a: argparse.Namespace):
-    """The Runtime the model flags (`edge_dlm.cli.args.add_model_args`) ask for."""
+ENGINE_RULE = ("--engine auto runs an artifact on its own engine; a checkpoint on torch, or on the ONNX engine "
+               "auto built in the cache wherever this machine's calibration measured it faster for the mode "
+               "asked (--mode auto and an explicit --mode alike)")
+
+
+def load_runtime(a: argparse.Namespace, mode: str | None = None, steps: int | None = None, log=say):
+    """The Runtime the model flags (`edge_dlm.cli.args.add_model_args`) ask for, on the engine
+    `ENGINE_RULE` gives for `mode` (and `steps`); `--engine onnxruntime` on a checkpoint is the engine
+    auto built for it."""
     from edge_dlm.runtime import load
 
-    return load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
-                         lora=not a.no_lora, quant=a.quant, group_size=a.group_size, calibrate=a.calibrate,
-                         kernels=a.kernels, engine=a.engine, threads=getattr(a, "threads", None))
+    def plain():
+        return load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
+                    lora=not a.no_lora, quant=a.quant, group_size=a.group_size, calibrate=a.calibrate,
+                    kernels=a.kernels, engine=a.engine, threads=getattr(a, "threads", None))
+
+    if a.engine not in ("auto", AUTO_ENGINE) or (a.engine == "auto" and mode is None):
+        return plain()
+    t = dataclasses.replace(target(a), engine="auto")  # the engine auto builds is keyed by auto's target
+    if (t.path / "model.onnx").exists():  # an ONNX artifact: its own engine
+        return plain()
+    key = table_key(t)
+    if a.engine == AUTO_ENGINE:
+        rt = open_onnx(t, key, build=False)
+        if rt is None:
+            raise UserError(f"{t.path.name} is a checkpoint with no ONNX engine yet: `edge-dlm calibrate` builds "
+                            "the one auto uses, or `edge-dlm export --target onnx` one of your own")
+        return rt
+    table = load_table(key)
+    if table is None or onnx_candidate(t, "torch") is not None:
+        return plain()
+    rows = [r for r in table.rows if r.mode == mode and (mode != "diffusion" or r.steps == steps)]
+    best = max(rows, key=lambda r: r.tokens_per_s, default=None)
+    if best is None or best.engine != AUTO_ENGINE:
+        return plain()
+    rt = open_onnx(t, key, build=False)
+    if rt is None:
+        return plain()
+    torch_row = max((r for r in rows if r.engine == "torch"), key=lambda r: r.tokens_per_s, default=None)
+    vs = f" vs {torch_row.tokens_per_s:.0f} on torch" if torch_row else ""
+    log(f"engine: {AUTO_ENGINE} (measured faster for {best.name} here: {best.tokens_per_s:.0f} tok/s{vs})")
+    return rt
 
 
 @dataclasses.dataclass

@@ -185,7 +185,7 @@ def test_bad_export_requests(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     assert cli.main(["export", str(DEMO_MODEL), "-o", str(out), "--target", "tensorrt-rtx"]) == 2
     one_line_error(capsys, "--target tensorrt-rtx needs TensorRT for RTX, which is not installed: "
-                           "pip install 'edge-dlm[tensorrt-rtx]'")
+                           ".venv/bin/pip install -e '.[tensorrt-rtx]' in the edge-dlm clone")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -12,5 +12,5 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-pytest.importorskip("triton", reason="the kernels need triton (pip install 'edge-dlm[kernels]')")
+pytest.importorskip("triton", reason="the kernels need triton (make test installs it)")
 
