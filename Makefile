@@ -4,6 +4,12 @@
 # CUDA build); on a GPU machine use e.g. `make chat TORCH=torch` to keep/get a CUDA build.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The CPU build of torch comes from PyTorch's CPU index when it is reachable (the public index's torch is
+# a multi-GB CUDA build); where it is not, from the public index (CPU only where a local CPU wheel exists).
+# Passing TORCH (e.g. TORCH=torch for a CUDA machine) skips the CPU index.
+ifeq ($(origin TORCH),file)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
 # The test run also installs every optional backend (CPU builds), pinned to versions known to work
 # together (see docs in README): bitsandbytes, onnx + onnxruntime, triton (for TRITON_INTERPRET),
 # TensorRT for RTX (its builder runs without a GPU, so the tests build real engines).
@@ -24,13 +30,18 @@ setup: $(CHAT_STAMP)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+define install_torch
+	$(if $(TORCH_INDEX),$(PIP) --timeout 20 --retries 1 --index-url '$(TORCH_INDEX)' '$(TORCH)' 2>/dev/null || \
+	  (echo "PyTorch's CPU index is not reachable: torch from the public index"; $(PIP) '$(TORCH)'),$(PIP) '$(TORCH)')
+endef
+
 $(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PIP) '$(TORCH)'
+	$(install_torch)
 	$(PIP) -e '.[tui,onnx]' $(ONNX_PINS)
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PIP) '$(TORCH)'
+	$(install_torch)
 	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx]' $(TEST_PINS)
 	touch $@
 

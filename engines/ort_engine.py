@@ -78,7 +78,7 @@ class OrtEngine:
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, dtype=self.dtype)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache: KVCache, attn: Attn,
-                 use_lora: bool = False) -> torch.Tensor:
+                 use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
         t, cached = tokens.shape[1], cache.length
         mask = attn.full_mask(cached, t)
         if mask is None:
@@ -91,7 +91,8 @@ class OrtEngine:
             feeds["use_lora"] = np.array(1.0 if use_lora and self.has_lora else 0.0, dtype=self.np_dtype)
         logits, new_k, new_v = self.session.run(None, feeds)
         cache.write_all(torch.from_numpy(new_k), torch.from_numpy(new_v))
-        return torch.from_numpy(logits)
+        logits = torch.from_numpy(logits)
+        return logits[:, -1:] if last_only else logits  # one graph for every pass: it computes them all
 
     def close(self) -> None:
         self.session = None

@@ -184,7 +184,7 @@ class TrtEngine:
                        device=self.device)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache: KVCache, attn: Attn,
-                 use_lora: bool = False) -> torch.Tensor:
+                 use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
         from edge_dlm.export.tensorrt import profile_for
 
         t, cached = tokens.shape[1], cache.length
@@ -217,7 +217,7 @@ class TrtEngine:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         cache.write_all(outputs["new_keys"], outputs["new_values"])
-        return outputs["logits"]
+        return outputs["logits"][:, -1:] if last_only else outputs["logits"]
 
     def close(self) -> None:
         self.save_runtime_cache()

@@ -25,9 +25,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, tokens, positions, *, cache, attn, use_lora=False):
+    def __call__(self, tokens, positions, *, cache, attn, use_lora=False, last_only=False):
         self.passes.append((tokens[0].tolist(), int(positions[0, 0]), attn is CAUSAL or attn.kind == "causal"))
-        logits = self.model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora)
+        logits = self.model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora, last_only=last_only)
         if self.eos_at is not None and attn.kind == "block":  # make one absolute position certain to be EOS
             rel = self.eos_at - int(positions[0, 0])
             if 0 <= rel < tokens.shape[1]:

@@ -102,3 +102,26 @@ def test_unknown_config_keys_are_ignored(tmp_path):
     cfg.update(ar_loss_weight=1.0, dlm_loss_weight=0.3, auto_map={"AutoModel": "x.Y"}, prefix_ratio=0.8)
     (path / "config.json").write_text(json.dumps(cfg))
     assert load_model(path).config.mask_token_id == 3
+
+
+def test_the_head_runs_only_where_logits_are_used(tiny_model):
+    """A prefill's pass (and diffusion's commit pass) computes the output head for its last position
+    only: the same logits as the full pass's last row, from a [1, 1, H] head input."""
+    import torch
+
+    from edge_dlm.primitives.attention import CAUSAL
+    from helpers import run_mode
+
+    ids = torch.tensor([list(range(5, 17))])
+    pos = torch.arange(12)[None]
+    with torch.inference_mode():
+        full = tiny_model(ids, pos, cache=tiny_model.new_cache(16), attn=CAUSAL)
+        last = tiny_model(ids, pos, cache=tiny_model.new_cache(16), attn=CAUSAL, last_only=True)
+    assert last.shape == (1, 1, full.shape[-1]) and torch.allclose(last[0, 0], full[0, -1], atol=1e-5)
+    widths = []
+    hook = tiny_model.diffusion_head.register_forward_hook(lambda m, inp, out: widths.append(inp[0].shape[1]))
+    try:
+        run_mode(tiny_model, list(range(5, 17)), "ar", max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert widths == [1, 1, 1]  # the 12-token prefill, then two AR steps: one row each

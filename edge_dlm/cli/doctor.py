@@ -24,6 +24,7 @@ def report(model: str | None) -> dict:
     from edge_dlm.session.load import ENGINE_RULE
     from edge_dlm.hub import resolve
     from edge_dlm.primitives.errors import install_hint
+    from edge_dlm.primitives.machine import threads_for
     from edge_dlm.primitives.power import PowerSupply, Sampler
     from edge_dlm.model.weights import check_dir
 
@@ -52,6 +53,7 @@ def report(model: str | None) -> dict:
                 "why_not": None if (path / "model.onnx").exists() else onnx_candidate(t, "torch")},"calibration": table.to_json() if table else None,
             "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": threads_for(None),
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
             "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
@@ -64,7 +66,8 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
-    out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}", "",
+    out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}",
+           f"CPU threads for passes: {r['threads']} (--threads or $EDGE_DLM_THREADS; default half the CPUs)", "",
            f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
     for row in r["engines"]:
         ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
@@ -87,6 +90,6 @@ def run(a: argparse.Namespace) -> int:
         table = Table.from_json(r["calibration"])
         out += ["", table.format(), choose(table)[1]]
     else:
-        out.append("\ncalibration: none yet for this model and machine (edge-dlm calibrate, or any --mode auto run)")
+        out.append("\ncalibration: none yet for this model and machine (edge-dlm calibrate, or a chat in --mode auto, measures it)")
     print("\n".join(out))
     return 0

@@ -151,8 +151,9 @@ class Decoder:
 
     # -- steps
     def forward(self, tokens: list[int] | torch.Tensor, positions: int | list[int], attn: Attn,
-                use_lora: bool = False) -> torch.Tensor:
-        """One model pass (1 NFE) over `tokens` at `positions` (a start offset or a list) -> `[T, V]`.
+                use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
+        """One model pass (1 NFE) over `tokens` at `positions` (a start offset or a list) -> `[T, V]`
+        (`[1, V]`, the last position's, with `last_only`: a pass that uses no other logit).
 
         `tokens` may be a device tensor `[T]` (the on-device cycles: no host round trip). Its K/V are
         left pending in the cache: the mode commits what it keeps.
@@ -167,7 +168,7 @@ class Decoder:
             pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         self.nfe += 1
         with torch.inference_mode():
-            return self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora)[0]
+            return self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora, last_only=last_only)[0]
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         return self.sampler.pick(logits)
@@ -210,6 +211,6 @@ class Decoder:
 
     def prefill(self, prompt_ids: list[int]) -> int:
         """`F(prompt, causal)`, K/V kept; returns `t1 = pick(last logit)` (all modes but QuadraticSpec)."""
-        logits = self.forward(prompt_ids, self.cache.length, CAUSAL)
+        logits = self.forward(prompt_ids, self.cache.length, CAUSAL, last_only=True)
         self.cache.commit(len(prompt_ids))
-        return self.pick(logits[-1:])[0][0]
+        return self.pick(logits)[0][0]

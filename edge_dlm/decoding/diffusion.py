@@ -88,6 +88,6 @@ def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
         yield dec.emit(canvas)
         if dec.done:
             return
-        logits = dec.forward(canvas, start, CAUSAL)  # commit pass
+        logits = dec.forward(canvas, start, CAUSAL, last_only=True)  # commit pass
         dec.cache.commit(b)
-        seed = dec.pick(logits[-1:])[0][0]
+        seed = dec.pick(logits)[0][0]

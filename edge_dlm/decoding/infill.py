@@ -56,7 +56,7 @@ def fill(dec: Decoder, seq: list[int], spans: list[Span], record: dict[int, floa
         start = min(todo)
         cached = dec.cache.length
         if start > cached:  # the prefix, or the window just filled plus the gap to the next mask
-            dec.forward(seq[cached:start], cached, CAUSAL)
+            dec.forward(seq[cached:start], cached, CAUSAL, last_only=True)  # for its K/V only
             dec.cache.commit(start - cached)
         end = min(start + b, len(seq))
         for step in range(steps):

@@ -193,10 +193,14 @@ class NLDModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None = None,
                 attn: Attn | None = None, mask: torch.Tensor | None = None,
-                use_lora: bool = False) -> torch.Tensor:
-        """Logits `[N, T, V]`; see `hidden` for the arguments."""
-        return self.diffusion_head(self.hidden(tokens, positions, cache=cache, attn=attn, mask=mask,
-                                               use_lora=use_lora))
+                use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
+        """Logits `[N, T, V]` (`[N, 1, V]` with `last_only`: the head runs for the last position alone,
+        as a prefill needs; at NLD's 131072-token vocabulary the head is most of a long prefill's work);
+        see `hidden` for the other arguments."""
+        h = self.hidden(tokens, positions, cache=cache, attn=attn, mask=mask, use_lora=use_lora)
+        if last_only:  # [N, H] -> [N, 1, V]; a [N, 1, H] view of h would take torch's slow strided CPU path
+            return self.diffusion_head(h[:, -1])[:, None]
+        return self.diffusion_head(h)
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config

@@ -98,6 +98,6 @@ def test_unknown_engine_and_quant_with_exported_engine(tiny_ckpt, capsys):
 def test_doctor_explains_every_engine(tiny_ckpt, capsys):
     assert cli.main(["doctor", "--model", str(tiny_ckpt)]) == 0
     out = capsys.readouterr().out
-    assert "--engine auto picks: torch" in out
+    assert "--engine auto loads: torch" in out and "the engine rule: --engine auto runs an artifact" in out
     assert "tensorrt" in out and "has no TensorRT engine" in out
     assert "Triton kernels on" in out and "quantization int8/int4 (torch): ok" in out

@@ -74,9 +74,9 @@ def test_profiles_cover_every_pass_of_every_mode(tiny_model):
         def new_cache(self, n):
             return tiny_model.new_cache(n)
 
-        def __call__(self, tokens, positions, *, cache, attn, use_lora=False):
+        def __call__(self, tokens, positions, *, cache, attn, use_lora=False, last_only=False):
             passes.append((tokens.shape[1], cache.length))
-            return tiny_model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora)
+            return tiny_model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora, last_only=last_only)
 
     for mode, kw in [("ar", {}), ("diffusion", {"steps": 2}), ("linear-spec", {}), ("quadratic-spec", {})]:
         run_mode(Recorder(), list(range(1, 30)), mode, max_new_tokens=40, **kw)

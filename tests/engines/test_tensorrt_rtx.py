@@ -90,9 +90,9 @@ def test_profiles_cover_every_pass_of_the_modes_on_the_demo_model(engines):
         def new_cache(self, n):
             return model.new_cache(n)
 
-        def __call__(self, tokens, positions, *, cache, attn, use_lora=False):
+        def __call__(self, tokens, positions, *, cache, attn, use_lora=False, last_only=False):
             passes.append((tokens.shape[1], cache.length))
-            return model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora)
+            return model(tokens, positions, cache=cache, attn=attn, use_lora=use_lora, last_only=last_only)
 
     from edge_dlm.primitives.tokenizer import Tokenizer
 
