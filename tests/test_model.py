@@ -119,7 +119,8 @@ def test_the_head_runs_only_where_logits_are_used(tiny_model):
         last = tiny_model(ids, pos, cache=tiny_model.new_cache(16), attn=CAUSAL, last_only=True)
     assert last.shape == (1, 1, full.shape[-1]) and torch.allclose(last[0, 0], full[0, -1], atol=1e-5)
     widths = []
-    hook = tiny_model.diffusion_head.register_forward_hook(lambda m, inp, out: widths.append(inp[0].shape[1]))
+    hook = tiny_model.diffusion_head.register_forward_hook(
+        lambda m, inp, out: widths.append(inp[0].numel() // inp[0].shape[-1]))  # rows the head ran for
     try:
         run_mode(tiny_model, list(range(5, 17)), "ar", max_new_tokens=3)
     finally:
