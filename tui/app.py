@@ -334,8 +334,10 @@ class ChatApp(App):
         try:
             row, reason = choose(self.table, power_budget=budget, allow_lossy=True,
                                  engines={self.runtime.engine})
-        except UserError as exc:
-            self.set_status(f"error: {exc}")
+        except UserError as exc:  # in the screen's words (no CLI flags), whole, where it is not cut
+            msg = str(exc).replace("--power-budget", "the budget").replace("drop the budget", "clear the field")
+            self.set_status("error: no configuration for this budget (see the message)")
+            self.notify(msg, title="Power budget", severity="error", timeout=10)
             return
         self.budget = budget
         self.apply_choice(row, reason)

@@ -227,7 +227,9 @@ def test_power_line_and_budget(runtime, tmp_path):
             budget.value = "5"
             await pilot.press("enter")
             await pilot.pause(0.1)
-            assert "no configuration fits 5 W" in str(app.query_one("#status").render())
+            assert "no configuration for this budget" in str(app.query_one("#status").render())
+            note = [n.message for n in app._notifications][-1]  # the whole reason, in the screen's words
+            assert "no configuration fits 5 W" in note and "--" not in note
             # an answer's energy: J/token of the last answer on the power line
             app.monitor.meter.watts = 30.0
             app.monitor.meter.source = "fake"
