@@ -85,7 +85,10 @@ class LiveReply(Widget):
     def update(self, text: str) -> None:
         width = max(self.content_size.width, 1)
         room = max((self.parent.size.height if self.parent else 0) - 1, 1)  # the view, less the margin
-        lines = RichText(text).wrap(self.app.console, width)
+        tail = text[-room * width * 2:]  # enough for a screenful: a frame wraps what it shows, not the reply
+        if len(tail) < len(text) and "\n" in tail:
+            tail = tail[tail.index("\n") + 1:]  # start at a line's beginning, so it wraps as the whole would
+        lines = RichText(tail).wrap(self.app.console, width)
         if len(lines) > room:
             lines = lines[len(lines) - room:]
         self.shown = RichText("\n").join(lines)
