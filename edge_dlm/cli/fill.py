@@ -45,7 +45,8 @@ def report(a: argparse.Namespace, result, out: str | None = None) -> int:
         atomic_write_bytes(out, result.text.encode("utf-8"))
     else:
         sys.stdout.write(result.text + ("" if result.text.endswith("\n") else "\n"))
-    print(f"[{result.mode}] {len(result.output_ids)} tokens, {result.nfe} NFE, {result.finish_reason}", file=sys.stderr)
+    filled = round(result.tpf * result.nfe)  # the tokens denoised (an edit's output_ids hold the whole text)
+    print(f"[{result.mode}] {filled} tokens filled, {result.nfe} NFE, {result.finish_reason}", file=sys.stderr)
     return 0
 
 
