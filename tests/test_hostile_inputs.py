@@ -6,7 +6,6 @@ the sampling ranges, the chat-template sandbox, the server's request reader)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil

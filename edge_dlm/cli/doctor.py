@@ -15,7 +15,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report(model: str | None) -> dict:
-    from pathlib import Path
 
     import torch
 

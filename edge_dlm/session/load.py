@@ -55,8 +55,10 @@ def load_runtime(a: argparse.Namespace, mode: str | None = None, steps: int | No
     if a.engine == AUTO_ENGINE:
         rt = open_onnx(t, key, build=False)
         if rt is None:
-            raise UserError(f"{t.path.name} is a checkpoint with no ONNX engine yet: `edge-dlm calibrate` builds "
-                            "the one auto uses, or `edge-dlm export --target onnx` one of your own")
+            why = onnx_candidate(t, "torch")
+            first = f"auto builds none for it here ({why})" if why else "`edge-dlm calibrate` builds the one auto uses"
+            raise UserError(f"{t.path.name} is a checkpoint with no ONNX engine yet: {first}; "
+                            "`edge-dlm export --target onnx` builds one of your own")
         return rt
     table = load_table(key)
     if table is None or onnx_candidate(t, "torch") is not None:
