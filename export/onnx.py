@@ -145,12 +145,13 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
     model = load_model(src, dtype=ONNX_DTYPES[dtype], lora=True)
     has_lora = model.encoder.layers[0].self_attn.o_lora is not None
     with atomic_dir(out, force=force) as tmp:
-        log(f"[1/3] tracing the step graph of {src} ({dtype})")
+        n = 3 if quant is not None else 2  # the steps this export runs, so the count never skips one
+        log(f"[1/{n}] tracing the step graph of {src} ({dtype})")
         export_graph(model, tmp / GRAPH_FILE, ONNX_DTYPES[dtype])
         if quant is not None:
-            log(f"[2/3] weight-only {quant} (MatMulNBits, block {group_size})")
+            log(f"[2/{n}] weight-only {quant} (MatMulNBits, block {group_size})")
             quantize_graph(tmp / GRAPH_FILE, ONNX_QUANTS[quant], group_size, symmetric)
-        log("[3/3] config, tokenizer, manifest")
+        log(f"[{n}/{n}] config, tokenizer, manifest")
         shutil.copy2(src / "config.json", tmp / "config.json")
         copy_side_files(src, tmp)
         lora_dir = tmp / "linear_spec_lora"

@@ -217,6 +217,7 @@ def _progress_monitor(trt):
 
         def phase_finish(self, phase_name):
             if phase_name in self.top:
+                self._draw(phase_name, self.steps[phase_name])  # finished: full, whatever steps it reported
                 self.top.discard(phase_name)
                 print(file=sys.stderr)
 
@@ -360,6 +361,8 @@ def export_engine(src: str | Path, out: str | Path, *, target: str = "tensorrt",
                          **target_info, "profiles": profs, "build_seconds": round(seconds, 3)}},
             tool_versions=tool_versions("onnx", "onnxruntime", "tensorrt", "tensorrt-rtx-cu13"),
             export_seconds=round(time.perf_counter() - t0, 3))
+    log(f"wrote {out}: {fl.title} engine {manifest[fl.name]['engine_bytes'] / 2**20:.1f} MiB for "
+        f"{', '.join(str(t) for t in targets)} in {manifest['export_seconds']:.1f} s")
     return manifest
 
 
