@@ -183,6 +183,26 @@ def test_cache_key_changes_with_the_model_the_machine_and_the_options(tiny_ckpt,
     assert cal.load_table(k1) is None
 
 
+def test_an_identical_re_export_reuses_its_measurements(tiny_ckpt, tmp_path):
+    """An artifact is keyed by what it is (its manifest), not by when or where it was written: exporting
+    the same thing again, or elsewhere, keeps its calibration; another scheme does not."""
+    from edge_dlm.cli import main as cli_main
+
+    def key(path: Path) -> str:
+        args = argparse.Namespace(model=str(path), device="cpu", dtype="auto", quant=None, group_size=64,
+                                  no_lora=False, kernels="auto", engine="auto")
+        return cal.table_key(cal.target(args))
+
+    base = ["export", str(tiny_ckpt), "--quant", "int4", "--group-size", "32"]
+    assert cli_main([*base, "-o", str(tmp_path / "a")]) == 0
+    first = key(tmp_path / "a")
+    assert cli_main([*base, "-o", str(tmp_path / "a"), "--force"]) == 0  # new files, new mtimes
+    assert cli_main([*base, "-o", str(tmp_path / "b")]) == 0  # the same export, elsewhere
+    assert key(tmp_path / "a") == first == key(tmp_path / "b")
+    assert cli_main(["export", str(tiny_ckpt), "--quant", "int8", "--group-size", "32", "-o", str(tmp_path / "c")]) == 0
+    assert key(tmp_path / "c") != first
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 def cli_key(model: Path, **over) -> str:

@@ -42,6 +42,7 @@ LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
 PREFER = ("speed", "energy", "quality")
 DIFFUSION_STEPS = (1, 2, 4, 8)
 AUTO_ENGINE = "onnxruntime"  # the engine auto may build into the cache
+VOLATILE = ("created", "export_seconds", "source")  # manifest fields that change with every identical export
 AUTO_BUILD_BYTES = 2 << 30  # ... for weights up to this size: never a multi-gigabyte build nobody asked for
 FORMAT = 2
 
@@ -145,11 +146,19 @@ def table_key(t: Target) -> str:
 
     h = hashlib.sha256()
     h.update((t.path / "config.json").read_bytes())
-    for f in sorted(p for p in t.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".onnx", ".plan")):
-        st = f.stat()
-        h.update(f"{f.relative_to(t.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(json.dumps([str(t.path), machine_description(t.device, t.threads), t.device, t.dtype, t.quant, t.group_size, t.lora,
-                         t.kernels, t.engine == "auto", tool_versions("onnxruntime")]).encode())
+    where = str(t.path)
+    if (t.path / "manifest.json").exists():
+        # an edge-dlm artifact: what it is (source checksum, scheme, files), not when or where it was
+        # written, so re-exporting the same thing reuses its measurements
+        m = read_json_object(t.path / "manifest.json")
+        h.update(json.dumps({k: v for k, v in m.items() if k not in VOLATILE}, sort_keys=True, default=str).encode())
+        where = None
+    else:
+        for f in sorted(p for p in t.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".onnx", ".plan")):
+            st = f.stat()
+            h.update(f"{f.relative_to(t.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([where, machine_description(t.device, t.threads), t.device, t.dtype, t.quant, t.group_size,
+                         t.lora, t.kernels, t.engine == "auto", tool_versions("onnxruntime")]).encode())
     return h.hexdigest()
 
 
