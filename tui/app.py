@@ -14,6 +14,7 @@ preset by itself, says so, and switches back on AC.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -29,6 +30,7 @@ from textual.widgets.option_list import Option
 from rich.text import Text as RichText
 
 from edge_dlm.runtime import peak_memory_mb
+from edge_dlm.session.calibrate import Stopped
 from edge_dlm.tui.render import PRESETS, LineBreaks, power_line, render_block, status_line
 from edge_dlm.tui.store import Store
 
@@ -182,7 +184,7 @@ class ChatApp(App):
         self.last_result = None
         self.live: tuple | None = None  # (version, text, block, nfe, mode): what the decode thread has, latest
         self.shown = 0  # the live version on screen
-        self.streaming: Message | None = None
+        self.streaming: LiveReply | None = None
         self.measured = None  # a background calibration's result, adopted between answers
         self.auto = None  # what --mode auto resolved (its background calibration, if one runs)
         self.applying_preset = False
@@ -238,7 +240,7 @@ class ChatApp(App):
                 self.runtime, self.table, self.auto = auto.runtime, auto.table, auto
                 self.call_from_thread(self.apply_choice, auto.row, auto.reason)
                 if auto.measuring is not None:
-                    auto.measuring.add_done_callback(lambda f: self.call_from_thread(self.measured_done, f, auto.row))
+                    auto.measuring.add_done_callback(lambda f: self.measured_in_background(f, auto.row))
             else:
                 self.runtime = load_runtime(a, a.mode if a.mode != "auto" else "diffusion", a.steps,
                                             log=lambda m: self.call_from_thread(self.set_status, m))
@@ -246,6 +248,12 @@ class ChatApp(App):
             self.call_from_thread(self.set_status, f"error: {exc}")
             return
         self.call_from_thread(self.model_ready)
+
+    def measured_in_background(self, future, default) -> None:
+        """The calibration thread's callback: hand the result to the screen, unless the app has gone."""
+        if self.is_running and not isinstance(future.exception(), Stopped):
+            with contextlib.suppress(RuntimeError):  # the app closed meanwhile
+                self.call_from_thread(self.measured_done, future, default)
 
     def measured_done(self, future, default) -> None:
         """The background calibration finished: adopt its choice now, or after the answer in flight."""
