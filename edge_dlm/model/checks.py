@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from edge_dlm.primitives.errors import CheckpointError
-from edge_dlm.primitives.inputs import os_error
+from edge_dlm.primitives.inputs import kind_of, os_error
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # integer tensors of quantized formats: edge-dlm's `.qweight` (U8/I8), compressed-tensors' and GPTQ's
@@ -66,8 +66,7 @@ def regular_file(p: Path, what: str = "file") -> Path:
     except OSError as exc:
         raise CheckpointError(os_error(p, exc, what)) from None
     if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise CheckpointError(f"{what} {p} is {kind}; expected a regular file")
+        raise CheckpointError(f"{what} {p} is {kind_of(mode)}; expected a regular file")
     if not os.access(p, os.R_OK):
         raise CheckpointError(f"cannot read {what} {p}: permission denied")
     return p

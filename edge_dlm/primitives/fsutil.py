@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edge_dlm.primitives.errors import UserError
+from edge_dlm.primitives.inputs import kind_of
 
 
 def _umask() -> int:
@@ -101,7 +102,7 @@ def check_output_file(path: str | Path) -> Path:
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory")
     if path.exists() and not path.is_file():
-        raise UserError(f"cannot write {path}: it is not a regular file")
+        raise UserError(f"cannot write {path}: it is {kind_of(path.stat().st_mode)}, not a regular file")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: permission denied in {path.parent}")
     return path

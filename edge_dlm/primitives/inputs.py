@@ -38,6 +38,17 @@ def os_error(path: str | Path, exc: OSError, what: str = "file") -> str:
     return f"cannot read {what} {path}: {reason}"
 
 
+def kind_of(mode: int) -> str:
+    """What a path that is not a regular file is, in words (from its `st_mode`)."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def read_bytes(path: str | Path, what: str = "file", limit: int = TEXT_LIMIT, error: type = UserError) -> bytes:
     """The bytes of regular file `path`, at most `limit` of them; anything else is one `error` line."""
     try:
@@ -47,9 +58,7 @@ def read_bytes(path: str | Path, what: str = "file", limit: int = TEXT_LIMIT, er
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
-            raise error(f"{what} {path} is {kind}; expected a regular file")
+            raise error(f"{what} {path} is {kind_of(st.st_mode)}; expected a regular file")
         if st.st_size > limit:
             raise error(f"{what} {path} is {st.st_size} bytes, more than the {limit} allowed")
         chunks, size = [], 0
