@@ -152,6 +152,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
 
         def send_json(self, code: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+            self.drain()
             data = json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -168,6 +169,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             """The standard library's own error answers (a malformed request line, headers too long, an
             unknown method), as the same JSON error object every route answers with."""
             self.close_connection = True
+            self.body_read = False  # a body sent with an unknown method is read before the answer
             if code == 501:  # no do_<METHOD>: a method this API does not have
                 code, message, headers = 405, f"method {str(self.command)[:16]} not allowed; use GET or POST", \
                     {"Allow": "GET, POST"}
@@ -178,7 +180,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
 
         def guarded(self, fn) -> None:
             """Run a route; errors become OpenAI-style answers, never a traceback to the client."""
-            self.headers_sent = False
+            self.headers_sent, self.body_read = False, False
             try:
                 self.authorize()
                 fn()
@@ -219,7 +221,8 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             self.send_json(200, {"object": "list", "data": [
                 {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": 0}]})
 
-        def read_body(self):
+        def body_length(self) -> int:
+            """The request's Content-Length, checked (one header, ASCII digits, within --max-body)."""
             if self.headers.get("Transfer-Encoding"):
                 raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
             lengths = self.headers.get_all("Content-Length") or []
@@ -235,7 +238,24 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             if int(length) > opts.max_body:
                 self.close_connection = True
                 raise HTTPError(413, f"the body is {length} bytes; the limit is {opts.max_body}")
-            raw = self.rfile.read(int(length))
+            return int(length)
+
+        def drain(self) -> None:
+            """Read a body no route read before answering (a 404, a GET with a body): closing on unread
+            bytes makes the kernel reset the connection, which can destroy the answer in flight."""
+            if getattr(self, "body_read", True) or not getattr(self, "headers", None) \
+                    or not self.headers.get("Content-Length"):
+                return
+            self.body_read = True
+            try:
+                self.rfile.read(self.body_length())
+            except (HTTPError, OSError):
+                self.close_connection = True
+
+        def read_body(self):
+            length = self.body_length()
+            self.body_read = True
+            raw = self.rfile.read(length)
             try:
                 return json.loads(raw.decode("utf-8"))
             except RecursionError:
