@@ -109,6 +109,8 @@ class Runtime:
         self.engine = engine
         self.quant = quant  # the scheme load() quantized the weights with, if it did
         self._lock = FifoLock()
+        self._cache = None  # reused across requests: a compiled pass sees the same buffers again
+        self._cache_need = 0
 
     @property
     def quant_scheme(self) -> str | None:
@@ -119,7 +121,8 @@ class Runtime:
     def precision(self) -> str:
         """What the status lines show: dtype, weight quantization and a non-torch engine."""
         parts = [str(self.dtype).removeprefix("torch."), self.quant_scheme,
-                 None if self.engine == "torch" else self.engine]
+                 None if self.engine == "torch" else self.engine,
+                 "compiled" if getattr(self.model, "compiled", False) else None]
         return " ".join(p for p in parts if p)
 
     @property
@@ -174,24 +177,26 @@ class Runtime:
     def _run(self, ids: list[int], opts: GenerationOptions,
              cancel: threading.Event | None) -> Iterator[StreamEvent]:
         capacity = len(ids) + opts.max_new_tokens + opts.scratch_tokens()
-        self._check_cache_fits(capacity)
-        cache = self.model.new_cache(capacity)
-        dec = Decoder(self.model, opts, cache)
+        dec = Decoder(self.model, opts, self._new_cache(capacity))
         if self.kernels:
             from edge_dlm.kernels.verify import greedy_pick
 
             dec.sampler.greedy_fn = greedy_pick
         detok = StreamDetokenizer(self.tokenizer)
         start = time.perf_counter()
-        for event in mode_fn(opts.mode)(dec, ids):
-            yield event
-            if isinstance(event, Emit) and event.ids:
-                delta = detok.push(event.ids)
-                if delta:
-                    yield Text(delta)
-            if cancel is not None and cancel.is_set():
-                dec.finish_reason = dec.finish_reason or "cancelled"
-                break
+        try:
+            for event in mode_fn(opts.mode)(dec, ids):
+                yield event
+                if isinstance(event, Emit) and event.ids:
+                    delta = detok.push(event.ids)
+                    if delta:
+                        yield Text(delta)
+                if cancel is not None and cancel.is_set():
+                    dec.finish_reason = dec.finish_reason or "cancelled"
+                    break
+        except Exception:
+            self._cache = None  # a failed pass (overflowing weights) may have left NaN in its scratch
+            raise
         tail = detok.flush()
         if tail:
             yield Text(tail)
@@ -204,6 +209,16 @@ class Runtime:
             mean_accepted=(dec.cycle_tokens / dec.cycles if dec.cycles else 0.0)
             if opts.mode in SPECULATIVE else None,
             ttft_s=(dec.first_token_time - start) if dec.first_token_time else None))
+
+    def _new_cache(self, capacity: int):
+        """An empty KV cache for `capacity` tokens: the last request's, when it is large enough (called
+        under the lock). Its slots past the committed length are never read unmasked."""
+        if self._cache is None or capacity > self._cache_need:
+            self._cache = None  # free the old buffers before allocating the new ones
+            self._check_cache_fits(capacity)
+            self._cache, self._cache_need = self.model.new_cache(capacity), capacity
+        self._cache.truncate(0)
+        return self._cache
 
     def _check_cache_fits(self, capacity: int) -> None:
         """A request's KV cache is allocated whole: refuse one that cannot fit, with the numbers."""
@@ -254,8 +269,7 @@ class Runtime:
         lengths = [length] if length is not None else list(range(1, (max_length or max(b - 1, 1)) + 1))
         with self._lock:
             start = time.perf_counter()
-            self._check_cache_fits(len(pre) + b)
-            dec = Decoder(self.model, opts, self.model.new_cache(len(pre) + b))
+            dec = Decoder(self.model, opts, self._new_cache(len(pre) + b))
             tried = []
             for n in lengths:
                 seq, span, got = pre + [dec.mask_id] * n + suf[:b - n], Span(len(pre), len(pre) + n), {}
@@ -293,8 +307,7 @@ class Runtime:
             raise UserError(f"the text is {len(ids)} tokens; the model context is {self.config.max_position_embeddings}")
         with self._lock:
             start = time.perf_counter()
-            self._check_cache_fits(len(ids))
-            dec = Decoder(self.model, opts, self.model.new_cache(len(ids)))
+            dec = Decoder(self.model, opts, self._new_cache(len(ids)))
             seq = list(ids)
             work = [Span(a, b) for a, b, _, _ in tok_spans]
             for a, b, _, _ in tok_spans:
@@ -397,7 +410,8 @@ def _last(events: Iterator[StreamEvent]) -> Result:
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          engine: str = "auto", quant: str | None = None, group_size: int = 64, calibrate: bool = False,
-         lora: bool = True, kernels: str = "auto", name: str | None = None, threads: int | None = None) -> Runtime:
+         lora: bool = True, kernels: str = "auto", name: str | None = None, threads: int | None = None,
+         compile: str = "auto") -> Runtime:  # noqa: A002 (the flag's name)
     """Load a model (default: the bundled demo model) into a `Runtime`: a checkpoint or artifact directory,
     or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online). `name` is
     what titles and the server call it (default: `ORG/NAME` for a Hub snapshot, else the directory's name).
@@ -408,6 +422,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
     `threads`: torch's CPU threads (process-wide; default $EDGE_DLM_THREADS, else half the CPUs:
     `edge_dlm.primitives.machine.default_threads` says why).
+    `compile`: run the torch engine's passes as compiled step functions (`edge_dlm.model.compiled`):
+    "on", "off", or "auto" (on where this machine already compiled them and measured them faster:
+    `edge-dlm calibrate` does it once; never a cold compile before a first answer).
     """
     from edge_dlm import engines
     from edge_dlm.model.weights import check_dir
@@ -434,6 +451,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     from edge_dlm import kernels as kmod
 
     use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev)
+    from edge_dlm.model import compiled as cmod
+
+    use_compile = cmod.resolve(compile, dev, engine_name, use_kernels)
     tokenizer = Tokenizer.from_dir(path)
     net = engines.module(engine_name).open(path, dev, dt, lora=lora)
     if spec is not None:
@@ -449,5 +469,27 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if use_kernels:
         kmod.enable(net)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
-    return Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
-                   quant=spec.scheme if spec is not None else None, name=name or display_name(path))
+    rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
+                 quant=spec.scheme if spec is not None else None, name=name or display_name(path))
+    if use_compile or (compile == "auto" and engine_name == "torch" and not use_kernels
+                       and cmod.measured_faster(compiled_cache(), compiled_key(rt))):
+        cmod.enable(net, compiled_cache())
+    return rt
+
+
+def compiled_key(rt: Runtime) -> str:
+    """What a compiled step function depends on: the weights, their precision, LoRA and the machine."""
+    from edge_dlm.primitives.machine import machine_description
+    import hashlib, json  # noqa: E401
+
+    st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(rt.path.glob("*.safetensors"))]
+    return hashlib.sha256(json.dumps([st, rt.precision, rt.has_lora, str(rt.device),
+                                      machine_description(str(rt.device)),
+                                      torch.__version__]).encode()).hexdigest()[:32]
+
+
+def compiled_cache():
+    """Where compiled kernels and the compile records live (the edge-dlm cache folder)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edge-dlm")) / "compiled"

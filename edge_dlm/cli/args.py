@@ -41,6 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="Triton attention/verification kernels: auto (on with CUDA + triton), on, off")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="run the torch engine's passes compiled (torch.compile; CUDA graphs on a GPU): on, off, or "
+                   "auto: on where `edge-dlm calibrate` compiled them on this machine and measured them faster")
     p.add_argument("--threads", type=int, help="CPU threads for the model's passes (default: $EDGE_DLM_THREADS, "
                    "else half the CPUs, which stays fast when other programs run)")
 

@@ -158,16 +158,16 @@ class Decoder:
         `tokens` may be a device tensor `[T]` (the on-device cycles: no host round trip). Its K/V are
         left pending in the cache: the mode commits what it keeps.
         """
-        if torch.is_tensor(tokens):
-            t = tokens.to(self.device, torch.long)[None]
-        else:
-            t = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        if isinstance(positions, int):
-            pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
-        else:
-            pos = torch.tensor([positions], dtype=torch.long, device=self.device)
         self.nfe += 1
-        with torch.inference_mode():
+        with torch.inference_mode():  # every input an inference tensor: one kind for compiled passes
+            if torch.is_tensor(tokens):
+                t = tokens.to(self.device, torch.long)[None]
+            else:
+                t = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            if isinstance(positions, int):
+                pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
+            else:
+                pos = torch.tensor([positions], dtype=torch.long, device=self.device)
             return self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora, last_only=last_only)[0]
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:

@@ -78,8 +78,9 @@ class SelfAttention(nn.Module):
         self.o_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
-                mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None, layer: int,
-                use_lora: bool, attn: Attn | None = None, kernel=None) -> torch.Tensor:
+                attend, use_lora: bool) -> torch.Tensor:
+        """`attend(q [N, nq, T, hd], k, v [N, nkv, T, hd]) -> o [N, nq, T, hd]` is the pass's attention
+        over its cache (or none): the model picks it per pass (see `NLDModel`)."""
         n, t, _ = x.shape
         q = self.q_proj(x).view(n, t, self.nq, self.hd).transpose(1, 2)  # [N, nq, T, hd]
         k = self.k_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)  # [N, nkv, T, hd]
@@ -87,15 +88,7 @@ class SelfAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         q = q * qscale
-        if cache is not None:  # batch 1: attend over committed cache + this pass's tokens
-            cached = cache.length
-            k_all, v_all = cache.write(layer, k[0], v[0])
-            k, v = k_all.unsqueeze(0), v_all.unsqueeze(0)  # [1, nkv, L+T, hd]
-        if kernel is not None:  # a fused block-attention kernel: the pattern, never a mask
-            o = kernel(q[0], k[0], v[0], attn, cached=cached, scale=self.hd ** -0.5)[None]
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               scale=self.hd ** -0.5, enable_gqa=self.nq != self.nkv)
+        o = attend(q, k, v)
         o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
         if self.o_lora is not None and (torch.is_tensor(use_lora) or use_lora):
@@ -148,6 +141,10 @@ class NLDModel(nn.Module):
         # Optional fused attention for cached passes: fn(q [nq,T,D], k, v [nkv,L+T,D], attn, cached=,
         # scale=) -> [nq,T,D] (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
         self.attn_kernel = None
+        # The step function cached passes run: `cached_pass` itself (eager) or its compiled form
+        # (`edge_dlm.model.compiled.enable`).
+        self.step = self.cached_pass
+        self.compiled = False
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin `[N, 1, T, hd]` and the Llama-4 query scale `[N, 1, T, 1]` for `positions [N, T]`."""
@@ -163,47 +160,172 @@ class NLDModel(nn.Module):
             qs = torch.ones(positions.shape, dtype=torch.float32, device=positions.device)
         return cos, sin, qs[:, None, :, None].to(dtype)
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None = None,
-               attn: Attn | None = None, mask: torch.Tensor | None = None,
-               use_lora: bool = False) -> torch.Tensor:
-        """Final-normed hidden states `[N, T, H]` for `tokens [N, T]` at `positions [N, T]`.
-
-        With a `cache` (batch 1), the pass attends to the committed cache plus its own tokens under
-        `attn` (or an explicit `[T, L+T]` `mask`, as exported graphs take it), and leaves its K/V
-        pending in the cache for the decoder to commit or drop. Without a cache, `mask` (`[T, T]`
-        bool, or None for causal) says which tokens see which (training).
-        """
-        x = self.encoder.embed_tokens(tokens)
-        cos, sin, qscale = self.rope(positions, x.dtype)
-        t = tokens.shape[1]
-        kernel = None
-        if cache is not None:
-            assert attn is not None and tokens.shape[0] == 1, "cached passes run one sequence"
-            kernel = self.attn_kernel if mask is None else None
-            if mask is None and kernel is None:
-                mask = attn.full_mask(cache.length, t, tokens.device)
-            is_causal = False
-        else:
-            is_causal = mask is None and t > 1
+    def layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
+               attend, use_lora: bool) -> torch.Tensor:
+        """The decoder stack and the final norm; `attend(layer)` gives that layer's attention."""
         for i, layer in enumerate(self.encoder.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, is_causal,
-                                    cache, i, use_lora, attn, kernel)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, attend(i), use_lora)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.encoder.norm(x)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache: KVCache | None = None,
-                attn: Attn | None = None, mask: torch.Tensor | None = None,
-                use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
-        """Logits `[N, T, V]` (`[N, 1, V]` with `last_only`: the head runs for the last position alone,
-        as a prefill needs; at NLD's 131072-token vocabulary the head is most of a long prefill's work);
-        see `hidden` for the other arguments."""
-        h = self.hidden(tokens, positions, cache=cache, attn=attn, mask=mask, use_lora=use_lora)
-        if last_only:  # [N, H] -> [N, 1, V]; a [N, 1, H] view of h would take torch's slow strided CPU path
-            return self.diffusion_head(h[:, -1])[:, None]
+    def _sdpa(self, q, k, v, mask, is_causal=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=self.config.head_dim ** -0.5,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None,
+               mask: torch.Tensor | None = None, use_lora: bool = False) -> torch.Tensor:
+        """Final-normed hidden states `[N, T, H]` for `tokens [N, T]` at `positions [N, T]`, without
+        a `KVCache`: training (`mask` `[T, T]` bool, or None for causal) and traced export graphs,
+        whose `cache` stands in with `write(layer, k, v) -> (K, V over cache + new)` and an explicit
+        `[1, 1, T, L + T]` mask (see `edge_dlm.export.onnx`)."""
+        x = self.encoder.embed_tokens(tokens)
+        cos, sin, qscale = self.rope(positions, x.dtype)
+        is_causal = mask is None and tokens.shape[1] > 1
+
+        def attend(i):
+            def plain(q, k, v):
+                if cache is not None:
+                    k_all, v_all = cache.write(i, k[0], v[0])
+                    k, v = k_all[None], v_all[None]
+                return self._sdpa(q, k, v, mask, is_causal and cache is None)
+            return plain
+        return self.layers(x, cos, sin, qscale, attend, use_lora)
+
+    def cached_pass(self, tokens: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
+                    k_buf: torch.Tensor, v_buf: torch.Tensor, attn: Attn, window: int, use_lora: bool,
+                    last: torch.Tensor | None) -> torch.Tensor:
+        """One static-shape pass over a `KVCache`: logits `[T, V]` (`[1, V]` for the row `last`).
+
+        Everything varying is a device tensor: the committed `length` (0-d), the `positions`, the
+        rows to keep; the K/V of the `T` new tokens go to slots `length + arange(T)` with an index
+        op and attention runs over the first `window` slots under `attn.window_mask`. So the graph
+        depends only on (T, attn, window, use_lora, whether `last`) and the cache's shape: this is
+        the step function `edge_dlm.model.compiled` compiles once per pass shape and bucket (and
+        captures as a CUDA graph), and eager mode runs it as it is.
+        """
+        t = tokens.shape[1]
+        x = self.encoder.embed_tokens(tokens)
+        cos, sin, qscale = self.rope(positions, x.dtype)
+        slots = length + torch.arange(t, device=tokens.device)
+        layer_ids = torch.arange(len(self.encoder.layers), device=tokens.device)
+        mask = attn.window_mask(length, t, window)
+
+        def attend(i):
+            def static(q, k, v):
+                # an index_put_ on the whole buffer (not on a per-layer view): inductor updates it in place
+                where = [layer_ids[i:i + 1], None, slots]
+                torch.ops.aten.index_put_(k_buf, where, k[0].transpose(0, 1))  # [T, nkv, hd]
+                torch.ops.aten.index_put_(v_buf, where, v[0].transpose(0, 1))
+                return self._sdpa(q, k_buf[i, :, :window][None], v_buf[i, :, :window][None], mask)
+            return static
+        h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
+        if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
+            h = h.index_select(0, last)
         return self.diffusion_head(h)
+
+    def kernel_pass(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: Attn,
+                    use_lora: bool, last: torch.Tensor | None) -> torch.Tensor:
+        """`cached_pass` with the fused Triton block attention (`attn_kernel`): the pattern, never a
+        mask, over exactly the committed + new keys (eager; the kernel takes the host length)."""
+        t, cached = tokens.shape[1], cache.length
+        x = self.encoder.embed_tokens(tokens)
+        cos, sin, qscale = self.rope(positions, x.dtype)
+        end = cached + t
+
+        def attend(i):
+            def fused(q, k, v):
+                cache.k[i, :, cached:end] = k[0]
+                cache.v[i, :, cached:end] = v[0]
+                return self.attn_kernel(q[0], cache.k[i, :, :end], cache.v[i, :, :end], attn, cached=cached,
+                                        scale=self.config.head_dim ** -0.5)[None]
+            return fused
+        h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
+        return self.diffusion_head(h if last is None else h.index_select(0, last))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None, attn: Attn | None = None,
+                mask: torch.Tensor | None = None, use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
+        """Logits `[N, T, V]` (`[N, 1, V]` with `last_only`: the head runs for the last position alone,
+        as a prefill needs; at NLD's 131072-token vocabulary the head is most of a long prefill's work).
+
+        With a `KVCache` (batch 1), the pass attends to the committed cache plus its own tokens under
+        `attn` and leaves its K/V pending in the cache for the decoder to commit or drop; it runs as
+        static-shape step functions (`cached_pass`, see `segments`). Otherwise see `hidden`.
+        """
+        if not isinstance(cache, KVCache):
+            h = self.hidden(tokens, positions, cache=cache, mask=mask, use_lora=use_lora)
+            if last_only:  # [N, H] -> [N, 1, V]; a [N, 1, H] view would take torch's slow strided CPU path
+                return self.diffusion_head(h[:, -1])[:, None]
+            return self.diffusion_head(h)
+        assert attn is not None and tokens.shape[0] == 1, "cached passes run one sequence"
+        t, start = tokens.shape[1], cache.length
+        cache.begin(t)
+        out = []
+        try:
+            for lo, hi, pattern, width in segments(attn, t):
+                keep_last = last_only and hi == t
+                # [T] -> [1, T] anew: a [1, T] slice keeps its parent's row stride, which a guard would see
+                out.append(self._segment(tokens[0, lo:hi][None], positions[0, lo:hi][None], cache, pattern, width,
+                                         use_lora, keep_last))
+                if hi < t:  # the next segment sees this one's K/V as cached
+                    cache._set_length(start + hi)
+        finally:
+            cache._set_length(start)
+            cache.pending = t
+        if last_only:
+            return out[-1][None]
+        return torch.cat(out)[None] if len(out) > 1 else out[0][None]
+
+    def _segment(self, tokens, positions, cache: KVCache, attn: Attn, width: int, use_lora: bool,
+                 last_only: bool) -> torch.Tensor:
+        """One step-function call: `tokens [1, n]` padded to `width` (causal passes only: a pad token
+        sits after every real one, so no real token sees it; its K/V land in scratch and are never
+        committed) -> logits `[n, V]` (`[1, V]` with `last_only`)."""
+        n = tokens.shape[1]
+        if width > n:
+            pad = width - n
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(1, pad)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, pad + 1, device=positions.device)],
+                                  dim=1)
+        last = torch.full((1,), n - 1, dtype=torch.long, device=tokens.device) if last_only else None
+        window = cache.begin(width)
+        if self.attn_kernel is not None:
+            logits = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
+        else:
+            logits = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
+                               use_lora, last)
+        return logits if last_only else logits[:n]
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
         p = self.encoder.norm.weight  # always floating point, even in a quantized model
-        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity,
+        # + CHUNK: a padded causal segment writes scratch up to one chunk past the real tokens
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity + CHUNK,
                        dtype=p.dtype, device=p.device)
+
+
+CHUNK = 256  # the longest causal segment: a prefill runs in chunks of at most this many tokens
+EXACT = 16  # causal segments up to this many tokens run at their own width (AR steps, verify and
+WIDTHS = (64, CHUNK)  # commit passes of a block); longer ones are padded to the first of these
+
+
+def segments(attn: Attn, t: int) -> list[tuple[int, int, Attn, int]]:
+    """How a cached pass of `t` tokens under `attn` runs as step functions of a few fixed shapes:
+    `(lo, hi, pattern, width)` per call, in order, each seeing the earlier ones as cached.
+
+    Causal passes run in chunks of at most `CHUNK` tokens, each of up to `EXACT` tokens at its own width
+    (AR steps, verify and commit passes: B tokens), a longer one padded to a width in `WIDTHS`
+    (prefills, infill's context); QuadraticSpec's first pass is its
+    causal prompt followed by a block pass over its masks, which see the whole prompt and each other,
+    exactly the `quad_first` pattern. Block and cycle passes already have a fixed width (B, B(B+1)).
+    """
+    if attn.kind == "quad_first":
+        p = attn.prefix
+        return segments(Attn("causal"), p) + [(p, t, Attn("block"), t - p)]
+    if attn.kind != "causal":
+        return [(0, t, attn, t)]
+    out = []
+    for lo in range(0, t, CHUNK):
+        n = min(CHUNK, t - lo)
+        out.append((lo, lo + n, attn, n if n <= EXACT else next(w for w in WIDTHS if w >= n)))
+    return out

@@ -65,6 +65,16 @@ class Attn:
         is_mask = (slot != 0)[:, None]
         return sees_draft | (is_mask & same_group)
 
+    def window_mask(self, length: torch.Tensor, t: int, window: int) -> torch.Tensor:
+        """`[t, window]` bool mask over a static cache window whose committed length is the 0-d device
+        tensor `length`: key j is visible when committed (j < length) or when it is new token
+        j - length and the pattern lets row i see it. Shapes depend on (t, window) only, so one
+        compiled pass serves every length."""
+        device = length.device
+        rel = torch.arange(window, device=device) - length  # key j as a new-token offset
+        new = self.new_mask(t, device)[:, rel.clamp(0, t - 1)]  # [t, window]
+        return (rel < 0)[None, :] | (((rel >= 0) & (rel < t))[None, :] & new)
+
     def full_mask(self, cached: int, t: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """`[t, cached + t]` bool mask over cache + new tokens, or None when every key is visible."""
         if t == 1 or self.kind == "block":

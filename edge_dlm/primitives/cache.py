@@ -1,9 +1,15 @@
-"""A preallocated KV cache with first-class rollback.
+"""A preallocated, static-shape KV cache with first-class rollback (gpt-fast's design).
 
 Layout: one `[layers, kv_heads, capacity, head_dim]` tensor each for K and V (batch 1: edge-dlm serves
-one request at a time per cache). `length` tokens are committed. A forward pass writes its new K/V into
-the scratch slots `[length, length + T)` of every layer and attends over `[0, length + T)`; nothing is
-kept until the decoder says so:
+one request at a time per cache). `length` tokens are committed; the same count lives on the device
+as `length_t` (a 0-d tensor), so a model pass reads it without a host round trip and keeps every shape
+static: a pass writes its T new K/V with an index op at the device slots `[length, length + T)` and
+attends over a fixed *window* of the cache, `window(T)` (a bucket: 256, 1k, 4k, 16k, ... tokens, so a
+short chat never pays for the full capacity), masked by the device length. The capacity itself is
+rounded up to a power of two, so passes see a handful of shapes and a compiled step function (or a
+CUDA graph) is built once per pass shape and bucket, not once per token.
+
+Nothing a pass writes is kept until the decoder says so:
 
 - `commit(n)`: keep the first n new tokens (AR steps, commit passes, LinearSpec's accepted prefix);
 - `commit_indices(idx)`: keep selected new tokens, compacted in order (QuadraticSpec keeps `d[0..acc-1]`,
@@ -16,46 +22,65 @@ from __future__ import annotations
 
 import torch
 
+MIN_BUCKET = 256
+
+
+def capacity_bucket(n: int) -> int:
+    """The allocated capacity for `n` slots: a power of two, at least `MIN_BUCKET`."""
+    c = MIN_BUCKET
+    while c < n:
+        c *= 2
+    return c
+
+
+def window_bucket(n: int, capacity: int) -> int:
+    """The attention window covering `n` slots: 256, 1k, 4k, 16k, ... (powers of four), at most the
+    capacity (itself a bucket)."""
+    w = MIN_BUCKET
+    while w < n:
+        w *= 4
+    return min(w, capacity)
+
 
 class KVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (layers, kv_heads, capacity, head_dim)
+        shape = (layers, kv_heads, capacity_bucket(capacity), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.length_t = torch.zeros((), dtype=torch.long, device=device)  # `length`, on the device
         self.pending = 0  # new tokens written by the last pass, not yet committed
 
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a pass's new K/V `[kv_heads, T, head_dim]` in scratch; return K/V over cache + new."""
-        t = k.shape[1]
+    def _set_length(self, n: int) -> None:
+        self.length = n
+        self.length_t.fill_(n)  # no host synchronization (a device-side fill)
+
+    def begin(self, t: int) -> int:
+        """Start a pass of `t` new tokens: check it fits, mark them pending; returns the window."""
         end = self.length + t
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {self.length} cached + {t} new > capacity {self.capacity}")
-        self.k[layer, :, self.length:end] = k
-        self.v[layer, :, self.length:end] = v
         self.pending = t
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        return window_bucket(end, self.capacity)
 
     def write_all(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a whole pass's new K/V `[layers, kv_heads, T, head_dim]` at once (exported engines)."""
         t = k.shape[2]
-        end = self.length + t
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {self.length} cached + {t} new > capacity {self.capacity}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.pending = t
+        self.begin(t)
+        self.k[:, :, self.length:self.length + t] = k
+        self.v[:, :, self.length:self.length + t] = v
 
     def commit(self, n: int) -> None:
         """Keep the first n tokens of the last pass."""
         if not 0 <= n <= self.pending:
             raise RuntimeError(f"cannot commit {n} of {self.pending} pending tokens")
-        self.length += n
+        if n:
+            self._set_length(self.length + n)
         self.pending = 0
 
     def commit_indices(self, idx: list[int]) -> None:
@@ -66,14 +91,14 @@ class KVCache:
         n = len(idx)
         for buf in (self.k, self.v):
             buf[:, :, self.length:self.length + n] = buf.index_select(2, src)
-        self.length += n
+        self._set_length(self.length + n)
         self.pending = 0
 
     def truncate(self, n: int) -> None:
         """Roll back to the first n committed tokens."""
         if not 0 <= n <= self.length:
             raise RuntimeError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
+        self._set_length(n)
         self.pending = 0
 
     def committed(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,128 @@
+"""Compiled step functions (`--compile on`): the same tokens, NFE and cache as eager, with no graph
+break and no recompilation once warm (what a CUDA graph capture needs, proven on the CPU)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from edge_dlm.decoding import Decoder, GenerationOptions, mode_fn
+from edge_dlm.model import compiled
+from edge_dlm.model.nld import segments
+from edge_dlm.primitives.attention import Attn
+from edge_dlm.primitives.cache import capacity_bucket, window_bucket
+from edge_dlm.primitives.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(bool(compiled.available("cpu")), reason="no C++ compiler for inductor")
+
+MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
+PROMPT = [1, 40, 41, 42, 43, 44, 45]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model, tmp_path_factory):
+    """(eager, compiled): the same weights, LoRA drafter included."""
+    fast = copy.deepcopy(tiny_model)
+    compiled.enable(fast, tmp_path_factory.mktemp("compiled"))
+    return tiny_model, fast
+
+
+def lockstep(eager, fast, mode: str, *, eos: int | None = None, **kw):
+    """Run one request on both models event by event; every event and the committed cache (what a
+    rollback leaves) must agree after each one. Returns the eager decoder."""
+    sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "seed") if k in kw})
+    decs = []
+    for model in (eager, fast):
+        opts = GenerationOptions(mode=mode, sampling=sampling, **kw).resolve(model.config.block_size)
+        dec = Decoder(model, opts, model.new_cache(len(PROMPT) + opts.max_new_tokens + opts.scratch_tokens()))
+        if eos is not None:
+            dec.eos_id = eos
+        decs.append(dec)
+    streams = [mode_fn(mode)(d, PROMPT) for d in decs]
+    for a, b in zip(*streams, strict=True):
+        assert a == b, (mode, kw)
+        ca, cb = decs[0].cache, decs[1].cache
+        assert ca.length == cb.length
+        for x, y in zip(ca.committed(), cb.committed()):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert decs[0].output_ids == decs[1].output_ids and decs[0].nfe == decs[1].nfe
+    return decs[0]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+def test_every_mode_every_block_size(pair, block):
+    for mode in MODES:
+        for lora in ((True, False) if mode == "linear-spec" else (True,)):
+            lockstep(*pair, mode, block_size=block, max_new_tokens=20, use_lora=lora)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 5])
+def test_budgets(pair, budget):
+    for mode in MODES:
+        d = lockstep(*pair, mode, block_size=4, max_new_tokens=budget)
+        assert len(d.output_ids) <= budget
+
+
+def test_seeded_sampling(pair):
+    for mode in MODES:
+        lockstep(*pair, mode, block_size=4, max_new_tokens=16, temperature=0.8, seed=5)
+
+
+def test_eos_in_every_position(pair):
+    """EOS taken to be the k-th token AR emits, for k over two blocks: every position of a block."""
+    ar = lockstep(*pair, "ar", max_new_tokens=8)
+    for k in range(8):
+        for mode in MODES:
+            d = lockstep(*pair, mode, eos=ar.output_ids[k], block_size=4, max_new_tokens=12)
+            assert d.finish_reason == "stop" or mode == "diffusion"  # lossless modes stop where AR does
+
+
+def test_shapes_are_few():
+    """A pass is cut into segments of a few widths; windows and capacities come in buckets."""
+    widths = {w for t in range(1, 2000) for *_, w in segments(Attn("causal"), t)}
+    assert widths == set(range(1, 17)) | {64, 256}
+    assert [s[3] for s in segments(Attn("quad_first", block=4, prefix=300), 304)] == [256, 64, 4]
+    assert {window_bucket(n, 1 << 20) for n in range(1, 20000)} == {256, 1024, 4096, 16384, 65536}
+    assert capacity_bucket(257) == 512 and window_bucket(300, 512) == 512
+
+
+def test_no_graph_break_no_recompile_after_warmup(tmp_path):
+    """512 tokens in each mode on the demo model: every step function compiles once per shape and
+    bucket with 0 graph breaks, and a second generation compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from edge_dlm.runtime import load
+
+    rt = load(device="cpu", dtype="float32", engine="torch", compile="off")
+    compiled.enable(rt.model, tmp_path)
+    seen = set()
+    step = rt.model.step
+
+    def spy(tokens, positions, length, k, v, attn, window, use_lora, last):
+        seen.add((tokens.shape[1], attn, window, use_lora and rt.has_lora, last is None, k.shape))
+        return step(tokens, positions, length, k, v, attn, window, use_lora, last)
+
+    rt.model.step = spy
+    # no EOS, so every run is 512 tokens: the stop token becomes the mask id, which is never picked
+    rt.model.config = dataclasses.replace(rt.model.config, eos_token_id=rt.model.config.mask_token_id)
+    # two prompts of different lengths whose prefills pad to the same width
+    prompts = ["Tell me a long story about the sea, the ships on it and the people who sail them",
+               "Write a poem about a mountain, a river and the old town that lies between them, where nobody lives any more"]
+    lengths = [len(rt.encode(p)) for p in prompts]
+    assert lengths[0] != lengths[1] and all(16 < n <= 64 for n in lengths)
+    for mode in MODES:
+        kw = dict(mode=mode, max_new_tokens=512, block_size=4)
+        graphs, keys = counters["stats"]["unique_graphs"], set(seen)
+        r = rt.generate(prompts[0], **kw)  # warm-up
+        assert r.finish_reason == "length" and len(r.output_ids) == 512
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # one graph per new pass shape and bucket (modes share some: the prefill, AR's step)
+        assert counters["stats"]["unique_graphs"] - graphs == len(seen - keys), mode
+        warm = counters["stats"]["unique_graphs"]
+        rt.generate(prompts[1], **kw)
+        assert counters["stats"]["unique_graphs"] == warm, mode  # no recompilation once warm
+    assert {w for _, _, w, *_ in seen} == {256, 1024}  # the window grew past 256 tokens
+    assert not counters["graph_break"]
