@@ -483,7 +483,7 @@ def compiled_key(rt: Runtime) -> str:
     import hashlib, json  # noqa: E401
 
     st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(rt.path.glob("*.safetensors"))]
-    return hashlib.sha256(json.dumps([st, rt.precision, rt.has_lora, str(rt.device),
+    return hashlib.sha256(json.dumps([st, str(rt.dtype), rt.quant_scheme, rt.has_lora, str(rt.device),
                                       machine_description(str(rt.device)),
                                       torch.__version__]).encode()).hexdigest()[:32]
 

@@ -6,7 +6,8 @@ copy moves (its reads and writes both counted, so no factor 2). A decode step at
 bound, so its ratio to the floor says how close the engine gets to the hardware; wider passes (the
 diffusion block, QuadraticSpec's B(B+1)) should cost little more than T = 1 until compute takes over.
 Each pass is timed eagerly and, on CUDA, replayed as a CUDA graph captured at the same cache length
-(what the launch overhead costs). `--quant int4|int8|nf4` times the same passes again after quantizing
+(what the launch overhead costs); with `--compile on` also as the compiled step function the runtime
+runs (`edge_dlm.model.compiled`: inductor on the CPU, CUDA graphs on a GPU), next to eager. `--quant int4|int8|nf4` times the same passes again after quantizing
 the weights, next to their own (smaller) read floor and as a ratio to the float pass.
 """
 
@@ -140,6 +141,10 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     model = random_model(cfg, dtype, device)
     if kernels.resolve(a.kernels, device):  # as a loaded model: Triton attention / int matmuls on CUDA
         kernels.enable(model)
+    from edge_dlm.model import compiled
+    from edge_dlm.runtime import compiled_cache
+
+    use_compile = compiled.resolve(getattr(a, "compile", "off"), device)
     bw = copy_bandwidth(device)
     b = cfg.block_size
     dname = str(dtype).removeprefix("torch.")
@@ -151,11 +156,18 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
         nbytes = weight_bytes(model)
         gb[weights] = nbytes / 1e9
         floor = nbytes / bw  # reading every weight once at the copy's (read + write) byte rate
-        for t, (eager, graph) in time_forwards(model, [1, b, b * (b + 1)], context, device,
-                                               max(1, a.repeats)).items():
-            best = graph if graph is not None else eager
+        widths = [1, b, b * (b + 1)]
+        timings = time_forwards(model, widths, context, device, max(1, a.repeats))
+        fast = {}
+        if use_compile and weights == dname:  # the float passes (quantized weights run eagerly)
+            compiled.enable(model, compiled_cache())
+            fast = {t: e for t, (e, _) in time_forwards(model, widths, context, device, max(1, a.repeats)).items()}
+            compiled.disable(model)
+        for t, (eager, graph) in timings.items():
+            best = min(x for x in (eager, graph, fast.get(t)) if x is not None)
             rows.append({"weights": weights, "tokens": t, "ms": eager * 1000,
-                         "graph_ms": graph * 1000 if graph is not None else None, "floor_ms": floor * 1000,
+                         "graph_ms": graph * 1000 if graph is not None else None,
+                         "compiled_ms": fast[t] * 1000 if t in fast else None, "floor_ms": floor * 1000,
                          "vs_floor": best / floor, "tokens_per_s": t / best})
     base = {r["tokens"]: r for r in rows if r["weights"] == dname}
     for r in rows:
@@ -169,10 +181,12 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     sizes = ", ".join(f"{k} {v:.2f} GB" for k, v in gb.items())
     print(f"NLD-{a.shape} shape ({cfg.num_hidden_layers} layers, random weights) on {device}: {sizes}; "
           f"copy bandwidth {meta['copy_bandwidth_gbs']:.0f} GB/s (read + write), cache {context} tokens\n")
-    print("| weights | tokens | eager ms | graph ms | read floor ms | x floor | vs float | tokens/s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| weights | tokens | eager ms | graph ms | compiled ms | compiled / eager | read floor ms | x floor "
+          "| vs float | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         graph = f"{r['graph_ms']:.2f}" if r["graph_ms"] is not None else "n/a (CPU)"
-        print(f"| {r['weights']} | {r['tokens']} | {r['ms']:.2f} | {graph} | {r['floor_ms']:.2f} | "
+        fast = f"{r['compiled_ms']:.2f}" if r["compiled_ms"] is not None else "off"
+        ratio = f"{r['compiled_ms'] / r['ms']:.2f}" if r["compiled_ms"] is not None else ""
+        print(f"| {r['weights']} | {r['tokens']} | {r['ms']:.2f} | {graph} | {fast} | {ratio} | {r['floor_ms']:.2f} | "
               f"{r['vs_floor']:.2f} | {r['vs_float']:.2f} | {r['tokens_per_s']:.0f} |")
     return 0
