@@ -450,7 +450,8 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                         "engine instead (edge-dlm export CKPT -o OUT --target onnx --quant int4)")
     from edge_dlm import kernels as kmod
 
-    use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev)
+    # compiled passes replace the eager kernels: --compile on turns --kernels auto off
+    use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev) and not (compile == "on" and kernels == "auto")
     from edge_dlm.model import compiled as cmod
 
     use_compile = cmod.resolve(compile, dev, engine_name, use_kernels)

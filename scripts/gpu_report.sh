@@ -7,7 +7,8 @@
 #
 # Sections: the whole test suite on the GPU; the Triton attention and weight-only matmul kernels
 # against SDPA / bf16 GEMMs; `bench --shape 3b|8b` (eager vs CUDA-graph replay per pass width, the
-# read floor) in bf16 and int4 / int8 / nf4; the demo model's bench with the kernels on and off.
+# read floor) in bf16 and int4 / int8 / nf4; the demo model's bench with the kernels on and off and with
+# compiled passes (CUDA graphs) on and off.
 set -u
 out=${1:?usage: scripts/gpu_report.sh OUTDIR [--quick]}
 quick=${2:-}
@@ -46,6 +47,14 @@ done
 for k in on off; do
     section "Demo model, --kernels $k" "demo_kernels_$k.log" \
         $cli bench --device cuda --kernels "$k" --modes ar diffusion linear-spec quadratic-spec --repeats 3
+done
+section "NLD-3b shape (2 layers), compiled step functions (CUDA graphs) vs eager" shape_3b_compiled.log \
+    $cli bench --shape 3b --layers 2 --device cuda --compile on --kernels off --repeats 20
+section "Demo model, compiled vs eager vs onnxruntime (CPU)" demo_compiled_cpu.log \
+    $py scripts/bench_compiled.py --rounds 3
+for c in on off; do
+    section "Demo model on CUDA, --compile $c" "demo_compile_$c.log" \
+        $cli bench --device cuda --kernels off --compile "$c" --modes ar diffusion linear-spec quadratic-spec --repeats 3
 done
 section "Demo model int4, --kernels on" demo_int4.log \
     $cli bench --device cuda --kernels on --quant int4 --modes ar linear-spec quadratic-spec --repeats 3

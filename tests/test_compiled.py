@@ -101,9 +101,9 @@ def test_no_graph_break_no_recompile_after_warmup(tmp_path):
     seen = set()
     step = rt.model.step
 
-    def spy(tokens, positions, length, k, v, attn, window, use_lora, last):
-        seen.add((tokens.shape[1], attn, window, use_lora and rt.has_lora, last is None, k.shape))
-        return step(tokens, positions, length, k, v, attn, window, use_lora, last)
+    def spy(tokens, positions, length, k, v, attn, window, use_lora, last, pick=None):
+        seen.add((tokens.shape[1], attn, window, use_lora and rt.has_lora, last is None, k.shape, pick))
+        return step(tokens, positions, length, k, v, attn, window, use_lora, last, pick)
 
     rt.model.step = spy
     # no EOS, so every run is 512 tokens: the stop token becomes the mask id, which is never picked

@@ -10,9 +10,9 @@ from edge_dlm.decoding.base import Decoder, Event
 
 def decode_one(dec: Decoder, token: int) -> int:
     """`F([t], L, causal)`, K/V kept, `L += 1`; the next token."""
-    logits = dec.forward([token], dec.cache.length, CAUSAL)
+    picks = dec.run([token], dec.cache.length, CAUSAL)
     dec.cache.commit(1)
-    return dec.pick(logits)[0][0]
+    return picks()[0][0]
 
 
 def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:

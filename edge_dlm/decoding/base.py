@@ -16,7 +16,7 @@ import torch
 from edge_dlm.primitives.attention import CAUSAL, Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.primitives.errors import UserError
-from edge_dlm.primitives.sampling import Sampler, SamplingParams
+from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")
@@ -173,6 +173,29 @@ class Decoder:
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         return self.sampler.pick(logits)
 
+    def run(self, tokens: list[int], positions: int | list[int], attn: Attn, use_lora: bool = False,
+            last_only: bool = False) -> "Picks":
+        """`forward` and then the picks, as `Picks` (call it with the rows to pick). At temperature 0 on
+        the torch engine the greedy picks are made inside the pass (one host transfer of ids and
+        confidences, never the `[T, V]` logits); otherwise the sampler picks from the logits."""
+        if self.picks_in_pass:
+            with torch.inference_mode():
+                t = torch.tensor([tokens], dtype=torch.long, device=self.device)
+                if isinstance(positions, int):
+                    pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
+                else:
+                    pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+                self.nfe += 1
+                ids, conf, finite = self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora,
+                                               last_only=last_only, pick=self.mask_id)
+                return Picks(self, packed=torch.cat([ids.double(), conf.double(), finite.double()[None]]))
+        return Picks(self, logits=self.forward(tokens, positions, attn, use_lora, last_only))
+
+    @property
+    def picks_in_pass(self) -> bool:
+        return (self.sampler.params.temperature == 0 and self.sampler.greedy_fn is None
+                and getattr(self.model, "picks_in_pass", False))
+
     @property
     def on_device(self) -> bool:
         """Fused kernels on and greedy: a cycle's picks and accept decisions stay on the device
@@ -211,6 +234,31 @@ class Decoder:
 
     def prefill(self, prompt_ids: list[int]) -> int:
         """`F(prompt, causal)`, K/V kept; returns `t1 = pick(last logit)` (all modes but QuadraticSpec)."""
-        logits = self.forward(prompt_ids, self.cache.length, CAUSAL, last_only=True)
+        picks = self.run(prompt_ids, self.cache.length, CAUSAL, last_only=True)
         self.cache.commit(len(prompt_ids))
-        return self.pick(logits)[0][0]
+        return picks()[0][0]
+
+
+class Picks:
+    """The picks of one pass, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of row
+    indices; None: every row), in the order given. Greedy picks made in the pass come to the host
+    once (`packed`: ids, confidences, finite); logits are picked by the sampler, only the rows asked
+    for and in that order, so a seeded sampler draws exactly as it would from those rows' logits."""
+
+    def __init__(self, dec: Decoder, *, logits: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None) -> None:
+        self.dec, self.logits, self.packed = dec, logits, packed
+        self.host: tuple[list[int], list[float]] | None = None
+
+    def __call__(self, rows: slice | list[int] | None = None) -> tuple[list[int], list[float]]:
+        if self.packed is None:
+            return self.dec.pick(self.logits if rows is None else self.logits[rows])
+        if self.host is None:
+            h = self.packed.tolist()  # the pass's one synchronization
+            if not h[-1]:
+                raise nonfinite(self.dec.cache.k.dtype)
+            n = (len(h) - 1) // 2
+            self.host = [int(x) for x in h[:n]], h[n:2 * n]
+        ids, conf = self.host
+        idx = range(len(ids)) if rows is None else range(len(ids))[rows] if isinstance(rows, slice) else rows
+        return [ids[i] for i in idx], [conf[i] for i in idx]

@@ -41,11 +41,11 @@ def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: 
     `masked`: the mask positions to fill (default: every mask in the canvas; infill leaves out the
     masks an EOS has cut off). `record` receives the confidence of each committed pick.
     """
-    logits = dec.forward(canvas, start, BLOCK)
+    pass_picks = dec.run(canvas, start, BLOCK)
     dec.cache.commit(0)  # no-write: drop this pass's K/V
     if masked is None:
         masked = [j for j, tok in enumerate(canvas) if tok == dec.mask_id]
-    picks, conf = dec.pick(logits[masked])
+    picks, conf = pass_picks(masked)
     k = math.ceil(len(masked) / (steps - step))
     order = sorted(range(len(masked)), key=lambda i: (-conf[i], masked[i]))
     chosen = set(order[:k]) | {i for i, c in enumerate(conf) if c >= threshold}
@@ -88,6 +88,6 @@ def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
         yield dec.emit(canvas)
         if dec.done:
             return
-        logits = dec.forward(canvas, start, CAUSAL, last_only=True)  # commit pass
+        picks = dec.run(canvas, start, CAUSAL, last_only=True)  # commit pass
         dec.cache.commit(b)
-        seed = dec.pick(logits)[0][0]
+        seed = picks()[0][0]

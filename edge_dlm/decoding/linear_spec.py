@@ -20,16 +20,14 @@ from edge_dlm.decoding.base import Decoder, Draft, Event
 
 
 def draft(dec: Decoder, seed: int, start: int) -> list[int]:
-    logits = dec.forward([seed] + [dec.mask_id] * (dec.block - 1), start, BLOCK,
-                         use_lora=dec.opts.use_lora)
+    picks = dec.run([seed] + [dec.mask_id] * (dec.block - 1), start, BLOCK, use_lora=dec.opts.use_lora)
     dec.cache.commit(0)  # no-write
-    return dec.pick(logits[1:])[0] if dec.block > 1 else []
+    return picks(slice(1, None))[0] if dec.block > 1 else []
 
 
 def verify(dec: Decoder, seed: int, drafted: list[int], start: int) -> tuple[int, list[int]]:
     """Causal pass over `[seed] + drafted`; returns (accepted m, AR picks a[0..B-1])."""
-    logits = dec.forward([seed] + drafted, start, CAUSAL)
-    ar = dec.pick(logits)[0]
+    ar = dec.run([seed] + drafted, start, CAUSAL)()[0]
     m = 0
     while m < len(drafted) and ar[m] == drafted[m]:
         m += 1

@@ -26,9 +26,9 @@ from edge_dlm.decoding.base import Decoder, Draft, Event
 
 def first_pass(dec: Decoder, prompt_ids: list[int]) -> list[int]:
     b, p, start = dec.block, len(prompt_ids), dec.cache.length
-    logits = dec.forward(prompt_ids + [dec.mask_id] * b, start, Attn("quad_first", block=b, prefix=p))
+    passed = dec.run(prompt_ids + [dec.mask_id] * b, start, Attn("quad_first", block=b, prefix=p))
     dec.cache.commit(p)  # keep the prompt's K/V only
-    picks = dec.pick(logits[p - 1:p + b])[0]  # rows: AR at P-1, then masks 0..B-1
+    picks = passed(slice(p - 1, p + b))[0]  # rows: AR at P-1, then masks 0..B-1
     return [picks[0]] + picks[2:]  # mask 0 (same position as d[0]) is unused
 
 
@@ -39,15 +39,15 @@ def cycle(dec: Decoder, d: list[int]) -> tuple[int, list[int]]:
     for g in range(b):
         tokens += [d[g]] + [m] * b
         positions += [start + g] + list(range(start + g + 1, start + g + b + 1))
-    logits = dec.forward(tokens, positions, Attn("quad_cycle", block=b))  # [B(B+1), V]
+    picks = dec.run(tokens, positions, Attn("quad_cycle", block=b))  # B(B+1) rows
     heads = [g * (b + 1) for g in range(b)]
-    ar = dec.pick(logits[heads])[0]  # ar[g] predicts L+g+1
+    ar = picks(heads)[0]  # ar[g] predicts L+g+1
     acc = 1
     while acc < b and ar[acc - 1] == d[acc]:
         acc += 1
     dec.cache.commit_indices(heads[:acc])
     group = heads[acc - 1]
-    rest = dec.pick(logits[group + 2:group + b + 1])[0] if b > 1 else []  # masks 1..B-1 of group acc-1
+    rest = picks(slice(group + 2, group + b + 1))[0] if b > 1 else []  # masks 1..B-1 of group acc-1
     return acc, [ar[acc - 1]] + rest
 
 

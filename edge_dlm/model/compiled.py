@@ -22,7 +22,10 @@ import torch
 from edge_dlm.primitives.errors import UserError
 
 CHOICES = ("auto", "on", "off")
-RECOMPILE_LIMIT = 64  # distinct step shapes one process may build: modes x widths x buckets
+# Distinct step shapes one process may build. One model in a chat builds a handful (modes x widths x
+# window buckets); dynamo's default (8 per function) would silently fall back to eager after that, and
+# every model in a process shares the one function (`cached_pass`), so the bound is generous.
+RECOMPILE_LIMIT = 1024
 
 
 def available(device: torch.device | str) -> list[str]:
@@ -66,7 +69,9 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     inductor.fx_graph_cache = True
     cuda = any(p.is_cuda for p in model.parameters())
     if cuda:

@@ -131,6 +131,8 @@ class Encoder(nn.Module):
 class NLDModel(nn.Module):
     """`encoder.*` + `diffusion_head`, exactly the checkpoint's tensors."""
 
+    picks_in_pass = True  # cached passes can return greedy picks instead of logits (`forward(pick=)`)
+
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -194,8 +196,9 @@ class NLDModel(nn.Module):
 
     def cached_pass(self, tokens: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
                     k_buf: torch.Tensor, v_buf: torch.Tensor, attn: Attn, window: int, use_lora: bool,
-                    last: torch.Tensor | None) -> torch.Tensor:
-        """One static-shape pass over a `KVCache`: logits `[T, V]` (`[1, V]` for the row `last`).
+                    last: torch.Tensor | None, pick: int | None = None):
+        """One static-shape pass over a `KVCache`: logits `[T, V]` (`[1, V]` for the row `last`), or
+        with `pick` (the mask id) the greedy picks made inside the pass (`greedy`).
 
         Everything varying is a device tensor: the committed `length` (0-d), the `positions`, the
         rows to keep; the K/V of the `T` new tokens go to slots `length + arange(T)` with an index
@@ -222,7 +225,8 @@ class NLDModel(nn.Module):
         h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
         if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
             h = h.index_select(0, last)
-        return self.diffusion_head(h)
+        logits = self.diffusion_head(h)
+        return logits if pick is None else greedy(logits, pick)
 
     def kernel_pass(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: Attn,
                     use_lora: bool, last: torch.Tensor | None) -> torch.Tensor:
@@ -241,16 +245,19 @@ class NLDModel(nn.Module):
                                         scale=self.config.head_dim ** -0.5)[None]
             return fused
         h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
-        return self.diffusion_head(h if last is None else h.index_select(0, last))
+        return self.diffusion_head(h if last is None else h.index_select(0, last))  # picked by the caller
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None, attn: Attn | None = None,
-                mask: torch.Tensor | None = None, use_lora: bool = False, last_only: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, use_lora: bool = False, last_only: bool = False,
+                pick: int | None = None):
         """Logits `[N, T, V]` (`[N, 1, V]` with `last_only`: the head runs for the last position alone,
         as a prefill needs; at NLD's 131072-token vocabulary the head is most of a long prefill's work).
 
         With a `KVCache` (batch 1), the pass attends to the committed cache plus its own tokens under
         `attn` and leaves its K/V pending in the cache for the decoder to commit or drop; it runs as
-        static-shape step functions (`cached_pass`, see `segments`). Otherwise see `hidden`.
+        static-shape step functions (`cached_pass`, see `segments`). With `pick` (the mask id) it
+        returns the greedy picks made inside the pass instead of logits: (ids `[T]`, confidences `[T]`,
+        all logits finite) device tensors (`greedy`). Otherwise see `hidden`.
         """
         if not isinstance(cache, KVCache):
             h = self.hidden(tokens, positions, cache=cache, mask=mask, use_lora=use_lora)
@@ -263,24 +270,27 @@ class NLDModel(nn.Module):
         out = []
         try:
             for lo, hi, pattern, width in segments(attn, t):
-                keep_last = last_only and hi == t
                 # [T] -> [1, T] anew: a [1, T] slice keeps its parent's row stride, which a guard would see
+                # (a prefill's earlier chunks run the head for one row too, and drop it)
                 out.append(self._segment(tokens[0, lo:hi][None], positions[0, lo:hi][None], cache, pattern, width,
-                                         use_lora, keep_last))
+                                         use_lora, last_only, pick))
                 if hi < t:  # the next segment sees this one's K/V as cached
                     cache._set_length(start + hi)
         finally:
             cache._set_length(start)
             cache.pending = t
         if last_only:
-            return out[-1][None]
+            out = out[-1:]
+        if pick is not None:
+            return (torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]),
+                    torch.stack([o[2] for o in out]).all())
         return torch.cat(out)[None] if len(out) > 1 else out[0][None]
 
     def _segment(self, tokens, positions, cache: KVCache, attn: Attn, width: int, use_lora: bool,
-                 last_only: bool) -> torch.Tensor:
+                 last_only: bool, pick: int | None):
         """One step-function call: `tokens [1, n]` padded to `width` (causal passes only: a pad token
         sits after every real one, so no real token sees it; its K/V land in scratch and are never
-        committed) -> logits `[n, V]` (`[1, V]` with `last_only`)."""
+        committed) -> logits `[n, V]` (`[1, V]` with `last_only`), or with `pick` its greedy picks."""
         n = tokens.shape[1]
         if width > n:
             pad = width - n
@@ -290,11 +300,14 @@ class NLDModel(nn.Module):
         last = torch.full((1,), n - 1, dtype=torch.long, device=tokens.device) if last_only else None
         window = cache.begin(width)
         if self.attn_kernel is not None:
-            logits = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
+            out = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
+            out = out if pick is None else greedy(out, pick)
         else:
-            logits = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
-                               use_lora, last)
-        return logits if last_only else logits[:n]
+            out = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
+                            use_lora, last, pick)
+        if last_only:
+            return out
+        return out[:n] if pick is None else (out[0][:n], out[1][:n], out[2])
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
@@ -302,6 +315,19 @@ class NLDModel(nn.Module):
         # + CHUNK: a padded causal segment writes scratch up to one chunk past the real tokens
         return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity + CHUNK,
                        dtype=p.dtype, device=p.device)
+
+
+def greedy(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding contract's greedy pick per row of `logits [R, V]`, inside the pass: the argmax with
+    the mask id excluded (ties to the lowest id) and its probability under the untempered softmax (the
+    confidence), plus whether every logit is finite (the sampler's check, without a host round trip).
+    `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
+    x = logits.float()
+    finite = torch.isfinite(x).all()
+    x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
+    ids = x.argmax(-1)
+    conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
+    return ids, conf, finite
 
 
 CHUNK = 256  # the longest causal segment: a prefill runs in chunks of at most this many tokens

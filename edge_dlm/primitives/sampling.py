@@ -74,9 +74,7 @@ class Sampler:
         if self.greedy_fn is not None and self.params.temperature == 0:
             return self.greedy_fn(logits, self.mask_id)
         if not bool(torch.isfinite(logits).all()):
-            raise UserError("the model produced NaN or infinite logits: its weights overflow in "
-                            f"{str(logits.dtype).removeprefix('torch.')}; try --dtype float32, or the checkpoint "
-                            "is damaged")
+            raise nonfinite(logits.dtype)
         logits = logits.float().clone()
         logits[..., self.mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
@@ -91,6 +89,12 @@ class Sampler:
             tokens = torch.multinomial(filtered_probs(shifted / t, p.top_k, p.top_p), 1,
                                        generator=self.generator).squeeze(-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def nonfinite(dtype: torch.dtype) -> UserError:
+    """The one-line error for a pass whose logits hold NaN or infinity."""
+    return UserError("the model produced NaN or infinite logits: its weights overflow in "
+                     f"{str(dtype).removeprefix('torch.')}; try --dtype float32, or the checkpoint is damaged")
 
 
 def filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
