@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 QUANTS = ("int8", "int4", "nf4")
-TARGETS = ("torch", "onnx", "tensorrt", "tensorrt-rtx")
+TARGETS = ("torch", "onnx", "tensorrt", "tensorrt-rtx", "gguf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="source checkpoint: a directory or ORG/NAME[@REVISION] (full precision)")
-    p.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to create (--target gguf: a NAME.gguf file)")
     p.add_argument("--quant", help=f"weight-only quantization: {', '.join(QUANTS)}")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)")
     p.add_argument("--asymmetric", action="store_true", help="int8/int4 with a per-group minimum (default symmetric)")
@@ -22,9 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "compressed-tensors (pack-quantized: loads in vLLM, SGLang, transformers)")
     p.add_argument("--target", default="torch",
                    help="torch (safetensors for the torch engine), onnx, tensorrt (this machine's GPU) or "
-                   "tensorrt-rtx (RTX / Ampere GPUs, built on any machine) (default torch)")
+                   "tensorrt-rtx (RTX / Ampere GPUs, built on any machine), or gguf (one file for llama.cpp, "
+                   "Ollama, LM Studio: AR decoding; --quant int8 / int4 write Q8_0 / Q4_0) (default torch)")
     p.add_argument("--dtype", default=None,
-                   help="ONNX: float32 (default) or float16; TensorRT: float16 (default), bfloat16 or float32")
+                   help="ONNX: float32 (default) or float16; TensorRT: float16 (default), bfloat16 or float32; "
+                   "GGUF: float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--compute-capability", action="append", metavar="CC",
                    help="tensorrt-rtx: GPU generations to build for, e.g. 8.6 or 8.6,8.9 (repeatable; "
                    "default 8.0,8.6,8.9,12.0,12.1; 7.5 opt-in, float16 only)")
@@ -49,9 +51,17 @@ def run(a: argparse.Namespace) -> int:
     recover(out)  # what an interrupted export left beside it
     if (out.exists() or out.is_symlink()) and not a.force:  # before any work, not after it
         raise UserError(f"{out} already exists; pass --force to overwrite it")
-    if out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir() and a.target != "gguf":
         raise UserError(f"{out} exists and is not an artifact directory; remove it or pick another -o")
     a.checkpoint = resolve(a.checkpoint)
+    if a.target == "gguf":
+        from edge_dlm.export.gguf import export_gguf
+
+        if a.group_size != 64 or a.asymmetric or a.keep_head or a.calibrate or a.format != "edge-dlm":
+            raise UserError("--target gguf writes llama.cpp's own formats (Q8_0 / Q4_0: symmetric blocks of 32); "
+                            "drop --group-size, --asymmetric, --keep-head, --calibrate and --format")
+        export_gguf(a.checkpoint, out, quant=a.quant, dtype=a.dtype, force=a.force)
+        return 0
     if a.format != "edge-dlm" and a.target != "torch":
         raise UserError(f"--format {a.format} is a safetensors layout: use it with --target torch")
     if a.calibrate and (a.target != "torch" or a.quant is None):

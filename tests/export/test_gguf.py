@@ -1,0 +1,129 @@
+"""`edge-dlm export --target gguf`: the checkpoint as llama.cpp reads it, read back with the `gguf`
+package, and (where llama.cpp is installed) decoded by llama.cpp to edge-dlm's own AR logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edge_dlm import cli
+from edge_dlm.hub import DEMO_MODEL
+from edge_dlm.model.weights import load_model
+
+gguf = pytest.importorskip("gguf")
+from edge_dlm.export.gguf import permute_rope, read_back  # noqa: E402
+
+
+def export(*args) -> int:
+    return cli.main(["export", *map(str, args), "--target", "gguf"])
+
+
+def dequant(t) -> np.ndarray:
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+
+
+@pytest.mark.parametrize("quant,tol", [(None, 0.0), ("int8", 0.01), ("int4", 0.15)])
+def test_demo_model_reads_back(tmp_path, quant, tol):
+    out = tmp_path / "demo.gguf"
+    assert export(DEMO_MODEL, "-o", out, *(["--quant", quant] if quant else ["--dtype", "float32"])) == 0
+    back = read_back(out)
+    meta, ts = back["meta"], back["tensors"]
+    cfg = json.loads((DEMO_MODEL / "config.json").read_text())
+    rope = cfg["rope_parameters"]
+    assert meta["general.architecture"] == "mistral3"
+    expect = {"mistral3.block_count": cfg["num_hidden_layers"], "mistral3.embedding_length": cfg["hidden_size"],
+              "mistral3.feed_forward_length": cfg["intermediate_size"], "mistral3.context_length": 2048,
+              "mistral3.attention.head_count": 3, "mistral3.attention.head_count_kv": 1,
+              "mistral3.rope.dimension_count": 64, "mistral3.rope.scaling.type": "yarn",
+              "mistral3.rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+              "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    assert {k: meta[k] for k in expect} == expect
+    for key, value in (("rope.freq_base", rope["rope_theta"]), ("rope.scaling.factor", rope["factor"]),
+                       ("rope.scaling.yarn_beta_fast", rope["beta_fast"]),
+                       ("attention.temperature_scale", rope["llama_4_scaling_beta"])):
+        assert meta[f"mistral3.{key}"] == pytest.approx(value)
+    assert meta["tokenizer.chat_template"].startswith("{{ bos_token }}")
+    tokens = back["reader"].fields["tokenizer.ggml.tokens"]
+    vocab = json.loads((DEMO_MODEL / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(tokens.data) == cfg["vocab_size"]
+    assert all(bytes(tokens.parts[tokens.data[i]]).decode() == text for text, i in list(vocab.items())[::97])
+    assert len(ts) == 3 + 9 * cfg["num_hidden_layers"]
+
+    model = load_model(DEMO_MODEL)
+    layer = model.encoder.layers[1]
+    pairs = {"token_embd.weight": model.encoder.embed_tokens.weight, "output.weight": model.diffusion_head.weight,
+             "blk.1.attn_q.weight": permute_rope(layer.self_attn.q_proj.weight, 3),
+             "blk.1.attn_k.weight": permute_rope(layer.self_attn.k_proj.weight, 1),
+             "blk.1.ffn_down.weight": layer.mlp.down_proj.weight, "blk.1.ffn_norm.weight":
+             layer.post_attention_layernorm.weight}
+    for name, want in pairs.items():
+        got = torch.from_numpy(dequant(ts[name]).astype(np.float32))
+        want = want.detach().float()
+        assert got.shape == want.shape, name
+        err = (got - want).abs().max() / want.abs().max()
+        assert err <= tol, (name, float(err))
+        if want.dim() == 1:
+            assert ts[name].tensor_type == gguf.GGMLQuantizationType.F32  # norms stay float
+    kind = {None: "F32", "int8": "Q8_0", "int4": "Q4_0"}[quant]
+    assert ts["blk.0.attn_v.weight"].tensor_type.name == kind
+
+
+def test_rope_permutation_is_the_interleaving():
+    """Row pair (i, i + d/2) of a head becomes rows (2i, 2i + 1): rotate-half -> interleaved."""
+    w = torch.arange(2 * 8, dtype=torch.float32)[:, None].expand(16, 3)  # 2 heads of 8 rows
+    got = permute_rope(w, 2)[:, 0].tolist()
+    assert got == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_refusals_are_one_line(tmp_path, tiny_ckpt, capsys):
+    def fails(*args) -> str:
+        capsys.readouterr()
+        assert export(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return err
+
+    assert "NAME.gguf" in fails(tiny_ckpt, "-o", tmp_path / "x.bin")
+    assert "Q8_0" in fails(tiny_ckpt, "-o", tmp_path / "x.gguf", "--quant", "nf4")
+    assert "--group-size" in fails(tiny_ckpt, "-o", tmp_path / "x.gguf", "--quant", "int4", "--group-size", "128")
+    (tmp_path / "there.gguf").write_bytes(b"keep")
+    assert "--force" in fails(tiny_ckpt, "-o", tmp_path / "there.gguf")
+    assert (tmp_path / "there.gguf").read_bytes() == b"keep"
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_ckpt, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["rope_parameters"]["mscale"] = 2.0
+    (odd / "config.json").write_text(json.dumps(cfg))
+    err = fails(odd, "-o", tmp_path / "odd.gguf")
+    assert "mscale" in err
+    assert not list(tmp_path.glob("*.gguf.*")) and not (tmp_path / "odd.gguf").exists()  # no partial file
+
+
+def test_llama_cpp_decodes_it_as_edge_dlm_does(tiny_ckpt, tmp_path):
+    """llama.cpp's logits for a 48-token sequence equal edge-dlm's (fp32 weights); the tiny checkpoint
+    has YaRN and the Llama-4 query scale active past 16 positions, so both are exercised."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "tiny.gguf"
+    assert export(tiny_ckpt, "-o", out, "--dtype", "float32") == 0
+    script = f"""
+import json, sys, numpy as np
+from llama_cpp import Llama
+ids = json.loads(sys.argv[1])
+llm = Llama(model_path={str(out)!r}, n_ctx=128, n_threads=1, verbose=False, logits_all=True)
+llm.eval(ids)
+print(json.dumps(np.asarray(llm.scores[:len(ids)]).tolist()))
+"""
+    ids = [1] + [int(x) for x in torch.randint(6, 300, (47,), generator=torch.Generator().manual_seed(3))]
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(ids)], capture_output=True, text=True, check=True)
+    theirs = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
+    model = load_model(tiny_ckpt)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=1e-3)
+    assert theirs.argmax(-1).tolist() == ours.argmax(-1).tolist()
