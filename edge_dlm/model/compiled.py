@@ -79,6 +79,9 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     else:
         inductor.cpp_wrapper = True
         mode = "max-autotune-no-cudagraphs"
+    for mod in model.modules():  # kernel layouts of quantized weights, built before the trace
+        if hasattr(mod, "prepare"):
+            mod.prepare()
     model.step = torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode)
     model.compiled = True
 

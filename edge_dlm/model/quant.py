@@ -199,6 +199,13 @@ class QuantLinear(nn.Module):
             got = self._derived[name] = build(self)
         return got
 
+    def prepare(self) -> None:
+        """Build the kernel layouts this weight's matmul will use, now (before a compile traces the
+        matmul: a layout built inside the trace would change the module and force a second compile)."""
+        if self.spec.scheme == "int4" and self.spec.layout == "edge-dlm" and self.qweight.device.type == "cpu" \
+                and self.out_features % 16 == 0:
+            self.derived("cpu-int4", _cpu_int4_layout)
+
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the derived layouts
         self._derived = {}
         return super()._apply(fn, recurse)

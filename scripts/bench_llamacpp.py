@@ -1,0 +1,196 @@
+"""edge-dlm against llama.cpp on the same weights, on the CPU: decode, prefill and pass widths, one table.
+
+    .venv/bin/pip install -e '.[llamacpp]'      # llama.cpp through llama-cpp-python (builds: minutes)
+    .venv/bin/python scripts/bench_llamacpp.py --shape 3b --layers 4 --threads 1 2
+    .venv/bin/python scripts/bench_llamacpp.py --model edge_dlm/demo_model --threads 1 2
+
+The weights: `--model DIR` (a checkpoint), or `--shape 3b|8b` with `--layers N`: random weights at the
+real NLD layer shape (vocabulary 131072) written as a checkpoint first. Each precision is exported with
+`edge-dlm export --target gguf` (BF16, Q8_0, Q4_0) and loaded by llama.cpp; edge-dlm loads the same
+checkpoint in the matching precision (bfloat16; `--quant int8` / `int4` with groups of 32, the blocks
+Q8_0 / Q4_0 use), eagerly and compiled (`--compile on`, float32 activations; float32 weights for BF16).
+
+Measured per thread count, interleaved (each round times every engine once, so a busy neighbour slows
+all alike), median of `--rounds`:
+- decode: tokens/s of one-token causal passes after a 64-token context (the AR step; logits computed
+  for the token in both engines, no sampling);
+- prefill: tokens/s of one causal pass over `--prefill` tokens from an empty cache;
+- pass widths (edge-dlm): the cost of a 16-token block pass over the context relative to a 1-token one
+  (what makes self-speculation pay), and the same ratio for llama.cpp's causal 16-token batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def random_checkpoint(shape: str, layers: int, out: Path) -> Path:
+    from edge_dlm.cli.bench_shapes import shape_config
+    from edge_dlm.model.testing import build_tokenizer, random_state, SAMPLE_TEXT
+    from edge_dlm.model.weights import save_checkpoint
+
+    cfg = shape_config(shape, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(SAMPLE_TEXT * 4, 512, out)
+    state = {k: v.to(torch.bfloat16) for k, v in random_state(cfg, std=0.02).items()}
+    save_checkpoint(state, cfg, out)
+    return out
+
+
+def timed(fn, repeats: int = 1) -> float:
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+class EdgeDlm:
+    def __init__(self, path: Path, dtype: str, quant: str | None, compile_: str) -> None:
+        from edge_dlm.runtime import load
+
+        self.rt = load(path, device="cpu", dtype=dtype, quant=quant, group_size=32, compile=compile_, lora=False)
+        self.model = self.rt.model
+
+    def run(self, ids: list[int], context: int, steps: int) -> dict[str, float]:
+        from edge_dlm.primitives.attention import BLOCK, CAUSAL
+
+        m = self.model
+        cache = m.new_cache(max(len(ids), context + steps + 16) + 16)
+        tok = torch.tensor([ids])
+        with torch.inference_mode():
+            def prefill():
+                cache.truncate(0)
+                m(tok, torch.arange(len(ids))[None], cache=cache, attn=CAUSAL, last_only=True)
+                cache.commit(0)
+            pre = timed(prefill)
+            cache.truncate(0)
+            m(tok[:, :context], torch.arange(context)[None], cache=cache, attn=CAUSAL, last_only=True)
+            cache.commit(context)
+            one = torch.tensor([[ids[context]]])
+
+            def step():
+                pos = torch.tensor([[cache.length]])
+                m(one, pos, cache=cache, attn=CAUSAL)
+                cache.commit(1)
+            step()
+            dec = timed(step, steps)
+            cache.truncate(context)
+            b16 = tok[:, context:context + 16]
+            pos16 = torch.arange(context, context + 16)[None]
+
+            def wide():
+                m(b16, pos16, cache=cache, attn=BLOCK)
+                cache.commit(0)
+
+            def narrow():
+                m(one, torch.tensor([[context]]), cache=cache, attn=BLOCK)
+                cache.commit(0)
+            wide(), narrow()
+            ratio = timed(wide, 5) / timed(narrow, 5)
+        return {"decode": 1 / dec, "prefill": len(ids) / pre, "pass16_vs_1": ratio}
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+    def run(self, ids: list[int], context: int, steps: int) -> dict[str, float]:
+        llm = self.llm
+
+        def prefill():
+            llm.n_tokens = 0
+            llm.eval(ids)
+        pre = timed(prefill)
+        llm.n_tokens = 0
+        llm.eval(ids[:context])
+
+        def step():
+            llm.eval([ids[context]])
+        step()
+        dec = timed(step, steps)
+
+        def width(n):
+            def f():
+                llm.n_tokens = context
+                llm.eval(ids[context:context + n])
+            return f
+        width(16)(), width(1)()
+        ratio = timed(width(16), 5) / timed(width(1), 5)
+        return {"decode": 1 / dec, "prefill": len(ids) / pre, "pass16_vs_1": ratio}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model")
+    p.add_argument("--shape", choices=("3b", "8b"))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--precisions", nargs="+", default=["bf16", "q8_0", "q4_0"], choices=["bf16", "q8_0", "q4_0"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--json", help="also write the rows here")
+    a = p.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        sys.exit("llama.cpp is not installed: .venv/bin/pip install -e '.[llamacpp]'")
+    from edge_dlm.export.gguf import export_gguf
+    from edge_dlm.primitives.machine import machine_description, set_threads
+
+    work = Path(tempfile.mkdtemp(prefix="edge-dlm-llamacpp-"))
+    src = Path(a.model) if a.model else random_checkpoint(a.shape or "3b", a.layers, work / "ckpt")
+    name = src.name if a.model else f"NLD-{a.shape or '3b'} shape, {a.layers} layers"
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    ids = [1] + torch.randint(10, min(vocab, 4000), (a.prefill - 1,), generator=g).tolist()
+    context = 64
+    rows = []
+    for prec in a.precisions:
+        quant = {"bf16": None, "q8_0": "int8", "q4_0": "int4"}[prec]
+        gguf = export_gguf(src, work / f"{prec}.gguf", quant=quant, dtype="bfloat16", force=True, log=lambda *_: None)
+        for threads in a.threads:
+            set_threads(threads)
+            engines = {f"llama.cpp {prec.upper()}": LlamaCpp(gguf, threads, a.prefill + 64),
+                       f"edge-dlm {prec if quant else 'bf16'} eager": EdgeDlm(src, "bfloat16", quant, "off")}
+            if quant is None:
+                engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off")
+            engines[f"edge-dlm {prec if quant else 'fp32'} compiled"] = EdgeDlm(src, "float32", quant, "on")
+            got = {n: [] for n in engines}
+            for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
+                for n, e in engines.items():
+                    res = e.run(ids, context, a.steps)
+                    if r:
+                        got[n].append(res)
+            for n, res in got.items():
+                med = {k: statistics.median(x[k] for x in res) for k in res[0]}
+                rows.append({"precision": prec, "threads": threads, "engine": n, **med})
+            del engines
+    print(f"{name}; {machine_description('cpu')}; torch {torch.__version__}; llama-cpp-python "
+          f"{llama_cpp.__version__}; median of {a.rounds} interleaved rounds\n")
+    print("| precision | threads | engine | decode tok/s | vs llama.cpp | prefill tok/s | vs llama.cpp | "
+          "16-token pass / 1-token pass |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["precision"] == r["precision"] and x["threads"] == r["threads"]
+                    and x["engine"].startswith("llama.cpp"))
+        print(f"| {r['precision']} | {r['threads']} | {r['engine']} | {r['decode']:.1f} | "
+              f"{r['decode'] / base['decode']:.2f}x | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f}x | "
+              f"{r['pass16_vs_1']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
