@@ -126,3 +126,40 @@ def test_no_graph_break_no_recompile_after_warmup(tmp_path):
         assert counters["stats"]["unique_graphs"] == warm, mode  # no recompilation once warm
     assert {w for _, _, w, *_ in seen} == {256, 1024}  # the window grew past 256 tokens
     assert not counters["graph_break"]
+
+
+def test_auto_compiles_where_calibration_measured_it_faster(capsys):
+    """`--compile auto` is eager until `edge-dlm calibrate` has compiled the passes on this machine
+    and found them faster (so a first answer never waits for a cold compile); then it compiles."""
+    from edge_dlm.cli.calibrate import measure_compile
+    from edge_dlm.runtime import compiled_cache, compiled_key, load
+
+    rt = load(device="cpu", compile="auto")
+    assert not rt.model.compiled and "compiled" not in rt.precision
+    key = compiled_key(rt)
+    compiled.record(compiled_cache(), key, eager=200.0, compiled=100.0)
+    assert not load(device="cpu", compile="auto").model.compiled
+    measure_compile(rt, tokens=16, runs=1)  # compiles ahead, measures, records
+    assert "compiled passes: AR" in capsys.readouterr().out
+    assert not rt.model.compiled  # measuring leaves the runtime as it was
+    compiled.record(compiled_cache(), key, eager=100.0, compiled=200.0)
+    fast = load(device="cpu", compile="auto")
+    assert fast.model.compiled and "compiled" in fast.precision
+    assert compiled_key(fast) == key  # the key does not depend on the compile state
+
+
+def test_compile_flag(tmp_path):
+    """`--compile on` emits what `--compile off` emits; a bad combination is one line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    def gen(*flags):
+        return subprocess.run([sys.executable, "-m", "edge_dlm.cli", "generate", "--prompt", "Hello there",
+                               "--mode", "linear-spec", "--max-new-tokens", "24", "--json", *flags],
+                              capture_output=True, text=True)
+    on, off = gen("--compile", "on"), gen("--compile", "off")
+    assert on.returncode == off.returncode == 0, on.stderr
+    assert json.loads(on.stdout)["output_ids"] == json.loads(off.stdout)["output_ids"]
+    bad = gen("--compile", "on", "--kernels", "on")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -53,11 +53,23 @@ def report(model: str | None) -> dict:
             "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
             "threads": threads_for(None),
+            "compiled_passes": compiled_report(k_dev),
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
             "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
             "quantization": {"int8/int4 (torch)": [], "nf4/llm-int8 (bitsandbytes)":
                              [] if bnb else [f"bitsandbytes is not installed ({install_hint('quant')})"]}}
+
+
+def compiled_report(device: str) -> str:
+    """Whether `--compile on` can run here and what `--compile auto` does."""
+    from edge_dlm.model import compiled
+
+    why = compiled.available(device)
+    if why:
+        return f"not here: {why[0]}"
+    return ("torch.compile can run here; --compile auto compiles a model once `edge-dlm calibrate` has compiled "
+            "and measured it faster on this machine")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -66,7 +78,8 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}",
-           f"CPU threads for passes: {r['threads']} (--threads or $EDGE_DLM_THREADS; default half the CPUs)", "",
+           f"CPU threads for passes: {r['threads']} (--threads or $EDGE_DLM_THREADS; default half the CPUs)",
+           f"compiled passes (--compile): {r['compiled_passes']}", "",
            f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
     for row in r["engines"]:
         ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
