@@ -225,8 +225,10 @@ class Runtime:
         from edge_dlm.model.checks import physical_memory
 
         c = self.config
+        from edge_dlm.model.nld import cache_dtype
+
         need = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * capacity * \
-            torch.empty((), dtype=self.dtype).element_size()
+            torch.empty((), dtype=cache_dtype(self.dtype, self.device)).element_size()
         have = physical_memory(self.device)
         if have is not None and need > 0.9 * have:
             raise UserError(f"this request needs a {capacity}-token KV cache ({need / 2**30:.1f} GiB), more than the "

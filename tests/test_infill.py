@@ -19,6 +19,8 @@ SUFFIX = [50, 51, 52, 53, 54, 55, 56, 57, 58, 59]
 class Recording:
     """The runtime's model, recording each pass (tokens, first position, causal or not)."""
 
+    picks_in_pass = False  # it edits logits: the decoder must pick from them
+
     def __init__(self, model, eos_at: int | None = None) -> None:
         self.model, self.passes, self.eos_at = model, [], eos_at
 

@@ -256,7 +256,8 @@ class Picks:
         if self.host is None:
             h = self.packed.tolist()  # the pass's one synchronization
             if not h[-1]:
-                raise nonfinite(self.dec.cache.k.dtype)
+                enc = getattr(self.dec.model, "encoder", None)  # the activations' dtype (norms are never quantized)
+                raise nonfinite(enc.norm.weight.dtype if enc is not None else self.dec.cache.k.dtype)
             n = (len(h) - 1) // 2
             self.host = [int(x) for x in h[:n]], h[n:2 * n]
         ids, conf = self.host
