@@ -223,10 +223,9 @@ class Runtime:
     def _check_cache_fits(self, capacity: int) -> None:
         """A request's KV cache is allocated whole: refuse one that cannot fit, with the numbers."""
         from edge_dlm.model.checks import physical_memory
-
-        c = self.config
         from edge_dlm.model.nld import cache_dtype
 
+        c = self.config
         need = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * capacity * \
             torch.empty((), dtype=cache_dtype(self.dtype, self.device)).element_size()
         have = physical_memory(self.device)

@@ -8,7 +8,8 @@ The weights: `--model DIR` (a checkpoint), or `--shape 3b|8b` with `--layers N`:
 real NLD layer shape (vocabulary 131072) written as a checkpoint first. Each precision is exported with
 `edge-dlm export --target gguf` (BF16, Q8_0, Q4_0) and loaded by llama.cpp; edge-dlm loads the same
 checkpoint in the matching precision (bfloat16; `--quant int8` / `int4` with groups of 32, the blocks
-Q8_0 / Q4_0 use), eagerly and compiled (`--compile on`, float32 activations; float32 weights for BF16).
+Q8_0 / Q4_0 use), eagerly and compiled (`--compile on`; float32 activations, and for BF16 float32
+weights too when they are small, else the bf16 weights themselves, to fit beside the others in memory).
 
 Measured per thread count, interleaved (each round times every engine once, so a busy neighbour slows
 all alike), median of `--rounds`:
@@ -164,9 +165,12 @@ def main() -> int:
             set_threads(threads)
             engines = {f"llama.cpp {prec.upper()}": LlamaCpp(gguf, threads, a.prefill + 64),
                        f"edge-dlm {prec if quant else 'bf16'} eager": EdgeDlm(src, "bfloat16", quant, "off")}
-            if quant is None:
+            small = (src / "model.safetensors").stat().st_size < (1 << 30)  # fp32 copies fit next to the others
+            if quant is None and small:
                 engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off")
-            engines[f"edge-dlm {prec if quant else 'fp32'} compiled"] = EdgeDlm(src, "float32", quant, "on")
+            act = "float32" if quant or small else "bfloat16"
+            engines[f"edge-dlm {prec if quant else act.replace('bfloat', 'bf').replace('float', 'fp')} compiled"] = \
+                EdgeDlm(src, act, quant, "on")
             got = {n: [] for n in engines}
             for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
                 for n, e in engines.items():

@@ -159,16 +159,20 @@ class Decoder:
         left pending in the cache: the mode commits what it keeps.
         """
         self.nfe += 1
-        with torch.inference_mode():  # every input an inference tensor: one kind for compiled passes
-            if torch.is_tensor(tokens):
-                t = tokens.to(self.device, torch.long)[None]
-            else:
-                t = torch.tensor([tokens], dtype=torch.long, device=self.device)
-            if isinstance(positions, int):
-                pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
-            else:
-                pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            t, pos = self._inputs(tokens, positions)
             return self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora, last_only=last_only)[0]
+
+    def _inputs(self, tokens: list[int] | torch.Tensor, positions: int | list[int]) -> tuple[torch.Tensor, ...]:
+        """`[1, T]` token and position tensors on the device (call under inference mode: every input an
+        inference tensor, one kind for compiled passes)."""
+        if torch.is_tensor(tokens):
+            t = tokens.to(self.device, torch.long)[None]
+        else:
+            t = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        if isinstance(positions, int):
+            return t, torch.arange(positions, positions + len(tokens), device=self.device)[None]
+        return t, torch.tensor([positions], dtype=torch.long, device=self.device)
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         return self.sampler.pick(logits)
@@ -180,11 +184,7 @@ class Decoder:
         confidences, never the `[T, V]` logits); otherwise the sampler picks from the logits."""
         if self.picks_in_pass:
             with torch.inference_mode():
-                t = torch.tensor([tokens], dtype=torch.long, device=self.device)
-                if isinstance(positions, int):
-                    pos = torch.arange(positions, positions + len(tokens), device=self.device)[None]
-                else:
-                    pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+                t, pos = self._inputs(tokens, positions)
                 self.nfe += 1
                 ids, conf, finite = self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora,
                                                last_only=last_only, pick=self.mask_id)
