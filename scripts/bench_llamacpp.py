@@ -54,10 +54,11 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 class EdgeDlm:
-    def __init__(self, path: Path, dtype: str, quant: str | None, compile_: str) -> None:
+    def __init__(self, path: Path, dtype: str, quant: str | None, compile_: str, threads: int) -> None:
         from edge_dlm.runtime import load
 
-        self.rt = load(path, device="cpu", dtype=dtype, quant=quant, group_size=32, compile=compile_, lora=False)
+        self.rt = load(path, device="cpu", dtype=dtype, quant=quant, group_size=32, compile=compile_, lora=False,
+                       threads=threads)
         self.model = self.rt.model
 
     def run(self, ids: list[int], context: int, steps: int) -> dict[str, float]:
@@ -148,7 +149,7 @@ def main() -> int:
     except ImportError:
         sys.exit("llama.cpp is not installed: .venv/bin/pip install -e '.[llamacpp]'")
     from edge_dlm.export.gguf import export_gguf
-    from edge_dlm.primitives.machine import machine_description, set_threads
+    from edge_dlm.primitives.machine import machine_description
 
     work = Path(tempfile.mkdtemp(prefix="edge-dlm-llamacpp-"))
     src = Path(a.model) if a.model else random_checkpoint(a.shape or "3b", a.layers, work / "ckpt")
@@ -162,15 +163,14 @@ def main() -> int:
         quant = {"bf16": None, "q8_0": "int8", "q4_0": "int4"}[prec]
         gguf = export_gguf(src, work / f"{prec}.gguf", quant=quant, dtype="bfloat16", force=True, log=lambda *_: None)
         for threads in a.threads:
-            set_threads(threads)
             engines = {f"llama.cpp {prec.upper()}": LlamaCpp(gguf, threads, a.prefill + 64),
-                       f"edge-dlm {prec if quant else 'bf16'} eager": EdgeDlm(src, "bfloat16", quant, "off")}
+                       f"edge-dlm {prec if quant else 'bf16'} eager": EdgeDlm(src, "bfloat16", quant, "off", threads)}
             small = (src / "model.safetensors").stat().st_size < (1 << 30)  # fp32 copies fit next to the others
             if quant is None and small:
-                engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off")
+                engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off", threads)
             act = "float32" if quant or small else "bfloat16"
             engines[f"edge-dlm {prec if quant else act.replace('bfloat', 'bf').replace('float', 'fp')} compiled"] = \
-                EdgeDlm(src, act, quant, "on")
+                EdgeDlm(src, act, quant, "on", threads)
             got = {n: [] for n in engines}
             for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
                 for n, e in engines.items():

@@ -156,7 +156,7 @@ def test_compile_flag(tmp_path):
 
     def gen(*flags):
         return subprocess.run([sys.executable, "-m", "edge_dlm.cli", "generate", "--prompt", "Hello there",
-                               "--mode", "linear-spec", "--max-new-tokens", "24", "--json", *flags],
+                               "--mode", "linear-spec", "--max-new-tokens", "24", "--json", "--device", "cpu", *flags],
                               capture_output=True, text=True)
     on, off = gen("--compile", "on"), gen("--compile", "off")
     assert on.returncode == off.returncode == 0, on.stderr

@@ -315,8 +315,12 @@ class NLDModel(nn.Module):
         cfg = self.config
         p = self.encoder.norm.weight  # always floating point, even in a quantized model
         # + CHUNK: a padded causal segment writes scratch up to one chunk past the real tokens
-        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity + CHUNK,
-                       dtype=cache_dtype(p.dtype, p.device), device=p.device)
+        cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity + CHUNK,
+                        dtype=cache_dtype(p.dtype, p.device), device=p.device)
+        if self.compiled and p.device.type == "cuda":  # CUDA graphs update these in place: fixed addresses
+            for t in (cache.k, cache.v, cache.length_t):
+                torch._dynamo.mark_static_address(t)
+        return cache
 
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

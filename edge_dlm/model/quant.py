@@ -201,10 +201,11 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Build the kernel layouts this weight's matmul will use, now (before a compile traces the
-        matmul: a layout built inside the trace would change the module and force a second compile)."""
-        if self.spec.scheme == "int4" and self.spec.layout == "edge-dlm" and self.qweight.device.type == "cpu" \
-                and self.out_features % 16 == 0:
-            self.derived("cpu-int4", _cpu_int4_layout)
+        matmul: a layout built inside the trace would change the module and force a second compile).
+        A registered matmul with a `prepare(module)` attribute builds its own."""
+        fused = _MATMULS.get((self.spec.scheme, self.qweight.device.type))
+        if fused is not None and self.spec.layout == "edge-dlm" and hasattr(fused, "prepare"):
+            fused.prepare(self)
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the derived layouts
         self._derived = {}
@@ -275,6 +276,7 @@ def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
+cpu_int4_matmul.prepare = lambda mod: mod.derived("cpu-int4", _cpu_int4_layout) if mod.out_features % 16 == 0 else None
 register_matmul("int4", "cpu", cpu_int4_matmul)
 
 
