@@ -1,0 +1,60 @@
+"""The CPU int8 group-wise matmul: the reference's numbers, rows independent of the pass width, kept
+whole inside a compiled pass, and the lossless modes still emitting AR's tokens on an int8 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_dlm.kernels import cpu_matmul
+from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
+
+pytestmark = pytest.mark.skipif(bool(cpu_matmul.available()), reason="no C compiler")
+
+
+def layer(out_f: int, in_f: int, group: int, seed: int = 0, symmetric: bool = True) -> QuantLinear:
+    w = 0.05 * torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    return QuantLinear.from_weight(w, QuantSpec("int8", group_size=group, symmetric=symmetric))
+
+
+@pytest.mark.parametrize("out_f,in_f,group", [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 224, 32)])
+def test_matches_the_reference_and_rows_do_not_depend_on_the_width(out_f, in_f, group):
+    mod = layer(out_f, in_f, group)
+    x = torch.randn(cpu_matmul.MAX_ROWS, in_f, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([cpu_matmul.cpu_int8_matmul(x[i:i + 1], mod) for i in range(len(x))])
+    torch.testing.assert_close(alone, linear_ref(x, mod), atol=1e-4, rtol=1e-4)
+    for m in (2, 3, 4, 5, 7, 8, 16, 31, 32):  # every blocking of rows: bit for bit the 1-row results
+        assert torch.equal(cpu_matmul.cpu_int8_matmul(x[:m], mod), alone[:m]), m
+
+
+def test_declines_what_it_does_not_cover():
+    x = torch.randn(1, 192)
+    assert cpu_matmul.cpu_int8_matmul(x, layer(32, 192, 32, symmetric=False)) is None  # asymmetric
+    assert cpu_matmul.cpu_int8_matmul(torch.randn(cpu_matmul.MAX_ROWS + 1, 192), layer(32, 192, 32)) is None
+
+
+def test_a_compiled_pass_keeps_it_whole():
+    from torch._dynamo.utils import counters
+
+    mod = layer(64, 192, 32)
+    scales = mod.scales.float().contiguous()
+
+    def f(x):
+        return torch.relu(cpu_matmul.int8_gemm(x, mod.qweight, scales, 32)) * 2
+
+    x = torch.randn(3, 192)
+    counters.clear()
+    fast = torch.compile(f, fullgraph=True, dynamic=False)
+    assert torch.equal(fast(x), f(x))
+    assert not counters["graph_break"]
+
+
+def test_lossless_modes_emit_ar_tokens_on_an_int8_model():
+    from edge_dlm.runtime import load
+
+    rt = load(device="cpu", quant="int8", group_size=32, compile="off")
+    assert cpu_matmul.cpu_int8_matmul in __import__("edge_dlm.model.quant", fromlist=["_MATMULS"])._MATMULS.values()
+    kw = dict(max_new_tokens=64, block_size=4)
+    ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
+    for mode in ("linear-spec", "quadratic-spec"):  # B = 4: every pass of these modes is <= 32 rows
+        assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
