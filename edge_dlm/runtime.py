@@ -470,10 +470,13 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                               f"{net.config.vocab_size} embedding rows; the tokenizer does not belong to this model")
     if use_kernels:
         kmod.enable(net)
-    if engine_name == "torch" and dev.type == "cpu" and (net.config.quantization or spec is not None):
-        from edge_dlm.kernels.cpu_matmul import enable as enable_cpu_int8
+    if engine_name == "torch" and dev.type == "cpu":
+        from edge_dlm.kernels import cpu_matmul
 
-        enable_cpu_int8()  # group-wise int8 weights read as int8 (else: the dequantizing reference)
+        if net.config.quantization or spec is not None:
+            cpu_matmul.enable()  # group-wise int8 weights read as int8 (else: the dequantizing reference)
+        if dt == torch.bfloat16:
+            cpu_matmul.enable_bf16(net)  # narrow bf16 passes at memory speed (else: torch's bf16 GEMV)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
     rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))

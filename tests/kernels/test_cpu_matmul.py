@@ -58,3 +58,28 @@ def test_lossless_modes_emit_ar_tokens_on_an_int8_model():
     ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
     for mode in ("linear-spec", "quadratic-spec"):  # B = 4: every pass of these modes is <= 32 rows
         assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
+
+
+def test_bf16_matches_and_rows_do_not_depend_on_the_width():
+    w = (0.05 * torch.randn(40, 224, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
+    x = torch.randn(cpu_matmul.MAX_ROWS, 224, generator=torch.Generator().manual_seed(3))
+    alone = torch.cat([cpu_matmul.bf16_gemm(x[i:i + 1], w) for i in range(len(x))])
+    torch.testing.assert_close(alone, x @ w.float().t(), atol=1e-4, rtol=1e-4)
+    for m in (2, 3, 4, 5, 9, 32):
+        assert torch.equal(cpu_matmul.bf16_gemm(x[:m], w), alone[:m]), m
+
+
+def test_bf16_models_route_narrow_passes_and_stay_lossless():
+    from edge_dlm.runtime import load
+
+    rt = load(device="cpu", dtype="bfloat16", compile="off")
+    lin = rt.model.encoder.layers[0].mlp.up_proj
+    assert isinstance(lin, cpu_matmul.Bf16Linear)
+    x = torch.randn(3, lin.in_features, dtype=torch.bfloat16)
+    torch.testing.assert_close(lin(x).float(), (x.float() @ lin.weight.float().t()), atol=2e-2, rtol=2e-2)
+    wide = torch.randn(cpu_matmul.MAX_ROWS + 1, lin.in_features, dtype=torch.bfloat16)
+    assert torch.equal(lin(wide), torch.nn.functional.linear(wide, lin.weight))  # torch's GEMM past MAX_ROWS
+    kw = dict(max_new_tokens=64, block_size=4)
+    ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
+    for mode in ("linear-spec", "quadratic-spec"):
+        assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
