@@ -54,6 +54,7 @@ def report(model: str | None) -> dict:
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
             "threads": threads_for(None),
             "compiled_passes": compiled_report(k_dev),
+            "cpu_kernels": cpu_kernels_report(),
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
             "kernels": {"device": k_dev, "ok": k_ok, "reasons": k_reasons},
@@ -72,6 +73,13 @@ def compiled_report(device: str) -> str:
             "and measured it faster on this machine")
 
 
+def cpu_kernels_report() -> str:
+    from edge_dlm.kernels import cpu_matmul
+
+    why = cpu_matmul.available()
+    return f"not here ({why[0]}); the reference serves" if why else "buildable here (cc); used for int8 and bf16 on the CPU"
+
+
 def run(a: argparse.Namespace) -> int:
     r = report(a.model)
     if a.json:
@@ -79,7 +87,8 @@ def run(a: argparse.Namespace) -> int:
         return 0
     out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}",
            f"CPU threads for passes: {r['threads']} (--threads or $EDGE_DLM_THREADS; default half the CPUs)",
-           f"compiled passes (--compile): {r['compiled_passes']}", "",
+           f"compiled passes (--compile): {r['compiled_passes']}",
+           f"CPU int8 / bf16 matmul kernels: {r['cpu_kernels']}", "",
            f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
     for row in r["engines"]:
         ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
