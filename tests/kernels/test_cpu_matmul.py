@@ -62,9 +62,9 @@ def test_lossless_modes_emit_ar_tokens_on_an_int8_model():
 
 def test_bf16_matches_and_rows_do_not_depend_on_the_width():
     w = (0.05 * torch.randn(40, 224, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
-    x = torch.randn(cpu_matmul.MAX_ROWS, 224, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(cpu_matmul.MAX_ROWS, 224, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     alone = torch.cat([cpu_matmul.bf16_gemm(x[i:i + 1], w) for i in range(len(x))])
-    torch.testing.assert_close(alone, x @ w.float().t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone, x.float() @ w.float().t(), atol=1e-4, rtol=1e-4)
     for m in (2, 3, 4, 5, 9, 32):
         assert torch.equal(cpu_matmul.bf16_gemm(x[:m], w), alone[:m]), m
 
