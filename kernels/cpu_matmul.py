@@ -10,10 +10,9 @@ and called through a torch custom op, so a compiled pass (`--compile on`) keeps 
 
 Each (m, n) is computed by the same operations whatever the pass width M, so a row's result never
 depends on how many rows the pass has (LinearSpec's verify pass and AR's step agree bit for bit);
-output rows are split over threads, never a reduction. It reads the weights once per four x rows, so
-it is for narrow passes (`MAX_ROWS`): a 1-row pass at the NLD-3B MLP shape takes 1.03 ms (27 GB/s of
-int8 weights, one Zen 4 core) against 3.06 ms for torch's bf16 matmul; 64 rows take 55 ms against
-10 ms, so wider passes (prefill chunks, QuadraticSpec's cycle) dequantize and run torch's GEMM. Activations are float32 (bf16 / fp16 inputs
+output rows are split over threads, never a reduction. A register tile of up to 4 x rows by 4 weight
+rows shares every load, so narrow passes cost little more than one row; wider ones (`MAX_ROWS`: prefill
+chunks, QuadraticSpec's cycle) dequantize and run torch's GEMM. Activations are float32 (bf16 / fp16 inputs
 are widened), scales float32 (kept next to the fp16 ones, `QuantLinear.derived`). Symmetric weights
 only; asymmetric ones stay on the reference.
 """
@@ -36,122 +35,153 @@ SOURCE = r"""
 #include <stdint.h>
 #include <immintrin.h>
 
-/* y [M, N] = x [M, K] . dequant(w [N, K] int8, s [N, K / G] fp32)^T, with G and K multiples of 16.
-   Every output takes the same operations in the same order whatever M is and whichever rows share a
-   weight read: 16-float chunks c, the chunk's weights widened and scaled (s * w), accumulated by
-   fused multiply-adds into chain (c / 16) % 4 (four chains hide the FMA latency; a K % 64 tail goes to
-   chain 0), the chains then summed in
-   a fixed order. So a row's result never depends on the pass width. */
-#if defined(__AVX512F__)
-#define CHAINS 4
-static inline __m512 weights(const int8_t *w, float s) {
-    __m512i wi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w));
-    return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(wi));
-}
-static inline float finish(__m512 *a) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-}
-/* ROWS rows of x (1..4) against one weight row; gs = log2(G) */
-#define STEP(i)                                                                                   \
-    {   __m512 wf = weights(wr + c + 16 * i, sr[(c + 16 * i) >> gs]);                             \
-        for (int r = 0; r < rows; r++)                                                            \
-            acc[r][i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + c + 16 * i), wf, acc[r][i]); }
-#define KERNEL(ROWS)                                                                              \
-static void rows##ROWS(const float *x, int64_t K, const int8_t *wr, const float *sr, int gs,       \
-                       float *y, int64_t N) {                                                     \
-    enum { rows = ROWS };                                                                         \
-    __m512 acc[ROWS][CHAINS];                                                                     \
-    for (int r = 0; r < ROWS; r++) for (int k = 0; k < CHAINS; k++) acc[r][k] = _mm512_setzero_ps(); \
-    int64_t c = 0;                                                                                \
-    for (; c + 64 <= K; c += 64) { STEP(0) STEP(1) STEP(2) STEP(3) }                              \
-    for (; c < K; c += 16) STEP(0)                                                                \
-    for (int r = 0; r < ROWS; r++) y[r * N] = finish(acc[r]);                                     \
-}
-KERNEL(1) KERNEL(2) KERNEL(3) KERNEL(4)
+/* Two matmuls for narrow passes, y [M, N] = x [M, K] . W [N, K]^T with W read as stored:
+     int8_gemm: x float32, W group-wise int8 (w [N, K] int8, s [N, K / G] float32, G a power of two);
+     bf16_gemm: x and W bfloat16 (their bit patterns), sums in float32.
+   A register tile of up to 4 x rows by 4 weight rows shares every load. Each output (m, n) has its
+   own accumulator, fed chunk after chunk in K order (16 floats of int8: widened, scaled s * w, fused
+   multiply-add; 32 bf16: one AVX512-BF16 pair dot product) and summed across its lanes at the end:
+   the same operations in the same order whatever M is and whichever rows share a tile, so a row's
+   result never depends on the pass width. Output rows are split over threads, never a reduction. */
 
-/* bf16 weights and activations (their bit patterns): AVX512-BF16's dot product of bf16 pairs into
-   float32 (vdpbf16ps, 32 products per instruction), in 32-element chunks, four chains as above; the
-   weights are used as stored, never widened. */
+#if defined(__AVX512F__)
+static inline __m512 w8(const int8_t *w, float s) {
+    return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w))));
+}
+#define TILE8(MR, NR)                                                                             \
+static void t8_##MR##_##NR(const float *x, int64_t K, const int8_t *w, const float *s, int64_t ng,  \
+                           int gs, float *y, int64_t N) {                                         \
+    __m512 acc[MR][NR];                                                                           \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
+    for (int64_t c = 0; c < K; c += 16) {                                                         \
+        __m512 wf[NR];                                                                            \
+        for (int j = 0; j < NR; j++) wf[j] = w8(w + j * K + c, s[j * ng + (c >> gs)]);            \
+        for (int i = 0; i < MR; i++) {                                                            \
+            __m512 xv = _mm512_loadu_ps(x + i * K + c);                                           \
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wf[j], acc[i][j]);       \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
+}
+TILE8(1, 4) TILE8(2, 4) TILE8(3, 4) TILE8(4, 4) TILE8(1, 1) TILE8(2, 1) TILE8(3, 1) TILE8(4, 1)
+
 #if defined(__AVX512BF16__)
-#define STEP16(i)                                                                                 \
-    {   __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + c + 32 * i);                              \
-        for (int r = 0; r < rows; r++)                                                            \
-            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)_mm512_loadu_si512(x + r * K + c + 32 * i), wv); }
-#else  /* widen both to float32 (a 16-bit shift) and multiply-add */
+#define BF16_CHUNK 32
+#define TILE16(MR, NR)                                                                            \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+    __m512 acc[MR][NR];                                                                           \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
+    for (int64_t c = 0; c < K; c += 32) {                                                         \
+        __m512bh wv[NR];                                                                          \
+        for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + c);         \
+        for (int i = 0; i < MR; i++) {                                                            \
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + c);                            \
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);     \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
+}
+#else  /* no AVX512-BF16: widen both to float32 (a 16-bit shift) and fused multiply-add */
 static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-#define STEP16(i)                                                                                 \
-    {   __m512 w0 = widen(wr + c + 32 * i), w1 = widen(wr + c + 32 * i + 16);                      \
-        for (int r = 0; r < rows; r++)                                                            \
-            acc[r][i] = _mm512_fmadd_ps(widen(x + r * K + c + 32 * i + 16), w1,                   \
-                        _mm512_fmadd_ps(widen(x + r * K + c + 32 * i), w0, acc[r][i])); }
-#endif
-#define KERNEL16(ROWS)                                                                            \
-static void rows16_##ROWS(const uint16_t *x, int64_t K, const uint16_t *wr, float *y, int64_t N) {  \
-    enum { rows = ROWS };                                                                         \
-    __m512 acc[ROWS][CHAINS];                                                                     \
-    for (int r = 0; r < ROWS; r++) for (int k = 0; k < CHAINS; k++) acc[r][k] = _mm512_setzero_ps(); \
-    int64_t c = 0;                                                                                \
-    for (; c + 128 <= K; c += 128) { STEP16(0) STEP16(1) STEP16(2) STEP16(3) }                    \
-    for (; c < K; c += 32) STEP16(0)                                                              \
-    for (int r = 0; r < ROWS; r++) y[r * N] = finish(acc[r]);                                     \
+#define TILE16(MR, NR)                                                                            \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+    __m512 acc[MR][NR];                                                                           \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
+    for (int64_t c = 0; c < K; c += 16) {                                                         \
+        __m512 wv[NR];                                                                            \
+        for (int j = 0; j < NR; j++) wv[j] = widen(w + j * K + c);                                \
+        for (int i = 0; i < MR; i++) {                                                            \
+            __m512 xv = widen(x + i * K + c);                                                     \
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);       \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
-KERNEL16(1) KERNEL16(2) KERNEL16(3) KERNEL16(4)
+#endif
+TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
+
 #endif
 
 void int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *s, int64_t N,
                int64_t G, float *y, int threads) {
     const int64_t ng = K / G;
     int gs = 0;
-    while ((1 << gs) < G) gs++;  /* G is a power of two */
+    while ((1 << gs) < G) gs++;
+    const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *wr = w + n * K;
-        const float *sr = s + n * ng;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
+        for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mr = M - m < 4 ? M - m : 4;
 #if defined(__AVX512F__)
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) rows4(x + m * K, K, wr, sr, gs, y + m * N + n, N);
-        switch (M - m) {
-            case 3: rows3(x + m * K, K, wr, sr, gs, y + m * N + n, N); break;
-            case 2: rows2(x + m * K, K, wr, sr, gs, y + m * N + n, N); break;
-            case 1: rows1(x + m * K, K, wr, sr, gs, y + m * N + n, N); break;
-        }
+            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
+                const int64_t n = n0 + j;
+                const float *xs = x + m * K;
+                const int8_t *ws = w + n * K;
+                const float *ss = s + n * ng;
+                float *ys = y + m * N + n;
+                if (nr == 4) switch (mr) {
+                    case 1: t8_1_4(xs, K, ws, ss, ng, gs, ys, N); break;
+                    case 2: t8_2_4(xs, K, ws, ss, ng, gs, ys, N); break;
+                    case 3: t8_3_4(xs, K, ws, ss, ng, gs, ys, N); break;
+                    default: t8_4_4(xs, K, ws, ss, ng, gs, ys, N);
+                } else switch (mr) {
+                    case 1: t8_1_1(xs, K, ws, ss, ng, gs, ys, N); break;
+                    case 2: t8_2_1(xs, K, ws, ss, ng, gs, ys, N); break;
+                    case 3: t8_3_1(xs, K, ws, ss, ng, gs, ys, N); break;
+                    default: t8_4_1(xs, K, ws, ss, ng, gs, ys, N);
+                }
+            }
 #else
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-            float acc = 0.0f;
-            for (int64_t c = 0; c < K; c++) acc += xr[c] * (sr[c / G] * (float)wr[c]);
-            y[m * N + n] = acc;
-        }
+            for (int64_t i = m; i < m + mr; i++)
+                for (int64_t n = n0; n < n0 + nr; n++) {
+                    float acc = 0.0f;
+                    for (int64_t c = 0; c < K; c++) acc += x[i * K + c] * (s[n * ng + (c >> gs)] * (float)w[n * K + c]);
+                    y[i * N + n] = acc;
+                }
 #endif
+        }
     }
 }
 
-/* y [M, N] = x [M, K] (bf16) . w [N, K] (bf16)^T, K a multiple of 32 */
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+    const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *wr = w + n * K;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
+        for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mr = M - m < 4 ? M - m : 4;
 #if defined(__AVX512F__)
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) rows16_4(x + m * K, K, wr, y + m * N + n, N);
-        switch (M - m) {
-            case 3: rows16_3(x + m * K, K, wr, y + m * N + n, N); break;
-            case 2: rows16_2(x + m * K, K, wr, y + m * N + n, N); break;
-            case 1: rows16_1(x + m * K, K, wr, y + m * N + n, N); break;
-        }
-#else
-        for (int64_t m = 0; m < M; m++) {
-            const uint16_t *xr = x + m * K;
-            float acc = 0.0f;
-            for (int64_t c = 0; c < K; c++) {
-                union { uint32_t u; float f; } a = { (uint32_t)xr[c] << 16 }, b = { (uint32_t)wr[c] << 16 };
-                acc += a.f * b.f;
+            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
+                const int64_t n = n0 + j;
+                const uint16_t *xs = x + m * K, *ws = w + n * K;
+                float *ys = y + m * N + n;
+                if (nr == 4) switch (mr) {
+                    case 1: t16_1_4(xs, K, ws, ys, N); break;
+                    case 2: t16_2_4(xs, K, ws, ys, N); break;
+                    case 3: t16_3_4(xs, K, ws, ys, N); break;
+                    default: t16_4_4(xs, K, ws, ys, N);
+                } else switch (mr) {
+                    case 1: t16_1_1(xs, K, ws, ys, N); break;
+                    case 2: t16_2_1(xs, K, ws, ys, N); break;
+                    case 3: t16_3_1(xs, K, ws, ys, N); break;
+                    default: t16_4_1(xs, K, ws, ys, N);
+                }
             }
-            y[m * N + n] = acc;
-        }
+#else
+            for (int64_t i = m; i < m + mr; i++)
+                for (int64_t n = n0; n < n0 + nr; n++) {
+                    float acc = 0.0f;
+                    for (int64_t c = 0; c < K; c++) {
+                        union { uint32_t u; float f; } a = { (uint32_t)x[i * K + c] << 16 }, b = { (uint32_t)w[n * K + c] << 16 };
+                        acc += a.f * b.f;
+                    }
+                    y[i * N + n] = acc;
+                }
 #endif
+        }
     }
 }
 """
