@@ -53,22 +53,40 @@ SOURCE = r"""
 static inline __m512 w8(const int8_t *w, float s) {
     return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w))));
 }
+/* int8: each (m, n) keeps 4 accumulators, chunk c going to chain (c / 16) % 4 (a K % 64 tail to
+   chain 0), summed in a fixed order at the end: the conversions and the FMA latency then overlap
+   even for one row. One row streams its weight rows one at a time (1 x 1 tiles: 27 GB/s on a Zen 4
+   core, where 1 x 4 tiles reading four rows at once gave 15); wider passes take 2 x 2 tiles. */
+#define CH 4
 #define TILE8(MR, NR)                                                                             \
 static void t8_##MR##_##NR(const float *x, int64_t K, const int8_t *w, const float *s, int64_t ng,  \
                            int gs, float *y, int64_t N) {                                         \
-    __m512 acc[MR][NR];                                                                           \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
-    for (int64_t c = 0; c < K; c += 16) {                                                         \
+    __m512 acc[MR][NR][CH];                                                                       \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) for (int k = 0; k < CH; k++)        \
+        acc[i][j][k] = _mm512_setzero_ps();                                                       \
+    int64_t c = 0;                                                                                \
+    for (; c + 16 * CH <= K; c += 16 * CH)                                                        \
+        for (int k = 0; k < CH; k++) {                                                            \
+            __m512 wf[NR];                                                                        \
+            for (int j = 0; j < NR; j++) wf[j] = w8(w + j * K + c + 16 * k, s[j * ng + ((c + 16 * k) >> gs)]); \
+            for (int i = 0; i < MR; i++) {                                                        \
+                __m512 xv = _mm512_loadu_ps(x + i * K + c + 16 * k);                              \
+                for (int j = 0; j < NR; j++) acc[i][j][k] = _mm512_fmadd_ps(xv, wf[j], acc[i][j][k]); \
+            }                                                                                     \
+        }                                                                                         \
+    for (; c < K; c += 16) {                                                                      \
         __m512 wf[NR];                                                                            \
         for (int j = 0; j < NR; j++) wf[j] = w8(w + j * K + c, s[j * ng + (c >> gs)]);            \
         for (int i = 0; i < MR; i++) {                                                            \
             __m512 xv = _mm512_loadu_ps(x + i * K + c);                                           \
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wf[j], acc[i][j]);       \
+            for (int j = 0; j < NR; j++) acc[i][j][0] = _mm512_fmadd_ps(xv, wf[j], acc[i][j][0]);  \
         }                                                                                         \
     }                                                                                             \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                     \
+        y[i * N + j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]), \
+                                                          _mm512_add_ps(acc[i][j][2], acc[i][j][3]))); \
 }
-TILE8(1, 4) TILE8(2, 4) TILE8(3, 4) TILE8(4, 4) TILE8(1, 1) TILE8(2, 1) TILE8(3, 1) TILE8(4, 1)
+TILE8(1, 1) TILE8(2, 2) TILE8(2, 1) TILE8(1, 2)
 
 #if defined(__AVX512BF16__)
 #define BF16_CHUNK 32
@@ -114,40 +132,32 @@ void int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const floa
     const int64_t ng = K / G;
     int gs = 0;
     while ((1 << gs) < G) gs++;
-    const int64_t blocks = (N + 3) / 4;
+    const int64_t nb = 2;  /* weight rows per block: 2 x 2 tiles (one row: 1 x 1, see above) */
+    const int64_t blocks = (N + nb - 1) / nb;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int64_t mr = M - m < 4 ? M - m : 4;
+        const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
 #if defined(__AVX512F__)
-            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
-                const int64_t n = n0 + j;
-                const float *xs = x + m * K;
-                const int8_t *ws = w + n * K;
-                const float *ss = s + n * ng;
-                float *ys = y + m * N + n;
-                if (nr == 4) switch (mr) {
-                    case 1: t8_1_4(xs, K, ws, ss, ng, gs, ys, N); break;
-                    case 2: t8_2_4(xs, K, ws, ss, ng, gs, ys, N); break;
-                    case 3: t8_3_4(xs, K, ws, ss, ng, gs, ys, N); break;
-                    default: t8_4_4(xs, K, ws, ss, ng, gs, ys, N);
-                } else switch (mr) {
-                    case 1: t8_1_1(xs, K, ws, ss, ng, gs, ys, N); break;
-                    case 2: t8_2_1(xs, K, ws, ss, ng, gs, ys, N); break;
-                    case 3: t8_3_1(xs, K, ws, ss, ng, gs, ys, N); break;
-                    default: t8_4_1(xs, K, ws, ss, ng, gs, ys, N);
-                }
-            }
-#else
-            for (int64_t i = m; i < m + mr; i++)
-                for (int64_t n = n0; n < n0 + nr; n++) {
-                    float acc = 0.0f;
-                    for (int64_t c = 0; c < K; c++) acc += x[i * K + c] * (s[n * ng + (c >> gs)] * (float)w[n * K + c]);
-                    y[i * N + n] = acc;
-                }
-#endif
+        if (M == 1) {
+            for (int64_t n = n0; n < n0 + nr; n++) t8_1_1(x, K, w + n * K, s + n * ng, ng, gs, y + n, N);
+            continue;
         }
+        for (int64_t m = 0; m < M; m += 2) {
+            const float *xs = x + m * K;
+            float *ys = y + m * N + n0;
+            if (M - m >= 2 && nr == 2) t8_2_2(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
+            else if (M - m >= 2) t8_2_1(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
+            else if (nr == 2) t8_1_2(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
+            else t8_1_1(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
+        }
+#else
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t n = n0; n < n0 + nr; n++) {
+                float acc = 0.0f;
+                for (int64_t c = 0; c < K; c++) acc += x[i * K + c] * (s[n * ng + (c >> gs)] * (float)w[n * K + c]);
+                y[i * N + n] = acc;
+            }
+#endif
     }
 }
 
