@@ -181,7 +181,7 @@ def main() -> int:
                 med = {k: statistics.median(x[k] for x in res) for k in res[0]}
                 rows.append({"precision": prec, "threads": threads, "engine": n, **med})
             del engines
-    print(f"{name}; {machine_description('cpu')}; torch {torch.__version__}; llama-cpp-python "
+    print(f"{name}; {machine_description('cpu')}; llama-cpp-python "
           f"{llama_cpp.__version__}; median of {a.rounds} interleaved rounds\n")
     print("| precision | threads | engine | decode tok/s | vs llama.cpp | prefill tok/s | vs llama.cpp | "
           "16-token pass / 1-token pass |\n|---|---|---|---|---|---|---|---|")
