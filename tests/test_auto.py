@@ -315,6 +315,7 @@ def test_calibrate_command_and_doctor_print_the_table(tiny_ckpt, own_cache, caps
     assert main(["calibrate", "--model", str(tiny_ckpt), "--device", "cpu", "--engine", "torch", "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert [r["mode"] for r in measured["rows"]][:3] == ["ar", "linear-spec", "quadratic-spec"]
+    assert measured["compiled_passes"]["compiled_tokens_per_s"] > 0  # compiled ahead and measured
     assert "onnxruntime" in measured["meta"]["not_measured"]
     write_table(cli_key(tiny_ckpt, device="auto"), SPEEDS)  # doctor reads the default options' table
     assert main(["doctor", "--model", str(tiny_ckpt)]) == 0

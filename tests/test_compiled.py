@@ -128,7 +128,7 @@ def test_no_graph_break_no_recompile_after_warmup(tmp_path):
     assert not counters["graph_break"]
 
 
-def test_auto_compiles_where_calibration_measured_it_faster(capsys):
+def test_auto_compiles_where_calibration_measured_it_faster():
     """`--compile auto` is eager until `edge-dlm calibrate` has compiled the passes on this machine
     and found them faster (so a first answer never waits for a cold compile); then it compiles."""
     from edge_dlm.cli.calibrate import measure_compile
@@ -139,8 +139,8 @@ def test_auto_compiles_where_calibration_measured_it_faster(capsys):
     key = compiled_key(rt)
     compiled.record(compiled_cache(), key, eager=200.0, compiled=100.0)
     assert not load(device="cpu", compile="auto").model.compiled
-    measure_compile(rt, tokens=16, runs=1)  # compiles ahead, measures, records
-    assert "compiled passes: AR" in capsys.readouterr().out
+    got = measure_compile(rt, tokens=16, runs=1)  # compiles ahead, measures, records
+    assert got["eager_tokens_per_s"] > 0 and got["compiled_tokens_per_s"] > 0
     assert not rt.model.compiled  # measuring leaves the runtime as it was
     compiled.record(compiled_cache(), key, eager=100.0, compiled=200.0)
     fast = load(device="cpu", compile="auto")

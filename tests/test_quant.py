@@ -159,7 +159,11 @@ def test_cpu_matmul_declines_what_it_cannot_run():
 
     odd = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int4", 32))  # 40 rows: not tiles of 16
     assert _MATMULS[("int4", "cpu")](torch.randn(3, 64), odd) is None
-    assert ("int8", "cpu") not in _MATMULS  # int8 on the CPU: the reference (see edge_dlm.model.quant)
+    from edge_dlm.kernels import cpu_matmul
+
+    if cpu_matmul.enable():  # int8 on the CPU: edge_dlm.kernels.cpu_matmul, which declines asymmetric weights
+        asym = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int8", 32, symmetric=False))
+        assert _MATMULS[("int8", "cpu")](torch.randn(3, 64), asym) is None
     x = torch.randn(3, 64)
     torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
 

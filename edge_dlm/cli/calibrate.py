@@ -20,15 +20,22 @@ def run(a: argparse.Namespace) -> int:
     t = target(a)
     rt = load_runtime(a)
     table = calibrate(rt, t, progress=None if a.json else bar)
-    print(json.dumps(table.to_json(), indent=2) if a.json else table.format())
-    if a.compile != "off":
-        measure_compile(rt)
+    compiled = measure_compile(rt) if a.compile != "off" else None
+    if a.json:
+        print(json.dumps({**table.to_json(), "compiled_passes": compiled}, indent=2))
+    else:
+        print(table.format())
+        if compiled:
+            verdict = "--compile auto compiles from now on" if compiled["faster"] else "--compile auto stays eager"
+            print(f"compiled passes: AR {compiled['compiled_tokens_per_s']:.0f} tok/s vs "
+                  f"{compiled['eager_tokens_per_s']:.0f} eager; {verdict}")
     return 0
 
 
-def measure_compile(rt, tokens: int = 128, runs: int = 3) -> None:
+def measure_compile(rt, tokens: int = 128, runs: int = 3) -> dict | None:
     """Compile the torch engine's AR passes ahead (the kernels stay in the cache) and measure them
-    against eager; `--compile auto` compiles from then on where they were faster."""
+    against eager; `--compile auto` compiles from then on where they were faster. Returns the
+    measurement (None where compiled passes do not apply: another engine, the Triton kernels)."""
     import statistics
     import sys
 
@@ -36,7 +43,7 @@ def measure_compile(rt, tokens: int = 128, runs: int = 3) -> None:
     from edge_dlm.runtime import compiled_cache, compiled_key
 
     if rt.engine != "torch" or rt.kernels or compiled.available(rt.device):
-        return
+        return None
     was = rt.model.compiled
     prompt = "Write a short story about a lighthouse keeper"
 
@@ -53,5 +60,4 @@ def measure_compile(rt, tokens: int = 128, runs: int = 3) -> None:
     if not was:
         compiled.disable(rt.model)
     compiled.record(compiled_cache(), compiled_key(rt), eager, fast)
-    verdict = "--compile auto compiles from now on" if fast > eager else "--compile auto stays eager"
-    print(f"compiled passes: AR {fast:.0f} tok/s vs {eager:.0f} eager ({fast / eager:.2f}x); {verdict}")
+    return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": fast, "faster": fast > eager}
