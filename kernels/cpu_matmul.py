@@ -308,15 +308,16 @@ def enable_bf16(model: torch.nn.Module) -> int:
 
 @torch.library.custom_op("edge_dlm::int8_dequant_mm", mutates_args=())
 def int8_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """The wide-pass route: `x [M, K]` float32 . (dequantized weight)^T with torch's GEMM."""
-    n, k = qweight.shape
-    w = (qweight.float().view(n, k // group, group) * scales[..., None]).view(n, k)
-    return x @ w.t()
+    """The wide-pass route, `edge_dlm.model.quant.linear_ref` exactly: the weight dequantized in x's
+    dtype (bf16 GEMMs are the CPU's fast ones), then torch's GEMM -> `[M, N]` in x's dtype."""
+    from edge_dlm.model.quant import dequantize
+
+    return torch.nn.functional.linear(x, dequantize(qweight, scales, None, 8, x.dtype))
 
 
 @int8_dequant_mm.register_fake
 def _(x, qweight, scales, group):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 def _float_scales(mod) -> torch.Tensor:
@@ -332,12 +333,11 @@ def cpu_int8_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
     if mod.zeros is not None or mod.perm is not None or mod.qweight.dtype != torch.int8 \
             or mod.in_features % 16 or mod.spec.group_size % 16:
         return None
-    x2 = x.reshape(-1, mod.in_features).float()
-    scales = _float_scales(mod)
-    if x2.shape[0] > MAX_ROWS:  # dequantize + torch's GEMM, opaque to a compile (inductor's fused
-        y = int8_dequant_mm(x2, mod.qweight, scales, mod.spec.group_size)  # version ran 3x slower)
+    x2 = x.reshape(-1, mod.in_features)
+    if x2.shape[0] > MAX_ROWS:  # the reference (dequantize in x's dtype + torch's GEMM) as one opaque op:
+        y = int8_dequant_mm(x2, mod.qweight, mod.scales, mod.spec.group_size)  # a compile fused it 3x slower
     else:
-        y = int8_gemm(x2, mod.qweight, scales, mod.spec.group_size)
+        y = int8_gemm(x2.float(), mod.qweight, _float_scales(mod), mod.spec.group_size)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
