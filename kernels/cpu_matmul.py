@@ -334,8 +334,10 @@ def cpu_int8_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
             or mod.in_features % 16 or mod.spec.group_size % 16:
         return None
     x2 = x.reshape(-1, mod.in_features)
-    if x2.shape[0] > MAX_ROWS:  # the reference (dequantize in x's dtype + torch's GEMM) as one opaque op:
-        y = int8_dequant_mm(x2, mod.qweight, mod.scales, mod.spec.group_size)  # a compile fused it 3x slower
+    if x2.shape[0] > MAX_ROWS:  # wide: the reference (dequantize in x's dtype + torch's GEMM); inside a
+        if not torch.compiler.is_compiling():  # compile as one opaque op (inductor fused it 3x slower)
+            return None
+        y = int8_dequant_mm(x2, mod.qweight, mod.scales, mod.spec.group_size)
     else:
         y = int8_gemm(x2.float(), mod.qweight, _float_scales(mod), mod.spec.group_size)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
