@@ -292,11 +292,7 @@ class Bf16Linear(torch.nn.Linear):
 
 def enable_bf16(model: torch.nn.Module) -> int:
     """Route `model`'s bf16 CPU linears through `Bf16Linear`; returns how many (0 without a compiler)."""
-    if available():
-        return 0
-    try:
-        library()
-    except (OSError, subprocess.CalledProcessError):
+    if not usable():
         return 0
     n = 0
     for mod in model.modules():
@@ -346,15 +342,22 @@ def cpu_int8_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
 cpu_int8_matmul.prepare = _float_scales
 
 
-def enable() -> bool:
-    """Route CPU int8 `QuantLinear` matmuls here (when a C compiler is present)."""
-    from edge_dlm.model.quant import register_matmul
-
+def usable() -> bool:
+    """Whether the kernels can be built and loaded here (else the references serve)."""
     if available():
         return False
     try:
         library()
-    except (OSError, subprocess.CalledProcessError):  # no usable compiler: the reference serves int8
+    except (OSError, subprocess.CalledProcessError):  # a compiler that cannot build them
+        return False
+    return True
+
+
+def enable() -> bool:
+    """Route CPU int8 `QuantLinear` matmuls here (when a C compiler is present)."""
+    from edge_dlm.model.quant import register_matmul
+
+    if not usable():
         return False
     register_matmul("int8", "cpu", cpu_int8_matmul)
     return True
