@@ -27,6 +27,7 @@ from edge_dlm.model.config import NLDConfig
 from edge_dlm.decoding import (SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, GenerationOptions,
                                Result, mode_fn)
 from edge_dlm.primitives.errors import CheckpointError, UserError
+from edge_dlm.primitives.fsutil import cache_root
 from edge_dlm.primitives.machine import set_threads
 from edge_dlm.primitives.sampling import SamplingParams
 from edge_dlm.primitives.tokenizer import Message, StreamDetokenizer, Tokenizer
@@ -499,6 +500,4 @@ def compiled_key(rt: Runtime) -> str:
 
 def compiled_cache():
     """Where compiled kernels and the compile records live (the edge-dlm cache folder)."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("edge-dlm")) / "compiled"
+    return cache_root() / "compiled"

@@ -284,9 +284,9 @@ def build_engine(fl: Flavour, onnx_path: Path, plan_path: Path, *, dtype: str, q
 
 def user_cache(fl: Flavour, name: str) -> Path:
     """A file in edge-dlm's user cache directory for this flavour (timing cache, runtime cache)."""
-    import platformdirs
+    from edge_dlm.primitives.fsutil import cache_root
 
-    return Path(platformdirs.user_cache_dir("edge-dlm")) / fl.name / name
+    return cache_root() / fl.name / name
 
 
 def export_engine(src: str | Path, out: str | Path, *, target: str = "tensorrt", dtype: str = "float16",

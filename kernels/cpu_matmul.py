@@ -1,25 +1,29 @@
-"""Matmuls for narrow passes on the CPU that read the weights as they are stored: group-wise int8
-(`int8_gemm`, for `QuantLinear`) and bfloat16 (`bf16_gemm`, for `Bf16Linear`).
-
-Why our own: torch has no group-wise int8 CPU kernel (its `_weight_int8pack_mm` is per channel, and
-run once per group it was slower than a bf16 model), so the reference dequantized every weight to
-float on every pass (0.03x llama.cpp's Q8_0 decode at the NLD-3B shape); and torch's bf16 matrix-vector
-product reads ~18 GB/s on a Zen 4 core where the memory gives ~40. The kernels are a page of C with
-AVX-512 (AVX512-BF16 dot products for bf16), compiled once per machine with the system compiler
+"""CPU matmuls for the passes of a decode: int8 / int4 (`x16_gemm`, for `QuantLinear`) and bfloat16
+(`bf16_gemm`, for `Bf16Linear`), a page of C compiled once per machine with the system compiler
 (`-O3 -march=native`, OpenMP over output rows) into the edge-dlm cache folder and called through torch
-custom ops, so a compiled pass (`--compile on`) keeps them in its graph:
+custom ops, so a compiled pass (`--compile on`) keeps them in its graph.
 
-    int8:  y[m, n] = sum over chunks c of  x[m, c] . (s[n, group of c] * w[n, c])
-    bf16:  y[m, n] = sum over chunks c of  x[m, c] . w[n, c]           (bf16 pairs, float32 sums)
+Why our own: torch has no group-wise int8 CPU kernel (the reference dequantized every weight on every
+pass: 0.03x llama.cpp's Q8_0 decode at the NLD-3B shape), its int4 kernel's cost grows with every row
+of a pass, and its bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core where memory gives ~30-40.
 
-Each (m, n) is computed by the same operations whatever the pass width M, so a row's result never
-depends on how many rows the pass has (LinearSpec's verify pass and AR's step agree bit for bit);
-output rows are split over threads, never a reduction. A register tile of up to 4 x rows by 4 weight
-rows shares every load, so narrow passes cost little more than one row; wider ones (`MAX_ROWS`: prefill
-chunks, QuadraticSpec's cycle) dequantize (int8) and run torch's GEMM. int8 activations are float32
-(bf16 / fp16 inputs are widened), its scales float32 (kept next to the fp16 ones,
-`QuantLinear.derived`); symmetric weights only (asymmetric ones stay on the reference). Without a C
-compiler neither is used and the reference serves.
+    int8 / int4 (x16_gemm):  x rounded to int8 per block of 32 columns (d = max|x| / 127, as
+        llama.cpp does for its Q8_0 / Q4_0 dot products), weights kept in a second layout built at
+        load (`x16_layout`: 16 output rows side by side, 2 MiB pages), one AVX512-VNNI unsigned x signed
+        dot product serving 16 rows at once; scales applied per block of 32 in float32;
+    bf16 (bf16_gemm):  x . w in bf16 pairs (AVX512-BF16), float32 sums;
+    wide passes:  past `QUANT_MAX_ROWS` / `MAX_ROWS` rows, torch's bf16 GEMM (`dequant_mm`: the
+        quantized weight expanded to bf16 a tile at a time).
+
+Each output (m, n) is computed by the same operations whatever the pass width M and whichever rows
+share a register tile, so a row's result never depends on how many rows the pass has (LinearSpec's
+verify pass and AR's step agree bit for bit); output rows are split over threads, never a sum. Machines
+without AVX-512 (most Intel laptops, ARM) build the portable C loops of the same arithmetic
+(`tests/kernels/test_cpu_matmul.py` builds and checks them everywhere). Without a C compiler neither
+is used and the references serve.
+
+Cost: the int8 / int4 layout is a copy next to the stored `qweight` (which wide passes, export and
+the reference read), so a quantized model takes twice its weight memory on the CPU.
 """
 
 from __future__ import annotations
@@ -32,62 +36,219 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
 #include <immintrin.h>
 
-/* Two matmuls for narrow passes, y [M, N] = x [M, K] . W [N, K]^T with W read as stored:
-     int8_gemm: x float32, W group-wise int8 (w [N, K] int8, s [N, K / G] float32, G a power of two);
-     bf16_gemm: x and W bfloat16 (their bit patterns), sums in float32.
-   A register tile of up to 4 x rows by 4 weight rows shares every load. Each output (m, n) has its
-   own accumulator, fed chunk after chunk in K order (16 floats of int8: widened, scaled s * w, fused
-   multiply-add; 32 bf16: one AVX512-BF16 pair dot product) and summed across its lanes at the end:
-   the same operations in the same order whatever M is and whichever rows share a tile, so a row's
-   result never depends on the pass width. Output rows are split over threads, never a reduction. */
+/* Matmuls y [M, N] = x [M, K] . W [N, K]^T on the CPU (see the module docstring):
+     x16_gemm: int8 / int4 weights in the 16-row layout, x rounded to int8 per block of 32 columns;
+     bf16_gemm: x and W bfloat16 (their bit patterns), sums in float32;
+     dequant_bf16: W -> bf16 [N, K] from the stored layout (for torch's GEMM on wide passes).
+   Each output (m, n) is fed block after block in K order: the same operations whatever M is and
+   whichever rows share a register tile, so a row's result never depends on the pass width. Output
+   rows are split over threads, never a sum. K % 32 == 0, G a power of two >= 32. */
 
+static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> float32, exact */
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t u;
+    if (exp == 0x1F) u = sign | 0x7F800000 | (man << 13);
+    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man) {  /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
+    } else u = sign;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- int8 / int4, narrow passes: x quantized per row in blocks of 32 (a int8, d its scale, sa =
+   d * sum(a)); W in blocks of 16 rows with, per 4 columns, the 16 rows' 4 bytes side by side (int8:
+   [K/4][16][4] of u = w + 128, or q as stored with zero points; int4: [K/8][16][4], low nibble column
+   8o + j, high 8o + 4 + j, u = q + 8, or q with zero points), scales and zero points [ng][16] fp16.
+   One unsigned x signed VNNI dot product then serves 16 rows (lane r: row r), the 4 activation bytes
+   broadcast: y[m, r] = sum_b S_rb d_b (sum u a) + Z'_rb sa_b with Z' = z, or -128 s (int8) / -8 s. */
+static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, float *sa, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M > 4)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float *xr = x + m * K + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int i = 0; i < 32; i++) {
+                const int32_t q = (int32_t)nearbyintf(xr[i] * id);  /* |q| <= 127 */
+                a[m * K + 32 * b + i] = (int8_t)q;
+                sum += q;
+            }
+            d[m * (K / 32) + b] = db;
+            sa[m * (K / 32) + b] = db * (float)sum;
+        }
+}
+
+#define MT 8  /* pass rows per register tile */
+static void block16(int bits, const int8_t *a, const float *d, const float *sa, int64_t M, int64_t K, int gs,
+                    const uint8_t *w, const uint16_t *s, const uint16_t *z, float off, float *y, int64_t N, int64_t rows) {
+    const int64_t nb32 = K / 32;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mt = M - m0 < MT ? M - m0 : MT;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        const __m512i lo4 = _mm512_set1_epi8(0x0F);
+        __m512 tot[MT];
+        for (int i = 0; i < MT; i++) tot[i] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb32; b++) {
+            __m512i wv[8];
+            if (bits == 8)
+                for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(w + (b * 8 + q) * 64);
+            else
+                for (int o = 0; o < 4; o++) {
+                    const __m512i v = _mm512_loadu_si512(w + (b * 4 + o) * 64);
+                    wv[2 * o] = _mm512_and_si512(v, lo4);
+                    wv[2 * o + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+                }
+            const int64_t g = (32 * b) >> gs;
+            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 16)));
+            const __m512 zv = z ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + g * 16)))
+                                : _mm512_mul_ps(sv, _mm512_set1_ps(-off));
+            for (int i = 0; i < mt; i++) {
+                int32_t a4[8];
+                memcpy(a4, a + (m0 + i) * K + 32 * b, 32);
+                __m512i acc = _mm512_setzero_si512();
+                if (bits == 8)
+                    for (int q = 0; q < 8; q++) acc = _mm512_dpbusd_epi32(acc, wv[q], _mm512_set1_epi32(a4[q]));
+                else
+                    for (int o = 0; o < 4; o++) {
+                        acc = _mm512_dpbusd_epi32(acc, wv[2 * o], _mm512_set1_epi32(a4[2 * o]));
+                        acc = _mm512_dpbusd_epi32(acc, wv[2 * o + 1], _mm512_set1_epi32(a4[2 * o + 1]));
+                    }
+                const int64_t j = (m0 + i) * nb32 + b;
+                tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sv, _mm512_set1_ps(d[j])), tot[i]);
+                tot[i] = _mm512_fmadd_ps(zv, _mm512_set1_ps(sa[j]), tot[i]);
+            }
+        }
+        for (int i = 0; i < mt; i++) {
+            float t[16];
+            _mm512_storeu_ps(t, tot[i]);
+            memcpy(y + (m0 + i) * N, t, rows * sizeof(float));
+        }
+#else   /* portable: the same sums, lane by lane */
+        for (int64_t i = 0; i < mt; i++)
+            for (int64_t r = 0; r < rows; r++) {
+                float tot = 0.0f;
+                for (int64_t b = 0; b < nb32; b++) {
+                    int32_t acc = 0;
+                    for (int k = 0; k < 32; k++) {
+                        const int64_t q = 32 * b + k;
+                        int u;
+                        if (bits == 8) u = w[(q / 4) * 64 + r * 4 + q % 4];
+                        else {
+                            const uint8_t byte = w[(q / 8) * 64 + r * 4 + q % 4];
+                            u = q % 8 < 4 ? byte & 15 : byte >> 4;
+                        }
+                        acc += u * a[(m0 + i) * K + q];
+                    }
+                    const int64_t g = (32 * b) >> gs, j = (m0 + i) * nb32 + b;
+                    const float sv = half_to_float(s[g * 16 + r]), zv = z ? half_to_float(z[g * 16 + r]) : sv * -off;
+                    tot = fmaf((float)acc, sv * d[j], tot);
+                    tot = fmaf(zv, sa[j], tot);
+                }
+                y[(m0 + i) * N + r] = tot;
+            }
+#endif
+    }
+}
+
+void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
+              int64_t N, int64_t G, float *y, int threads) {
+    int gs = 0;
+    while ((1 << gs) < G) gs++;
+    const int64_t ng = K >> gs, nb = (N + 15) / 16, wb = 16 * K * bits / 8;
+    int8_t *a = malloc(M * K);
+    float *d = malloc(M * (K / 32) * sizeof(float)), *sa = malloc(M * (K / 32) * sizeof(float));
+    quant_blocks(x, M, K, a, d, sa, threads);
+    const float off = bits == 8 ? 128.0f : 8.0f;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < nb; r++)
+        block16(bits, a, d, sa, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
+                y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16);
+    free(a); free(d); free(sa);
+}
+
+static void int4_values(float q[16], int zeros) {
+    for (int i = 0; i < 16; i++) q[i] = (float)(zeros || i < 8 ? i : i - 16);  /* signed: two's complement */
+}
+
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* ---- the weight in bf16 [N, K] for torch's GEMM on wide passes: bf16(q * s + z), from the stored
+   layout (int8 [N, K], or int4 [N, K / 2] even column low) and fp16 scales / zero points [N, K / G] */
+void dequant_bf16(const uint8_t *w, int bits, int64_t N, int64_t K, const uint16_t *s, const uint16_t *z,
+                  int64_t G, uint16_t *out, int threads) {  /* z: zero points; NULL: signed weights */
+    const int signed_w = z == 0;
+    int gs = 0;
+    while ((1 << gs) < G) gs++;
+    const int64_t ng = K >> gs;
+    float q[16];
+    int4_values(q, !signed_w);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        uint16_t *o = out + n * K;
+        int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+        const __m512 qv = _mm512_loadu_ps(q);
+        for (; c + 32 <= K; c += 32) {
+            const float sc = half_to_float(s[n * ng + (c >> gs)]), zc = z ? half_to_float(z[n * ng + (c >> gs)]) : 0.0f;
+            __m512 f0, f1;
+            if (bits == 8) {
+                const __m128i *p = (const __m128i *)(w + n * K + c);
+                const __m512i i0 = signed_w ? _mm512_cvtepi8_epi32(_mm_loadu_si128(p)) : _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
+                const __m512i i1 = signed_w ? _mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)) : _mm512_cvtepu8_epi32(_mm_loadu_si128(p + 1));
+                f0 = _mm512_cvtepi32_ps(i0);
+                f1 = _mm512_cvtepi32_ps(i1);
+            } else {  /* 16 bytes -> 32 nibbles in column order, through the value table */
+                const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * (K / 2) + c / 2)));
+                const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(p, _mm512_set1_epi32(15)), qv);
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(p, 4), qv);
+                const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+                const __m512i ih = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+                f0 = _mm512_permutex2var_ps(lo, il, hi);
+                f1 = _mm512_permutex2var_ps(lo, ih, hi);
+            }
+            const __m512 sv = _mm512_set1_ps(sc), zv = _mm512_set1_ps(zc);
+            f0 = z ? _mm512_fmadd_ps(f0, sv, zv) : _mm512_mul_ps(f0, sv);
+            f1 = z ? _mm512_fmadd_ps(f1, sv, zv) : _mm512_mul_ps(f1, sv);
+            _mm512_storeu_si512(o + c, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+        }
+#endif
+        for (; c < K; c++) {
+            const int64_t g = n * ng + (c >> gs);
+            float v;
+            if (bits == 8) v = signed_w ? (float)((const int8_t *)w)[n * K + c] : (float)w[n * K + c];
+            else v = q[c & 1 ? w[n * (K / 2) + c / 2] >> 4 : w[n * (K / 2) + c / 2] & 15];
+            o[c] = bf16_rne(z ? fmaf(v, half_to_float(s[g]), half_to_float(z[g])) : v * half_to_float(s[g]));
+        }
+    }
+}
+
+/* ---- bf16 */
+#define BF16_MR 6
 #if defined(__AVX512F__)
-static inline __m512 w8(const int8_t *w, float s) {
-    return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w))));
-}
-/* int8: each (m, n) keeps 4 accumulators, chunk c going to chain (c / 16) % 4 (a K % 64 tail to
-   chain 0), summed in a fixed order at the end: the conversions and the FMA latency then overlap
-   even for one row. One row streams its weight rows one at a time (1 x 1 tiles: 27 GB/s on a Zen 4
-   core, where 1 x 4 tiles reading four rows at once gave 15); wider passes take 2 x 2 tiles. */
-#define CH 4
-#define TILE8(MR, NR)                                                                             \
-static void t8_##MR##_##NR(const float *x, int64_t K, const int8_t *w, const float *s, int64_t ng,  \
-                           int gs, float *y, int64_t N) {                                         \
-    __m512 acc[MR][NR][CH];                                                                       \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) for (int k = 0; k < CH; k++)        \
-        acc[i][j][k] = _mm512_setzero_ps();                                                       \
-    int64_t c = 0;                                                                                \
-    for (; c + 16 * CH <= K; c += 16 * CH)                                                        \
-        for (int k = 0; k < CH; k++) {                                                            \
-            __m512 wf[NR];                                                                        \
-            for (int j = 0; j < NR; j++) wf[j] = w8(w + j * K + c + 16 * k, s[j * ng + ((c + 16 * k) >> gs)]); \
-            for (int i = 0; i < MR; i++) {                                                        \
-                __m512 xv = _mm512_loadu_ps(x + i * K + c + 16 * k);                              \
-                for (int j = 0; j < NR; j++) acc[i][j][k] = _mm512_fmadd_ps(xv, wf[j], acc[i][j][k]); \
-            }                                                                                     \
-        }                                                                                         \
-    for (; c < K; c += 16) {                                                                      \
-        __m512 wf[NR];                                                                            \
-        for (int j = 0; j < NR; j++) wf[j] = w8(w + j * K + c, s[j * ng + (c >> gs)]);            \
-        for (int i = 0; i < MR; i++) {                                                            \
-            __m512 xv = _mm512_loadu_ps(x + i * K + c);                                           \
-            for (int j = 0; j < NR; j++) acc[i][j][0] = _mm512_fmadd_ps(xv, wf[j], acc[i][j][0]);  \
-        }                                                                                         \
-    }                                                                                             \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                     \
-        y[i * N + j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]), \
-                                                          _mm512_add_ps(acc[i][j][2], acc[i][j][3]))); \
-}
-TILE8(1, 1) TILE8(2, 2) TILE8(2, 1) TILE8(1, 2)
-
 #if defined(__AVX512BF16__)
 #define BF16_CHUNK 32
 #define TILE16(MR, NR)                                                                            \
@@ -123,68 +284,24 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 #endif
-TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
-
+TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(5, 4) TILE16(6, 4)
+TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1) TILE16(5, 1) TILE16(6, 1)
 #endif
-
-void int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *s, int64_t N,
-               int64_t G, float *y, int threads) {
-    const int64_t ng = K / G;
-    int gs = 0;
-    while ((1 << gs) < G) gs++;
-    const int64_t nb = 2;  /* weight rows per block: 2 x 2 tiles (one row: 1 x 1, see above) */
-    const int64_t blocks = (N + nb - 1) / nb;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
-#if defined(__AVX512F__)
-        if (M == 1) {
-            for (int64_t n = n0; n < n0 + nr; n++) t8_1_1(x, K, w + n * K, s + n * ng, ng, gs, y + n, N);
-            continue;
-        }
-        for (int64_t m = 0; m < M; m += 2) {
-            const float *xs = x + m * K;
-            float *ys = y + m * N + n0;
-            if (M - m >= 2 && nr == 2) t8_2_2(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
-            else if (M - m >= 2) t8_2_1(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
-            else if (nr == 2) t8_1_2(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
-            else t8_1_1(xs, K, w + n0 * K, s + n0 * ng, ng, gs, ys, N);
-        }
-#else
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t n = n0; n < n0 + nr; n++) {
-                float acc = 0.0f;
-                for (int64_t c = 0; c < K; c++) acc += x[i * K + c] * (s[n * ng + (c >> gs)] * (float)w[n * K + c]);
-                y[i * N + n] = acc;
-            }
-#endif
-    }
-}
 
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+    /* tiles of up to BF16_MR x rows by 4 weight rows: 24 accumulators, 4 weight and 1 x register */
     const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int64_t mr = M - m < 4 ? M - m : 4;
+        for (int64_t m = 0; m < M; m += BF16_MR) {
+            const int64_t mr = M - m < BF16_MR ? M - m : BF16_MR;
 #if defined(__AVX512F__)
-            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
-                const int64_t n = n0 + j;
-                const uint16_t *xs = x + m * K, *ws = w + n * K;
-                float *ys = y + m * N + n;
-                if (nr == 4) switch (mr) {
-                    case 1: t16_1_4(xs, K, ws, ys, N); break;
-                    case 2: t16_2_4(xs, K, ws, ys, N); break;
-                    case 3: t16_3_4(xs, K, ws, ys, N); break;
-                    default: t16_4_4(xs, K, ws, ys, N);
-                } else switch (mr) {
-                    case 1: t16_1_1(xs, K, ws, ys, N); break;
-                    case 2: t16_2_1(xs, K, ws, ys, N); break;
-                    case 3: t16_3_1(xs, K, ws, ys, N); break;
-                    default: t16_4_1(xs, K, ws, ys, N);
-                }
-            }
+            typedef void (*tile)(const uint16_t *, int64_t, const uint16_t *, float *, int64_t);
+            static const tile t4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
+            static const tile t1[7] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1};
+            if (nr == 4) t4[mr](x + m * K, K, w + n0 * K, y + m * N + n0, N);
+            else for (int64_t n = n0; n < n0 + nr; n++) t1[mr](x + m * K, K, w + n * K, y + m * N + n, N);
 #else
             for (int64_t i = m; i < m + mr; i++)
                 for (int64_t n = n0; n < n0 + nr; n++) {
@@ -203,11 +320,6 @@ void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]  # no -ffast-math: the order above is kept
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-dlm" / "kernels"
-
-
 def _cpu_key() -> str:
     """The build depends on the source, the flags and this CPU's instruction set (-march=native)."""
     flags = ""
@@ -219,46 +331,151 @@ def _cpu_key() -> str:
 
 
 def available() -> list[str]:
-    """Why the CPU kernel cannot be built here (empty: it can)."""
+    """Why the CPU kernels cannot be built here (empty: they can)."""
     if not (shutil.which("cc") or shutil.which("gcc")):
-        return ["no C compiler (cc) to build the CPU int8 kernel"]
+        return ["no C compiler (cc) to build the CPU matmul kernels"]
     return []
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """The compiled kernel, built once per machine into the edge-dlm cache (atomic rename)."""
-    out = _cache_dir() / f"cpu_matmul-{_cpu_key()}.so"
+def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """Compile the kernels with `flags` into `out` (atomic rename) unless it is there; load them."""
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cc = shutil.which("cc") or shutil.which("gcc")
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src, so = Path(tmp) / "cpu_matmul.c", Path(tmp) / "cpu_matmul.so"
             src.write_text(SOURCE)
-            subprocess.run([cc, *FLAGS, str(src), "-o", str(so)], check=True, capture_output=True)
+            subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True, capture_output=True)
             os.replace(so, out)
     lib = ctypes.CDLL(str(out))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.int8_gemm.restype = lib.bf16_gemm.restype = None
-    lib.int8_gemm.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
-    lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for fn in (lib.x16_gemm, lib.bf16_gemm, lib.dequant_bf16):
+        fn.restype = None
+    lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
+    lib.dequant_bf16.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
+    lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
     return lib
 
 
-@torch.library.custom_op("edge_dlm::int8_gemm", mutates_args=())
-def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """`x [M, K]` float32 . dequant(`qweight [N, K]` int8, `scales [N, K / group]` float32)^T -> `[M, N]`."""
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The kernels for this machine, built once into the edge-dlm cache."""
+    from edge_dlm.primitives.fsutil import cache_root
+
+    return build(cache_root() / "kernels" / f"cpu_matmul-{_cpu_key()}.so")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@torch.library.custom_op("edge_dlm::x16_gemm", mutates_args=())
+def x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             bits: int, group: int, n: int) -> torch.Tensor:
+    """`x [M, K]` float32 . W^T -> `[M, n]` float32, W int8 / int4 in the 16-row layout of
+    `x16_layout` (`weight`, fp16 `scales` / `zeros`); x rounded to int8 per block of 32 columns."""
     x = x.contiguous()
     m, k = x.shape
-    n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    library().int8_gemm(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), n, group, y.data_ptr(),
-                        torch.get_num_threads())
+    library().x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), _ptr(zeros), n, group,
+                       y.data_ptr(), torch.get_num_threads())
     return y
 
 
-@int8_gemm.register_fake
-def _(x, qweight, scales, group):
+@x16_gemm.register_fake
+def _(x, weight, scales, zeros, bits, group, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+def _huge_pages(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 buffer of `nbytes` backed by transparent huge pages where the kernel
+    offers them (madvise before first touch): streaming the weights of a decode step from memory ran
+    7-13% faster on 2 MiB pages than on 4 KiB ones (one TLB miss per 2 MiB, prefetchers not stopped
+    at every 4 KiB)."""
+    huge = 2 << 20
+    raw = torch.empty(nbytes + huge, dtype=torch.uint8)
+    start = (raw.data_ptr() + huge - 1) // huge * huge
+    if nbytes >= huge and platform.system() == "Linux":
+        try:
+            libc = ctypes.CDLL(None)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise(start, nbytes // huge * huge, 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    off = start - raw.data_ptr()
+    return raw[off:off + nbytes]
+
+
+def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`mod`'s weight in the narrow kernel's layout (see the C source): rows in blocks of 16 (the last
+    padded with zeros), per 4 columns (int4: 8) the 16 rows' bytes side by side, as unsigned values
+    (signed ones offset by 128 / 8: the kernel subtracts the offset times the activations' sum);
+    scales and zero points `[blocks, groups, 16]` fp16. A copy next to `qweight` (wide passes and
+    every other reader use the stored layout)."""
+    from edge_dlm.model.quant import unpack_int4
+
+    bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
+    signed = mod.zeros is None
+    q = (unpack_int4(mod.qweight, signed=signed) if bits == 4 else mod.qweight).to(torch.int16)
+    if signed:
+        q = q + (128 if bits == 8 else 8)
+    blocks = -(-n // 16)
+    u = torch.zeros(blocks * 16, k, dtype=torch.int16)
+    u[:n] = q
+    if bits == 8:
+        packed = u.view(blocks, 16, k // 4, 4).permute(0, 2, 1, 3)
+    else:
+        v = u.view(blocks, 16, k // 8, 2, 4)
+        packed = (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 1, 3)
+    weight = _huge_pages(blocks * 16 * k * bits // 8).view(packed.shape)
+    weight.copy_(packed.to(torch.uint8))
+
+    def rows16(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(blocks * 16, t.shape[1], dtype=torch.float16)
+        out[:n] = t
+        return out.view(blocks, 16, -1).permute(0, 2, 1).contiguous()
+    return weight, rows16(mod.scales), None if signed else rows16(mod.zeros)
+
+
+def dequant_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group: int) -> torch.Tensor:
+    """The weight `[N, K]` in bf16: bf16(q * s + z) from the stored layout and fp16 `scales` / `zeros`."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    library().dequant_bf16(qweight.data_ptr(), bits, n, k, scales.data_ptr(), _ptr(zeros), group, out.data_ptr(),
+                           torch.get_num_threads())
+    return out
+
+
+_scratch = threading.local()
+DEQUANT_ROWS = 512  # weight rows dequantized at a time: a tile stays in cache and is reused
+
+
+@torch.library.custom_op("edge_dlm::dequant_mm", mutates_args=())
+def dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bits: int, group: int) -> torch.Tensor:
+    """The wide-pass route: the weight in bf16 (`dequant_bf16`), a tile of `DEQUANT_ROWS` rows at a time
+    into one reused buffer (a fresh whole-weight buffer cost more in page faults than the GEMM), then
+    torch's bf16 GEMM (the CPU's fast one) -> `[M, N]` float32."""
+    xb = x.to(torch.bfloat16)
+    n, k = qweight.shape[0], x.shape[1]
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < DEQUANT_ROWS * k:
+        buf = _scratch.buf = torch.empty(DEQUANT_ROWS * k, dtype=torch.bfloat16)
+    lib, threads, zp = library(), torch.get_num_threads(), zeros is not None
+    for a in range(0, n, DEQUANT_ROWS):
+        rows = min(DEQUANT_ROWS, n - a)
+        w = buf[:rows * k].view(rows, k)
+        lib.dequant_bf16(qweight[a:].data_ptr(), bits, rows, k, scales[a:].data_ptr(),
+                         zeros[a:].data_ptr() if zp else None, group, w.data_ptr(), threads)
+        y[:, a:a + rows] = torch.nn.functional.linear(xb, w)
+    return y
+
+
+@dequant_mm.register_fake
+def _(x, qweight, scales, zeros, bits, group):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
@@ -302,44 +519,30 @@ def enable_bf16(model: torch.nn.Module) -> int:
     return n
 
 
-@torch.library.custom_op("edge_dlm::int8_dequant_mm", mutates_args=())
-def int8_dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """The wide-pass route, `edge_dlm.model.quant.linear_ref` exactly: the weight dequantized in x's
-    dtype (bf16 GEMMs are the CPU's fast ones), then torch's GEMM -> `[M, N]` in x's dtype."""
-    from edge_dlm.model.quant import dequantize
-
-    return torch.nn.functional.linear(x, dequantize(qweight, scales, None, 8, x.dtype))
+MAX_ROWS = 32  # bf16: wider passes (prefill chunks, QuadraticSpec's B(B+1) cycle) go to torch's GEMM
+# int8 / int4: x16_gemm beat dequantize + bf16 GEMM up to 128 rows on a Zen 4 core and tied at 256
+# (9216 x 3072, groups of 32: 16.8 vs 18.1 ms at 128 rows, 33.4 vs 33.1 at 256), so every prefill chunk
+# stays on it and a row's result is the same in every pass but QuadraticSpec's widest
+QUANT_MAX_ROWS = 256
 
 
-@int8_dequant_mm.register_fake
-def _(x, qweight, scales, group):
-    return x.new_empty(x.shape[0], qweight.shape[0])
-
-
-def _float_scales(mod) -> torch.Tensor:
-    return mod.derived("cpu-int8-scales", lambda q: q.scales.float().contiguous())
-
-
-MAX_ROWS = 32  # wider passes (prefill chunks, QuadraticSpec's B(B+1) cycle) are compute bound: dequantize + GEMM
-
-
-def cpu_int8_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
-    """The `register_matmul("int8", "cpu", ...)` entry: symmetric edge-dlm layout, passes of up to
-    `MAX_ROWS` rows (AR steps, drafts, verify and commit passes of a block of up to 32 tokens)."""
-    if mod.zeros is not None or mod.perm is not None or mod.qweight.dtype != torch.int8 \
-            or mod.in_features % 16 or mod.spec.group_size % 16:
+def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
+    """The `register_matmul("int8" | "int4", "cpu", ...)` entry for the edge-dlm layout: passes of up
+    to `QUANT_MAX_ROWS` rows (AR steps, drafts, verify and commit passes, prefill chunks) through
+    `x16_gemm`, wider ones (QuadraticSpec's B(B+1) cycle past B = 15) through `dequant_mm`."""
+    bits = mod.spec.bits
+    if mod.perm is not None or mod.in_features % 32 or mod.spec.group_size < 32:
         return None
     x2 = x.reshape(-1, mod.in_features)
-    if x2.shape[0] > MAX_ROWS:  # wide: the reference (dequantize in x's dtype + torch's GEMM); inside a
-        if not torch.compiler.is_compiling():  # compile as one opaque op (inductor fused it 3x slower)
-            return None
-        y = int8_dequant_mm(x2, mod.qweight, mod.scales, mod.spec.group_size)
+    if x2.shape[0] > QUANT_MAX_ROWS:
+        y = dequant_mm(x2, mod.qweight, mod.scales, mod.zeros, bits, mod.spec.group_size)
     else:
-        y = int8_gemm(x2.float(), mod.qweight, _float_scales(mod), mod.spec.group_size)
+        w, s, z = mod.derived("cpu-x16", x16_layout)
+        y = x16_gemm(x2.float(), w, s, z, bits, mod.spec.group_size, mod.out_features)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
-cpu_int8_matmul.prepare = _float_scales
+cpu_quant_matmul.prepare = lambda mod: mod.derived("cpu-x16", x16_layout)
 
 
 def usable() -> bool:
@@ -354,10 +557,11 @@ def usable() -> bool:
 
 
 def enable() -> bool:
-    """Route CPU int8 `QuantLinear` matmuls here (when a C compiler is present)."""
+    """Route CPU int8 / int4 `QuantLinear` matmuls here (when a C compiler is present)."""
     from edge_dlm.model.quant import register_matmul
 
     if not usable():
         return False
-    register_matmul("int8", "cpu", cpu_int8_matmul)
+    register_matmul("int8", "cpu", cpu_quant_matmul)
+    register_matmul("int4", "cpu", cpu_quant_matmul)
     return True

@@ -317,10 +317,17 @@ def test_calibrate_command_and_doctor_print_the_table(tiny_ckpt, own_cache, caps
     assert [r["mode"] for r in measured["rows"]][:3] == ["ar", "linear-spec", "quadratic-spec"]
     assert measured["compiled_passes"]["compiled_tokens_per_s"] > 0  # compiled ahead and measured
     assert "onnxruntime" in measured["meta"]["not_measured"]
+    from edge_dlm.primitives.machine import measured_threads, usable_cpus
+
+    if usable_cpus() > 1:  # the threads count measured idle and beside a busy core, and kept
+        chosen = measured["threads"]
+        assert all(len(v) == 2 and min(v) > 0 for v in chosen["tokens_per_s"].values())
+        assert measured_threads()["threads"] == chosen["threads"]
     write_table(cli_key(tiny_ckpt, device="auto"), SPEEDS)  # doctor reads the default options' table
     assert main(["doctor", "--model", str(tiny_ckpt)]) == 0
     out = capsys.readouterr().out
     assert "diffusion S=1" in out and "auto: linear-spec on torch" in out and "energy meter:" in out
+    assert usable_cpus() == 1 or "measured by `edge-dlm calibrate`" in out
 
 
 # ---- the server -----------------------------------------------------------------------------------

@@ -137,9 +137,13 @@ def test_quant_kernel_hook_is_used(tiny_model):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("scheme,symmetric", [("int4", True), ("int4", False)])
 def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
-    """torch's CPU int4 kernel (bf16 inside) == dequantize + F.linear within bf16 rounding."""
+    """The CPU int4 kernels == dequantize + F.linear within their rounding (narrow passes: x to int8 per
+    block of 32; wide ones: the weight and x to bf16)."""
+    from edge_dlm.kernels import cpu_matmul
     from edge_dlm.model.quant import _MATMULS, linear_ref
 
+    if not cpu_matmul.enable():
+        pytest.skip("no C compiler for the CPU kernels")
     g = torch.Generator().manual_seed(m)
     mod = QuantLinear.from_weight(torch.randn(48, 256, generator=g) * 0.05, QuantSpec(scheme, group, symmetric))
     x = torch.randn(m, 256, generator=g)
@@ -147,7 +151,7 @@ def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
     ref = linear_ref(x, mod)
     assert got is not None and got.dtype == torch.float32
     err = (got - ref).norm() / ref.norm()
-    assert err < 6e-3, err  # bf16 activations and scales: ~2^-9 relative each
+    assert err < 1e-2, err  # int8 activations: ~0.5% relative; bf16: ~2^-9 each
     if m == 1:  # a row's result does not depend on the other rows of the pass
         xs = torch.cat([x, torch.randn(15, 256, generator=g)])
         torch.testing.assert_close(_MATMULS[(scheme, "cpu")](xs, mod)[:1], got, atol=0, rtol=0)
@@ -155,25 +159,26 @@ def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
 
 def test_cpu_matmul_declines_what_it_cannot_run():
     """Shapes and layouts the CPU kernels do not take fall back to the reference, same result."""
+    from edge_dlm.kernels import cpu_matmul
     from edge_dlm.model.quant import _MATMULS, linear_ref
 
-    odd = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int4", 32))  # 40 rows: not tiles of 16
-    assert _MATMULS[("int4", "cpu")](torch.randn(3, 64), odd) is None
-    from edge_dlm.kernels import cpu_matmul
-
-    if cpu_matmul.enable():  # int8 on the CPU: edge_dlm.kernels.cpu_matmul, which declines asymmetric weights
-        asym = QuantLinear.from_weight(torch.randn(40, 64), QuantSpec("int8", 32, symmetric=False))
-        assert _MATMULS[("int8", "cpu")](torch.randn(3, 64), asym) is None
-    x = torch.randn(3, 64)
+    odd = QuantLinear.from_weight(torch.randn(40, 96), QuantSpec("int4", 32))  # int4 takes 64-column chunks
+    if cpu_matmul.enable():
+        assert _MATMULS[("int4", "cpu")](torch.randn(3, 96), odd) is None
+    x = torch.randn(3, 96)
     torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
 
 
 def test_derived_layout_follows_the_module(tiny_model):
     """The kernel layout is rebuilt after a move and never written to the artifact."""
+    from edge_dlm.kernels import cpu_matmul
+
+    if not cpu_matmul.enable():
+        pytest.skip("no C compiler for the CPU kernels")
     qm = quantized(tiny_model, "int4", group_size=32)
     lin = qm.encoder.layers[0].mlp.gate_proj
     lin(torch.randn(2, lin.in_features))
-    assert lin.out_features % 16 == 0 and "cpu-int4" in lin._derived
+    assert "cpu-float-scales" in lin._derived
     qm.to(torch.float32)
     assert lin._derived == {}
     assert not any("derived" in k or "cpu" in k for k in qm.state_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,13 +18,17 @@ def run(a: argparse.Namespace) -> int:
     from edge_dlm.session.calibrate import calibrate, target
     from edge_dlm.session.load import bar, load_runtime
 
-    t = target(a)
     rt = load_runtime(a)
+    threads = measure_threads(rt) if a.threads is None and not os.environ.get("EDGE_DLM_THREADS") else None
+    t = target(a)  # keyed by the threads just chosen
     table = calibrate(rt, t, progress=None if a.json else bar)
     compiled = measure_compile(rt) if a.compile != "off" else None
     if a.json:
-        print(json.dumps({**table.to_json(), "compiled_passes": compiled}, indent=2))
+        print(json.dumps({**table.to_json(), "threads": threads, "compiled_passes": compiled}, indent=2))
     else:
+        if threads:
+            speeds = ", ".join(f"{n}: {idle:.0f} / {busy:.0f}" for n, (idle, busy) in threads["tokens_per_s"].items())
+            print(f"CPU threads for passes: {threads['threads']} (AR tok/s idle / beside one busy core: {speeds})")
         print(table.format())
         if compiled:
             verdict = "--compile auto compiles from now on" if compiled["faster"] else "--compile auto stays eager"
@@ -61,3 +66,46 @@ def measure_compile(rt, tokens: int = 128, runs: int = 3) -> dict | None:
         compiled.disable(rt.model)
     compiled.record(compiled_cache(), compiled_key(rt), eager, fast)
     return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": fast, "faster": fast > eager}
+
+
+def measure_threads(rt, tokens: int = 64) -> dict | None:
+    """Choose the CPU threads passes use on this machine: AR on the torch CPU engine at 1, half,
+    all-but-one and all usable CPUs, each idle and again beside one busy core (a stand-in for the chat
+    screen, a terminal or a browser: torch's parallel regions collapse when a thread of theirs is
+    descheduled), keeping the count with the best worst case (`record_threads`; `threads_for` uses it
+    from now on). None where it does not apply (a GPU, an exported engine, one CPU)."""
+    import statistics
+    import subprocess
+    import sys
+
+    import torch
+
+    from edge_dlm.primitives.machine import record_threads, set_threads, usable_cpus
+
+    n = usable_cpus()
+    if rt.device.type != "cpu" or rt.engine != "torch" or n < 2:
+        return None
+    candidates = sorted({1, max(1, n // 2), n - 1, n})
+    prompt = "Write a short story about a lighthouse keeper"
+
+    def speed() -> float:
+        rt.generate(prompt, mode="ar", max_new_tokens=8)  # warm-up at this thread count
+        return statistics.median(rt.generate(prompt, mode="ar", max_new_tokens=tokens).tokens_per_s for _ in range(2))
+
+    print(f"measuring CPU threads ({', '.join(map(str, candidates))}) ...", file=sys.stderr, flush=True)
+    got: dict[int, list[float]] = {}
+    for c in candidates:
+        torch.set_num_threads(c)
+        got[c] = [speed()]
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for c in candidates:
+            torch.set_num_threads(c)
+            got[c].append(speed())
+    finally:
+        busy.kill()
+        busy.wait()
+    best = max(candidates, key=lambda c: (min(got[c]), -c))
+    record_threads(best, got)
+    set_threads(best)
+    return {"threads": best, "tokens_per_s": got}

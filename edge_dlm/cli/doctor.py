@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 
 
@@ -23,7 +24,7 @@ def report(model: str | None) -> dict:
     from edge_dlm.session.load import ENGINE_RULE
     from edge_dlm.hub import resolve
     from edge_dlm.primitives.errors import install_hint
-    from edge_dlm.primitives.machine import threads_for
+    from edge_dlm.primitives.machine import measured_threads, threads_for
     from edge_dlm.primitives.power import PowerSupply, Sampler
     from edge_dlm.model.weights import check_dir
 
@@ -52,7 +53,7 @@ def report(model: str | None) -> dict:
                 "why_not": None if (path / "model.onnx").exists() else onnx_candidate(t, "torch")},"calibration": table.to_json() if table else None,
             "power": {"energy": Sampler(devices[-1].split(" ")[0]).label, "supply": PowerSupply().state().label},
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": threads_for(None),
+            "threads": threads_for(None), "threads_measured": measured_threads(),
             "compiled_passes": compiled_report(k_dev),
             "cpu_kernels": cpu_kernels_report(),
             "cuda": torch.version.cuda, "engines": rows,
@@ -86,7 +87,7 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}",
-           f"CPU threads for passes: {r['threads']} (--threads or $EDGE_DLM_THREADS; default half the CPUs)",
+           f"CPU threads for passes: {r['threads']} ({threads_origin(r['threads_measured'])})",
            f"compiled passes (--compile): {r['compiled_passes']}",
            f"CPU int8 / bf16 matmul kernels: {r['cpu_kernels']}", "",
            f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
@@ -114,3 +115,13 @@ def run(a: argparse.Namespace) -> int:
         out.append("\ncalibration: none yet for this model and machine (edge-dlm calibrate, or a chat in --mode auto, measures it)")
     print("\n".join(out))
     return 0
+
+
+def threads_origin(measured: dict | None) -> str:
+    """Where the threads count comes from, for doctor's line."""
+    if os.environ.get("EDGE_DLM_THREADS"):
+        return "$EDGE_DLM_THREADS; --threads overrides"
+    if measured:
+        speeds = ", ".join(f"{n}: {v[0]:.0f} / {v[-1]:.0f}" for n, v in measured["tokens_per_s"].items())
+        return f"measured by `edge-dlm calibrate`, AR tok/s idle / beside a busy core: {speeds}; --threads overrides"
+    return "half the CPUs; `edge-dlm calibrate` measures the best count here; --threads overrides"

@@ -79,8 +79,11 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     else:
         inductor.cpp_wrapper = True
         mode = "max-autotune-no-cudagraphs"
+    from edge_dlm.model.quant import QuantEmbedding
+
+    lookups = {id(m.lin) for m in model.modules() if isinstance(m, QuantEmbedding)}  # rows read, no matmul
     for mod in model.modules():  # kernel layouts of quantized weights, built before the trace
-        if hasattr(mod, "prepare"):
+        if hasattr(mod, "prepare") and id(mod) not in lookups:
             mod.prepare()
     model.step = torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode)
     model.compiled = True

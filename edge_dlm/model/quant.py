@@ -14,12 +14,12 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 `[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
 (bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
 
-Matmuls read the packed weights directly: int4 on the CPU through torch's own weight-only kernel
-(`_weight_int4pack_mm_for_cpu`, in bf16: activations and scales are rounded to bf16 there, as the
-kernel requires; this module registers it), int4 and int8 on CUDA through the Triton kernel of
-`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable`). The CPU kernel keeps a
-derived copy of the weight in its own tile layout next to `qweight` (`QuantLinear.derived`, built on
-first use per device); the Triton kernel reads `qweight` as it is.
+Matmuls read the packed weights directly: on the CPU through the C kernels of
+`edge_dlm.kernels.cpu_matmul` (int8 x int8 VNNI dot products, int4 through bf16 tables; registered by
+`cpu_matmul.enable`, which the runtime calls), on CUDA through the Triton kernel of
+`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable`). Both read `qweight` as it is;
+the CPU kernels keep float32 copies of the scales next to the fp16 ones (`QuantLinear.derived`, built
+on first use per device).
 `dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
 declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
 decline a shape.
@@ -42,10 +42,8 @@ BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
 BNB_HINT = f"install it with {install_hint('quant')}"
 
-# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU int4 one is registered below,
-# the CUDA ones by edge_dlm.kernels.enable. CPU int8 stays on the reference: torch's per-channel
-# `_weight_int8pack_mm` run once per group measured slower than a bf16 model and its results depend
-# on the pass width (LinearSpec then differed from AR).
+# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU ones are registered by
+# edge_dlm.kernels.cpu_matmul.enable, the CUDA ones by edge_dlm.kernels.enable.
 _MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor | None]] = {}
 
 
@@ -244,40 +242,6 @@ class QuantLinear(nn.Module):
 def linear_ref(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
     """The reference quantized matmul: dequantize the whole weight, then `F.linear`."""
     return F.linear(x, mod.dequantize(x.dtype))
-
-
-# --- CPU matmuls (torch's weight-only kernels; bf16 is their fast path) ----------------------------
-
-def _cpu_int4_layout(mod: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """tinygemm's CPU layout: unsigned nibbles u with w = (u - 8) * scale + zero, scales and zeros
-    `[in / group, out, 2]` in bf16."""
-    q = unpack_int4(mod.qweight, signed=mod.zeros is None).to(torch.int32)
-    s = mod.scales.float()
-    if mod.zeros is None:  # signed q in [-8, 7]: u = q + 8, zero 0
-        u, z = q + 8, torch.zeros_like(s)
-    else:                  # unsigned q in [0, 15]: q * s + min = (q - 8) * s + (min + 8 s)
-        u, z = q, mod.zeros.float() + 8 * s
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-    return packed, torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous()
-
-
-CPU_INT4_MAX_ROWS = 192  # tinygemm's CPU cost grows with every row; past this, dequantize + bf16 GEMM
-
-
-def cpu_int4_matmul(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor | None:
-    if mod.out_features % 16:  # the CPU packing works in tiles of 16 output rows
-        return None
-    x2 = x.reshape(-1, mod.in_features).to(torch.bfloat16)
-    if x2.shape[0] > CPU_INT4_MAX_ROWS:  # wide passes (QuadraticSpec, prefill) are compute bound
-        w = mod.dequantize(torch.float32).to(torch.bfloat16)  # fp32 first: asymmetric q * s + zero cancels
-        return F.linear(x2, w).to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
-    packed, sz = mod.derived("cpu-int4", _cpu_int4_layout)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, mod.spec.group_size, sz)
-    return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
-
-
-cpu_int4_matmul.prepare = lambda mod: mod.derived("cpu-int4", _cpu_int4_layout) if mod.out_features % 16 == 0 else None
-register_matmul("int4", "cpu", cpu_int4_matmul)
 
 
 class QuantEmbedding(nn.Module):

@@ -14,6 +14,14 @@ from edge_dlm.primitives.errors import UserError
 from edge_dlm.primitives.inputs import kind_of
 
 
+def cache_root() -> Path:
+    """edge-dlm's user cache folder (calibration tables, compiled kernels, engines): the platform's
+    (platformdirs: $XDG_CACHE_HOME/edge-dlm or ~/.cache/edge-dlm on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edge-dlm"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_dlm.primitives.errors import UserError, install_hint
+from edge_dlm.primitives.fsutil import cache_root
 from edge_dlm.primitives.inputs import read_json_object
 
 LOSSLESS = ("ar", "linear-spec", "quadratic-spec")
@@ -160,12 +161,6 @@ def table_key(t: Target) -> str:
     h.update(json.dumps([where, machine_description(t.device, t.threads), t.device, t.dtype, t.quant, t.group_size,
                          t.lora, t.kernels, t.engine == "auto", tool_versions("onnxruntime")]).encode())
     return h.hexdigest()
-
-
-def cache_root() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("edge-dlm"))
 
 
 def cache_file(key: str) -> Path:

@@ -1,7 +1,10 @@
-"""The CPU int8 group-wise matmul: the reference's numbers, rows independent of the pass width, kept
-whole inside a compiled pass, and the lossless modes still emitting AR's tokens on an int8 model."""
+"""The CPU matmul kernels (`edge_dlm.kernels.cpu_matmul`): the reference's numbers within the rounding
+each one documents, rows independent of the pass width, kept whole inside a compiled pass, the
+portable build (no AVX-512) agreeing, and the lossless modes still emitting AR's tokens."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -11,39 +14,87 @@ from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
 pytestmark = pytest.mark.skipif(bool(cpu_matmul.available()), reason="no C compiler")
 
+SHAPES = [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 256, 32), (33, 224, 32)]
 
-def layer(out_f: int, in_f: int, group: int, seed: int = 0, symmetric: bool = True) -> QuantLinear:
+
+def layer(scheme: str, out_f: int, in_f: int, group: int, seed: int = 0, symmetric: bool = True) -> QuantLinear:
     w = 0.05 * torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
-    return QuantLinear.from_weight(w, QuantSpec("int8", group_size=group, symmetric=symmetric))
+    return QuantLinear.from_weight(w, QuantSpec(scheme, group_size=group, symmetric=symmetric))
 
 
-@pytest.mark.parametrize("out_f,in_f,group", [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 224, 32)])
-def test_matches_the_reference_and_rows_do_not_depend_on_the_width(out_f, in_f, group):
-    mod = layer(out_f, in_f, group)
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def documented(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
+    """The narrow kernels' arithmetic as the module docstring states it, in float64: x rounded to int8
+    per block of 32 (d = max|x| / 127, round half to even), exact integer dot products with the stored
+    q, scaled per block by s * d (+ z * d * sum(a) with zero points)."""
+    m, k = x.shape
+    xb = x.float().view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    a = torch.round(xb * inv)
+    d = (amax / 127.0).double()
+    from edge_dlm.model.quant import unpack_int4
+
+    signed = mod.zeros is None
+    q = (unpack_int4(mod.qweight, signed=signed) if mod.spec.bits == 4 else mod.qweight).double()
+    q = q.view(-1, k // 32, 32)
+    per_block = torch.einsum("mbk,nbk->mnb", a.double(), q)  # exact integers
+    group = torch.arange(k // 32) * 32 // mod.spec.group_size
+    s = mod.scales.double()[:, group]  # [N, blocks]
+    y = (per_block * s[None] * d[..., 0][:, None, :]).sum(-1)
+    if not signed:
+        z = mod.zeros.double()[:, group]
+        y = y + (z[None] * (d[..., 0] * a.double().sum(-1))[:, None, :]).sum(-1)
+    return y
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("out_f,in_f,group", SHAPES)
+def test_narrow_passes_compute_what_they_document_and_rows_do_not_depend_on_the_width(scheme, symmetric, out_f,
+                                                                                      in_f, group):
+    mod = layer(scheme, out_f, in_f, group, symmetric=symmetric)
     x = torch.randn(cpu_matmul.MAX_ROWS, in_f, generator=torch.Generator().manual_seed(1))
-    alone = torch.cat([cpu_matmul.cpu_int8_matmul(x[i:i + 1], mod) for i in range(len(x))])
-    torch.testing.assert_close(alone, linear_ref(x, mod), atol=1e-4, rtol=1e-4)
-    for m in (2, 3, 4, 5, 7, 8, 16, 31, 32):  # every blocking of rows: bit for bit the 1-row results
-        assert torch.equal(cpu_matmul.cpu_int8_matmul(x[:m], mod), alone[:m]), m
+    alone = torch.cat([cpu_matmul.cpu_quant_matmul(x[i:i + 1], mod) for i in range(len(x))])
+    want = documented(x, mod)
+    assert (alone.double() - want).abs().max() <= 2e-5 * want.abs().max()  # float32 sums, other order
+    assert rel(alone, linear_ref(x, mod)) < 1e-2  # the activations' int8 rounding: ~0.5% relative
+    for m in (2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32):  # every blocking of rows: bit for bit the 1-row results
+        assert torch.equal(cpu_matmul.cpu_quant_matmul(x[:m], mod), alone[:m]), m
+
+
+@pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int8", False), ("int4", True), ("int4", False)])
+def test_wide_passes_are_a_bf16_gemm_of_the_dequantized_weight(scheme, symmetric):
+    mod = layer(scheme, 600, 256, 32, symmetric=symmetric)  # more rows than one dequantized tile
+    w = cpu_matmul.dequant_bf16(mod.qweight, mod.scales, mod.zeros, mod.spec.bits, 32)
+    ref = mod.dequantize(torch.float32)
+    torch.testing.assert_close(w.float(), ref, atol=0, rtol=2 ** -8)  # one bf16 rounding of the weight
+    x = torch.randn(cpu_matmul.QUANT_MAX_ROWS + 7, 256, generator=torch.Generator().manual_seed(2))
+    got = cpu_matmul.cpu_quant_matmul(x, mod)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16(), w).float(), atol=0, rtol=0)
+    assert rel(got, linear_ref(x, mod)) < 6e-3
 
 
 def test_declines_what_it_does_not_cover():
-    x = torch.randn(1, 192)
-    assert cpu_matmul.cpu_int8_matmul(x, layer(32, 192, 32, symmetric=False)) is None  # asymmetric
-    wide, mod = torch.randn(cpu_matmul.MAX_ROWS + 1, 192), layer(32, 192, 32)  # past MAX_ROWS: the reference
-    assert cpu_matmul.cpu_int8_matmul(wide, mod) is None
-    torch.testing.assert_close(cpu_matmul.int8_dequant_mm(wide, mod.qweight, mod.scales, 32), linear_ref(wide, mod),
-                               atol=0, rtol=0)  # ... which a compiled pass runs as one op
+    permuted = layer("int8", 32, 96, 32)
+    permuted.perm = torch.randperm(96)
+    assert cpu_matmul.cpu_quant_matmul(torch.randn(2, 96), permuted) is None  # act-order columns: the reference
 
 
-def test_a_compiled_pass_keeps_it_whole():
+def test_a_compiled_pass_keeps_them_whole():
     from torch._dynamo.utils import counters
 
-    mod = layer(64, 192, 32)
-    scales = mod.scales.float().contiguous()
+    m8, m4 = layer("int8", 64, 192, 32), layer("int4", 64, 192, 32)
+    (w8, s8, _), (w4, s4, _) = cpu_matmul.x16_layout(m8), cpu_matmul.x16_layout(m4)
 
     def f(x):
-        return torch.relu(cpu_matmul.int8_gemm(x, mod.qweight, scales, 32)) * 2
+        a = cpu_matmul.x16_gemm(x, w8, s8, None, 8, 32, 64)
+        b = cpu_matmul.x16_gemm(x, w4, s4, None, 4, 32, 64)
+        c = cpu_matmul.dequant_mm(x, m8.qweight, m8.scales, None, 8, 32)
+        return torch.relu(a + b) * 2 + c
 
     x = torch.randn(3, 192)
     counters.clear()
@@ -52,11 +103,35 @@ def test_a_compiled_pass_keeps_it_whole():
     assert not counters["graph_break"]
 
 
-def test_lossless_modes_emit_ar_tokens_on_an_int8_model():
+def test_the_portable_build_agrees(tmp_path):
+    """The C loops of machines without AVX-512 (most Intel laptops, ARM) compute the same thing."""
+    import platform
+
+    flags = ["-O2", "-fopenmp", "-shared", "-fPIC"] + (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [])
+    lib = cpu_matmul.build(tmp_path / "portable.so", flags)
+    for scheme in ("int8", "int4"):
+        for symmetric in (True, False):
+            mod = layer(scheme, 40, 192, 32, symmetric=symmetric)
+            w, s, z = cpu_matmul.x16_layout(mod)
+            x = torch.randn(5, 192, generator=torch.Generator().manual_seed(3))
+            y = torch.empty(5, 40)
+            zp = ctypes.c_void_p(z.data_ptr()) if z is not None else None
+            lib.x16_gemm(mod.spec.bits, x.data_ptr(), 5, 192, w.data_ptr(), s.data_ptr(), zp, 40, 32, y.data_ptr(), 1)
+            torch.testing.assert_close(y, cpu_matmul.cpu_quant_matmul(x, mod), atol=1e-5, rtol=1e-5)
+            out = torch.empty(40, 192, dtype=torch.bfloat16)
+            zp = ctypes.c_void_p(mod.zeros.data_ptr()) if mod.zeros is not None else None
+            lib.dequant_bf16(mod.qweight.data_ptr(), mod.spec.bits, 40, 192, mod.scales.data_ptr(), zp, 32,
+                             out.data_ptr(), 1)
+            assert torch.equal(out, cpu_matmul.dequant_bf16(mod.qweight, mod.scales, mod.zeros, mod.spec.bits, 32))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_lossless_modes_emit_ar_tokens_on_a_quantized_model(quant):
+    from edge_dlm.model.quant import _MATMULS
     from edge_dlm.runtime import load
 
-    rt = load(device="cpu", quant="int8", group_size=32, compile="off")
-    assert cpu_matmul.cpu_int8_matmul in __import__("edge_dlm.model.quant", fromlist=["_MATMULS"])._MATMULS.values()
+    rt = load(device="cpu", quant=quant, group_size=32, compile="off")
+    assert _MATMULS[(quant, "cpu")] is cpu_matmul.cpu_quant_matmul
     kw = dict(max_new_tokens=64, block_size=4)
     ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
     for mode in ("linear-spec", "quadratic-spec"):  # B = 4: every pass of these modes is <= 32 rows
