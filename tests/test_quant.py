@@ -162,11 +162,12 @@ def test_cpu_matmul_declines_what_it_cannot_run():
     from edge_dlm.kernels import cpu_matmul
     from edge_dlm.model.quant import _MATMULS, linear_ref
 
-    odd = QuantLinear.from_weight(torch.randn(40, 96), QuantSpec("int4", 32))  # int4 takes 64-column chunks
+    odd = QuantLinear.from_weight(torch.randn(40, 96), QuantSpec("int4", 32))
+    odd.perm = torch.randperm(96)  # act-order columns (GPTQ): the reference
     if cpu_matmul.enable():
         assert _MATMULS[("int4", "cpu")](torch.randn(3, 96), odd) is None
     x = torch.randn(3, 96)
-    torch.testing.assert_close(odd(x), linear_ref(x, odd), atol=0, rtol=0)
+    torch.testing.assert_close(odd(x), linear_ref(x.index_select(-1, odd.perm), odd), atol=0, rtol=0)
 
 
 def test_derived_layout_follows_the_module(tiny_model):
@@ -178,7 +179,7 @@ def test_derived_layout_follows_the_module(tiny_model):
     qm = quantized(tiny_model, "int4", group_size=32)
     lin = qm.encoder.layers[0].mlp.gate_proj
     lin(torch.randn(2, lin.in_features))
-    assert "cpu-float-scales" in lin._derived
+    assert "cpu-x16" in lin._derived
     qm.to(torch.float32)
     assert lin._derived == {}
     assert not any("derived" in k or "cpu" in k for k in qm.state_dict())

@@ -175,6 +175,18 @@ class NLDModel(nn.Module):
                                               scale=self.config.head_dim ** -0.5,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
+    def _sdpa_grouped(self, q, k, v, mask):
+        """`_sdpa` with a `[T, W]` mask, the query heads that share a K/V head folded into one head of
+        g x T rows (rows ordered head, then token: the mask repeated g times): the keys and values are
+        read once per K/V head instead of once per query head (a decode step's attention on a CPU:
+        122 vs 166 us at 32 query heads over 8, 256 keys)."""
+        n, h, t, d = q.shape
+        g = h // k.shape[1]
+        if g == 1:
+            return self._sdpa(q, k, v, mask)
+        o = self._sdpa(q.reshape(n, k.shape[1], g * t, d), k, v, mask.repeat(g, 1))
+        return o.reshape(n, h, t, d)
+
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None,
                mask: torch.Tensor | None = None, use_lora: bool = False) -> torch.Tensor:
         """Final-normed hidden states `[N, T, H]` for `tokens [N, T]` at `positions [N, T]`, without
@@ -221,7 +233,7 @@ class NLDModel(nn.Module):
                 kv = k_buf.dtype  # float32 on a CPU for half-precision weights (`new_cache`)
                 torch.ops.aten.index_put_(k_buf, where, k[0].transpose(0, 1).to(kv))  # [T, nkv, hd]
                 torch.ops.aten.index_put_(v_buf, where, v[0].transpose(0, 1).to(kv))
-                o = self._sdpa(q.to(kv), k_buf[i, :, :window][None], v_buf[i, :, :window][None], mask)
+                o = self._sdpa_grouped(q.to(kv), k_buf[i, :, :window][None], v_buf[i, :, :window][None], mask)
                 return o.to(q.dtype)
             return static
         h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
