@@ -247,7 +247,6 @@ void dequant_bf16(const uint8_t *w, int bits, int64_t N, int64_t K, const uint16
 }
 
 /* ---- bf16 */
-#define BF16_MR 6
 #if defined(__AVX512F__)
 #if defined(__AVX512BF16__)
 #define BF16_CHUNK 32
@@ -284,24 +283,33 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 #endif
-TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(5, 4) TILE16(6, 4)
-TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1) TILE16(5, 1) TILE16(6, 1)
+TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
 #endif
 
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    /* tiles of up to BF16_MR x rows by 4 weight rows: 24 accumulators, 4 weight and 1 x register */
     const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
-        for (int64_t m = 0; m < M; m += BF16_MR) {
-            const int64_t mr = M - m < BF16_MR ? M - m : BF16_MR;
+        for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mr = M - m < 4 ? M - m : 4;
 #if defined(__AVX512F__)
-            typedef void (*tile)(const uint16_t *, int64_t, const uint16_t *, float *, int64_t);
-            static const tile t4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
-            static const tile t1[7] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1};
-            if (nr == 4) t4[mr](x + m * K, K, w + n0 * K, y + m * N + n0, N);
-            else for (int64_t n = n0; n < n0 + nr; n++) t1[mr](x + m * K, K, w + n * K, y + m * N + n, N);
+            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
+                const int64_t n = n0 + j;
+                const uint16_t *xs = x + m * K, *ws = w + n * K;
+                float *ys = y + m * N + n;
+                if (nr == 4) switch (mr) {
+                    case 1: t16_1_4(xs, K, ws, ys, N); break;
+                    case 2: t16_2_4(xs, K, ws, ys, N); break;
+                    case 3: t16_3_4(xs, K, ws, ys, N); break;
+                    default: t16_4_4(xs, K, ws, ys, N);
+                } else switch (mr) {
+                    case 1: t16_1_1(xs, K, ws, ys, N); break;
+                    case 2: t16_2_1(xs, K, ws, ys, N); break;
+                    case 3: t16_3_1(xs, K, ws, ys, N); break;
+                    default: t16_4_1(xs, K, ws, ys, N);
+                }
+            }
 #else
             for (int64_t i = m; i < m + mr; i++)
                 for (int64_t n = n0; n < n0 + nr; n++) {
