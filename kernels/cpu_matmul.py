@@ -519,10 +519,17 @@ def enable_bf16(model: torch.nn.Module) -> int:
     """Route `model`'s bf16 CPU linears through `Bf16Linear`; returns how many (0 without a compiler)."""
     if not usable():
         return 0
+    shared = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
     n = 0
     for mod in model.modules():
         if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
             mod.__class__ = Bf16Linear
+            if shared[id(mod.weight)] == 1:  # onto 2 MiB pages (a tied weight stays where it is)
+                w = _huge_pages(mod.weight.numel() * 2).view(torch.bfloat16).view(mod.weight.shape)
+                w.copy_(mod.weight.detach())
+                mod.weight = torch.nn.Parameter(w, requires_grad=mod.weight.requires_grad)
             n += 1
     return n
 

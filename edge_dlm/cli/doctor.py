@@ -78,7 +78,7 @@ def cpu_kernels_report() -> str:
     from edge_dlm.kernels import cpu_matmul
 
     why = cpu_matmul.available()
-    return f"not here ({why[0]}); the reference serves" if why else "buildable here (cc); used for int8 and bf16 on the CPU"
+    return f"not here ({why[0]}); the reference serves" if why else "buildable here (cc); used for int8, int4 and bf16 on the CPU"
 
 
 def run(a: argparse.Namespace) -> int:
@@ -89,7 +89,7 @@ def run(a: argparse.Namespace) -> int:
     out = [f"edge-dlm doctor: {r['model']}", f"python {r['python']}, torch {r['torch']}, CUDA {r['cuda'] or 'none'}",
            f"CPU threads for passes: {r['threads']} ({threads_origin(r['threads_measured'])})",
            f"compiled passes (--compile): {r['compiled_passes']}",
-           f"CPU int8 / bf16 matmul kernels: {r['cpu_kernels']}", "",
+           f"CPU int8 / int4 / bf16 matmul kernels: {r['cpu_kernels']}", "",
            f"{'engine':<12} {'device':<28} {'status':<6} versions / why not"]
     for row in r["engines"]:
         ver = ", ".join(f"{k} {v}" for k, v in row["versions"].items()) or "-"
