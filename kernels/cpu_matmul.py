@@ -83,15 +83,35 @@ static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float 
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / 32; b++) {
             const float *xr = x + m * K + 32 * b;
+#if defined(__AVX512F__)
+            const __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+#else
             float amax = 0.0f;
             for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[i]));
-            const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+#endif
+            /* a NaN in x makes d NaN, so the outputs are NaN too (the max above would drop it) */
+#if defined(__AVX512F__)
+            const int nan = (_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q)) != 0;
+#else
+            int nan = 0;
+            for (int i = 0; i < 32; i++) nan |= isnan(xr[i]);
+#endif
+            const float db = nan ? NAN : amax / 127.0f, id = amax > 0.0f && !nan ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
+#if defined(__AVX512F__)  /* round to nearest even, as nearbyintf: |q| <= 127 */
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+            _mm_storeu_si128((__m128i *)(a + m * K + 32 * b), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(a + m * K + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
             for (int i = 0; i < 32; i++) {
                 const int32_t q = (int32_t)nearbyintf(xr[i] * id);  /* |q| <= 127 */
                 a[m * K + 32 * b + i] = (int8_t)q;
                 sum += q;
             }
+#endif
             d[m * (K / 32) + b] = db;
             sa[m * (K / 32) + b] = db * (float)sum;
         }

@@ -78,6 +78,18 @@ def test_wide_passes_are_a_bf16_gemm_of_the_dequantized_weight(scheme, symmetric
     assert rel(got, linear_ref(x, mod)) < 6e-3
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_is_never_rounded_away(scheme, bad):
+    """int8 rounding must not turn a NaN / inf into a number: the pass's all-finite check relies on it."""
+    mod = layer(scheme, 48, 256, 32)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    x[1, 77] = bad
+    y = cpu_matmul.cpu_quant_matmul(x, mod)
+    assert not torch.isfinite(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
+    assert torch.equal(y[[0, 2]], cpu_matmul.cpu_quant_matmul(x[[0, 2]], mod))
+
+
 def test_declines_what_it_does_not_cover():
     permuted = layer("int8", 32, 96, 32)
     permuted.perm = torch.randperm(96)
