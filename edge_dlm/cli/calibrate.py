@@ -97,14 +97,20 @@ def measure_threads(rt, tokens: int = 64) -> dict | None:
     for c in candidates:
         torch.set_num_threads(c)
         got[c] = [speed()]
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no second interpreter to run: the idle numbers decide
+        busy = None
     try:
         for c in candidates:
-            torch.set_num_threads(c)
-            got[c].append(speed())
+            if busy is not None:
+                torch.set_num_threads(c)
+                got[c].append(speed())
     finally:
-        busy.kill()
-        busy.wait()
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     best = max(candidates, key=lambda c: (min(got[c]), -c))
     record_threads(best, got)
     set_threads(best)

@@ -14,12 +14,12 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 `[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
 (bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
 
-Matmuls read the packed weights directly: on the CPU through the C kernels of
-`edge_dlm.kernels.cpu_matmul` (int8 x int8 VNNI dot products, int4 through bf16 tables; registered by
-`cpu_matmul.enable`, which the runtime calls), on CUDA through the Triton kernel of
-`edge_dlm.kernels.quant_matmul` (registered by `edge_dlm.kernels.enable`). Both read `qweight` as it is;
-the CPU kernels keep float32 copies of the scales next to the fp16 ones (`QuantLinear.derived`, built
-on first use per device).
+Matmuls read the packed weights directly: on the CPU through the C kernel of
+`edge_dlm.kernels.cpu_matmul` (activations rounded to int8 per block of 32, int8 x int8 VNNI dot
+products; registered by `cpu_matmul.enable`, which the runtime calls), which keeps a copy of the weight
+in its own 16-row layout next to `qweight` (`QuantLinear.derived`, built on first use or by `prepare`);
+on CUDA through the Triton kernel of `edge_dlm.kernels.quant_matmul` (registered by
+`edge_dlm.kernels.enable`), which reads `qweight` as it is.
 `dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
 declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
 decline a shape.
