@@ -77,8 +77,10 @@ static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> float32, exact 
    [K/4][16][4] of u = w + 128, or q as stored with zero points; int4: [K/8][16][4], low nibble column
    8o + j, high 8o + 4 + j, u = q + 8, or q with zero points), scales and zero points [ng][16] fp16.
    One unsigned x signed VNNI dot product then serves 16 rows (lane r: row r), the 4 activation bytes
-   broadcast: y[m, r] = sum_b S_rb d_b (sum u a) + Z'_rb sa_b with Z' = z, or -128 s (int8) / -8 s. */
-static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, float *sa, int threads) {
+   broadcast: y[m, r] = sum_b S_rb d_b (sum u a - off sum a) for signed weights (off = 128, int8 / 8,
+   int4, subtracted in integers), sum_b S_rb d_b (sum u a) + z_rb sa_b with zero points. */
+static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, float *sa, int32_t *as,
+                         int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (M > 4)
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / 32; b++) {
@@ -114,60 +116,80 @@ static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float 
 #endif
             d[m * (K / 32) + b] = db;
             sa[m * (K / 32) + b] = db * (float)sum;
+            as[m * (K / 32) + b] = sum;
         }
 }
 
+typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation bytes, broadcast by the dot */
 #define MT 8  /* pass rows per register tile */
-static void block16(int bits, const int8_t *a, const float *d, const float *sa, int64_t M, int64_t K, int gs,
-                    const uint8_t *w, const uint16_t *s, const uint16_t *z, float off, float *y, int64_t N, int64_t rows) {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* MTC pass rows x 16 weight rows; per block of 32 columns two integer accumulators per pass row (4
+   dot products each: half the dependency chain; integer sums, so the split changes nothing) */
+#define B16(MTC)                                                                                  \
+static void b16_##MTC(int bits, const int8_t *a, const float *d, const float *sa, const int32_t *as,   \
+                      int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
+                      float *y, int64_t N, int64_t rows) {                                        \
+    const int64_t nb32 = K / 32;                                                                  \
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);                                                   \
+    __m512 tot[MTC];                                                                              \
+    for (int i = 0; i < MTC; i++) tot[i] = _mm512_setzero_ps();                                   \
+    for (int64_t b = 0; b < nb32; b++) {                                                          \
+        __m512i wv[8];                                                                            \
+        if (bits == 8)                                                                            \
+            for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(w + (b * 8 + q) * 64);        \
+        else                                                                                      \
+            for (int o = 0; o < 4; o++) {                                                         \
+                const __m512i v = _mm512_loadu_si512(w + (b * 4 + o) * 64);                       \
+                wv[2 * o] = _mm512_and_si512(v, lo4);                                             \
+                wv[2 * o + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);                   \
+            }                                                                                     \
+        const int64_t g = (32 * b) >> gs;                                                         \
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 16)));     \
+        const __m512 zv = z ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + g * 16))) : sv; \
+        for (int i = 0; i < MTC; i++) {                                                           \
+            const i32u *a4 = (const i32u *)(a + i * K + 32 * b);                                  \
+            const int64_t j = i * nb32 + b;                                                       \
+            /* signed weights: sum u a - off sum a = sum q a, the offset taken out in integers */  \
+            __m512i c0 = z ? _mm512_setzero_si512() : _mm512_set1_epi32(-off * as[j]);            \
+            __m512i c1 = _mm512_setzero_si512();                                                  \
+            for (int q = 0; q < 8; q += 2) {                                                      \
+                c0 = _mm512_dpbusd_epi32(c0, wv[q], _mm512_set1_epi32(a4[q]));                    \
+                c1 = _mm512_dpbusd_epi32(c1, wv[q + 1], _mm512_set1_epi32(a4[q + 1]));            \
+            }                                                                                     \
+            const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(c0, c1));                        \
+            tot[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_set1_ps(d[j])), tot[i]);         \
+            if (z) tot[i] = _mm512_fmadd_ps(zv, _mm512_set1_ps(sa[j]), tot[i]);                   \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MTC; i++) {                                                               \
+        float t[16];                                                                              \
+        _mm512_storeu_ps(t, tot[i]);                                                              \
+        memcpy(y + i * N, t, rows * sizeof(float));                                               \
+    }                                                                                             \
+}
+B16(1) B16(2) B16(3) B16(4) B16(5) B16(6) B16(7) B16(8)
+#endif
+
+static void block16(int bits, const int8_t *a, const float *d, const float *sa, const int32_t *as, int64_t M,
+                    int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, float *y,
+                    int64_t N, int64_t rows) {
     const int64_t nb32 = K / 32;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mt = M - m0 < MT ? M - m0 : MT;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        const __m512i lo4 = _mm512_set1_epi8(0x0F);
-        __m512 tot[MT];
-        for (int i = 0; i < MT; i++) tot[i] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb32; b++) {
-            __m512i wv[8];
-            if (bits == 8)
-                for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(w + (b * 8 + q) * 64);
-            else
-                for (int o = 0; o < 4; o++) {
-                    const __m512i v = _mm512_loadu_si512(w + (b * 4 + o) * 64);
-                    wv[2 * o] = _mm512_and_si512(v, lo4);
-                    wv[2 * o + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
-                }
-            const int64_t g = (32 * b) >> gs;
-            const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 16)));
-            const __m512 zv = z ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + g * 16)))
-                                : _mm512_mul_ps(sv, _mm512_set1_ps(-off));
-            for (int i = 0; i < mt; i++) {
-                int32_t a4[8];
-                memcpy(a4, a + (m0 + i) * K + 32 * b, 32);
-                __m512i acc = _mm512_setzero_si512();
-                if (bits == 8)
-                    for (int q = 0; q < 8; q++) acc = _mm512_dpbusd_epi32(acc, wv[q], _mm512_set1_epi32(a4[q]));
-                else
-                    for (int o = 0; o < 4; o++) {
-                        acc = _mm512_dpbusd_epi32(acc, wv[2 * o], _mm512_set1_epi32(a4[2 * o]));
-                        acc = _mm512_dpbusd_epi32(acc, wv[2 * o + 1], _mm512_set1_epi32(a4[2 * o + 1]));
-                    }
-                const int64_t j = (m0 + i) * nb32 + b;
-                tot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sv, _mm512_set1_ps(d[j])), tot[i]);
-                tot[i] = _mm512_fmadd_ps(zv, _mm512_set1_ps(sa[j]), tot[i]);
-            }
-        }
-        for (int i = 0; i < mt; i++) {
-            float t[16];
-            _mm512_storeu_ps(t, tot[i]);
-            memcpy(y + (m0 + i) * N, t, rows * sizeof(float));
-        }
+        typedef void (*tile)(int, const int8_t *, const float *, const float *, const int32_t *, int64_t, int,
+                             const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int64_t, int64_t);
+        static const tile tiles[MT + 1] = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6, b16_7, b16_8};
+        tiles[mt](bits, a + m0 * K, d + m0 * nb32, sa + m0 * nb32, as + m0 * nb32, K, gs, w, s, z, off,
+                  y + m0 * N, N, rows);
 #else   /* portable: the same sums, lane by lane */
         for (int64_t i = 0; i < mt; i++)
             for (int64_t r = 0; r < rows; r++) {
                 float tot = 0.0f;
                 for (int64_t b = 0; b < nb32; b++) {
-                    int32_t acc = 0;
+                    const int64_t g = (32 * b) >> gs, j = (m0 + i) * nb32 + b;
+                    int32_t acc = z ? 0 : -off * as[j];
                     for (int k = 0; k < 32; k++) {
                         const int64_t q = 32 * b + k;
                         int u;
@@ -178,10 +200,8 @@ static void block16(int bits, const int8_t *a, const float *d, const float *sa, 
                         }
                         acc += u * a[(m0 + i) * K + q];
                     }
-                    const int64_t g = (32 * b) >> gs, j = (m0 + i) * nb32 + b;
-                    const float sv = half_to_float(s[g * 16 + r]), zv = z ? half_to_float(z[g * 16 + r]) : sv * -off;
-                    tot = fmaf((float)acc, sv * d[j], tot);
-                    tot = fmaf(zv, sa[j], tot);
+                    tot = fmaf((float)acc, half_to_float(s[g * 16 + r]) * d[j], tot);
+                    if (z) tot = fmaf(half_to_float(z[g * 16 + r]), sa[j], tot);
                 }
                 y[(m0 + i) * N + r] = tot;
             }
@@ -196,13 +216,14 @@ void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     const int64_t ng = K >> gs, nb = (N + 15) / 16, wb = 16 * K * bits / 8;
     int8_t *a = malloc(M * K);
     float *d = malloc(M * (K / 32) * sizeof(float)), *sa = malloc(M * (K / 32) * sizeof(float));
-    quant_blocks(x, M, K, a, d, sa, threads);
-    const float off = bits == 8 ? 128.0f : 8.0f;
+    int32_t *as = malloc(M * (K / 32) * sizeof(int32_t));
+    quant_blocks(x, M, K, a, d, sa, as, threads);
+    const int off = bits == 8 ? 128 : 8;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < nb; r++)
-        block16(bits, a, d, sa, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
+        block16(bits, a, d, sa, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
                 y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16);
-    free(a); free(d); free(sa);
+    free(a); free(d); free(sa); free(as);
 }
 
 static void int4_values(float q[16], int zeros) {
