@@ -474,10 +474,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if engine_name == "torch" and dev.type == "cpu":
         from edge_dlm.kernels import cpu_matmul
 
-        if net.config.quantization or spec is not None:
-            cpu_matmul.enable()  # group-wise int8 weights read as int8 (else: the dequantizing reference)
-        if dt == torch.bfloat16:
-            cpu_matmul.enable_bf16(net)  # narrow bf16 passes at memory speed (else: torch's bf16 GEMV)
+        cpu_matmul.enable_for(net)  # int8 / int4 / bf16 matmuls in C (else: the references, torch's GEMV)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
     rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))

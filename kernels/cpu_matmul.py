@@ -612,6 +612,20 @@ def usable() -> bool:
     return True
 
 
+def enable_for(model: torch.nn.Module) -> bool:
+    """A model about to run on the CPU: its int8 / int4 matmuls and its bf16 linears through these
+    kernels (the runtime's loader and `edge-dlm bench --shape` both). A model with neither (float32)
+    never builds them. False where nothing is routed (no such layer, or no compiler)."""
+    from edge_dlm.model.quant import QuantLinear
+
+    quant = any(isinstance(m, QuantLinear) for m in model.modules())
+    bf16 = any(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules())
+    if not (quant or bf16) or not enable():
+        return False
+    enable_bf16(model)
+    return True
+
+
 def enable() -> bool:
     """Route CPU int8 / int4 `QuantLinear` matmuls here (when a C compiler is present)."""
     from edge_dlm.model.quant import register_matmul

@@ -141,6 +141,10 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     model = random_model(cfg, dtype, device)
     if kernels.resolve(a.kernels, device):  # as a loaded model: Triton attention / int matmuls on CUDA
         kernels.enable(model)
+    from edge_dlm.kernels import cpu_matmul
+
+    if device.type == "cpu":  # ... and the C matmuls on the CPU
+        cpu_matmul.enable_for(model)
     from edge_dlm.model import compiled
     from edge_dlm.runtime import compiled_cache
 
@@ -152,6 +156,8 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     for weights in [dname] + ([f"{spec.scheme} g{spec.group_size}"] if spec else []):
         if weights != dname:
             quantize_model(model, spec)
+            if device.type == "cpu":
+                cpu_matmul.enable_for(model)
             sync(device)
         nbytes = weight_bytes(model)
         gb[weights] = nbytes / 1e9
