@@ -66,6 +66,16 @@ def test_narrow_passes_compute_what_they_document_and_rows_do_not_depend_on_the_
         assert torch.equal(cpu_matmul.cpu_quant_matmul(x[:m], mod), alone[:m]), m
 
 
+def test_a_large_weight_on_huge_pages_computes_the_same():
+    """Layouts of 8 MiB and more are allocated 2 MiB-aligned (huge pages where Linux offers them)."""
+    mod = layer("int8", 4096, 2048, 32)
+    w, _, _ = cpu_matmul.x16_layout(mod)
+    assert w.numel() == 4096 * 2048 and (w.data_ptr() % (2 << 20) == 0 or __import__("platform").system() != "Linux")
+    x = torch.randn(2, 2048, generator=torch.Generator().manual_seed(5))
+    got, want = cpu_matmul.cpu_quant_matmul(x, mod), documented(x, mod)
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+
+
 @pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int8", False), ("int4", True), ("int4", False)])
 def test_wide_passes_are_a_bf16_gemm_of_the_dequantized_weight(scheme, symmetric):
     mod = layer(scheme, 600, 256, 32, symmetric=symmetric)  # more rows than one dequantized tile
