@@ -296,6 +296,8 @@ class NLDModel(nn.Module):
         if last_only:
             out = out[-1:]
         if pick is not None:
+            if len(out) == 1:  # an AR step, a block pass: no concatenation
+                return out[0]
             return (torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]),
                     torch.stack([o[2] for o in out]).all())
         return torch.cat(out)[None] if len(out) > 1 else out[0][None]

@@ -59,8 +59,9 @@ class KVCache:
         return self.k.shape[2]
 
     def _set_length(self, n: int) -> None:
-        self.length = n
-        self.length_t.fill_(n)  # no host synchronization (a device-side fill)
+        if n != self.length:  # (the device copy always follows `length`)
+            self.length = n
+            self.length_t.fill_(n)  # no host synchronization (a device-side fill)
 
     def begin(self, t: int) -> int:
         """Start a pass of `t` new tokens: check it fits, mark them pending; returns the window."""
