@@ -72,52 +72,54 @@ static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> float32, exact 
     return f;
 }
 
-/* ---- int8 / int4, narrow passes: x quantized per row in blocks of 32 (a int8, d its scale, sa =
-   d * sum(a)); W in blocks of 16 rows with, per 4 columns, the 16 rows' 4 bytes side by side (int8:
+/* ---- int8 / int4, narrow passes: x quantized per row in blocks of 32 (a int8, d its scale, as =
+   sum(a)); W in blocks of 16 rows with, per 4 columns, the 16 rows' 4 bytes side by side (int8:
    [K/4][16][4] of u = w + 128, or q as stored with zero points; int4: [K/8][16][4], low nibble column
    8o + j, high 8o + 4 + j, u = q + 8, or q with zero points), scales and zero points [ng][16] fp16.
    One unsigned x signed VNNI dot product then serves 16 rows (lane r: row r), the 4 activation bytes
    broadcast: y[m, r] = sum_b S_rb d_b (sum u a - off sum a) for signed weights (off = 128, int8 / 8,
-   int4, subtracted in integers), sum_b S_rb d_b (sum u a) + z_rb sa_b with zero points. */
-static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, float *sa, int32_t *as,
-                         int threads) {
+   int4, subtracted in integers), sum_b S_rb d_b (sum u a) + z_rb d_b sum a with zero points. */
+static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, int32_t *as, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if (M > 4)
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / 32; b++) {
             const float *xr = x + m * K + 32 * b;
+            int8_t *ar = a + m * K + 32 * b;
+            int32_t sum = 0;
+            /* a NaN in x makes d NaN, so the outputs are NaN too (the max would drop it) */
 #if defined(__AVX512F__)
             const __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-#else
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xr[i]));
-#endif
-            /* a NaN in x makes d NaN, so the outputs are NaN too (the max above would drop it) */
-#if defined(__AVX512F__)
             const int nan = (_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q)) != 0;
-#else
-            int nan = 0;
-            for (int i = 0; i < 32; i++) nan |= isnan(xr[i]);
-#endif
-            const float db = nan ? NAN : amax / 127.0f, id = amax > 0.0f && !nan ? 127.0f / amax : 0.0f;
-            int32_t sum = 0;
-#if defined(__AVX512F__)  /* round to nearest even, as nearbyintf: |q| <= 127 */
+            const float id = amax > 0.0f && !nan ? 127.0f / amax : 0.0f;
+            /* round to nearest even, as nearbyintf: |q| <= 127 */
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
-            _mm_storeu_si128((__m128i *)(a + m * K + 32 * b), _mm512_cvtepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(a + m * K + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+            _mm_storeu_si128((__m128i *)ar, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(ar + 16), _mm512_cvtepi32_epi8(q1));
             sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 #else
+            float amax = 0.0f;
+            int nan = 0;
             for (int i = 0; i < 32; i++) {
-                const int32_t q = (int32_t)nearbyintf(xr[i] * id);  /* |q| <= 127 */
-                a[m * K + 32 * b + i] = (int8_t)q;
-                sum += q;
+                amax = fmaxf(amax, fabsf(xr[i]));
+                nan |= isnan(xr[i]);
+            }
+            const float id = amax > 0.0f && !nan ? 127.0f / amax : 0.0f;
+            for (int i = 0; i < 32; i++) {
+                ar[i] = (int8_t)(int32_t)nearbyintf(xr[i] * id);  /* |q| <= 127 */
+                sum += ar[i];
             }
 #endif
-            d[m * (K / 32) + b] = db;
-            sa[m * (K / 32) + b] = db * (float)sum;
+            d[m * (K / 32) + b] = nan ? NAN : amax / 127.0f;
             as[m * (K / 32) + b] = sum;
         }
+}
+
+static int log2_exact(int64_t g) {  /* group sizes are powers of two */
+    int gs = 0;
+    while (((int64_t)1 << gs) < g) gs++;
+    return gs;
 }
 
 typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation bytes, broadcast by the dot */
@@ -127,7 +129,7 @@ typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation by
 /* MTC pass rows x 16 weight rows; per block of 32 columns two integer accumulators per pass row (4
    dot products each: half the dependency chain; integer sums, so the split changes nothing) */
 #define B16(MTC)                                                                                  \
-static void b16_##MTC(int bits, const int8_t *a, const float *d, const float *sa, const int32_t *as,   \
+static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
                       int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
                       float *y, int64_t N, int64_t rows) {                                        \
     const int64_t nb32 = K / 32;                                                                  \
@@ -159,7 +161,7 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const float *sa
             }                                                                                     \
             const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(c0, c1));                        \
             tot[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_set1_ps(d[j])), tot[i]);         \
-            if (z) tot[i] = _mm512_fmadd_ps(zv, _mm512_set1_ps(sa[j]), tot[i]);                   \
+            if (z) tot[i] = _mm512_fmadd_ps(zv, _mm512_set1_ps(d[j] * (float)as[j]), tot[i]);    \
         }                                                                                         \
     }                                                                                             \
     for (int i = 0; i < MTC; i++) {                                                               \
@@ -171,17 +173,17 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const float *sa
 B16(1) B16(2) B16(3) B16(4) B16(5) B16(6) B16(7) B16(8)
 #endif
 
-static void block16(int bits, const int8_t *a, const float *d, const float *sa, const int32_t *as, int64_t M,
+static void block16(int bits, const int8_t *a, const float *d, const int32_t *as, int64_t M,
                     int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, float *y,
                     int64_t N, int64_t rows) {
     const int64_t nb32 = K / 32;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mt = M - m0 < MT ? M - m0 : MT;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        typedef void (*tile)(int, const int8_t *, const float *, const float *, const int32_t *, int64_t, int,
+        typedef void (*tile)(int, const int8_t *, const float *, const int32_t *, int64_t, int,
                              const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int64_t, int64_t);
         static const tile tiles[MT + 1] = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6, b16_7, b16_8};
-        tiles[mt](bits, a + m0 * K, d + m0 * nb32, sa + m0 * nb32, as + m0 * nb32, K, gs, w, s, z, off,
+        tiles[mt](bits, a + m0 * K, d + m0 * nb32, as + m0 * nb32, K, gs, w, s, z, off,
                   y + m0 * N, N, rows);
 #else   /* portable: the same sums, lane by lane */
         for (int64_t i = 0; i < mt; i++)
@@ -201,7 +203,7 @@ static void block16(int bits, const int8_t *a, const float *d, const float *sa, 
                         acc += u * a[(m0 + i) * K + q];
                     }
                     tot = fmaf((float)acc, half_to_float(s[g * 16 + r]) * d[j], tot);
-                    if (z) tot = fmaf(half_to_float(z[g * 16 + r]), sa[j], tot);
+                    if (z) tot = fmaf(half_to_float(z[g * 16 + r]), d[j] * (float)as[j], tot);
                 }
                 y[(m0 + i) * N + r] = tot;
             }
@@ -211,19 +213,18 @@ static void block16(int bits, const int8_t *a, const float *d, const float *sa, 
 
 void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
               int64_t N, int64_t G, float *y, int threads) {
-    int gs = 0;
-    while ((1 << gs) < G) gs++;
+    const int gs = log2_exact(G);
     const int64_t ng = K >> gs, nb = (N + 15) / 16, wb = 16 * K * bits / 8;
     int8_t *a = malloc(M * K);
-    float *d = malloc(M * (K / 32) * sizeof(float)), *sa = malloc(M * (K / 32) * sizeof(float));
+    float *d = malloc(M * (K / 32) * sizeof(float));
     int32_t *as = malloc(M * (K / 32) * sizeof(int32_t));
-    quant_blocks(x, M, K, a, d, sa, as, threads);
+    quant_blocks(x, M, K, a, d, as, threads);
     const int off = bits == 8 ? 128 : 8;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < nb; r++)
-        block16(bits, a, d, sa, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
+        block16(bits, a, d, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
                 y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16);
-    free(a); free(d); free(sa); free(as);
+    free(a); free(d); free(as);
 }
 
 static void int4_values(float q[16], int zeros) {
@@ -241,9 +242,7 @@ static inline uint16_t bf16_rne(float f) {
    layout (int8 [N, K], or int4 [N, K / 2] even column low) and fp16 scales / zero points [N, K / G] */
 void dequant_bf16(const uint8_t *w, int bits, int64_t N, int64_t K, const uint16_t *s, const uint16_t *z,
                   int64_t G, uint16_t *out, int threads) {  /* z: zero points; NULL: signed weights */
-    const int signed_w = z == 0;
-    int gs = 0;
-    while ((1 << gs) < G) gs++;
+    const int signed_w = z == 0, gs = log2_exact(G);
     const int64_t ng = K >> gs;
     float q[16];
     int4_values(q, !signed_w);
@@ -577,9 +576,10 @@ def enable_bf16(model: torch.nn.Module) -> int:
 
 
 MAX_ROWS = 32  # bf16: wider passes (prefill chunks, QuadraticSpec's B(B+1) cycle) go to torch's GEMM
-# int8 / int4: x16_gemm beat dequantize + bf16 GEMM up to 128 rows on a Zen 4 core and tied at 256
-# (9216 x 3072, groups of 32: 16.8 vs 18.1 ms at 128 rows, 33.4 vs 33.1 at 256), so every prefill chunk
-# stays on it and a row's result is the same in every pass but QuadraticSpec's widest
+# int8 / int4: x16_gemm beats dequantize + bf16 GEMM at every width up to 256 rows on a Zen 4 core
+# (`scripts/bench_cpu_matmul.py`, 9216 x 3072, groups of 32, int4: 13.1 vs 18.9 ms at 128 rows, 25.7 vs
+# 33.9 at 256), so every prefill chunk stays on it and a row's result is the same in every pass but
+# QuadraticSpec's widest
 QUANT_MAX_ROWS = 256
 
 
@@ -594,12 +594,16 @@ def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
     if x2.shape[0] > QUANT_MAX_ROWS:
         y = dequant_mm(x2, mod.qweight, mod.scales, mod.zeros, bits, mod.spec.group_size)
     else:
-        w, s, z = mod.derived("cpu-x16", x16_layout)
+        w, s, z = _layout(mod)
         y = x16_gemm(x2.float(), w, s, z, bits, mod.spec.group_size, mod.out_features)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
-cpu_quant_matmul.prepare = lambda mod: mod.derived("cpu-x16", x16_layout)
+def _layout(mod):
+    return mod.derived("cpu-x16", x16_layout)
+
+
+cpu_quant_matmul.prepare = _layout
 
 
 def usable() -> bool:

@@ -68,7 +68,7 @@ def measure_compile(rt, tokens: int = 128, runs: int = 3) -> dict | None:
     return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": fast, "faster": fast > eager}
 
 
-def measure_threads(rt, tokens: int = 64) -> dict | None:
+def measure_threads(rt, tokens: int = 32) -> dict | None:
     """Choose the CPU threads passes use on this machine: AR on the torch CPU engine at 1, half,
     all-but-one and all usable CPUs, each idle and again beside one busy core (a stand-in for the chat
     screen, a terminal or a browser: torch's parallel regions collapse when a thread of theirs is
@@ -89,7 +89,7 @@ def measure_threads(rt, tokens: int = 64) -> dict | None:
     prompt = "Write a short story about a lighthouse keeper"
 
     def speed() -> float:
-        rt.generate(prompt, mode="ar", max_new_tokens=8)  # warm-up at this thread count
+        rt.generate(prompt, mode="ar", max_new_tokens=4)  # warm-up at this thread count
         return statistics.median(rt.generate(prompt, mode="ar", max_new_tokens=tokens).tokens_per_s for _ in range(2))
 
     print(f"measuring CPU threads ({', '.join(map(str, candidates))}) ...", file=sys.stderr, flush=True)
