@@ -163,3 +163,31 @@ def test_compile_flag(tmp_path):
     assert json.loads(on.stdout)["output_ids"] == json.loads(off.stdout)["output_ids"]
     bad = gen("--compile", "on", "--kernels", "on")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_each_key_runs_its_own_graph(pair):
+    """Known pass shapes run with dynamo's differentiating guards only (`StepFunctions`): passes of
+    different widths, patterns, windows and head rows, interleaved, each give the eager pass's logits,
+    and the projections of narrow passes are the compiled reduction (`RowsLinear`), not the GEMM."""
+    eager, fast = pair
+    assert isinstance(fast.encoder.layers[0].mlp.up_proj, compiled.RowsLinear)
+    assert type(fast.diffusion_head) is torch.nn.Linear  # its logits feed several reductions
+    cases = [(1, "causal", 40, False), (4, "block", 40, False), (1, "causal", 300, False), (4, "causal", 40, True),
+             (1, "causal", 40, True), (4, "block", 300, False), (1, "causal", 40, False), (8, "block", 40, False)]
+    known = []
+    for _ in range(2):
+        for t, kind, length, last in cases:
+            outs = []
+            for model in (eager, fast):
+                cache = model.new_cache(512)
+                cache._set_length(length)
+                tokens = torch.arange(5, 5 + t)[None]
+                positions = torch.arange(length, length + t)[None]
+                with torch.inference_mode():
+                    window = cache.begin(t)
+                    tail = torch.full((1,), t - 1) if last else None
+                    outs.append(model.step(tokens, positions, cache.length_t, cache.k, cache.v, Attn(kind), window,
+                                           False, tail))
+            torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+        known.append(set(fast.step.keys))
+    assert known[0] == known[1]  # the second round compiled nothing
