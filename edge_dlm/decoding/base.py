@@ -186,9 +186,8 @@ class Decoder:
             with torch.inference_mode():
                 t, pos = self._inputs(tokens, positions)
                 self.nfe += 1
-                ids, conf, finite = self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora,
-                                               last_only=last_only, pick=self.mask_id)
-                return Picks(self, packed=torch.cat([ids.double(), conf.double(), finite.double()[None]]))
+                return Picks(self, packed=self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora,
+                                                     last_only=last_only, pick=self.mask_id))
         return Picks(self, logits=self.forward(tokens, positions, attn, use_lora, last_only))
 
     @property

@@ -270,8 +270,8 @@ class NLDModel(nn.Module):
         With a `KVCache` (batch 1), the pass attends to the committed cache plus its own tokens under
         `attn` and leaves its K/V pending in the cache for the decoder to commit or drop; it runs as
         static-shape step functions (`cached_pass`, see `segments`). With `pick` (the mask id) it
-        returns the greedy picks made inside the pass instead of logits: (ids `[T]`, confidences `[T]`,
-        all logits finite) device tensors (`greedy`). Otherwise see `hidden`.
+        returns the greedy picks made inside the pass instead of logits, packed into one float64 device
+        tensor (`greedy`). Otherwise see `hidden`.
         """
         if not isinstance(cache, KVCache):
             h = self.hidden(tokens, positions, cache=cache, mask=mask, use_lora=use_lora)
@@ -296,10 +296,7 @@ class NLDModel(nn.Module):
         if last_only:
             out = out[-1:]
         if pick is not None:
-            if len(out) == 1:  # an AR step, a block pass: no concatenation
-                return out[0]
-            return (torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]),
-                    torch.stack([o[2] for o in out]).all())
+            return out[0] if len(out) == 1 else merge_picks(out)  # an AR step, a block pass: as it is
         return torch.cat(out)[None] if len(out) > 1 else out[0][None]
 
     def _segment(self, tokens, positions, cache: KVCache, attn: Attn, width: int, use_lora: bool,
@@ -323,7 +320,7 @@ class NLDModel(nn.Module):
                             use_lora, last, pick)
         if last_only:
             return out
-        return out[:n] if pick is None else (out[0][:n], out[1][:n], out[2])
+        return out[:n] if pick is None else pick_rows(out, n)
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
@@ -344,17 +341,32 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
-def greedy(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def greedy(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """The decoding contract's greedy pick per row of `logits [R, V]`, inside the pass: the argmax with
     the mask id excluded (ties to the lowest id) and its probability under the untempered softmax (the
-    confidence), plus whether every logit is finite (the sampler's check, without a host round trip).
+    confidence), plus whether every logit is finite (the sampler's check, without a host round trip),
+    packed as the pass's one host transfer: float64 `[2R + 1]` = the R ids, the R confidences, 1.0 if
+    every logit is finite else 0.0 (`edge_dlm.decoding.base.Picks` reads it).
     `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
     x = logits.float()
     finite = torch.isfinite(x).all()
     x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
     ids = x.argmax(-1)
     conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
-    return ids, conf, finite
+    return torch.cat([ids.double(), conf.double(), finite.double()[None]])
+
+
+def pick_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` rows of `greedy`'s packed picks (a padded segment's real tokens)."""
+    r = (packed.shape[0] - 1) // 2
+    return packed if n == r else torch.cat([packed[:n], packed[r:r + n], packed[-1:]])
+
+
+def merge_picks(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`greedy`'s packed picks of consecutive segments as one pass's."""
+    rows = [(p.shape[0] - 1) // 2 for p in parts]
+    return torch.cat([p[:r] for p, r in zip(parts, rows)] + [p[r:2 * r] for p, r in zip(parts, rows)]
+                     + [torch.stack([p[-1] for p in parts]).amin()[None]])
 
 
 CHUNK = 256  # the longest causal segment: a prefill runs in chunks of at most this many tokens
