@@ -323,27 +323,39 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 #endif
-TILE16(1, 4) TILE16(2, 4) TILE16(3, 4) TILE16(4, 4) TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
+TILE16(1, 8) TILE16(2, 8) TILE16(1, 6) TILE16(2, 6) TILE16(3, 6) TILE16(4, 6)
+TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
 #endif
 
+/* The weight's rows in blocks of NB (8 for passes of 1-2 rows, which stream the weight from memory and
+   read it faster with more streams in flight; 6 for wider ones: 4 x 6 accumulators + 6 weight vectors +
+   1 input vector = 31 of the 32 vector registers; `scripts/bench_cpu_matmul.py`), the pass's rows 4 at
+   a time. Every output is one accumulator's chain over K in the same order whatever the tile, so a
+   row's result never depends on the pass width. */
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t blocks = (N + 3) / 4;
+    const int64_t nb = M <= 2 ? 8 : 6, blocks = (N + nb - 1) / nb;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = 4 * b, nr = N - n0 < 4 ? N - n0 : 4;
+        const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
         for (int64_t m = 0; m < M; m += 4) {
             const int64_t mr = M - m < 4 ? M - m : 4;
 #if defined(__AVX512F__)
-            for (int64_t j = 0; j < (nr == 4 ? 1 : nr); j++) {
-                const int64_t n = n0 + j;
-                const uint16_t *xs = x + m * K, *ws = w + n * K;
-                float *ys = y + m * N + n;
-                if (nr == 4) switch (mr) {
-                    case 1: t16_1_4(xs, K, ws, ys, N); break;
-                    case 2: t16_2_4(xs, K, ws, ys, N); break;
-                    case 3: t16_3_4(xs, K, ws, ys, N); break;
-                    default: t16_4_4(xs, K, ws, ys, N);
+            const uint16_t *xs = x + m * K;
+            if (nr == nb) {
+                const uint16_t *ws = w + n0 * K;
+                float *ys = y + m * N + n0;
+                if (nb == 8) {
+                    if (mr == 1) t16_1_8(xs, K, ws, ys, N); else t16_2_8(xs, K, ws, ys, N);
                 } else switch (mr) {
+                    case 1: t16_1_6(xs, K, ws, ys, N); break;
+                    case 2: t16_2_6(xs, K, ws, ys, N); break;
+                    case 3: t16_3_6(xs, K, ws, ys, N); break;
+                    default: t16_4_6(xs, K, ws, ys, N);
+                }
+            } else for (int64_t n = n0; n < n0 + nr; n++) {
+                const uint16_t *ws = w + n * K;
+                float *ys = y + m * N + n;
+                switch (mr) {
                     case 1: t16_1_1(xs, K, ws, ys, N); break;
                     case 2: t16_2_1(xs, K, ws, ys, N); break;
                     case 3: t16_3_1(xs, K, ws, ys, N); break;

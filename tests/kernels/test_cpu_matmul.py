@@ -125,12 +125,26 @@ def test_a_compiled_pass_keeps_them_whole():
     assert not counters["graph_break"]
 
 
-def test_the_portable_build_agrees(tmp_path):
-    """The C loops of machines without AVX-512 (most Intel laptops, ARM) compute the same thing."""
+def _has_avx512() -> bool:
+    try:
+        return " avx512f " in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["portable", "avx512-without-bf16"])
+def test_other_builds_agree(tmp_path, variant):
+    """The C loops of machines without AVX-512 (most Intel laptops, ARM), and the AVX-512 build of CPUs
+    without its bf16 dot product (Ice Lake, Skylake-X: bf16 widened to float32), compute the same thing."""
     import platform
 
-    flags = ["-O2", "-fopenmp", "-shared", "-fPIC"] + (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [])
-    lib = cpu_matmul.build(tmp_path / "portable.so", flags)
+    if variant == "portable":
+        flags = ["-O2", "-fopenmp", "-shared", "-fPIC"] + (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [])
+    elif not _has_avx512():
+        pytest.skip("no AVX-512 on this CPU")
+    else:
+        flags = ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC"]
+    lib = cpu_matmul.build(tmp_path / f"{variant}.so", flags)
     for scheme in ("int8", "int4"):
         for symmetric in (True, False):
             mod = layer(scheme, 40, 192, 32, symmetric=symmetric)
@@ -145,6 +159,16 @@ def test_the_portable_build_agrees(tmp_path):
             lib.dequant_bf16(mod.qweight.data_ptr(), mod.spec.bits, 40, 192, mod.scales.data_ptr(), zp, 32,
                              out.data_ptr(), 1)
             assert torch.equal(out, cpu_matmul.dequant_bf16(mod.qweight, mod.scales, mod.zeros, mod.spec.bits, 32))
+    g = torch.Generator().manual_seed(4)
+    w = (0.05 * torch.randn(45, 224, generator=g)).to(torch.bfloat16)
+    x = torch.randn(9, 224, generator=g).to(torch.bfloat16)
+    alone = torch.empty(9, 45)
+    for i in range(9):  # row by row, then all 9 at once: the same bits
+        lib.bf16_gemm(x[i:].data_ptr(), 1, 224, w.data_ptr(), 45, alone[i:].data_ptr(), 1)
+    torch.testing.assert_close(alone, cpu_matmul.bf16_gemm(x, w), atol=1e-4, rtol=1e-4)
+    y = torch.empty(9, 45)
+    lib.bf16_gemm(x.data_ptr(), 9, 224, w.data_ptr(), 45, y.data_ptr(), 1)
+    assert torch.equal(y, alone)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
@@ -160,8 +184,9 @@ def test_lossless_modes_emit_ar_tokens_on_a_quantized_model(quant):
         assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
 
 
-def test_bf16_matches_and_rows_do_not_depend_on_the_width():
-    w = (0.05 * torch.randn(40, 224, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
+@pytest.mark.parametrize("n", [40, 45])  # whole blocks of 8 / 6 weight rows, and tails
+def test_bf16_matches_and_rows_do_not_depend_on_the_width(n):
+    w = (0.05 * torch.randn(n, 224, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
     x = torch.randn(cpu_matmul.MAX_ROWS, 224, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     alone = torch.cat([cpu_matmul.bf16_gemm(x[i:i + 1], w) for i in range(len(x))])
     torch.testing.assert_close(alone, x.float() @ w.float().t(), atol=1e-4, rtol=1e-4)
