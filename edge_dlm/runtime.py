@@ -56,9 +56,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+# On a CPU, `--dtype auto` keeps a bfloat16 checkpoint in bfloat16 when its weights are at least this
+# large: no CPU cache holds them, every pass streams them from memory, and half the bytes through the
+# bf16 kernel (`edge_dlm.kernels.cpu_matmul.Bf16Linear`) decode about twice as fast as float32 (NLD-3B
+# shape: BENCHMARKS.md). A smaller model stays in cache, where float32 is as fast and exact.
+CPU_BF16_BYTES = 512 << 20
+
+
+def _large_bf16(path: Path) -> bool:
+    """A checkpoint directory stored in bfloat16 whose safetensors hold at least `CPU_BF16_BYTES`."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" and size >= CPU_BF16_BYTES
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, path: Path | None = None) -> torch.dtype:
+    """`--dtype`: auto is bfloat16 on CUDA; on a CPU float32, or bfloat16 for a large bfloat16 checkpoint
+    at `path` (`CPU_BF16_BYTES`)."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if path is not None and _large_bf16(path) else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' not supported; known: {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -444,7 +467,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
 
     path = check_dir(resolve(model))
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, path)
     set_threads(threads)
     engine_name = engines.select(engine, path, str(dev))
     if engine_name != "torch" and spec is not None:

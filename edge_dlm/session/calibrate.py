@@ -123,7 +123,7 @@ def target(a: argparse.Namespace) -> Target:
     path = check_dir(resolve(a.model)).resolve()
     NLDConfig.from_file(path / "config.json")  # validated before anything reads it for the key
     dev = resolve_device(a.device)
-    dtype = str(resolve_dtype(None if a.dtype == "auto" else a.dtype, dev)).removeprefix("torch.")
+    dtype = str(resolve_dtype(None if a.dtype == "auto" else a.dtype, dev, path)).removeprefix("torch.")
     return Target(path, str(dev), dtype, a.quant, a.group_size if a.quant else 0, not a.no_lora, a.kernels, a.engine,
                   threads_for(getattr(a, "threads", None)))
 
