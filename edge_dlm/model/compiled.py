@@ -15,6 +15,7 @@ second process finds the kernels already built and only re-traces (seconds).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -121,7 +122,8 @@ class StepFunctions:
     the graphs apart: the first pass of a key runs with every guard (and compiles); a pass of a key
     already compiled runs with only the guards that differ between the compiled graphs
     (`skip_guard_eval_unsafe`: "unsafe" where a graph could meet inputs it was not traced for, which
-    the key rules out)."""
+    the key rules out). That stance is process-wide, so compiled passes in one process take turns
+    (`_ONE_PASS`): another thread's first pass of a new shape never runs under it."""
 
     def __init__(self, model: torch.nn.Module, fn) -> None:
         self.model, self.fn = model, fn
@@ -133,11 +135,15 @@ class StepFunctions:
         # follow the model's (`new_cache`)
         key = (tokens.shape, k_buf.shape, attn, window, use_lora, last is None, pick,
                self.model.encoder.layers[0].self_attn.o_lora is not None, torch.is_inference_mode_enabled())
-        if key not in self.keys:
-            out = self.fn(*args)
-            self.keys.add(key)
-            return out
-        return fast_stance(self.fn, args)
+        with _ONE_PASS:  # the stance is process-wide: no other thread's pass runs under it
+            if key not in self.keys:
+                out = self.fn(*args)
+                self.keys.add(key)
+                return out
+            return fast_stance(self.fn, args)
+
+
+_ONE_PASS = threading.Lock()
 
 
 def fast_stance(fn, args):
