@@ -191,3 +191,31 @@ def test_each_key_runs_its_own_graph(pair):
             torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
         known.append(set(fast.step.keys))
     assert known[0] == known[1]  # the second round compiled nothing
+
+
+def test_global_state_changes_after_warmup(pair):
+    """Dynamo also guards the process's state (threads, grad and precision modes): a change after
+    warm-up compiles anew (threads: part of the key) or takes the guarded path (a flag outside the key),
+    and never fails or runs a graph traced for other state."""
+    eager, fast = pair
+
+    def logits(model):
+        cache = model.new_cache(64)
+        cache._set_length(7)
+        with torch.inference_mode():
+            window = cache.begin(1)
+            return model.step(torch.tensor([[9]]), torch.tensor([[7]]), cache.length_t, cache.k, cache.v,
+                              Attn("causal"), window, False, None)
+
+    want = logits(eager)
+    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(logits(fast), want, atol=1e-4, rtol=1e-4)
+        torch.set_num_threads(2 if threads == 1 else 1)
+        torch.testing.assert_close(logits(fast), want, atol=1e-4, rtol=1e-4)
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        torch.testing.assert_close(logits(fast), want, atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32

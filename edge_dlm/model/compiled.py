@@ -131,16 +131,22 @@ class StepFunctions:
 
     def __call__(self, tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick=None):
         args = (tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick)
-        # the key: what a pass's graph depends on (`NLDModel.cached_pass`); the cache's dtype and device
-        # follow the model's (`new_cache`)
+        # the key: what a pass's graph depends on (`NLDModel.cached_pass`; the cache's dtype and device
+        # follow the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)
         key = (tokens.shape, k_buf.shape, attn, window, use_lora, last is None, pick,
-               self.model.encoder.layers[0].self_attn.o_lora is not None, torch.is_inference_mode_enabled())
+               self.model.encoder.layers[0].self_attn.o_lora is not None, torch.is_inference_mode_enabled(),
+               torch.is_grad_enabled(), torch.get_num_threads(), torch.get_default_dtype(),
+               torch.are_deterministic_algorithms_enabled())
         with _ONE_PASS:  # the stance is process-wide: no other thread's pass runs under it
-            if key not in self.keys:
-                out = self.fn(*args)
-                self.keys.add(key)
-                return out
-            return fast_stance(self.fn, args)
+            if key in self.keys:
+                try:
+                    return fast_stance(self.fn, args)
+                except RuntimeError as e:  # a guard outside the key failed: dynamo refuses before running
+                    if "skip_guard_eval_unsafe" not in str(e):  # anything; take the guarded path
+                        raise
+            out = self.fn(*args)
+            self.keys.add(key)
+            return out
 
 
 _ONE_PASS = threading.Lock()
