@@ -202,10 +202,6 @@ class Runtime:
              cancel: threading.Event | None) -> Iterator[StreamEvent]:
         capacity = len(ids) + opts.max_new_tokens + opts.scratch_tokens()
         dec = Decoder(self.model, opts, self._new_cache(capacity))
-        if self.kernels:
-            from edge_dlm.kernels.verify import greedy_pick
-
-            dec.sampler.greedy_fn = greedy_pick
         detok = StreamDetokenizer(self.tokenizer)
         start = time.perf_counter()
         try:

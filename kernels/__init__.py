@@ -47,8 +47,10 @@ def enable(model: torch.nn.Module) -> None:
     """Route the model's cached attention to the Triton block-attention kernel and, on CUDA, its
     int4 / int8 weights to the weight-only matmul kernel (on the CPU torch's own kernels serve them)."""
     from edge_dlm.kernels.attention import block_attention
+    from edge_dlm.kernels.verify import greedy_pick
 
     model.attn_kernel = block_attention
+    model.pick_kernel = greedy_pick
     if any(t.is_cuda for t in model.buffers()):
         from edge_dlm.kernels.quant_matmul import quant_matmul
         from edge_dlm.model.quant import register_matmul

@@ -31,6 +31,21 @@ def test_speculative_modes_equal_ar(tiny_model, mode, block):
     assert ar.nfe == 1 + (ar.stream_len - 1)
 
 
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
+def test_one_host_synchronization_per_cycle_or_step(tiny_model, mode):
+    """Greedy on the torch engine, the picks are made inside the passes and reach the host once per
+    AR step, denoising step or speculative cycle: LinearSpec's draft picks go to its verify pass on the
+    device, and both passes' picks come back together."""
+    dec, events = run_mode(tiny_model, PROMPT, mode, max_new_tokens=40, block_size=4)
+    cycles = sum(isinstance(e, (Draft, Canvas)) for e in events)
+    if mode == "ar":
+        assert dec.syncs == dec.nfe  # one pass per token
+    elif mode == "diffusion":  # prefill + denoising steps + the commit passes
+        assert dec.syncs == dec.nfe and cycles < dec.nfe
+    else:  # prefill (QuadraticSpec: its first pass) + one per cycle, whatever the passes per cycle
+        assert dec.syncs == 1 + cycles and dec.nfe == (1 + 2 * cycles if mode == "linear-spec" else 1 + cycles)
+
+
 def test_diffusion_with_block_one_is_ar(tiny_model):
     ar, _ = run_mode(tiny_model, PROMPT, "ar", max_new_tokens=40)
     dif, events = run_mode(tiny_model, PROMPT, "diffusion", max_new_tokens=40, block_size=1)

@@ -142,6 +142,7 @@ class Decoder:
         self.device = cache.k.device
         self.sampler = Sampler(opts.sampling, self.mask_id, self.device)
         self.nfe = 0
+        self.syncs = 0  # host transfers of in-pass picks (one per cycle or denoising step)
         self.stream_len = 0  # emitted tokens, a final EOS included
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -192,14 +193,7 @@ class Decoder:
 
     @property
     def picks_in_pass(self) -> bool:
-        return (self.sampler.params.temperature == 0 and self.sampler.greedy_fn is None
-                and getattr(self.model, "picks_in_pass", False))
-
-    @property
-    def on_device(self) -> bool:
-        """Fused kernels on and greedy: a cycle's picks and accept decisions stay on the device
-        (`edge_dlm.kernels.verify`), with one host synchronization per cycle or denoising step."""
-        return self.sampler.greedy_fn is not None and self.sampler.params.temperature == 0
+        return self.sampler.params.temperature == 0 and getattr(self.model, "picks_in_pass", False)
 
     # -- the stream
     @property
@@ -253,12 +247,32 @@ class Picks:
         if self.packed is None:
             return self.dec.pick(self.logits if rows is None else self.logits[rows])
         if self.host is None:
-            h = self.packed.tolist()  # the pass's one synchronization
-            if not h[-1]:
-                enc = getattr(self.dec.model, "encoder", None)  # the activations' dtype (norms are never quantized)
-                raise nonfinite(enc.norm.weight.dtype if enc is not None else self.dec.cache.k.dtype)
-            n = (len(h) - 1) // 2
-            self.host = [int(x) for x in h[:n]], h[n:2 * n]
+            self.dec.syncs += 1
+            self._load(self.packed.tolist())  # the pass's one synchronization
         ids, conf = self.host
         idx = range(len(ids)) if rows is None else range(len(ids))[rows] if isinstance(rows, slice) else rows
         return [ids[i] for i in idx], [conf[i] for i in idx]
+
+    def _load(self, h: list[float]) -> None:
+        if not h[-1]:
+            enc = getattr(self.dec.model, "encoder", None)  # the activations' dtype (norms are never quantized)
+            raise nonfinite(enc.norm.weight.dtype if enc is not None else self.dec.cache.k.dtype)
+        n = (len(h) - 1) // 2
+        self.host = [int(x) for x in h[:n]], h[n:2 * n]
+
+    def device_ids(self, rows: slice) -> torch.Tensor:
+        """The picked ids of `rows` as a device tensor, without a host round trip (picks made in the
+        pass only): a next pass's tokens (LinearSpec's verify pass takes the draft's)."""
+        n = (self.packed.shape[0] - 1) // 2
+        return self.packed[:n][rows].long()
+
+
+def fetch(*picks: Picks) -> None:
+    """Bring several passes' in-pass picks to the host in one synchronization."""
+    picks[0].dec.syncs += 1
+    h = torch.cat([p.packed for p in picks]).tolist()
+    at = 0
+    for p in picks:
+        n = p.packed.shape[0]
+        p._load(h[at:at + n])
+        at += n

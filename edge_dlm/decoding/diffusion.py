@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import torch
-
 from edge_dlm.primitives.attention import BLOCK, CAUSAL
 from edge_dlm.decoding.base import Canvas, Decoder, Event
 
@@ -56,22 +54,6 @@ def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: 
     return sorted(masked[i] for i in chosen)
 
 
-def denoise_step_on_device(dec: Decoder, canvas: list[int], start: int, step: int, steps: int,
-                           threshold: float) -> list[int]:
-    """`denoise_step` with picks, confidence and selection on the device; one sync per step."""
-    from edge_dlm.kernels.verify import diffusion_select, greedy_pick
-
-    canvas_t = torch.tensor(canvas, device=dec.device)
-    logits = dec.forward(canvas_t, start, BLOCK)
-    dec.cache.commit(0)  # no-write
-    picks, conf = greedy_pick(logits, dec.mask_id)
-    new, chosen = diffusion_select(canvas_t, picks, conf, dec.mask_id, steps - step, threshold)
-    host = torch.cat([new, chosen.long()]).tolist()  # the step's one sync
-    b = len(canvas)
-    canvas[:] = host[:b]
-    return [j for j in range(b) if host[b + j]]
-
-
 def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
     b, steps, tau = dec.block, dec.opts.steps, dec.opts.threshold
     seed = dec.prefill(prompt_ids)
@@ -82,8 +64,7 @@ def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
         for step in range(steps):
             if not needs_pass(canvas, limit, dec.mask_id, dec.eos_id):
                 break
-            step_fn = denoise_step_on_device if dec.on_device else denoise_step
-            filled = step_fn(dec, canvas, start, step, steps, tau)
+            filled = denoise_step(dec, canvas, start, step, steps, tau)
             yield Canvas(list(canvas), filled, step, dec.nfe)
         yield dec.emit(canvas)
         if dec.done:

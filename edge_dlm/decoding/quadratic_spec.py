@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
-
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.decoding.base import Decoder, Draft, Event
 
@@ -51,29 +49,13 @@ def cycle(dec: Decoder, d: list[int]) -> tuple[int, list[int]]:
     return acc, [ar[acc - 1]] + rest
 
 
-def cycle_on_device(dec: Decoder, d: list[int]) -> tuple[int, list[int]]:
-    """`cycle` with the picks and the acceptance on the device; one sync for (acc, next draft)."""
-    from edge_dlm.kernels.verify import greedy_pick, quad_accept
-
-    b, start, m = dec.block, dec.cache.length, dec.mask_id
-    d_t = torch.tensor(d, device=dec.device)
-    tokens = torch.cat([d_t[:, None], torch.full((b, b), m, device=dec.device)], dim=1).reshape(-1)
-    positions = [start + g + j for g in range(b) for j in range(b + 1)]  # d[g] at L+g, masks after
-    picks = greedy_pick(dec.forward(tokens, positions, Attn("quad_cycle", block=b)), m)[0]
-    acc, nxt = quad_accept(picks.view(b, b + 1), d_t)
-    host = torch.cat([acc, nxt]).tolist()  # the cycle's one sync
-    acc = host[0]
-    dec.cache.commit_indices([g * (b + 1) for g in range(acc)])
-    return acc, host[1:]
-
-
 def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
     d = first_pass(dec, prompt_ids)
     while True:
         if d[0] == dec.eos_id or dec.remaining <= 1:
             yield dec.emit(d[:1])
             return
-        acc, nxt = cycle_on_device(dec, d) if dec.on_device else cycle(dec, d)
+        acc, nxt = cycle(dec, d)
         event = dec.emit(d[:acc])
         dec.cycle(len(event.ids) + (dec.finish_reason == "stop"))
         yield Draft(d, acc, dec.nfe)

@@ -143,6 +143,7 @@ class NLDModel(nn.Module):
         # Optional fused attention for cached passes: fn(q [nq,T,D], k, v [nkv,L+T,D], attn, cached=,
         # scale=) -> [nq,T,D] (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
         self.attn_kernel = None
+        self.pick_kernel = None  # `greedy`'s fused argmax / confidence with the kernels on
         # The step function cached passes run: `cached_pass` itself (eager) or its compiled form
         # (`edge_dlm.model.compiled.enable`).
         self.step = self.cached_pass
@@ -314,7 +315,7 @@ class NLDModel(nn.Module):
         window = cache.begin(width)
         if self.attn_kernel is not None:
             out = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
-            out = out if pick is None else greedy(out, pick)
+            out = out if pick is None else greedy(out, pick, self.pick_kernel)
         else:
             out = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
                             use_lora, last, pick)
@@ -341,15 +342,19 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
-def greedy(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     """The decoding contract's greedy pick per row of `logits [R, V]`, inside the pass: the argmax with
     the mask id excluded (ties to the lowest id) and its probability under the untempered softmax (the
     confidence), plus whether every logit is finite (the sampler's check, without a host round trip),
     packed as the pass's one host transfer: float64 `[2R + 1]` = the R ids, the R confidences, 1.0 if
-    every logit is finite else 0.0 (`edge_dlm.decoding.base.Picks` reads it).
+    every logit is finite else 0.0 (`edge_dlm.decoding.base.Picks` reads it). `kernel`: the same
+    argmax and confidence in one launch (`edge_dlm.kernels.verify.greedy_pick`, with `--kernels`).
     `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
     x = logits.float()
     finite = torch.isfinite(x).all()
+    if kernel is not None:
+        ids, conf = kernel(x.contiguous(), mask_id)
+        return torch.cat([ids.double(), conf.double(), finite.double()[None]])
     x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
     ids = x.argmax(-1)
     conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]

@@ -55,9 +55,6 @@ class Sampler:
         self.params = params
         self.mask_id = mask_id
         self.generator: torch.Generator | None = None
-        # Optional fused greedy pick, fn(logits [T, V], mask_id) -> (tokens, conf) on the device
-        # (edge_dlm.kernels.verify.greedy_pick); used at temperature 0 only.
-        self.greedy_fn = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
@@ -71,8 +68,6 @@ class Sampler:
         return tokens.tolist(), conf.tolist()
 
     def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.greedy_fn is not None and self.params.temperature == 0:
-            return self.greedy_fn(logits, self.mask_id)
         if not bool(torch.isfinite(logits).all()):
             raise nonfinite(logits.dtype)
         logits = logits.float().clone()

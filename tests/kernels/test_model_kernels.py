@@ -47,19 +47,19 @@ def test_modes_equal_with_kernels(model, mode, kw):
 @pytest.mark.parametrize("mode,kw", [("ar", {}), ("diffusion", {"steps": 2}), ("diffusion", {"steps": 4, "threshold": 0.3}),
                                      ("linear-spec", {}), ("linear-spec", {"block_size": 1}),
                                      ("quadratic-spec", {}), ("quadratic-spec", {"block_size": 2})])
-def test_on_device_cycles_equal_host_cycles(model, mode, kw):
-    """Greedy picks and accept decisions on the device (one sync per cycle) == the host path."""
+def test_kernel_passes_pick_as_the_torch_passes(model, mode, kw):
+    """With the kernels on (Triton attention and the fused greedy pick inside each pass) every mode
+    runs its one path and emits the torch passes' tokens, NFE and events, one sync per cycle or step."""
+    from edge_dlm.kernels.attention import block_attention
     from edge_dlm.kernels.verify import greedy_pick
 
     events = {}
     for fused in (False, True):
-        seen = []
-
-        def on_event(dec, ev, fused=fused, seen=seen):
-            if fused:
-                dec.sampler.greedy_fn = greedy_pick  # from the first event on: every cycle on the device
-            seen.append(ev)
-        dec, _ = run_mode(model, PROMPT, mode, max_new_tokens=12, on_event=on_event, **kw)
+        model.attn_kernel, model.pick_kernel = (block_attention, greedy_pick) if fused else (None, None)
+        try:
+            dec, seen = run_mode(model, PROMPT, mode, max_new_tokens=12, **kw)
+        finally:
+            model.attn_kernel = model.pick_kernel = None
         events[fused] = (dec.output_ids, dec.nfe, seen)
     assert events[True][:2] == events[False][:2]
     assert events[True][2] == events[False][2]  # the same Canvas / Draft / Emit events
