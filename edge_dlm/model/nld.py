@@ -354,10 +354,10 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     finite = torch.isfinite(x).all()
     if kernel is not None:
         ids, conf = kernel(x.contiguous(), mask_id)
-        return torch.cat([ids.double(), conf.double(), finite.double()[None]])
-    x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
-    ids = x.argmax(-1)
-    conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
+    else:
+        x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
+        ids = x.argmax(-1)
+        conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
     return torch.cat([ids.double(), conf.double(), finite.double()[None]])
 
 
