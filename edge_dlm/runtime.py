@@ -58,8 +58,9 @@ def resolve_device(device: str) -> torch.device:
 
 # On a CPU, `--dtype auto` keeps a bfloat16 checkpoint in bfloat16 when its weights are at least this
 # large: no CPU cache holds them, every pass streams them from memory, and half the bytes through the
-# bf16 kernel (`edge_dlm.kernels.cpu_matmul.Bf16Linear`) decode about twice as fast as float32 (NLD-3B
-# shape: BENCHMARKS.md). A smaller model stays in cache, where float32 is as fast and exact.
+# bf16 kernel (`edge_dlm.kernels.cpu_matmul.Bf16Linear`) decode ~3x faster than float32 through torch
+# (NLD-3B shape: `scripts/bench_cpu_dtype.py`, BENCHMARKS.md). A smaller model stays in cache, where
+# float32 is as fast and exact.
 CPU_BF16_BYTES = 512 << 20
 
 
