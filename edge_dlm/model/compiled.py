@@ -80,9 +80,9 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
 
     On the CPU: inductor's tuned kernels (`max-autotune-no-cudagraphs`) and its C++ wrapper (no Python
     between kernels): on the demo model an AR step takes 0.28 ms that way against 0.39 ms with the
-    defaults and 0.76 ms eager (a 2-core EPYC, one thread; session 2). Frozen weights were faster
+    defaults and 0.76 ms eager (a 2-core EPYC, one thread). Frozen weights were faster
     still but inductor does not cache frozen graphs: a second process compiled for 25 s and a new
-    window bucket for 85 s (measured again in session 4), so they stay off. Float32 projections of
+    window bucket for 85 s, so they stay off. Float32 projections of
     narrow passes become inductor reductions (`RowsLinear`), and known shapes skip dynamo's full guard
     check (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA graphs.
     """
