@@ -31,17 +31,21 @@ def test_speculative_modes_equal_ar(tiny_model, mode, block):
     assert ar.nfe == 1 + (ar.stream_len - 1)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
-def test_one_host_synchronization_per_cycle_or_step(tiny_model, mode):
-    """Greedy on the torch engine, the picks are made inside the passes and reach the host once per
-    AR step, denoising step or speculative cycle: LinearSpec's draft picks go to its verify pass on the
+def test_one_host_synchronization_per_cycle_or_step(tiny_model, mode, temperature):
+    """Picks reach the host once per AR step, denoising step or speculative cycle (greedy: made inside
+    the passes; sampled: drawn on the device): LinearSpec's draft picks go to its verify pass on the
     device, and both passes' picks come back together."""
-    dec, events = run_mode(tiny_model, PROMPT, mode, max_new_tokens=40, block_size=4)
+    dec, events = run_mode(tiny_model, PROMPT, mode, max_new_tokens=40, block_size=4, temperature=temperature,
+                           seed=3)
     cycles = sum(isinstance(e, (Draft, Canvas)) for e in events)
     if mode == "ar":
         assert dec.syncs == dec.nfe  # one pass per token
     elif mode == "diffusion":  # prefill + denoising steps + the commit passes
         assert dec.syncs == dec.nfe and cycles < dec.nfe
+    elif mode == "quadratic-spec" and temperature:  # sampled: the accepted count says which mask rows
+        assert dec.syncs == 1 + 2 * cycles  # to draw the next draft from; drawing all first changes the draws
     else:  # prefill (QuadraticSpec: its first pass) + one per cycle, whatever the passes per cycle
         assert dec.syncs == 1 + cycles and dec.nfe == (1 + 2 * cycles if mode == "linear-spec" else 1 + cycles)
 

@@ -241,38 +241,57 @@ class Picks:
     def __init__(self, dec: Decoder, *, logits: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
         self.dec, self.logits, self.packed = dec, logits, packed
+        self.drawn: tuple[slice, torch.Tensor] | None = None  # rows the sampler drew ahead (`device_ids`)
         self.host: tuple[list[int], list[float]] | None = None
 
     def __call__(self, rows: slice | list[int] | None = None) -> tuple[list[int], list[float]]:
-        if self.packed is None:
+        if self.packed is None and (self.drawn is None or rows != self.drawn[0]):
+            self.dec.syncs += 1
             return self.dec.pick(self.logits if rows is None else self.logits[rows])
         if self.host is None:
-            self.dec.syncs += 1
-            self._load(self.packed.tolist())  # the pass's one synchronization
+            fetch(self)
         ids, conf = self.host
+        if self.packed is None:  # the rows drawn ahead, as drawn
+            return ids, conf
         idx = range(len(ids)) if rows is None else range(len(ids))[rows] if isinstance(rows, slice) else rows
         return [ids[i] for i in idx], [conf[i] for i in idx]
 
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """The device tensor `fetch` transfers: the in-pass picks, or the rows drawn ahead."""
+        if self.host is not None:
+            return None
+        return self.packed if self.packed is not None else self.drawn[1] if self.drawn is not None else None
+
     def _load(self, h: list[float]) -> None:
         if not h[-1]:
+            if self.logits is not None:
+                raise nonfinite(self.logits.dtype)
             enc = getattr(self.dec.model, "encoder", None)  # the activations' dtype (norms are never quantized)
             raise nonfinite(enc.norm.weight.dtype if enc is not None else self.dec.cache.k.dtype)
         n = (len(h) - 1) // 2
         self.host = [int(x) for x in h[:n]], h[n:2 * n]
 
     def device_ids(self, rows: slice) -> torch.Tensor:
-        """The picked ids of `rows` as a device tensor, without a host round trip (picks made in the
-        pass only): a next pass's tokens (LinearSpec's verify pass takes the draft's)."""
+        """The picked ids of `rows` as a device tensor, without a host round trip: a next pass's tokens
+        (LinearSpec's verify pass takes the draft's). Picks made in the pass are sliced; from logits the
+        sampler draws these rows now, as a host pick of them would, and `fetch` brings them over."""
+        if self.packed is None:
+            tokens, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows])
+            self.drawn = rows, torch.cat([tokens.double(), conf.double(), finite.double()[None]])
+            return tokens
         n = (self.packed.shape[0] - 1) // 2
         return self.packed[:n][rows].long()
 
 
 def fetch(*picks: Picks) -> None:
-    """Bring several passes' in-pass picks to the host in one synchronization."""
-    picks[0].dec.syncs += 1
-    h = torch.cat([p.packed for p in picks]).tolist()
+    """Bring several passes' picks (made in the pass, or drawn ahead) to the host in one synchronization."""
+    parts = [(p, p.pending) for p in picks if p.pending is not None]
+    if not parts:
+        return
+    parts[0][0].dec.syncs += 1
+    h = torch.cat([t for _, t in parts]).tolist()
     at = 0
-    for p in picks:
-        n = p.packed.shape[0]
-        p._load(h[at:at + n])
-        at += n
+    for p, t in parts:
+        p._load(h[at:at + t.shape[0]])
+        at += t.shape[0]

@@ -22,20 +22,18 @@ from edge_dlm.decoding.base import Decoder, Draft, Event, fetch
 def cycle(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int]]:
     """Draft, verify and accept; returns (drafted d1 .. d(B-1), accepted m, AR picks a0 .. a(B-1)).
 
-    Greedy on the torch engine the picks are made inside the passes: the draft's picks go to the verify
-    pass as device tensors and both passes' picks come to the host together, so a cycle synchronizes
-    once. Otherwise the sampler picks the draft, then the verify rows, from their logits."""
+    The draft's picks (greedy: made inside the pass; sampled: drawn on the device) go to the verify pass
+    as a device tensor, and both passes' picks come to the host together: one synchronization a cycle.
+    A seeded sampler draws the draft's rows, then the verify pass's, as host picks would."""
     draft = dec.run([seed] + [dec.mask_id] * (dec.block - 1), start, BLOCK, use_lora=dec.opts.use_lora)
     dec.cache.commit(0)  # no-write
-    if draft.packed is not None:
-        seed_t = torch.tensor([seed], device=dec.device)
-        verify = dec.run(torch.cat([seed_t, draft.device_ids(slice(1, None))]), start, CAUSAL)
-        fetch(draft, verify)  # the cycle's one synchronization
-        drafted = draft(slice(1, None))[0]
-    else:
-        drafted = draft(slice(1, None))[0] if dec.block > 1 else []
-        verify = dec.run([seed] + drafted, start, CAUSAL)
-    ar = verify()[0]
+    ahead = draft.device_ids(slice(1, None)) if dec.block > 1 else torch.empty(0, dtype=torch.long)
+    seed_t = torch.tensor([seed], device=dec.device)
+    verify = dec.run(torch.cat([seed_t, ahead.to(dec.device)]), start, CAUSAL)
+    verify.device_ids(slice(None))
+    fetch(draft, verify)  # the cycle's one synchronization
+    drafted = draft(slice(1, None))[0] if dec.block > 1 else []
+    ar = verify(slice(None))[0]
     m = 0
     while m < len(drafted) and ar[m] == drafted[m]:
         m += 1

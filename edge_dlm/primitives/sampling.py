@@ -63,14 +63,20 @@ class Sampler:
                 self.generator.seed()
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """`logits [T, V]` -> (token ids, confidences), one per row."""
-        tokens, conf = self.pick_tensor(logits)
-        return tokens.tolist(), conf.tolist()
-
-    def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(torch.isfinite(logits).all()):
+        """`logits [T, V]` -> (token ids, confidences), one per row, in one host transfer."""
+        tokens, conf, finite = self.pick_tensor(logits)
+        h = torch.cat([tokens.double(), conf.double(), finite.double()[None]]).tolist()
+        if not h[-1]:
             raise nonfinite(logits.dtype)
-        logits = logits.float().clone()
+        n = tokens.shape[0]
+        return [int(x) for x in h[:n]], h[n:2 * n]
+
+    def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids `[T]`, confidences `[T]`, whether every logit is finite) on the logits' device, with no
+        host synchronization: non-finite logits are drawn from as zeros (`multinomial` never sees a NaN,
+        a device-side assert on CUDA) and reported by the flag, for the caller to raise `nonfinite`."""
+        finite = torch.isfinite(logits).all()
+        logits = torch.where(finite, logits.float(), 0.0)  # a copy: the mask below never edits the pass's
         logits[..., self.mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
         p = self.params
@@ -83,7 +89,7 @@ class Sampler:
             t = max(p.temperature, torch.finfo(torch.float32).tiny)
             tokens = torch.multinomial(filtered_probs(shifted / t, p.top_k, p.top_p), 1,
                                        generator=self.generator).squeeze(-1)
-        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1), finite
 
 
 def nonfinite(dtype: torch.dtype) -> UserError:
