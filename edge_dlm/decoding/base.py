@@ -16,7 +16,7 @@ import torch
 from edge_dlm.primitives.attention import CAUSAL, Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.primitives.errors import UserError
-from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite
+from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite, pack, unpack
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")
@@ -236,7 +236,8 @@ class Picks:
     """The picks of one pass, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of row
     indices; None: every row), in the order given. Greedy picks made in the pass come to the host
     once (`packed`: ids, confidences, finite); logits are picked by the sampler, only the rows asked
-    for and in that order, so a seeded sampler draws exactly as it would from those rows' logits."""
+    for and in that order, so a seeded sampler draws exactly as it would from those rows' logits
+    (rows drawn ahead on the device, `device_ids`, are those rows' picks when asked for)."""
 
     def __init__(self, dec: Decoder, *, logits: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
@@ -264,22 +265,22 @@ class Picks:
         return self.packed if self.packed is not None else self.drawn[1] if self.drawn is not None else None
 
     def _load(self, h: list[float]) -> None:
-        if not h[-1]:
+        ids, conf, finite = unpack(h)
+        if not finite:
             if self.logits is not None:
                 raise nonfinite(self.logits.dtype)
             enc = getattr(self.dec.model, "encoder", None)  # the activations' dtype (norms are never quantized)
             raise nonfinite(enc.norm.weight.dtype if enc is not None else self.dec.cache.k.dtype)
-        n = (len(h) - 1) // 2
-        self.host = [int(x) for x in h[:n]], h[n:2 * n]
+        self.host = ids, conf
 
     def device_ids(self, rows: slice) -> torch.Tensor:
         """The picked ids of `rows` as a device tensor, without a host round trip: a next pass's tokens
         (LinearSpec's verify pass takes the draft's). Picks made in the pass are sliced; from logits the
         sampler draws these rows now, as a host pick of them would, and `fetch` brings them over."""
         if self.packed is None:
-            tokens, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows])
-            self.drawn = rows, torch.cat([tokens.double(), conf.double(), finite.double()[None]])
-            return tokens
+            ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows])
+            self.drawn = rows, pack(ids, conf, finite)
+            return ids
         n = (self.packed.shape[0] - 1) // 2
         return self.packed[:n][rows].long()
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.primitives.cache import KVCache
+from edge_dlm.primitives.sampling import pack
 from edge_dlm.model.config import NLDConfig, RopeConfig
 
 
@@ -346,8 +347,7 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     """The decoding contract's greedy pick per row of `logits [R, V]`, inside the pass: the argmax with
     the mask id excluded (ties to the lowest id) and its probability under the untempered softmax (the
     confidence), plus whether every logit is finite (the sampler's check, without a host round trip),
-    packed as the pass's one host transfer: float64 `[2R + 1]` = the R ids, the R confidences, 1.0 if
-    every logit is finite else 0.0 (`edge_dlm.decoding.base.Picks` reads it). `kernel`: the same
+    packed as the pass's one host transfer (`sampling.pack`; `edge_dlm.decoding.base.Picks` reads it). `kernel`: the same
     argmax and confidence in one launch (`edge_dlm.kernels.verify.greedy_pick`, with `--kernels`).
     `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
     x = logits.float()
@@ -358,7 +358,7 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
         x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) == mask_id, float("-inf"))
         ids = x.argmax(-1)
         conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
-    return torch.cat([ids.double(), conf.double(), finite.double()[None]])
+    return pack(ids, conf, finite)
 
 
 def pick_rows(packed: torch.Tensor, n: int) -> torch.Tensor:

@@ -64,12 +64,10 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
         """`logits [T, V]` -> (token ids, confidences), one per row, in one host transfer."""
-        tokens, conf, finite = self.pick_tensor(logits)
-        h = torch.cat([tokens.double(), conf.double(), finite.double()[None]]).tolist()
-        if not h[-1]:
+        ids, conf, finite = unpack(pack(*self.pick_tensor(logits)).tolist())
+        if not finite:
             raise nonfinite(logits.dtype)
-        n = tokens.shape[0]
-        return [int(x) for x in h[:n]], h[n:2 * n]
+        return ids, conf
 
     def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids `[T]`, confidences `[T]`, whether every logit is finite) on the logits' device, with no
@@ -90,6 +88,18 @@ class Sampler:
             tokens = torch.multinomial(filtered_probs(shifted / t, p.top_k, p.top_p), 1,
                                        generator=self.generator).squeeze(-1)
         return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1), finite
+
+
+def pack(ids: torch.Tensor, conf: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """A pass's picks as the one tensor its host transfer reads: float64 `[2R + 1]` = the R ids, the R
+    confidences, 1.0 if every logit was finite else 0.0 (ids are exact in float64)."""
+    return torch.cat([ids.double(), conf.double(), finite.double()[None]])
+
+
+def unpack(h: list[float]) -> tuple[list[int], list[float], bool]:
+    """`pack`'s tensor, transferred (`.tolist()`) -> (ids, confidences, all finite)."""
+    n = (len(h) - 1) // 2
+    return [int(x) for x in h[:n]], h[n:2 * n], bool(h[-1])
 
 
 def nonfinite(dtype: torch.dtype) -> UserError:
