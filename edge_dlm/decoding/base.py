@@ -16,7 +16,7 @@ import torch
 from edge_dlm.primitives.attention import CAUSAL, Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.primitives.errors import UserError
-from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite, pack, unpack
+from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite, pack, packed_ids, unpack
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")
@@ -142,7 +142,7 @@ class Decoder:
         self.device = cache.k.device
         self.sampler = Sampler(opts.sampling, self.mask_id, self.device)
         self.nfe = 0
-        self.syncs = 0  # host transfers of in-pass picks (one per cycle or denoising step)
+        self.syncs = 0  # host transfers of picks (greedy or sampled: one per AR step, denoising step or cycle)
         self.stream_len = 0  # emitted tokens, a final EOS included
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -281,13 +281,12 @@ class Picks:
             ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows])
             self.drawn = rows, pack(ids, conf, finite)
             return ids
-        n = (self.packed.shape[0] - 1) // 2
-        return self.packed[:n][rows].long()
+        return packed_ids(self.packed)[rows]
 
 
 def fetch(*picks: Picks) -> None:
     """Bring several passes' picks (made in the pass, or drawn ahead) to the host in one synchronization."""
-    parts = [(p, p.pending) for p in picks if p.pending is not None]
+    parts = [(p, t) for p in picks if (t := p.pending) is not None]
     if not parts:
         return
     parts[0][0].dec.syncs += 1

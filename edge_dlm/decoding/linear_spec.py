@@ -27,9 +27,9 @@ def cycle(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int
     A seeded sampler draws the draft's rows, then the verify pass's, as host picks would."""
     draft = dec.run([seed] + [dec.mask_id] * (dec.block - 1), start, BLOCK, use_lora=dec.opts.use_lora)
     dec.cache.commit(0)  # no-write
-    ahead = draft.device_ids(slice(1, None)) if dec.block > 1 else torch.empty(0, dtype=torch.long)
     seed_t = torch.tensor([seed], device=dec.device)
-    verify = dec.run(torch.cat([seed_t, ahead.to(dec.device)]), start, CAUSAL)
+    ahead = draft.device_ids(slice(1, None)) if dec.block > 1 else seed_t[:0]
+    verify = dec.run(torch.cat([seed_t, ahead]), start, CAUSAL)
     verify.device_ids(slice(None))
     fetch(draft, verify)  # the cycle's one synchronization
     drafted = draft(slice(1, None))[0] if dec.block > 1 else []

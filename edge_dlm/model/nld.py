@@ -21,7 +21,7 @@ from torch import nn
 
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.primitives.cache import KVCache
-from edge_dlm.primitives.sampling import pack
+from edge_dlm.primitives.sampling import pack, pack_cat, pack_first
 from edge_dlm.model.config import NLDConfig, RopeConfig
 
 
@@ -298,7 +298,7 @@ class NLDModel(nn.Module):
         if last_only:
             out = out[-1:]
         if pick is not None:
-            return out[0] if len(out) == 1 else merge_picks(out)  # an AR step, a block pass: as it is
+            return out[0] if len(out) == 1 else pack_cat(out)  # an AR step, a block pass: as it is
         return torch.cat(out)[None] if len(out) > 1 else out[0][None]
 
     def _segment(self, tokens, positions, cache: KVCache, attn: Attn, width: int, use_lora: bool,
@@ -322,7 +322,7 @@ class NLDModel(nn.Module):
                             use_lora, last, pick)
         if last_only:
             return out
-        return out[:n] if pick is None else pick_rows(out, n)
+        return out[:n] if pick is None else pack_first(out, n)
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.config
@@ -347,8 +347,8 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     """The decoding contract's greedy pick per row of `logits [R, V]`, inside the pass: the argmax with
     the mask id excluded (ties to the lowest id) and its probability under the untempered softmax (the
     confidence), plus whether every logit is finite (the sampler's check, without a host round trip),
-    packed as the pass's one host transfer (`sampling.pack`; `edge_dlm.decoding.base.Picks` reads it). `kernel`: the same
-    argmax and confidence in one launch (`edge_dlm.kernels.verify.greedy_pick`, with `--kernels`).
+    packed as the pass's one host transfer (`sampling.pack`; `edge_dlm.decoding.base.Picks` reads it).
+    `kernel`: the same argmax and confidence in one launch (`edge_dlm.kernels.verify.greedy_pick`).
     `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
     x = logits.float()
     finite = torch.isfinite(x).all()
@@ -359,19 +359,6 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
         ids = x.argmax(-1)
         conf = torch.softmax(x, -1).gather(-1, ids[:, None])[:, 0]
     return pack(ids, conf, finite)
-
-
-def pick_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` rows of `greedy`'s packed picks (a padded segment's real tokens)."""
-    r = (packed.shape[0] - 1) // 2
-    return packed if n == r else torch.cat([packed[:n], packed[r:r + n], packed[-1:]])
-
-
-def merge_picks(parts: list[torch.Tensor]) -> torch.Tensor:
-    """`greedy`'s packed picks of consecutive segments as one pass's."""
-    rows = [(p.shape[0] - 1) // 2 for p in parts]
-    return torch.cat([p[:r] for p, r in zip(parts, rows)] + [p[r:2 * r] for p, r in zip(parts, rows)]
-                     + [torch.stack([p[-1] for p in parts]).amin()[None]])
 
 
 CHUNK = 256  # the longest causal segment: a prefill runs in chunks of at most this many tokens

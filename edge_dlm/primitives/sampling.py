@@ -102,6 +102,24 @@ def unpack(h: list[float]) -> tuple[list[int], list[float], bool]:
     return [int(x) for x in h[:n]], h[n:2 * n], bool(h[-1])
 
 
+def packed_ids(packed: torch.Tensor) -> torch.Tensor:
+    """The ids of `pack`'s tensor, on its device (int64 `[R]`)."""
+    return packed[:(packed.shape[0] - 1) // 2].long()
+
+
+def pack_first(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """`pack`'s tensor of the first `n` rows only."""
+    r = (packed.shape[0] - 1) // 2
+    return packed if n == r else torch.cat([packed[:n], packed[r:r + n], packed[-1:]])
+
+
+def pack_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`pack`'s tensors of consecutive rows as one."""
+    rows = [(p.shape[0] - 1) // 2 for p in parts]
+    return torch.cat([p[:r] for p, r in zip(parts, rows)] + [p[r:2 * r] for p, r in zip(parts, rows)]
+                     + [torch.stack([p[-1] for p in parts]).amin()[None]])
+
+
 def nonfinite(dtype: torch.dtype) -> UserError:
     """The one-line error for a pass whose logits hold NaN or infinity."""
     return UserError("the model produced NaN or infinite logits: its weights overflow in "
