@@ -17,10 +17,14 @@ of a pass, and its bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core whe
 
 Each output (m, n) is computed by the same operations whatever the pass width M and whichever rows
 share a register tile, so a row's result never depends on how many rows the pass has (LinearSpec's
-verify pass and AR's step agree bit for bit); output rows are split over threads, never a sum. Machines
-without AVX-512 (most Intel laptops, ARM) build the portable C loops of the same arithmetic
-(`tests/kernels/test_cpu_matmul.py` builds and checks them everywhere). Without a C compiler neither
-is used and the references serve.
+verify pass and AR's step agree bit for bit); output rows are split over threads, never a sum. CPUs
+without AVX-512 (Intel laptops and desktops from Skylake to today's, AMD before Zen 4) build 256-bit
+paths of the same arithmetic: AVX-VNNI's dot product where the CPU has it (Alder Lake and later), else
+AVX2's byte-pair sums, exact (the int8 / int4 results are bit for bit the AVX-512 build's), and bf16
+widened to float32 with fused multiply-adds. Other CPUs (ARM) build portable C loops for int8 / int4
+and leave bf16 to torch (`simd()` says which; `edge-dlm doctor` prints it;
+`tests/kernels/test_cpu_matmul.py` builds each variant this CPU can run and checks it). Without a C
+compiler none is used and the references serve.
 
 Cost: the int8 / int4 layout is a copy next to the stored `qweight` (which wide passes, export and
 the reference read), so a quantized model takes twice its weight memory on the CPU.
@@ -123,9 +127,10 @@ static int log2_exact(int64_t g) {  /* group sizes are powers of two */
 }
 
 typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation bytes, broadcast by the dot */
-#define MT 8  /* pass rows per register tile */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define X16_SIMD 512
+#define MT 8  /* pass rows per register tile */
 /* MTC pass rows x 16 weight rows; per block of 32 columns two integer accumulators per pass row (4
    dot products each: half the dependency chain; integer sums, so the split changes nothing) */
 #define B16(MTC)                                                                                  \
@@ -171,7 +176,91 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
     }                                                                                             \
 }
 B16(1) B16(2) B16(3) B16(4) B16(5) B16(6) B16(7) B16(8)
+#define TILES {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6, b16_7, b16_8}
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* 256-bit (Intel laptops and desktops without AVX-512, AMD before Zen 4): the same sums, the 16 weight
+   rows as two vectors of 8 (lane r of half h: row 8h + r). The unsigned x signed 4-byte dot is AVX-VNNI's
+   (Alder Lake and later); without it, byte pairs summed in 16 bits, then in 32, exactly: an int4 byte u
+   (<= 15) as it is (|pair| <= 2 * 15 * 127); an int8 byte as q = u - 128 (one xor), |q| times a with q's
+   sign (|q| <= 128, |a| <= 127: |pair| <= 32512), the 128 sum(a) added back in integers. */
+#define X16_SIMD 256
+#define MT 4
+#if defined(__AVXVNNI__)
+#define DP_SMALL(acc, u, a) _mm256_dpbusd_avx_epi32(acc, u, a)
+#define DP_BYTE(acc, u, a) _mm256_dpbusd_avx_epi32(acc, u, a)
+#define BYTE_SHIFT 0   /* sum u a as it is */
+#else
+static inline __m256i dp_small(__m256i acc, __m256i u, __m256i a) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)));
+}
+static inline __m256i dp_byte(__m256i acc, __m256i u, __m256i a) {  /* sum (u - 128) a */
+    const __m256i q = _mm256_xor_si256(u, _mm256_set1_epi8((char)0x80));
+    return dp_small(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(a, q));
+}
+#define DP_SMALL(acc, u, a) dp_small(acc, u, a)
+#define DP_BYTE(acc, u, a) dp_byte(acc, u, a)
+#define BYTE_SHIFT 128 /* sum u a = sum (u - 128) a + 128 sum a */
 #endif
+#define B16(MTC)                                                                                  \
+static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
+                      int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
+                      float *y, int64_t N, int64_t rows) {                                        \
+    const int64_t nb32 = K / 32;                                                                  \
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);                                                   \
+    __m256 tot[MTC][2];                                                                           \
+    for (int i = 0; i < MTC; i++) tot[i][0] = tot[i][1] = _mm256_setzero_ps();                    \
+    for (int64_t b = 0; b < nb32; b++) {                                                          \
+        const int64_t g = (32 * b) >> gs;                                                         \
+        for (int h = 0; h < 2; h++) {                                                             \
+            __m256i wv[8];                                                                        \
+            if (bits == 8)                                                                        \
+                for (int q = 0; q < 8; q++) wv[q] = _mm256_loadu_si256((const __m256i *)(w + (b * 8 + q) * 64 + 32 * h)); \
+            else                                                                                  \
+                for (int o = 0; o < 4; o++) {                                                     \
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (b * 4 + o) * 64 + 32 * h)); \
+                    wv[2 * o] = _mm256_and_si256(v, lo4);                                         \
+                    wv[2 * o + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);               \
+                }                                                                                 \
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 16 + 8 * h))); \
+            const __m256 zv = z ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g * 16 + 8 * h))) : sv; \
+            for (int i = 0; i < MTC; i++) {                                                       \
+                const i32u *a4 = (const i32u *)(a + i * K + 32 * b);                              \
+                const int64_t j = i * nb32 + b;                                                   \
+                const int32_t base = (z ? 0 : -off * as[j]) + (bits == 8 ? BYTE_SHIFT * as[j] : 0); \
+                __m256i c0 = _mm256_set1_epi32(base), c1 = _mm256_setzero_si256();                \
+                if (bits == 8)                                                                    \
+                    for (int q = 0; q < 8; q += 2) {                                              \
+                        c0 = DP_BYTE(c0, wv[q], _mm256_set1_epi32(a4[q]));                        \
+                        c1 = DP_BYTE(c1, wv[q + 1], _mm256_set1_epi32(a4[q + 1]));                \
+                    }                                                                             \
+                else                                                                              \
+                    for (int q = 0; q < 8; q += 2) {                                              \
+                        c0 = DP_SMALL(c0, wv[q], _mm256_set1_epi32(a4[q]));                       \
+                        c1 = DP_SMALL(c1, wv[q + 1], _mm256_set1_epi32(a4[q + 1]));               \
+                    }                                                                             \
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(c0, c1));                    \
+                tot[i][h] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_set1_ps(d[j])), tot[i][h]); \
+                if (z) tot[i][h] = _mm256_fmadd_ps(zv, _mm256_set1_ps(d[j] * (float)as[j]), tot[i][h]); \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MTC; i++) {                                                               \
+        float t[16];                                                                              \
+        _mm256_storeu_ps(t, tot[i][0]);                                                           \
+        _mm256_storeu_ps(t + 8, tot[i][1]);                                                       \
+        memcpy(y + i * N, t, rows * sizeof(float));                                               \
+    }                                                                                             \
+}
+B16(1) B16(2) B16(3) B16(4)
+#define TILES {0, b16_1, b16_2, b16_3, b16_4}
+
+#else
+#define X16_SIMD 0
+#define MT 8
+#endif
+
+int x16_simd(void) { return X16_SIMD; }  /* which path this build took: 512, 256 or 0 (portable C) */
 
 static void block16(int bits, const int8_t *a, const float *d, const int32_t *as, int64_t M,
                     int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, float *y,
@@ -179,10 +268,10 @@ static void block16(int bits, const int8_t *a, const float *d, const int32_t *as
     const int64_t nb32 = K / 32;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mt = M - m0 < MT ? M - m0 : MT;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if X16_SIMD
         typedef void (*tile)(int, const int8_t *, const float *, const int32_t *, int64_t, int,
                              const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int64_t, int64_t);
-        static const tile tiles[MT + 1] = {0, b16_1, b16_2, b16_3, b16_4, b16_5, b16_6, b16_7, b16_8};
+        static const tile tiles[MT + 1] = TILES;
         tiles[mt](bits, a + m0 * K, d + m0 * nb32, as + m0 * nb32, K, gs, w, s, z, off,
                   y + m0 * N, N, rows);
 #else   /* portable: the same sums, lane by lane */
@@ -287,10 +376,15 @@ void dequant_bf16(const uint8_t *w, int bits, int64_t N, int64_t K, const uint16
 }
 
 /* ---- bf16 */
+#define TILE16(MR, NR) TILE16_(MR, NR)  /* expands NB_NARROW / NB_WIDE before pasting the name */
+#define TN_(MR, NR) t16_##MR##_##NR
+#define TN(MR, NR) TN_(MR, NR)
 #if defined(__AVX512F__)
+#define BF16_SIMD 512
+#define NB_NARROW 8
+#define NB_WIDE 6   /* 4 x 6 accumulators + 6 weight vectors + 1 input vector = 31 of 32 registers */
 #if defined(__AVX512BF16__)
-#define BF16_CHUNK 32
-#define TILE16(MR, NR)                                                                            \
+#define TILE16_(MR, NR)                                                                           \
 static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
     __m512 acc[MR][NR];                                                                           \
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
@@ -308,7 +402,7 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
 static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-#define TILE16(MR, NR)                                                                            \
+#define TILE16_(MR, NR)                                                                           \
 static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
     __m512 acc[MR][NR];                                                                           \
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
@@ -323,34 +417,68 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
     for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 #endif
-TILE16(1, 8) TILE16(2, 8) TILE16(1, 6) TILE16(2, 6) TILE16(3, 6) TILE16(4, 6)
-TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
+#elif defined(__AVX2__) && defined(__FMA__)
+/* 256-bit: bf16 widened to float32 (a 16-bit shift or a mask), fused multiply-add, 8 lanes per accumulator */
+#define BF16_SIMD 256
+#define NB_NARROW 8 /* spills at 2 rows, but 8 weight streams read memory faster than 4 (24 vs 18 GB/s, Zen 5) */
+#define NB_WIDE 3   /* 4 x 3 accumulators + 3 weight vectors + 1 input vector = 16 registers */
+static inline float hsum8(__m256 v) {  /* a fixed order: the two halves, then pairs */
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+/* 16 bf16 values as two float32 vectors without a shuffle: the even ones shifted up, the odd ones masked */
+#define EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+#define ODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)))
+#define TILE16_(MR, NR)                                                                           \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+    __m256 acc[MR][NR];                                                                           \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();    \
+    for (int64_t c = 0; c < K; c += 16) {                                                         \
+        __m256i wv[NR];                                                                           \
+        for (int j = 0; j < NR; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(w + j * K + c)); \
+        for (int i = 0; i < MR; i++) {                                                            \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + i * K + c));              \
+            const __m256 xe = EVEN(xv), xo = ODD(xv);                                             \
+            for (int j = 0; j < NR; j++)                                                          \
+                acc[i][j] = _mm256_fmadd_ps(xo, ODD(wv[j]), _mm256_fmadd_ps(xe, EVEN(wv[j]), acc[i][j])); \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = hsum8(acc[i][j]);    \
+}
+#else
+#define BF16_SIMD 0  /* no vector path: bf16 models keep torch's own kernels (a scalar loop is slower) */
 #endif
 
-/* The weight's rows in blocks of NB (8 for passes of 1-2 rows, which stream the weight from memory and
-   read it faster with more streams in flight; 6 for wider ones: 4 x 6 accumulators + 6 weight vectors +
-   1 input vector = 31 of the 32 vector registers; `scripts/bench_cpu_matmul.py`), the pass's rows 4 at
-   a time. Every output is one accumulator's chain over K in the same order whatever the tile, so a
-   row's result never depends on the pass width. */
+int bf16_simd(void) { return BF16_SIMD; }
+
+#if BF16_SIMD
+TILE16(1, NB_NARROW) TILE16(2, NB_NARROW) TILE16(1, NB_WIDE) TILE16(2, NB_WIDE) TILE16(3, NB_WIDE) TILE16(4, NB_WIDE)
+TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
+
+/* The weight's rows in blocks of NB_NARROW for passes of 1-2 rows (they stream the weight from memory
+   and read it faster with more streams in flight), NB_WIDE for wider ones (as many accumulators as the
+   registers hold; `scripts/bench_cpu_matmul.py`), the pass's rows 4 at a time. Every output is one
+   accumulator's chain over K in the same order whatever the tile, so a row's result never depends on
+   the pass width. */
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t nb = M <= 2 ? 8 : 6, blocks = (N + nb - 1) / nb;
+    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE, blocks = (N + nb - 1) / nb;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
         for (int64_t m = 0; m < M; m += 4) {
             const int64_t mr = M - m < 4 ? M - m : 4;
-#if defined(__AVX512F__)
             const uint16_t *xs = x + m * K;
             if (nr == nb) {
                 const uint16_t *ws = w + n0 * K;
                 float *ys = y + m * N + n0;
-                if (nb == 8) {
-                    if (mr == 1) t16_1_8(xs, K, ws, ys, N); else t16_2_8(xs, K, ws, ys, N);
+                if (nb == NB_NARROW) {
+                    if (mr == 1) TN(1, NB_NARROW)(xs, K, ws, ys, N); else TN(2, NB_NARROW)(xs, K, ws, ys, N);
                 } else switch (mr) {
-                    case 1: t16_1_6(xs, K, ws, ys, N); break;
-                    case 2: t16_2_6(xs, K, ws, ys, N); break;
-                    case 3: t16_3_6(xs, K, ws, ys, N); break;
-                    default: t16_4_6(xs, K, ws, ys, N);
+                    case 1: TN(1, NB_WIDE)(xs, K, ws, ys, N); break;
+                    case 2: TN(2, NB_WIDE)(xs, K, ws, ys, N); break;
+                    case 3: TN(3, NB_WIDE)(xs, K, ws, ys, N); break;
+                    default: TN(4, NB_WIDE)(xs, K, ws, ys, N);
                 }
             } else for (int64_t n = n0; n < n0 + nr; n++) {
                 const uint16_t *ws = w + n * K;
@@ -362,20 +490,10 @@ void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
                     default: t16_4_1(xs, K, ws, ys, N);
                 }
             }
-#else
-            for (int64_t i = m; i < m + mr; i++)
-                for (int64_t n = n0; n < n0 + nr; n++) {
-                    float acc = 0.0f;
-                    for (int64_t c = 0; c < K; c++) {
-                        union { uint32_t u; float f; } a = { (uint32_t)x[i * K + c] << 16 }, b = { (uint32_t)w[n * K + c] << 16 };
-                        acc += a.f * b.f;
-                    }
-                    y[i * N + n] = acc;
-                }
-#endif
         }
     }
 }
+#endif
 """
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]  # no -ffast-math: the order above is kept
 
@@ -409,12 +527,22 @@ def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
             os.replace(so, out)
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for fn in (lib.x16_gemm, lib.bf16_gemm, lib.dequant_bf16):
+    lib.x16_simd.restype = lib.bf16_simd.restype = i32
+    for fn in (lib.x16_gemm, lib.dequant_bf16):
         fn.restype = None
     lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
     lib.dequant_bf16.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
-    lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
+    if lib.bf16_simd():  # a build without a vector path has no bf16_gemm (torch's kernels serve)
+        lib.bf16_gemm.restype = None
+        lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
     return lib
+
+
+def simd() -> dict[str, int]:
+    """The vector width (bits) each kernel of this machine's build runs at: 512 (AVX-512), 256 (AVX2,
+    with AVX-VNNI's dot product where the CPU has it), 0 (portable C; for bf16: not built)."""
+    lib = library()
+    return {"int8 / int4": lib.x16_simd(), "bf16": lib.bf16_simd()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -569,8 +697,9 @@ class Bf16Linear(torch.nn.Linear):
 
 
 def enable_bf16(model: torch.nn.Module) -> int:
-    """Route `model`'s bf16 CPU linears through `Bf16Linear`; returns how many (0 without a compiler)."""
-    if not usable():
+    """Route `model`'s bf16 CPU linears through `Bf16Linear`; returns how many (0 without a compiler or
+    without a vector path: a scalar loop would be slower than torch's own bf16 kernels)."""
+    if not usable() or not library().bf16_simd():
         return 0
     shared = {}
     for _, p in model.named_parameters(remove_duplicate=False):

@@ -78,7 +78,14 @@ def cpu_kernels_report() -> str:
     from edge_dlm.kernels import cpu_matmul
 
     why = cpu_matmul.available()
-    return f"not here ({why[0]}); the reference serves" if why else "buildable here (cc); used for int8, int4 and bf16 on the CPU"
+    if why:
+        return f"not here ({why[0]}); the reference serves"
+    if not cpu_matmul.usable():
+        return "the C compiler here could not build them; the reference serves"
+    name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
+    width = cpu_matmul.simd()
+    bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"
+    return f"built here: int8 / int4 {name[width['int8 / int4']]}, {bf16}"
 
 
 def run(a: argparse.Namespace) -> int:

@@ -125,40 +125,54 @@ def test_a_compiled_pass_keeps_them_whole():
     assert not counters["graph_break"]
 
 
-def _has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        return " avx512f " in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
+        line = next(x for x in open("/proc/cpuinfo").read().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
 
 
-@pytest.mark.parametrize("variant", ["portable", "avx512-without-bf16"])
+# builds of the CPUs users have: (flags, CPU features needed to run the build here, x16 / bf16 SIMD width)
+VARIANTS = {
+    "portable": (["-O2", "-march=x86-64"], set(), 0, 0),
+    "avx2": (["-O3", "-march=haswell"], {"avx2", "fma", "f16c"}, 256, 256),  # Zen 2 / 3, Skylake..Comet Lake
+    "avx-vnni": (["-O3", "-march=alderlake"], {"avx2", "fma", "f16c", "avx_vnni"}, 256, 256),  # Alder Lake +
+    "avx512-without-bf16": (["-O3", "-march=native", "-mno-avx512bf16"], {"avx512f", "avx512_vnni"}, 512, 512),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_other_builds_agree(tmp_path, variant):
-    """The C loops of machines without AVX-512 (most Intel laptops, ARM), and the AVX-512 build of CPUs
-    without its bf16 dot product (Ice Lake, Skylake-X: bf16 widened to float32), compute the same thing."""
+    """The builds of other CPUs compute what this machine's build does: the 256-bit paths (Intel laptops
+    without AVX-512, AMD before Zen 4) and the portable C loops the same int8 / int4 sums bit for bit,
+    the AVX-512 build of CPUs without its bf16 dot product (Ice Lake, Skylake-X) and the 256-bit one bf16
+    widened to float32, rows independent of the pass width in each; the portable build has no bf16
+    kernel (torch's serves)."""
     import platform
 
-    if variant == "portable":
-        flags = ["-O2", "-fopenmp", "-shared", "-fPIC"] + (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [])
-    elif not _has_avx512():
-        pytest.skip("no AVX-512 on this CPU")
-    else:
-        flags = ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC"]
-    lib = cpu_matmul.build(tmp_path / f"{variant}.so", flags)
+    flags, needs, x16_simd, bf16_simd = VARIANTS[variant]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 builds")
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    lib = cpu_matmul.build(tmp_path / f"{variant}.so", flags + ["-fopenmp", "-shared", "-fPIC"])
+    assert (lib.x16_simd(), lib.bf16_simd()) == (x16_simd, bf16_simd)
     for scheme in ("int8", "int4"):
         for symmetric in (True, False):
             mod = layer(scheme, 40, 192, 32, symmetric=symmetric)
+            mod.qweight[:3] = -128 if scheme == "int8" and symmetric else mod.qweight[:3]  # the extreme byte
             w, s, z = cpu_matmul.x16_layout(mod)
-            x = torch.randn(5, 192, generator=torch.Generator().manual_seed(3))
-            y = torch.empty(5, 40)
-            zp = ctypes.c_void_p(z.data_ptr()) if z is not None else None
-            lib.x16_gemm(mod.spec.bits, x.data_ptr(), 5, 192, w.data_ptr(), s.data_ptr(), zp, 40, 32, y.data_ptr(), 1)
-            torch.testing.assert_close(y, cpu_matmul.cpu_quant_matmul(x, mod), atol=1e-5, rtol=1e-5)
-            out = torch.empty(40, 192, dtype=torch.bfloat16)
-            zp = ctypes.c_void_p(mod.zeros.data_ptr()) if mod.zeros is not None else None
-            lib.dequant_bf16(mod.qweight.data_ptr(), mod.spec.bits, 40, 192, mod.scales.data_ptr(), zp, 32,
-                             out.data_ptr(), 1)
-            assert torch.equal(out, cpu_matmul.dequant_bf16(mod.qweight, mod.scales, mod.zeros, mod.spec.bits, 32))
+            for rows in (1, 5, 9):
+                x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(3))
+                y = torch.empty(rows, 40)
+                zp = ctypes.c_void_p(z.data_ptr()) if z is not None else None
+                lib.x16_gemm(mod.spec.bits, x.data_ptr(), rows, 192, w.data_ptr(), s.data_ptr(), zp, 40, 32,
+                             y.data_ptr(), 1)
+                assert torch.equal(y, cpu_matmul.cpu_quant_matmul(x, mod))
+    if not bf16_simd:
+        assert not hasattr(lib, "bf16_gemm")
+        return
     g = torch.Generator().manual_seed(4)
     w = (0.05 * torch.randn(45, 224, generator=g)).to(torch.bfloat16)
     x = torch.randn(9, 224, generator=g).to(torch.bfloat16)
@@ -169,6 +183,17 @@ def test_other_builds_agree(tmp_path, variant):
     y = torch.empty(9, 45)
     lib.bf16_gemm(x.data_ptr(), 9, 224, w.data_ptr(), 45, y.data_ptr(), 1)
     assert torch.equal(y, alone)
+
+
+def test_a_build_without_a_bf16_vector_path_leaves_bf16_to_torch(monkeypatch):
+    class Portable:
+        @staticmethod
+        def bf16_simd():
+            return 0
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16))
+    monkeypatch.setattr(cpu_matmul, "library", lambda: Portable)
+    assert cpu_matmul.enable_bf16(model) == 0 and type(model[0]) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
