@@ -8,12 +8,12 @@ pass: 0.03x llama.cpp's Q8_0 decode at the NLD-3B shape), its int4 kernel's cost
 of a pass, and its bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core where memory gives ~30-40.
 
     int8 / int4 (x16_gemm):  x rounded to int8 per block of 32 columns (d = max|x| / 127, as
-        llama.cpp does for its Q8_0 / Q4_0 dot products), weights kept in a second layout built at
+        llama.cpp does for its Q8_0 / Q4_0 dot products), weights held in the kernel's layout built at
         load (`x16_layout`: 16 output rows side by side, 2 MiB pages), one AVX512-VNNI unsigned x signed
         dot product serving 16 rows at once; scales applied per block of 32 in float32;
     bf16 (bf16_gemm):  x . w in bf16 pairs (AVX512-BF16), float32 sums;
-    wide passes:  past `QUANT_MAX_ROWS` / `MAX_ROWS` rows, torch's bf16 GEMM (`dequant_mm`: the
-        quantized weight expanded to bf16 a tile at a time).
+    wide bf16 passes:  past `MAX_ROWS` rows, torch's bf16 GEMM (int8 / int4 passes of every width
+        stay on `x16_gemm`).
 
 Each output (m, n) is computed by the same operations whatever the pass width M and whichever rows
 share a register tile, so a row's result never depends on how many rows the pass has (LinearSpec's
@@ -26,8 +26,9 @@ and leave bf16 to torch (`simd()` says which; `edge-dlm doctor` prints it;
 `tests/kernels/test_cpu_matmul.py` builds each variant this CPU can run and checks it). Without a C
 compiler none is used and the references serve.
 
-Cost: the int8 / int4 layout is a copy next to the stored `qweight` (which wide passes, export and
-the reference read), so a quantized model takes twice its weight memory on the CPU.
+The int8 / int4 layout stands in for the stored `qweight` / `scales` / `zeros` (`QuantLinear.derived`
+drops them once `x16_stored` rebuilds them exactly from it, and rebuilds them for whatever reads them
+later: export, `state_dict`, the reference), so a quantized model holds its weights once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -54,8 +54,7 @@ SOURCE = r"""
 
 /* Matmuls y [M, N] = x [M, K] . W [N, K]^T on the CPU (see the module docstring):
      x16_gemm: int8 / int4 weights in the 16-row layout, x rounded to int8 per block of 32 columns;
-     bf16_gemm: x and W bfloat16 (their bit patterns), sums in float32;
-     dequant_bf16: W -> bf16 [N, K] from the stored layout (for torch's GEMM on wide passes).
+     bf16_gemm: x and W bfloat16 (their bit patterns), sums in float32.
    Each output (m, n) is fed block after block in K order: the same operations whatever M is and
    whichever rows share a register tile, so a row's result never depends on the pass width. Output
    rows are split over threads, never a sum. K % 32 == 0, G a power of two >= 32. */
@@ -316,65 +315,6 @@ void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     free(a); free(d); free(as);
 }
 
-static void int4_values(float q[16], int zeros) {
-    for (int i = 0; i < 16; i++) q[i] = (float)(zeros || i < 8 ? i : i - 16);  /* signed: two's complement */
-}
-
-static inline uint16_t bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-/* ---- the weight in bf16 [N, K] for torch's GEMM on wide passes: bf16(q * s + z), from the stored
-   layout (int8 [N, K], or int4 [N, K / 2] even column low) and fp16 scales / zero points [N, K / G] */
-void dequant_bf16(const uint8_t *w, int bits, int64_t N, int64_t K, const uint16_t *s, const uint16_t *z,
-                  int64_t G, uint16_t *out, int threads) {  /* z: zero points; NULL: signed weights */
-    const int signed_w = z == 0, gs = log2_exact(G);
-    const int64_t ng = K >> gs;
-    float q[16];
-    int4_values(q, !signed_w);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        uint16_t *o = out + n * K;
-        int64_t c = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-        const __m512 qv = _mm512_loadu_ps(q);
-        for (; c + 32 <= K; c += 32) {
-            const float sc = half_to_float(s[n * ng + (c >> gs)]), zc = z ? half_to_float(z[n * ng + (c >> gs)]) : 0.0f;
-            __m512 f0, f1;
-            if (bits == 8) {
-                const __m128i *p = (const __m128i *)(w + n * K + c);
-                const __m512i i0 = signed_w ? _mm512_cvtepi8_epi32(_mm_loadu_si128(p)) : _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
-                const __m512i i1 = signed_w ? _mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)) : _mm512_cvtepu8_epi32(_mm_loadu_si128(p + 1));
-                f0 = _mm512_cvtepi32_ps(i0);
-                f1 = _mm512_cvtepi32_ps(i1);
-            } else {  /* 16 bytes -> 32 nibbles in column order, through the value table */
-                const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * (K / 2) + c / 2)));
-                const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(p, _mm512_set1_epi32(15)), qv);
-                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(p, 4), qv);
-                const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-                const __m512i ih = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-                f0 = _mm512_permutex2var_ps(lo, il, hi);
-                f1 = _mm512_permutex2var_ps(lo, ih, hi);
-            }
-            const __m512 sv = _mm512_set1_ps(sc), zv = _mm512_set1_ps(zc);
-            f0 = z ? _mm512_fmadd_ps(f0, sv, zv) : _mm512_mul_ps(f0, sv);
-            f1 = z ? _mm512_fmadd_ps(f1, sv, zv) : _mm512_mul_ps(f1, sv);
-            _mm512_storeu_si512(o + c, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-        }
-#endif
-        for (; c < K; c++) {
-            const int64_t g = n * ng + (c >> gs);
-            float v;
-            if (bits == 8) v = signed_w ? (float)((const int8_t *)w)[n * K + c] : (float)w[n * K + c];
-            else v = q[c & 1 ? w[n * (K / 2) + c / 2] >> 4 : w[n * (K / 2) + c / 2] & 15];
-            o[c] = bf16_rne(z ? fmaf(v, half_to_float(s[g]), half_to_float(z[g])) : v * half_to_float(s[g]));
-        }
-    }
-}
-
 /* ---- bf16 */
 #define TILE16(MR, NR) TILE16_(MR, NR)  /* expands NB_NARROW / NB_WIDE before pasting the name */
 #define TN_(MR, NR) t16_##MR##_##NR
@@ -528,10 +468,8 @@ def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.x16_simd.restype = lib.bf16_simd.restype = i32
-    for fn in (lib.x16_gemm, lib.dequant_bf16):
-        fn.restype = None
+    lib.x16_gemm.restype = None
     lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
-    lib.dequant_bf16.argtypes = [p, i32, i64, i64, p, p, i64, p, i32]
     if lib.bf16_simd():  # a build without a vector path has no bf16_gemm (torch's kernels serve)
         lib.bf16_gemm.restype = None
         lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
@@ -599,8 +537,8 @@ def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`mod`'s weight in the narrow kernel's layout (see the C source): rows in blocks of 16 (the last
     padded with zeros), per 4 columns (int4: 8) the 16 rows' bytes side by side, as unsigned values
     (signed ones offset by 128 / 8: the kernel subtracts the offset times the activations' sum);
-    scales and zero points `[blocks, groups, 16]` fp16. A copy next to `qweight` (wide passes and
-    every other reader use the stored layout)."""
+    scales and zero points `[blocks, groups, 16]` fp16. It stands in for `qweight` / `scales` /
+    `zeros` (`x16_stored` gives them back)."""
     from edge_dlm.model.quant import unpack_int4
 
     bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
@@ -626,46 +564,26 @@ def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return weight, rows16(mod.scales), None if signed else rows16(mod.zeros)
 
 
-def dequant_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                 group: int) -> torch.Tensor:
-    """The weight `[N, K]` in bf16: bf16(q * s + z) from the stored layout and fp16 `scales` / `zeros`."""
-    n = qweight.shape[0]
-    k = qweight.shape[1] * (2 if bits == 4 else 1)
-    out = torch.empty(n, k, dtype=torch.bfloat16)
-    library().dequant_bf16(qweight.data_ptr(), bits, n, k, scales.data_ptr(), _ptr(zeros), group, out.data_ptr(),
-                           torch.get_num_threads())
-    return out
+def x16_stored(layout, mod) -> dict[str, torch.Tensor | None]:
+    """The inverse of `x16_layout`: `mod`'s `qweight`, `scales` and `zeros` as stored."""
+    from edge_dlm.model.quant import pack_int4
 
+    weight, s16, z16 = layout
+    bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
+    if bits == 8:  # [blocks, K/4, 16, 4] -> [blocks, 16, K/4, 4]
+        u = weight.permute(0, 2, 1, 3)
+    else:  # [blocks, K/8, 16, 4] nibbles -> [blocks, 16, K/8, 2, 4]
+        u = torch.stack((weight & 0xF, weight >> 4), dim=3).permute(0, 2, 1, 3, 4)
+    u = u.reshape(-1, k)[:n]
+    if z16 is None:  # signed, offset by 128 / 8
+        q = (u.to(torch.int16) - (128 if bits == 8 else 8)).to(torch.int8)
+    else:
+        q = u
+    qweight = pack_int4(q) if bits == 4 else q.contiguous()
 
-_scratch = threading.local()
-DEQUANT_ROWS = 512  # weight rows dequantized at a time: a tile stays in cache and is reused
-
-
-@torch.library.custom_op("edge_dlm::dequant_mm", mutates_args=())
-def dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-               bits: int, group: int) -> torch.Tensor:
-    """The wide-pass route: the weight in bf16 (`dequant_bf16`), a tile of `DEQUANT_ROWS` rows at a time
-    into one reused buffer (a fresh whole-weight buffer cost more in page faults than the GEMM), then
-    torch's bf16 GEMM (the CPU's fast one) -> `[M, N]` float32."""
-    xb = x.to(torch.bfloat16)
-    n, k = qweight.shape[0], x.shape[1]
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < DEQUANT_ROWS * k:
-        buf = _scratch.buf = torch.empty(DEQUANT_ROWS * k, dtype=torch.bfloat16)
-    lib, threads, zp = library(), torch.get_num_threads(), zeros is not None
-    for a in range(0, n, DEQUANT_ROWS):
-        rows = min(DEQUANT_ROWS, n - a)
-        w = buf[:rows * k].view(rows, k)
-        lib.dequant_bf16(qweight[a:].data_ptr(), bits, rows, k, scales[a:].data_ptr(),
-                         zeros[a:].data_ptr() if zp else None, group, w.data_ptr(), threads)
-        y[:, a:a + rows] = torch.nn.functional.linear(xb, w)
-    return y
-
-
-@dequant_mm.register_fake
-def _(x, qweight, scales, zeros, bits, group):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.permute(0, 2, 1).reshape(-1, t.shape[1])[:n].contiguous()
+    return {"qweight": qweight, "scales": rows(s16), "zeros": rows(z16)}
 
 
 @torch.library.custom_op("edge_dlm::bf16_gemm", mutates_args=())
@@ -717,31 +635,23 @@ def enable_bf16(model: torch.nn.Module) -> int:
 
 
 MAX_ROWS = 32  # bf16: wider passes (prefill chunks, QuadraticSpec's B(B+1) cycle) go to torch's GEMM
-# int8 / int4: x16_gemm beats dequantize + bf16 GEMM at every width up to 256 rows on a Zen 4 core
-# (`scripts/bench_cpu_matmul.py`, 9216 x 3072, groups of 32, int4: 13.1 vs 18.9 ms at 128 rows, 25.7 vs
-# 33.9 at 256), so every prefill chunk stays on it and a row's result is the same in every pass but
-# QuadraticSpec's widest
-QUANT_MAX_ROWS = 256
 
 
 def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
-    """The `register_matmul("int8" | "int4", "cpu", ...)` entry for the edge-dlm layout: passes of up
-    to `QUANT_MAX_ROWS` rows (AR steps, drafts, verify and commit passes, prefill chunks) through
-    `x16_gemm`, wider ones (QuadraticSpec's B(B+1) cycle past B = 15) through `dequant_mm`."""
-    bits = mod.spec.bits
+    """The `register_matmul("int8" | "int4", "cpu", ...)` entry for the edge-dlm layout: every pass
+    through `x16_gemm`, whatever its width (it beat dequantizing to bf16 for torch's GEMM at every width
+    measured, up to 512 rows: `scripts/bench_cpu_matmul.py`), so a row's result is the same in every
+    pass, QuadraticSpec's widest included."""
     if mod.perm is not None or mod.in_features % 32 or mod.spec.group_size < 32:
         return None
     x2 = x.reshape(-1, mod.in_features)
-    if x2.shape[0] > QUANT_MAX_ROWS:
-        y = dequant_mm(x2, mod.qweight, mod.scales, mod.zeros, bits, mod.spec.group_size)
-    else:
-        w, s, z = _layout(mod)
-        y = x16_gemm(x2.float(), w, s, z, bits, mod.spec.group_size, mod.out_features)
+    w, s, z = _layout(mod)
+    y = x16_gemm(x2.float(), w, s, z, mod.spec.bits, mod.spec.group_size, mod.out_features)
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
 def _layout(mod):
-    return mod.derived("cpu-x16", x16_layout)
+    return mod.derived("cpu-x16", x16_layout, x16_stored)
 
 
 cpu_quant_matmul.prepare = _layout

@@ -1,11 +1,16 @@
-"""The CPU matmul kernels per pass width: int8 / int4 (`x16_gemm`, and the wide route `dequant_mm`) and
-bf16 (`bf16_gemm` up to 32 rows, torch's GEMM past that), milliseconds per call, interleaved (each
-round times every kernel once, so a busy neighbour slows all alike), best of `--rounds`.
+"""The CPU matmul kernels per pass width: int8 / int4 (`x16_gemm`) and bf16 (`bf16_gemm` up to 32 rows,
+torch's GEMM past that) against torch's bf16 GEMM at every width, milliseconds per call, interleaved
+(each round times every kernel once, so a busy neighbour slows all alike), best of `--rounds`.
 
     .venv/bin/python scripts/bench_cpu_matmul.py [--shape 9216 3072] [--group 32] [--threads 1]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_cpu_matmul.py --march alderlake
 
-`--shape N K`: the weight's output and input features (default: NLD-3B's up projection). GB/s counts
-the bytes a 1-row pass must read (weights and fp16 scales).
+`--shape N K`: the weight's output and input features (default: NLD-3B's up projection); each call
+reads the next of enough copies to exceed the CPU's caches, as a model's layers do. GB/s counts the
+bytes a 1-row pass must read (weights and fp16 scales). `--march X`: the kernels built for another
+CPU that this one can run (`alderlake`: the AVX-VNNI 256-bit path of Intel laptops; `haswell`: AVX2);
+with the two variables above torch's own kernels stop at AVX2 too, so both sides are what such a
+laptop runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--march", help="build the kernels with -march=MARCH (default: native)")
+    p.add_argument("--copies-mib", type=int, default=96, help="weight copies to cycle through, MiB of int4 at least")
     a = p.parse_args()
 
     from edge_dlm.kernels import cpu_matmul as c
@@ -31,33 +38,46 @@ def main() -> int:
 
     if not c.usable():
         sys.exit("the CPU kernels cannot be built here (edge-dlm doctor says why)")
+    if a.march:
+        import tempfile
+        from pathlib import Path
+
+        lib = c.build(Path(tempfile.mkdtemp()) / "k.so", ["-O3", f"-march={a.march}", "-fopenmp", "-shared", "-fPIC"])
+        c.library = lambda: lib  # the custom ops call the kernels through library()
     torch.set_num_threads(a.threads)
     n, k = a.shape
-    w = 0.05 * torch.randn(n, k)
-    mods = {s: QuantLinear.from_weight(w, QuantSpec(s, group_size=a.group)) for s in ("int8", "int4")}
-    for m in mods.values():
-        c.cpu_quant_matmul.prepare(m)
-    wb = w.bfloat16()
-    bytes_1row = {"int8": n * k * 1.0625, "int4": n * k * 0.5625, "bf16": n * k * 2}
-    print(f"weight {n} x {k}, groups of {a.group}, {a.threads} thread(s); ms per call (best of {a.rounds})\n")
-    print("| rows | int8 x16 | int8 wide | int4 x16 | int4 wide | bf16 |\n|---|---|---|---|---|---|")
+    copies = max(1, -(-(a.copies_mib << 20) // (n * k // 2)))
+    w = [0.05 * torch.randn(n, k) for _ in range(copies)]
+    mods = {s: [c.x16_layout(QuantLinear.from_weight(t, QuantSpec(s, group_size=a.group))) for t in w]
+            for s in ("int8", "int4")}
+    wb = [t.bfloat16() for t in w]
+    bytes_1row = {"int8": n * k * 1.0625, "int4": n * k * 0.5625, "bf16": n * k * 2, "torch": n * k * 2}
+    widths = c.simd()
+    print(f"weight {n} x {k} ({copies} copies), groups of {a.group}, {a.threads} thread(s), kernels built for "
+          f"{a.march or 'this CPU'} (int8 / int4 {widths['int8 / int4']}-bit, bf16 {widths['bf16']}-bit); "
+          f"ms per call (best of {a.rounds})\n")
+    print("| rows | int8 x16 | int4 x16 | bf16 kernel | torch bf16 GEMM |\n|---|---|---|---|---|")
     for rows in a.rows:
         x = torch.randn(rows, k)
         xb = x.bfloat16()
         fs = {}
-        for s, m in mods.items():
-            lay = m.derived("cpu-x16", c.x16_layout)
-            fs[f"{s} x16"] = lambda m=m, lay=lay: c.x16_gemm(x, *lay, m.spec.bits, a.group, n)
-            fs[f"{s} wide"] = lambda m=m: c.dequant_mm(x, m.qweight, m.scales, m.zeros, m.spec.bits, a.group)
-        fs["bf16"] = (lambda: c.bf16_gemm(xb, wb)) if rows <= c.MAX_ROWS else (lambda: torch.nn.functional.linear(xb, wb))
+        for s, lays in mods.items():
+            bits = 8 if s == "int8" else 4
+            fs[f"{s} x16"] = lambda lays=lays, bits=bits: [c.x16_gemm(x, *lay, bits, a.group, n) for lay in lays]
+        if widths["bf16"] and rows <= c.MAX_ROWS:
+            fs["bf16 kernel"] = lambda: [c.bf16_gemm(xb, t) for t in wb]
+        fs["torch bf16 GEMM"] = lambda: [torch.nn.functional.linear(xb, t) for t in wb]
         best = {name: float("inf") for name in fs}
         for _ in range(a.rounds):
             for name, f in fs.items():
                 t = time.perf_counter()
                 f()
-                best[name] = min(best[name], time.perf_counter() - t)
+                best[name] = min(best[name], (time.perf_counter() - t) / copies)
         cells = []
-        for name in ("int8 x16", "int8 wide", "int4 x16", "int4 wide", "bf16"):
+        for name in ("int8 x16", "int4 x16", "bf16 kernel", "torch bf16 GEMM"):
+            if name not in best:
+                cells.append("-")
+                continue
             ms = best[name] * 1e3
             gbs = f" ({bytes_1row[name.split()[0]] / best[name] / 1e9:.0f} GB/s)" if rows == 1 else ""
             cells.append(f"{ms:.2f}{gbs}")

@@ -160,10 +160,15 @@ def main() -> int:
         import llama_cpp  # noqa: F401
     except ImportError:
         sys.exit("llama.cpp is not installed: .venv/bin/pip install -e '.[llamacpp]'")
+    with tempfile.TemporaryDirectory(prefix="edge-dlm-llamacpp-") as tmp:  # GBs of checkpoint and GGUFs
+        return measure(a, Path(tmp))
+
+
+def measure(a: argparse.Namespace, work: Path) -> int:
+    import llama_cpp
     from edge_dlm.export.gguf import export_gguf
     from edge_dlm.primitives.machine import machine_description
 
-    work = Path(tempfile.mkdtemp(prefix="edge-dlm-llamacpp-"))
     src = Path(a.model) if a.model else random_checkpoint(a.shape or "3b", a.layers, work / "ckpt")
     name = src.name if a.model else f"NLD-{a.shape or '3b'} shape, {a.layers} layers"
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]

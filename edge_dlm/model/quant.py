@@ -16,9 +16,10 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 
 Matmuls read the packed weights directly: on the CPU through the C kernel of
 `edge_dlm.kernels.cpu_matmul` (activations rounded to int8 per block of 32, int8 x int8 VNNI dot
-products; registered by `cpu_matmul.enable`, which the runtime calls), which keeps a copy of the weight
-in its own 16-row layout next to `qweight` (`QuantLinear.derived`, built on first use or by `prepare`);
-on CUDA through the Triton kernel of `edge_dlm.kernels.quant_matmul` (registered by
+products; registered by `cpu_matmul.enable`, which the runtime calls), which holds the weight in its
+own 16-row layout instead of `qweight` / `scales` / `zeros` (`QuantLinear.derived`, built on first use
+or by `prepare`; the stored tensors are rebuilt from it, exactly, for whatever reads them later); on
+CUDA through the Triton kernel of `edge_dlm.kernels.quant_matmul` (registered by
 `edge_dlm.kernels.enable`), which reads `qweight` as it is.
 `dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
 declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
@@ -37,6 +38,7 @@ from torch import nn
 from edge_dlm.primitives.errors import UserError, install_hint
 
 GROUP_SIZES = (32, 64, 128)
+STORED = ("qweight", "scales", "zeros")  # a QuantLinear's stored tensors (a kernel layout may stand in)
 OWN_SCHEMES = ("int8", "int4")   # weight-only, group-wise, stored in safetensors
 BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
@@ -189,23 +191,69 @@ class QuantLinear(nn.Module):
         # GPTQ with act-order: stored columns are the input columns in this order (groups contiguous)
         self.register_buffer("perm", tensors.get("perm"))
         self._derived: dict[str, object] = {}  # kernel layouts of the weight, built on first use
+        self._stored_from = None  # (restore, layout) while a kernel layout stands in for the stored tensors
 
-    def derived(self, name: str, build: Callable[["QuantLinear"], object]) -> object:
-        """The weight in a kernel's own layout (`build(self)` once, then cached until moved)."""
+    def derived(self, name: str, build: Callable[["QuantLinear"], object],
+                restore: Callable[[object, "QuantLinear"], dict[str, torch.Tensor | None]] | None = None) -> object:
+        """The weight in a kernel's own layout (`build(self)` once, then cached until moved).
+
+        With `restore(layout, self)` (the stored tensors back from the layout, exactly), the layout
+        replaces `qweight` / `scales` / `zeros` in memory: they are dropped, and whatever reads them
+        afterwards (`state_dict`, a device move, the reference matmul, export) gets them rebuilt from it,
+        so a quantized model holds its weights once."""
         got = self._derived.get(name)
         if got is None:
             got = self._derived[name] = build(self)
+            if restore is not None and self._stored_from is None and self._restores(restore, got):
+                self._stored_from = (restore, got)
+                for k in STORED:
+                    self._buffers[k] = None
         return got
+
+    def _restores(self, restore, layout) -> bool:
+        """Whether `restore` gives back exactly the stored tensors (dtype, shape, every value)."""
+        back = restore(layout, self)
+        for k in STORED:
+            a, b = back.get(k), self._buffers.get(k)
+            if (a is None) != (b is None) or a is not None and (a.dtype != b.dtype or not torch.equal(a, b)):
+                return False
+        return True
+
+    def __getattr__(self, name: str):
+        stored_from = self.__dict__.get("_stored_from")
+        if name in STORED and stored_from is not None:
+            restore, layout = stored_from
+            return restore(layout, self)[name]
+        return super().__getattr__(name)
+
+    def _keep_stored(self) -> None:
+        """Put the stored tensors back in place of a layout that stood in for them."""
+        if self._stored_from is not None:
+            restore, layout = self._stored_from
+            self._buffers.update(restore(layout, self))
+            self._stored_from = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._keep_stored()
+        self._derived = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._stored_from is not None:
+            restore, layout = self._stored_from
+            destination.update({prefix + k: v for k, v in restore(layout, self).items() if v is not None})
 
     def prepare(self) -> None:
         """Build the kernel layouts this weight's matmul will use, now (before a compile traces the
         matmul: a layout built inside the trace would change the module and force a second compile).
         A registered matmul with a `prepare(module)` attribute builds its own."""
-        fused = _MATMULS.get((self.spec.scheme, self.qweight.device.type))
+        fused = _MATMULS.get((self.spec.scheme, self.weight.device.type))
         if fused is not None and self.spec.layout == "edge-dlm" and hasattr(fused, "prepare"):
             fused.prepare(self)
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the derived layouts
+        self._keep_stored()
         self._derived = {}
         return super()._apply(fn, recurse)
 
@@ -223,7 +271,10 @@ class QuantLinear(nn.Module):
         return w if self.perm is None else w[:, torch.argsort(self.perm)]
 
     @property
-    def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device)
+    def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device); never rebuilt
+        if self._stored_from is not None:  # the layout standing in: its own weight tensor
+            layout = self._stored_from[1]
+            return layout[0] if isinstance(layout, tuple) else layout
         return self.qweight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,9 +411,12 @@ def quantized_shapes(name: str, out_f: int, in_f: int, spec: QuantSpec) -> dict[
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the weights occupy in memory)."""
+    """Bytes of every parameter and buffer and of the kernel layouts of quantized weights (what the
+    weights occupy in memory)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    layouts = [t for m in model.modules() if isinstance(m, QuantLinear) for got in m._derived.values()
+               for t in (got if isinstance(got, tuple) else (got,)) if isinstance(t, torch.Tensor)]
+    for t in list(model.parameters()) + list(model.buffers()) + layouts:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
