@@ -533,6 +533,9 @@ def _huge_pages(nbytes: int) -> torch.Tensor:
     return raw[off:off + nbytes]
 
 
+LAYOUT_ROWS = 4096  # rows converted at a time: the int16 intermediates of a 131072-row head stay small
+
+
 def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`mod`'s weight in the narrow kernel's layout (see the C source): rows in blocks of 16 (the last
     padded with zeros), per 4 columns (int4: 8) the 16 rows' bytes side by side, as unsigned values
@@ -543,19 +546,22 @@ def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
 
     bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
     signed = mod.zeros is None
-    q = (unpack_int4(mod.qweight, signed=signed) if bits == 4 else mod.qweight).to(torch.int16)
-    if signed:
-        q = q + (128 if bits == 8 else 8)
     blocks = -(-n // 16)
-    u = torch.zeros(blocks * 16, k, dtype=torch.int16)
-    u[:n] = q
-    if bits == 8:
-        packed = u.view(blocks, 16, k // 4, 4).permute(0, 2, 1, 3)
-    else:
-        v = u.view(blocks, 16, k // 8, 2, 4)
-        packed = (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 1, 3)
-    weight = _huge_pages(blocks * 16 * k * bits // 8).view(packed.shape)
-    weight.copy_(packed.to(torch.uint8))
+    weight = _huge_pages(blocks * 16 * k * bits // 8).view(blocks, k * bits // 32, 16, 4)
+    for r0 in range(0, n, LAYOUT_ROWS):
+        part = mod.qweight[r0:r0 + LAYOUT_ROWS]
+        q = (unpack_int4(part, signed=signed) if bits == 4 else part).to(torch.int16)
+        if signed:
+            q = q + (128 if bits == 8 else 8)
+        nb = -(-len(q) // 16)
+        u = torch.zeros(nb * 16, k, dtype=torch.int16)
+        u[:len(q)] = q
+        if bits == 8:
+            packed = u.view(nb, 16, k // 4, 4).permute(0, 2, 1, 3)
+        else:
+            v = u.view(nb, 16, k // 8, 2, 4)
+            packed = (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 1, 3)
+        weight[r0 // 16:r0 // 16 + nb] = packed.to(torch.uint8)
 
     def rows16(t: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(blocks * 16, t.shape[1], dtype=torch.float16)
@@ -570,16 +576,17 @@ def x16_stored(layout, mod) -> dict[str, torch.Tensor | None]:
 
     weight, s16, z16 = layout
     bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
-    if bits == 8:  # [blocks, K/4, 16, 4] -> [blocks, 16, K/4, 4]
-        u = weight.permute(0, 2, 1, 3)
-    else:  # [blocks, K/8, 16, 4] nibbles -> [blocks, 16, K/8, 2, 4]
-        u = torch.stack((weight & 0xF, weight >> 4), dim=3).permute(0, 2, 1, 3, 4)
-    u = u.reshape(-1, k)[:n]
-    if z16 is None:  # signed, offset by 128 / 8
-        q = (u.to(torch.int16) - (128 if bits == 8 else 8)).to(torch.int8)
-    else:
-        q = u
-    qweight = pack_int4(q) if bits == 4 else q.contiguous()
+    signed = z16 is None
+    qweight = torch.empty(n, k * bits // 8, dtype=torch.int8 if signed and bits == 8 else torch.uint8)
+    for r0 in range(0, n, LAYOUT_ROWS):
+        part = weight[r0 // 16:r0 // 16 + LAYOUT_ROWS // 16]
+        if bits == 8:  # [blocks, K/4, 16, 4] -> [blocks, 16, K/4, 4]
+            u = part.permute(0, 2, 1, 3)
+        else:  # [blocks, K/8, 16, 4] nibbles -> [blocks, 16, K/8, 2, 4]
+            u = torch.stack((part & 0xF, part >> 4), dim=3).permute(0, 2, 1, 3, 4)
+        u = u.reshape(-1, k)[:n - r0]
+        q = (u.to(torch.int16) - (128 if bits == 8 else 8)).to(torch.int8) if signed else u
+        qweight[r0:r0 + len(u)] = pack_int4(q) if bits == 4 else q
 
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.permute(0, 2, 1).reshape(-1, t.shape[1])[:n].contiguous()

@@ -207,6 +207,8 @@ class QuantLinear(nn.Module):
             if restore is not None and self._stored_from is None and self._restores(restore, got):
                 self._stored_from = (restore, got)
                 for k in STORED:
+                    if self._buffers[k] is not None:
+                        _page_out(self._buffers[k])
                     self._buffers[k] = None
         return got
 
@@ -288,6 +290,27 @@ class QuantLinear(nn.Module):
         s = self.spec
         return (f"{self.in_features}, {self.out_features}, {s.scheme}, group={s.group_size}, "
                 f"{'sym' if s.symmetric else 'asym'}")
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Hand back the pages of a dropped tensor that lives in a mapped file (a safetensors artifact,
+    read in place): no longer referenced, they would stay in the process's resident memory until the
+    kernel needs them. A hint that never changes contents (`MADV_PAGEOUT`, Linux 5.4+); memory torch
+    allocated itself is freed with the tensor instead."""
+    import ctypes
+    import platform
+
+    if t.untyped_storage().resizable() or platform.system() != "Linux":
+        return
+    page = 4096
+    start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+    if end > start:
+        try:
+            libc = ctypes.CDLL(None)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise(start, end - start, 21)  # MADV_PAGEOUT
+        except (OSError, AttributeError):
+            pass
 
 
 def linear_ref(x: torch.Tensor, mod: QuantLinear) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_a_large_weight_on_huge_pages_computes_the_same():
 
 
 @pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int8", False), ("int4", True), ("int4", False)])
-def test_the_layout_stands_in_for_the_stored_weight(scheme, symmetric):
+def test_the_layout_stands_in_for_the_stored_weight(scheme, symmetric, monkeypatch):
     """After its first pass a layer holds its weight once, in the kernel's layout: the stored tensors
     come back from it exactly (attributes, state_dict, a move), and a pass of any width (QuadraticSpec's
     B(B+1) rows included) gives each row the bits it gets alone."""
@@ -85,6 +85,9 @@ def test_the_layout_stands_in_for_the_stored_weight(scheme, symmetric):
 
     mod = layer(scheme, 600, 256, 32, symmetric=symmetric)
     stored = {k: getattr(mod, k) for k in ("qweight", "scales", "zeros")}
+    whole = cpu_matmul.x16_layout(mod)
+    monkeypatch.setattr(cpu_matmul, "LAYOUT_ROWS", 48)  # built and rebuilt in pieces, the last one short
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(cpu_matmul.x16_layout(mod), whole))
     before = weight_bytes(mod)
     x = torch.randn(300, 256, generator=torch.Generator().manual_seed(2))
     wide = cpu_matmul.cpu_quant_matmul(x, mod)
@@ -101,6 +104,27 @@ def test_the_layout_stands_in_for_the_stored_weight(scheme, symmetric):
     mod.to("cpu", torch.float32)  # a move puts the stored tensors back (the scales become float32)
     assert mod._buffers["qweight"] is not None and not mod._derived
     assert torch.equal(mod.qweight, stored["qweight"])
+
+
+def test_a_weight_read_in_place_from_its_file_is_handed_back_intact(tmp_path):
+    """Tensors of a safetensors artifact live in the mapped file: once the layout stands in, their pages
+    are handed back to the kernel, which changes nothing anyone reads (neighbours in the file, the
+    stored tensors rebuilt, the outputs)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mod = layer("int4", 512, 1024, 32)
+    norm = torch.randn(1024)
+    save_file({"a.norm": norm, "a.qweight": mod.qweight, "a.scales": mod.scales}, str(tmp_path / "m.safetensors"))
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as st:
+        t = {k: st.get_tensor(k) for k in st.keys()}
+    assert not t["a.qweight"].untyped_storage().resizable()  # read in place: the file's pages
+    mapped = QuantLinear(1024, 512, mod.spec, {"qweight": t["a.qweight"], "scales": t["a.scales"]})
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(6))
+    y = cpu_matmul.cpu_quant_matmul(x, mapped)
+    assert mapped._buffers["qweight"] is None
+    assert torch.equal(t["a.norm"], norm) and torch.equal(t["a.qweight"], mod.qweight)
+    assert torch.equal(mapped.qweight, mod.qweight) and torch.equal(y, cpu_matmul.cpu_quant_matmul(x, mod))
 
 
 def test_a_layout_that_cannot_give_the_weight_back_leaves_it_stored(monkeypatch):
