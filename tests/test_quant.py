@@ -11,6 +11,7 @@ from edge_dlm.decoding import Draft
 from edge_dlm.primitives.errors import UserError
 from edge_dlm.model.quant import (NF4Linear, QuantLinear, QuantSpec, dequantize, pack_int4, quantize, unpack_int4,
                                   weight_bytes)
+from edge_dlm.model import quant
 from edge_dlm.model.quantize import quantize_model
 from helpers import run_mode
 
@@ -34,6 +35,15 @@ def test_roundtrip_within_half_a_step(scheme, group, symmetric):
     assert levels <= 2 ** bits
     stored = sum(v.numel() * v.element_size() for v in t.values())
     assert stored < w.numel() * 2 * (bits + 16 * (2 - symmetric) / group) / 16 + 1  # bits + scale (+ zero)
+
+
+@pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int4", True), ("int4", False)])
+def test_quantizing_in_pieces_is_quantizing_the_whole(scheme, symmetric, monkeypatch):
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    whole = quant.quantize(w, QuantSpec(scheme).bits, 32, symmetric)
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS", 7)  # a 131072-row head is quantized 4096 rows at a time
+    pieces = quant.quantize(w, QuantSpec(scheme).bits, 32, symmetric)
+    assert whole.keys() == pieces.keys() and all(torch.equal(whole[k], pieces[k]) for k in whole)
 
 
 def test_int4_packing_roundtrip():

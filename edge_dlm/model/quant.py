@@ -113,12 +113,22 @@ def require_bnb():
 
 # --- group-wise int8 / int4 ----------------------------------------------------------------------
 
+QUANTIZE_ROWS = 4096  # rows quantized at a time: float32 intermediates of a 131072-row head stay small
+
+
 def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
-    """`w [out, in]` -> {"qweight", "scales"[, "zeros"]} (see the module docstring)."""
+    """`w [out, in]` -> {"qweight", "scales"[, "zeros"]} (see the module docstring), `QUANTIZE_ROWS`
+    rows at a time (each row's groups are its own, so the pieces are the whole)."""
     out_f, in_f = w.shape
     if in_f % group_size:
         raise UserError(f"group size {group_size} does not divide the input width {in_f}; "
                         f"pick one of {', '.join(str(g) for g in GROUP_SIZES if in_f % g == 0) or 'none'}")
+    parts = [_quantize_rows(w[r:r + QUANTIZE_ROWS], bits, group_size, symmetric) for r in range(0, out_f, QUANTIZE_ROWS)]
+    return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+
+
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
+    out_f, in_f = w.shape
     g = w.float().reshape(out_f, in_f // group_size, group_size)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
@@ -208,7 +218,7 @@ class QuantLinear(nn.Module):
                 self._stored_from = (restore, got)
                 for k in STORED:
                     if self._buffers[k] is not None:
-                        _page_out(self._buffers[k])
+                        page_out(self._buffers[k])
                     self._buffers[k] = None
         return got
 
@@ -292,9 +302,9 @@ class QuantLinear(nn.Module):
                 f"{'sym' if s.symmetric else 'asym'}")
 
 
-def _page_out(t: torch.Tensor) -> None:
-    """Hand back the pages of a dropped tensor that lives in a mapped file (a safetensors artifact,
-    read in place): no longer referenced, they would stay in the process's resident memory until the
+def page_out(t: torch.Tensor) -> None:
+    """Hand back the pages of a dropped tensor that lives in a mapped file (a safetensors checkpoint,
+    read in place): no longer read, they would stay in the process's resident memory until the
     kernel needs them. A hint that never changes contents (`MADV_PAGEOUT`, Linux 5.4+); memory torch
     allocated itself is freed with the tensor instead."""
     import ctypes

@@ -9,7 +9,7 @@ from torch import nn
 
 from edge_dlm.model import awq
 from edge_dlm.model.quant import (LLMInt8Linear, NF4Linear, QuantEmbedding, QuantLinear, QuantSpec, linear_names,
-                                  quantizes)
+                                  page_out, quantizes)
 from edge_dlm.primitives.errors import UserError
 
 
@@ -30,10 +30,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec, tokenizer=None, log=lambda
         else:
             new = QuantLinear.from_weight(w, spec).to(w.device)
         model.set_submodule(name, new)
+        page_out(w)  # a checkpoint's float weight read in place: its pages go back now
     if quantizes("encoder.embed_tokens", spec):
         emb = model.encoder.embed_tokens
         lin = QuantLinear.from_weight(emb.weight.detach(), spec).to(emb.weight.device)
         model.encoder.embed_tokens = QuantEmbedding(lin, emb.weight.dtype)
+        page_out(emb.weight)
     return model
 
 
