@@ -1,0 +1,94 @@
+"""The sampler's draws (`edge_dlm.primitives.sampling`): a sampled pick follows `softmax(logits / T)`
+after top-k / top-p filtering (`filtered_probs`, the reference over the whole vocabulary), never draws a
+token of probability 0 (the mask, a filtered one), and the inverse-CDF draw behind it picks each
+position in proportion to its weight, through a vocabulary's chunks as directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_dlm.primitives import sampling
+from edge_dlm.primitives.sampling import Sampler, SamplingParams, filtered_probs, inverse_cdf
+
+MASK = 3
+
+
+def lm_logits(v: int, seed: int = 0, flat: float = 2.0) -> torch.Tensor:
+    """A few strong candidates over a long tail (`flat` widens the tail), as a language model gives."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(v, generator=g) * flat
+    x[torch.randperm(v, generator=g)[:12]] += torch.linspace(9, 3, 12)
+    return x
+
+
+def expected(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    x = logits.clone()
+    x[MASK] = float("-inf")
+    return filtered_probs(((x - x.max()) / p.temperature)[None], p.top_k, p.top_p)[0]
+
+
+def drawn(logits: torch.Tensor, p: SamplingParams, n: int) -> torch.Tensor:
+    s, out = Sampler(p, MASK), []
+    for _ in range(0, n, 2000):  # one row drawn 2000 times a pass
+        ids, conf, finite = s.pick_tensor(logits.expand(2000, -1))
+        assert bool(finite)
+        out.append(ids)
+    return torch.cat(out)[:n]
+
+
+CASES = [SamplingParams(1.0, 0, 1.0, 1), SamplingParams(0.7, 40, 1.0, 2), SamplingParams(0.8, 0, 0.9, 3),
+         SamplingParams(1.2, 25, 0.8, 4), SamplingParams(1.0, 0, 0.97, 5), SamplingParams(0.9, 0, 1e-300, 6)]
+
+
+@pytest.mark.parametrize("p", CASES, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}")
+@pytest.mark.parametrize("v", [300, 9000])  # one chunk; many chunks (the two-level draw), a nucleus past 256
+def test_draws_follow_the_filtered_softmax(p, v):
+    logits = lm_logits(v, flat=3.0 if p.top_p == 0.97 else 2.0)
+    want = expected(logits, p)
+    n = 30000
+    ids = drawn(logits, p, n)
+    assert bool((want[ids] > 0).all())  # never a token the filters (or the mask) removed
+    freq = torch.bincount(ids, minlength=v).double() / n
+    top = torch.argsort(want, descending=True)[:20]  # the likely tokens one by one, the rest together
+    bins_want = torch.cat([want[top].double(), (1 - want[top].sum()).double().clamp(min=0)[None]])
+    bins_got = torch.cat([freq[top], (1 - freq[top].sum()).clamp(min=0)[None]])
+    sd = (bins_want * (1 - bins_want) / n).sqrt()
+    assert bool(((bins_got - bins_want).abs() <= 5 * sd + 1e-4).all()), (bins_got - bins_want).abs().max()
+
+
+def test_a_wide_nucleus_grows_the_candidates_to_the_whole_vocabulary():
+    """A flat distribution's nucleus holds most of the vocabulary: 256 candidates, then 4096, then all."""
+    v = 6000
+    logits = torch.randn(v, generator=torch.Generator().manual_seed(9)) * 0.1
+    p = SamplingParams(1.0, 0, 0.99, 7)
+    want = expected(logits, p)
+    assert int((want > 0).sum()) > 4096
+    ids = drawn(logits, p, 20000)
+    assert bool((want[ids] > 0).all()) and len(ids.unique()) > 4096
+
+
+def test_the_same_seed_draws_the_same_tokens():
+    logits = lm_logits(9000).expand(8, -1)
+    p = SamplingParams(0.8, 0, 0.9, 11)
+    assert torch.equal(Sampler(p, MASK).pick_tensor(logits)[0], Sampler(p, MASK).pick_tensor(logits)[0])
+
+
+@pytest.mark.parametrize("n", [12, 4096, 5000, 3 * sampling.CDF_CHUNK + 5 + 4 * sampling.CDF_CHUNK])
+def test_inverse_cdf_picks_the_first_position_past_the_target(n):
+    """Integer weights (exact sums): the chunked draw agrees with a direct search on every target, zero
+    weights are never picked, and the ends of [0, 1) land on the first and last positive weights."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randint(0, 4, (3, n), generator=g).float()
+    w[:, :5] = 0  # zeros at the start, at chunk edges, at the end
+    w[:, -3:] = 0
+    w[:, sampling.CDF_CHUNK - 1:sampling.CDF_CHUNK + 1] = 0
+    u = torch.rand(3, 500, generator=g, dtype=torch.float64)
+    u[:, 0], u[:, 1] = 0.0, torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    cdf = w.double().cumsum(-1)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    got = torch.stack([inverse_cdf(w, u[:, i:i + 1])[:, 0] for i in range(u.shape[1])], dim=1)
+    assert torch.equal(got, want)
+    assert bool((w.gather(1, got) > 0).all())
+    nz = [torch.nonzero(row)[[0, -1], 0] for row in w]
+    assert got[:, 0].tolist() == [int(a) for a, _ in nz] and got[:, 1].tolist() == [int(b) for _, b in nz]
