@@ -494,7 +494,10 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if engine_name == "torch" and dev.type == "cpu":
         from edge_dlm.kernels import cpu_matmul
 
+        from edge_dlm.model.quant import prepare_layouts
+
         cpu_matmul.enable_for(net)  # int8 / int4 / bf16 matmuls in C (else: the references, torch's GEMV)
+        prepare_layouts(net)  # their layouts now: a first answer never waits for them
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
     rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))

@@ -315,6 +315,54 @@ void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     free(a); free(d); free(as);
 }
 
+/* ---- the weight between its stored layout and the 16-row one (both ways, exact). Stored: int8 [N, K]
+   (q, or u with zero points), int4 [N, K / 2] (column c in the low nibble of byte c / 2 when c is even).
+   Layout: [N / 16 (rounded up)][K / 4 (int4: K / 8)][16][4] unsigned bytes (see x16_gemm), the rows past
+   N zero. A signed value moves to unsigned with its top bit flipped (q + 128 = q ^ 0x80; a nibble's
+   q + 8 = n ^ 8), and back the same way. */
+void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads) {
+    const int64_t nb = (N + 15) / 16, per = bits == 8 ? K / 4 : K / 8, row = K * bits / 8;
+    const uint8_t flip = signed_w ? (bits == 8 ? 0x80 : 0x88) : 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t o = 0; o < per; o++)
+            for (int r = 0; r < 16; r++) {
+                uint8_t *dst = w + ((b * per + o) * 16 + r) * 4;
+                const int64_t n = 16 * b + r;
+                if (n >= N) { memset(dst, 0, 4); continue; }
+                const uint8_t *src = q + n * row;
+                if (bits == 8)
+                    for (int j = 0; j < 4; j++) dst[j] = src[4 * o + j] ^ flip;
+                else  /* columns 8o .. 8o + 7: bytes 4o .. 4o + 3 of the row, two columns each */
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t lo = src[4 * o + j / 2], hi = src[4 * o + 2 + j / 2];
+                        const uint8_t a = (j & 1 ? lo >> 4 : lo & 15), c = (j & 1 ? hi >> 4 : hi & 15);
+                        dst[j] = (uint8_t)(a | c << 4) ^ flip;
+                    }
+            }
+}
+
+void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, uint8_t *q, int threads) {
+    const int64_t per = bits == 8 ? K / 4 : K / 8, row = K * bits / 8;
+    const uint8_t flip = signed_w ? (bits == 8 ? 0x80 : 0x88) : 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t b = n / 16, r = n % 16;
+        uint8_t *dst = q + n * row;
+        for (int64_t o = 0; o < per; o++) {
+            const uint8_t *src = w + ((b * per + o) * 16 + r) * 4;
+            if (bits == 8)
+                for (int j = 0; j < 4; j++) dst[4 * o + j] = src[j] ^ flip;
+            else  /* byte j: column 8o + j low, 8o + 4 + j high */
+                for (int j = 0; j < 4; j += 2) {
+                    const uint8_t x = src[j] ^ flip, y = src[j + 1] ^ flip;
+                    dst[4 * o + j / 2] = (uint8_t)((x & 15) | (y & 15) << 4);
+                    dst[4 * o + 2 + j / 2] = (uint8_t)((x >> 4) | (y >> 4) << 4);
+                }
+        }
+    }
+}
+
 /* ---- bf16 */
 #define TILE16(MR, NR) TILE16_(MR, NR)  /* expands NB_NARROW / NB_WIDE before pasting the name */
 #define TN_(MR, NR) t16_##MR##_##NR
@@ -468,8 +516,10 @@ def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.x16_simd.restype = lib.bf16_simd.restype = i32
-    lib.x16_gemm.restype = None
+    for fn in (lib.x16_gemm, lib.x16_pack, lib.x16_unpack):
+        fn.restype = None
     lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
+    lib.x16_pack.argtypes = lib.x16_unpack.argtypes = [i32, i32, p, i64, i64, p, i32]
     if lib.bf16_simd():  # a build without a vector path has no bf16_gemm (torch's kernels serve)
         lib.bf16_gemm.restype = None
         lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
@@ -533,35 +583,19 @@ def _huge_pages(nbytes: int) -> torch.Tensor:
     return raw[off:off + nbytes]
 
 
-LAYOUT_ROWS = 4096  # rows converted at a time: the int16 intermediates of a 131072-row head stay small
-
-
 def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`mod`'s weight in the narrow kernel's layout (see the C source): rows in blocks of 16 (the last
-    padded with zeros), per 4 columns (int4: 8) the 16 rows' bytes side by side, as unsigned values
-    (signed ones offset by 128 / 8: the kernel subtracts the offset times the activations' sum);
+    """`mod`'s weight in the narrow kernel's layout (`x16_pack` in the C source): rows in blocks of 16
+    (the last padded with zeros), per 4 columns (int4: 8) the 16 rows' bytes side by side, as unsigned
+    values (signed ones offset by 128 / 8: the kernel subtracts the offset times the activations' sum);
     scales and zero points `[blocks, groups, 16]` fp16. It stands in for `qweight` / `scales` /
-    `zeros` (`x16_stored` gives them back)."""
-    from edge_dlm.model.quant import unpack_int4
-
+    `zeros` (`x16_stored` gives them back). Converted in C at memory speed (in torch, the 3B shape's
+    29 weights took 3.4 s of a first answer)."""
     bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
     signed = mod.zeros is None
     blocks = -(-n // 16)
     weight = _huge_pages(blocks * 16 * k * bits // 8).view(blocks, k * bits // 32, 16, 4)
-    for r0 in range(0, n, LAYOUT_ROWS):
-        part = mod.qweight[r0:r0 + LAYOUT_ROWS]
-        q = (unpack_int4(part, signed=signed) if bits == 4 else part).to(torch.int16)
-        if signed:
-            q = q + (128 if bits == 8 else 8)
-        nb = -(-len(q) // 16)
-        u = torch.zeros(nb * 16, k, dtype=torch.int16)
-        u[:len(q)] = q
-        if bits == 8:
-            packed = u.view(nb, 16, k // 4, 4).permute(0, 2, 1, 3)
-        else:
-            v = u.view(nb, 16, k // 8, 2, 4)
-            packed = (v[..., 0, :] | (v[..., 1, :] << 4)).permute(0, 2, 1, 3)
-        weight[r0 // 16:r0 // 16 + nb] = packed.to(torch.uint8)
+    stored = mod.qweight.contiguous()
+    library().x16_pack(bits, int(signed), stored.data_ptr(), n, k, weight.data_ptr(), torch.get_num_threads())
 
     def rows16(t: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(blocks * 16, t.shape[1], dtype=torch.float16)
@@ -570,23 +604,15 @@ def x16_layout(mod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return weight, rows16(mod.scales), None if signed else rows16(mod.zeros)
 
 
-def x16_stored(layout, mod) -> dict[str, torch.Tensor | None]:
-    """The inverse of `x16_layout`: `mod`'s `qweight`, `scales` and `zeros` as stored."""
-    from edge_dlm.model.quant import pack_int4
-
-    weight, s16, z16 = layout
-    bits, n, k = mod.spec.bits, mod.out_features, mod.in_features
+def x16_stored(layout, mod, blocks: slice = slice(None)) -> dict[str, torch.Tensor | None]:
+    """The inverse of `x16_layout`: `mod`'s `qweight`, `scales` and `zeros` as stored (the rows of the
+    16-row `blocks` only, when given)."""
+    weight, s16, z16 = (t if t is None else t[blocks] for t in layout)
+    bits, k = mod.spec.bits, mod.in_features
+    n = min(mod.out_features - 16 * (blocks.start or 0), 16 * weight.shape[0])
     signed = z16 is None
     qweight = torch.empty(n, k * bits // 8, dtype=torch.int8 if signed and bits == 8 else torch.uint8)
-    for r0 in range(0, n, LAYOUT_ROWS):
-        part = weight[r0 // 16:r0 // 16 + LAYOUT_ROWS // 16]
-        if bits == 8:  # [blocks, K/4, 16, 4] -> [blocks, 16, K/4, 4]
-            u = part.permute(0, 2, 1, 3)
-        else:  # [blocks, K/8, 16, 4] nibbles -> [blocks, 16, K/8, 2, 4]
-            u = torch.stack((part & 0xF, part >> 4), dim=3).permute(0, 2, 1, 3, 4)
-        u = u.reshape(-1, k)[:n - r0]
-        q = (u.to(torch.int16) - (128 if bits == 8 else 8)).to(torch.int8) if signed else u
-        qweight[r0:r0 + len(u)] = pack_int4(q) if bits == 4 else q
+    library().x16_unpack(bits, int(signed), weight.data_ptr(), n, k, qweight.data_ptr(), torch.get_num_threads())
 
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.permute(0, 2, 1).reshape(-1, t.shape[1])[:n].contiguous()
@@ -649,7 +675,7 @@ def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
     through `x16_gemm`, whatever its width (it beat dequantizing to bf16 for torch's GEMM at every width
     measured, up to 512 rows: `scripts/bench_cpu_matmul.py`), so a row's result is the same in every
     pass, QuadraticSpec's widest included."""
-    if mod.perm is not None or mod.in_features % 32 or mod.spec.group_size < 32:
+    if not _covers(mod):
         return None
     x2 = x.reshape(-1, mod.in_features)
     w, s, z = _layout(mod)
@@ -657,11 +683,20 @@ def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
+def _covers(mod) -> bool:  # act-order columns, odd widths and groups below a block: the reference's
+    return mod.perm is None and mod.in_features % 32 == 0 and mod.spec.group_size >= 32
+
+
 def _layout(mod):
     return mod.derived("cpu-x16", x16_layout, x16_stored)
 
 
-cpu_quant_matmul.prepare = _layout
+def _prepare(mod) -> None:
+    if _covers(mod):
+        _layout(mod)
+
+
+cpu_quant_matmul.prepare = _prepare
 
 
 def usable() -> bool:

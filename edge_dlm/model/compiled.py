@@ -105,12 +105,9 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
         for mod in model.modules():  # as a reduction inductor would recompute it for each one
             if type(mod) is torch.nn.Linear and mod is not head and mod.weight.dtype == torch.float32:
                 mod.__class__ = RowsLinear
-    from edge_dlm.model.quant import QuantEmbedding
+    from edge_dlm.model.quant import prepare_layouts
 
-    lookups = {id(m.lin) for m in model.modules() if isinstance(m, QuantEmbedding)}  # rows read, no matmul
-    for mod in model.modules():  # kernel layouts of quantized weights, built before the trace
-        if hasattr(mod, "prepare") and id(mod) not in lookups:
-            mod.prepare()
+    prepare_layouts(model)  # kernel layouts of quantized weights, built before the trace
     model.step = StepFunctions(model, torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode))
     model.compiled = True
 

@@ -204,10 +204,11 @@ class QuantLinear(nn.Module):
         self._stored_from = None  # (restore, layout) while a kernel layout stands in for the stored tensors
 
     def derived(self, name: str, build: Callable[["QuantLinear"], object],
-                restore: Callable[[object, "QuantLinear"], dict[str, torch.Tensor | None]] | None = None) -> object:
+                restore: Callable[..., dict[str, torch.Tensor | None]] | None = None) -> object:
         """The weight in a kernel's own layout (`build(self)` once, then cached until moved).
 
-        With `restore(layout, self)` (the stored tensors back from the layout, exactly), the layout
+        With `restore(layout, self[, blocks])` (the stored tensors back from the layout, exactly; the
+        rows of a slice of 16-row blocks only), the layout
         replaces `qweight` / `scales` / `zeros` in memory: they are dropped, and whatever reads them
         afterwards (`state_dict`, a device move, the reference matmul, export) gets them rebuilt from it,
         so a quantized model holds its weights once."""
@@ -223,12 +224,17 @@ class QuantLinear(nn.Module):
         return got
 
     def _restores(self, restore, layout) -> bool:
-        """Whether `restore` gives back exactly the stored tensors (dtype, shape, every value)."""
-        back = restore(layout, self)
-        for k in STORED:
-            a, b = back.get(k), self._buffers.get(k)
-            if (a is None) != (b is None) or a is not None and (a.dtype != b.dtype or not torch.equal(a, b)):
-                return False
+        """Whether `restore` gives back the stored tensors: their dtypes, and the values of the first,
+        a middle and the last 16-row block (restoring and comparing all of them cost as much as
+        building the layout; `restore` itself is tested exact on every row)."""
+        blocks = -(-self.out_features // 16)
+        for b in sorted({0, blocks // 2, blocks - 1}):
+            back = restore(layout, self, slice(b, b + 1))
+            for k in STORED:
+                a, s = back.get(k), self._buffers.get(k)
+                if (a is None) != (s is None) or a is not None and (
+                        a.dtype != s.dtype or a.shape[1:] != s.shape[1:] or not torch.equal(a, s[16 * b:16 * b + 16])):
+                    return False
         return True
 
     def __getattr__(self, name: str):
@@ -300,6 +306,16 @@ class QuantLinear(nn.Module):
         s = self.spec
         return (f"{self.in_features}, {self.out_features}, {s.scheme}, group={s.group_size}, "
                 f"{'sym' if s.symmetric else 'asym'}")
+
+
+def prepare_layouts(model: nn.Module) -> None:
+    """Build the kernel layouts of `model`'s quantized weights now (the runtime does at load, so a first
+    answer never waits for them; a compile must, before it traces a matmul). An embedding's rows are
+    read, not multiplied: it keeps its stored layout."""
+    lookups = {id(m.lin) for m in model.modules() if isinstance(m, QuantEmbedding)}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and id(mod) not in lookups:
+            mod.prepare()
 
 
 def page_out(t: torch.Tensor) -> None:
