@@ -12,8 +12,8 @@ of a pass, and its bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core whe
         load (`x16_layout`: 16 output rows side by side, 2 MiB pages), one AVX512-VNNI unsigned x signed
         dot product serving 16 rows at once; scales applied per block of 32 in float32;
     bf16 (bf16_gemm):  x . w in bf16 pairs (AVX512-BF16), float32 sums;
-    wide bf16 passes:  past `MAX_ROWS` rows, torch's bf16 GEMM (int8 / int4 passes of every width
-        stay on `x16_gemm`).
+    wide bf16 passes:  past `MAX_ROWS` rows on AVX512-BF16, torch's bf16 GEMM (`max_rows`; int8 / int4
+        passes of every width stay on `x16_gemm`).
 
 Each output (m, n) is computed by the same operations whatever the pass width M and whichever rows
 share a register tile, so a row's result never depends on how many rows the pass has (LinearSpec's
@@ -636,13 +636,13 @@ def _(x, weight):
 
 
 class Bf16Linear(torch.nn.Linear):
-    """`nn.Linear` with bf16 weights on the CPU: passes up to `MAX_ROWS` rows through `bf16_gemm`
+    """`nn.Linear` with bf16 weights on the CPU: passes up to `max_rows()` rows through `bf16_gemm`
     (AVX512-BF16 dot products; torch's bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core),
     wider ones through torch's GEMM. A row's result never depends on the width within either route."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.bias is not None or x2.shape[0] > MAX_ROWS or self.in_features % 32 or x.dtype != torch.bfloat16:
+        if self.bias is not None or x2.shape[0] > max_rows() or self.in_features % 32 or x.dtype != torch.bfloat16:
             return super().forward(x)
         return bf16_gemm(x2, self.weight).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -667,7 +667,15 @@ def enable_bf16(model: torch.nn.Module) -> int:
     return n
 
 
-MAX_ROWS = 32  # bf16: wider passes (prefill chunks, QuadraticSpec's B(B+1) cycle) go to torch's GEMM
+MAX_ROWS = 32  # bf16 with AVX512-BF16: wider passes (prefill chunks, QuadraticSpec's cycle) go to torch's GEMM
+
+
+@functools.lru_cache(maxsize=1)
+def max_rows() -> int:
+    """The widest bf16 pass `Bf16Linear` takes: `MAX_ROWS` where torch's bf16 GEMM has AVX512-BF16 (it
+    wins past ~32 rows there: 29.5 vs 40.8 ms at 256 x 3072 x 9216), every width on a 256-bit build
+    (torch's AVX2 bf16 GEMM was 2.5-2.9x slower than this kernel at every width from 16 to 256 rows)."""
+    return MAX_ROWS if library().bf16_simd() == 512 else 1 << 62
 
 
 def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:

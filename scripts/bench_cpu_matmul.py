@@ -64,7 +64,7 @@ def main() -> int:
         for s, lays in mods.items():
             bits = 8 if s == "int8" else 4
             fs[f"{s} x16"] = lambda lays=lays, bits=bits: [c.x16_gemm(x, *lay, bits, a.group, n) for lay in lays]
-        if widths["bf16"] and rows <= c.MAX_ROWS:
+        if widths["bf16"] and rows <= c.max_rows():
             fs["bf16 kernel"] = lambda: [c.bf16_gemm(xb, t) for t in wb]
         fs["torch bf16 GEMM"] = lambda: [torch.nn.functional.linear(xb, t) for t in wb]
         best = {name: float("inf") for name in fs}

@@ -283,6 +283,25 @@ def test_bf16_matches_and_rows_do_not_depend_on_the_width(n):
         assert torch.equal(cpu_matmul.bf16_gemm(x[:m], w), alone[:m]), m
 
 
+def test_wide_bf16_passes_leave_the_kernel_only_for_avx512_bf16(monkeypatch):
+    class Build:
+        width = 256
+
+        @classmethod
+        def bf16_simd(cls):
+            return cls.width
+
+    monkeypatch.setattr(cpu_matmul, "library", lambda: Build)
+    try:
+        cpu_matmul.max_rows.cache_clear()
+        assert cpu_matmul.max_rows() > 1 << 20  # torch's AVX2 bf16 GEMM: slower at every width
+        Build.width = 512
+        cpu_matmul.max_rows.cache_clear()
+        assert cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS
+    finally:
+        cpu_matmul.max_rows.cache_clear()
+
+
 def test_bf16_models_route_narrow_passes_and_stay_lossless():
     from edge_dlm.runtime import load
 
@@ -292,7 +311,10 @@ def test_bf16_models_route_narrow_passes_and_stay_lossless():
     x = torch.randn(3, lin.in_features, dtype=torch.bfloat16)
     torch.testing.assert_close(lin(x).float(), (x.float() @ lin.weight.float().t()), atol=2e-2, rtol=2e-2)
     wide = torch.randn(cpu_matmul.MAX_ROWS + 1, lin.in_features, dtype=torch.bfloat16)
-    assert torch.equal(lin(wide), torch.nn.functional.linear(wide, lin.weight))  # torch's GEMM past MAX_ROWS
+    if cpu_matmul.max_rows() == cpu_matmul.MAX_ROWS:  # AVX512-BF16: torch's GEMM past MAX_ROWS
+        assert torch.equal(lin(wide), torch.nn.functional.linear(wide, lin.weight))
+    else:  # a 256-bit build keeps every width
+        assert torch.equal(lin(wide)[:1], lin(wide[:1]))
     kw = dict(max_new_tokens=64, block_size=4)
     ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
     for mode in ("linear-spec", "quadratic-spec"):
