@@ -635,14 +635,28 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
+MAX_ROWS = 32  # bf16 with AVX512-BF16: wider passes (prefill chunks, QuadraticSpec's cycle) go to torch's GEMM
+
+
+@functools.lru_cache(maxsize=1)
+def max_rows() -> int:
+    """The widest bf16 pass `Bf16Linear` takes: `MAX_ROWS` where torch's bf16 GEMM has AVX512-BF16 (it
+    wins past ~32 rows there: 29.5 vs 40.8 ms at 256 x 3072 x 9216), every width on a 256-bit build
+    (torch's AVX2 bf16 GEMM was 2.5-2.9x slower than this kernel at every width from 16 to 256 rows)."""
+    return MAX_ROWS if library().bf16_simd() == 512 else 1 << 62
+
+
 class Bf16Linear(torch.nn.Linear):
-    """`nn.Linear` with bf16 weights on the CPU: passes up to `max_rows()` rows through `bf16_gemm`
+    """`nn.Linear` with bf16 weights on the CPU: passes up to `max_rows()` rows (set at `enable_bf16`,
+    outside any compiled trace) through `bf16_gemm`
     (AVX512-BF16 dot products; torch's bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core),
     wider ones through torch's GEMM. A row's result never depends on the width within either route."""
 
+    max_rows = MAX_ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.bias is not None or x2.shape[0] > max_rows() or self.in_features % 32 or x.dtype != torch.bfloat16:
+        if self.bias is not None or x2.shape[0] > self.max_rows or self.in_features % 32 or x.dtype != torch.bfloat16:
             return super().forward(x)
         return bf16_gemm(x2, self.weight).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -659,6 +673,7 @@ def enable_bf16(model: torch.nn.Module) -> int:
     for mod in model.modules():
         if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
             mod.__class__ = Bf16Linear
+            mod.max_rows = max_rows()
             if shared[id(mod.weight)] == 1:  # onto 2 MiB pages (a tied weight stays where it is)
                 w = _huge_pages(mod.weight.numel() * 2).view(torch.bfloat16).view(mod.weight.shape)
                 w.copy_(mod.weight.detach())
@@ -667,15 +682,6 @@ def enable_bf16(model: torch.nn.Module) -> int:
     return n
 
 
-MAX_ROWS = 32  # bf16 with AVX512-BF16: wider passes (prefill chunks, QuadraticSpec's cycle) go to torch's GEMM
-
-
-@functools.lru_cache(maxsize=1)
-def max_rows() -> int:
-    """The widest bf16 pass `Bf16Linear` takes: `MAX_ROWS` where torch's bf16 GEMM has AVX512-BF16 (it
-    wins past ~32 rows there: 29.5 vs 40.8 ms at 256 x 3072 x 9216), every width on a 256-bit build
-    (torch's AVX2 bf16 GEMM was 2.5-2.9x slower than this kernel at every width from 16 to 256 rows)."""
-    return MAX_ROWS if library().bf16_simd() == 512 else 1 << 62
 
 
 def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:

@@ -219,3 +219,39 @@ def test_global_state_changes_after_warmup(pair):
     finally:
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_the_cpu_kernels_compile_whole(tiny_model, tmp_path, weights):
+    """bf16 and int8 / int4 models run their matmuls through the C kernels (`cpu_matmul`) inside the
+    compiled passes too: no graph break (and for int4, the eager path's tokens)."""
+    from torch._dynamo.utils import counters
+
+    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.model.quant import QuantSpec, prepare_layouts
+    from edge_dlm.model.quantize import quantize_model
+
+    if cpu_matmul.available() or not cpu_matmul.usable():
+        pytest.skip("no C compiler for the CPU kernels")
+    eager = copy.deepcopy(tiny_model)
+    if weights == "bf16":
+        eager = eager.to(torch.bfloat16)
+    else:
+        quantize_model(eager, QuantSpec("int4", group_size=32))
+    assert cpu_matmul.enable_for(eager)
+    prepare_layouts(eager)
+    fast = copy.deepcopy(eager)
+    counters.clear()
+    compiled.enable(fast, tmp_path)
+    for mode in ("ar", "linear-spec"):
+        if weights == "int4":  # float32 activations: the eager path's tokens and cache
+            lockstep(eager, fast, mode, block_size=4, max_new_tokens=12)
+        else:  # bf16: inductor keeps float32 between the ops it fuses where eager rounds each, so a
+            # near tie of a random model's logits can fall either way: the passes run, whole
+            opts = GenerationOptions(mode=mode, block_size=4, max_new_tokens=12).resolve(fast.config.block_size)
+            dec = Decoder(fast, opts, fast.new_cache(len(PROMPT) + 12 + opts.scratch_tokens()))
+            list(mode_fn(mode)(dec, PROMPT))
+            assert dec.output_ids and dec.nfe > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    kinds = {type(m).__name__ for m in fast.modules()}
+    assert ("Bf16Linear" if weights == "bf16" else "QuantLinear") in kinds

@@ -93,8 +93,8 @@ class SelfAttention(nn.Module):
         o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
         if self.o_lora is not None and (torch.is_tensor(use_lora) or use_lora):
-            a, b, scale = self.o_lora
-            delta = scale * F.linear(F.linear(o, a), b)
+            a, b, scale = self.o_lora  # in float32: tiny, and a compiled bf16 pass on the CPU could not
+            delta = (scale * F.linear(F.linear(o.float(), a.float()), b.float())).to(out.dtype)  # run its rank-r mm
             # use_lora: True, or a 0-d 0/1 tensor (exported graphs switch the drafter per pass)
             out = out + (delta * use_lora if torch.is_tensor(use_lora) else delta)
         return out
