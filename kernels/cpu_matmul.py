@@ -214,7 +214,8 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
         for (int h = 0; h < 2; h++) {                                                             \
             __m256i wv[8];                                                                        \
             if (bits == 8)                                                                        \
-                for (int q = 0; q < 8; q++) wv[q] = _mm256_loadu_si256((const __m256i *)(w + (b * 8 + q) * 64 + 32 * h)); \
+                for (int q = 0; q < 8; q++)                                                       \
+                    wv[q] = _mm256_loadu_si256((const __m256i *)(w + (b * 8 + q) * 64 + 32 * h)); \
             else                                                                                  \
                 for (int o = 0; o < 4; o++) {                                                     \
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (b * 4 + o) * 64 + 32 * h)); \

@@ -84,7 +84,8 @@ def test_inverse_cdf_picks_the_first_position_past_the_target(n):
     w[:, -3:] = 0
     w[:, sampling.CDF_CHUNK - 1:sampling.CDF_CHUNK + 1] = 0
     u = torch.rand(3, 500, generator=g, dtype=torch.float64)
-    u[:, 0], u[:, 1] = 0.0, torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    u[:, 0], u[:, 1] = 0.0, torch.nextafter(one, torch.zeros_like(one))
     cdf = w.double().cumsum(-1)
     want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     got = torch.stack([inverse_cdf(w, u[:, i:i + 1])[:, 0] for i in range(u.shape[1])], dim=1)
@@ -92,3 +93,5 @@ def test_inverse_cdf_picks_the_first_position_past_the_target(n):
     assert bool((w.gather(1, got) > 0).all())
     nz = [torch.nonzero(row)[[0, -1], 0] for row in w]
     assert got[:, 0].tolist() == [int(a) for a, _ in nz] and got[:, 1].tolist() == [int(b) for _, b in nz]
+    top = inverse_cdf(w, torch.ones(3, 1, dtype=torch.float64))  # u * total rounding up to the total
+    assert top[:, 0].tolist() == [int(b) for _, b in nz]

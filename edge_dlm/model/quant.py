@@ -123,7 +123,8 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> di
     if in_f % group_size:
         raise UserError(f"group size {group_size} does not divide the input width {in_f}; "
                         f"pick one of {', '.join(str(g) for g in GROUP_SIZES if in_f % g == 0) or 'none'}")
-    parts = [_quantize_rows(w[r:r + QUANTIZE_ROWS], bits, group_size, symmetric) for r in range(0, out_f, QUANTIZE_ROWS)]
+    parts = [_quantize_rows(w[r:r + QUANTIZE_ROWS], bits, group_size, symmetric)
+             for r in range(0, out_f, QUANTIZE_ROWS)]
     return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
 
 
@@ -207,11 +208,11 @@ class QuantLinear(nn.Module):
                 restore: Callable[..., dict[str, torch.Tensor | None]] | None = None) -> object:
         """The weight in a kernel's own layout (`build(self)` once, then cached until moved).
 
-        With `restore(layout, self[, blocks])` (the stored tensors back from the layout, exactly; the
-        rows of a slice of 16-row blocks only), the layout
-        replaces `qweight` / `scales` / `zeros` in memory: they are dropped, and whatever reads them
-        afterwards (`state_dict`, a device move, the reference matmul, export) gets them rebuilt from it,
-        so a quantized model holds its weights once."""
+        With `restore(layout, self[, blocks])` (the stored tensors back from the layout, exactly; with
+        a slice of 16-row blocks, those rows only), the layout replaces `qweight` / `scales` / `zeros`
+        in memory: they are dropped, and whatever reads them afterwards (`state_dict`, a device move,
+        the reference matmul, export) gets them rebuilt from it, so a quantized model holds its weights
+        once."""
         got = self._derived.get(name)
         if got is None:
             got = self._derived[name] = build(self)

@@ -93,11 +93,12 @@ class Sampler:
         top-k / top-p filtering (`filtered_probs` is the reference), by inverse CDF: one uniform number
         per row from the generator against the cumulative probabilities (float64) of the candidates.
 
-        The candidates are the top-k tokens (exactly k, in descending order), or for top-p alone the
-        top 256, 1024, ... until they hold the nucleus's mass in every row, or the whole vocabulary in
-        its order when neither filter is on: sorting a 131072-token vocabulary per row cost ~9 ms on a
-        CPU core, and torch's `multinomial` drew 131072 exponentials per row (~2 ms). Growing the
-        top-p candidates reads one flag from the device per size tried (no sync with top-k set)."""
+        The candidates are the top-k tokens (exactly k, in descending order); for top-p alone the top
+        256, else 4096, else all of them, whichever first holds the nucleus's mass in every row; the
+        whole vocabulary in its order when neither filter is on. Sorting a 131072-token vocabulary
+        per row cost ~9 ms on a CPU core, and torch's `multinomial` drew 131072 exponentials per row
+        (~2 ms). Growing the top-p candidates reads one flag from the device per size tried (no sync
+        with top-k set)."""
         p, v = self.params, scaled.shape[-1]
         top_k = p.top_k if 0 < p.top_k < v else 0
         if not top_k and p.top_p == 1.0:
@@ -134,13 +135,13 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     r, n = weights.shape
     if n <= 4 * CDF_CHUNK:
         cdf = weights.double().cumsum(-1)
-        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=n - 1)
+        return torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), _last(cdf))
     pad = -n % CDF_CHUNK
     chunks = torch.nn.functional.pad(weights, (0, pad)).view(r, -1, CDF_CHUNK)
     sums = chunks.sum(-1).double().cumsum(-1)  # [R, C], the last one the total (a chunk summed in
     # float32: ~1e-7 of its weight, the weights' own rounding; a float64 sum copied the whole row)
     target = u * sums[:, -1:]
-    c = torch.searchsorted(sums, target, right=True)  # target < total: a chunk whose sum is > 0
+    c = torch.minimum(torch.searchsorted(sums, target, right=True), _last(sums))  # a chunk whose sum is > 0
     inner = chunks.gather(1, c[..., None].expand(r, 1, CDF_CHUNK)).squeeze(1).cumsum(-1, dtype=torch.float64)
     before = torch.where(c > 0, sums.gather(-1, (c - 1).clamp(min=0)), 0.0)
     # in the chunk's own sums (another rounding than `sums`): kept below their total, so the first
@@ -148,6 +149,12 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rest = torch.minimum(target - before, torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:])))
     j = torch.searchsorted(inner, rest.clamp(min=0), right=True)
     return c * CDF_CHUNK + j
+
+
+def _last(cdf: torch.Tensor) -> torch.Tensor:
+    """The first position where cumulative sums `[R, N]` reach their total: the last positive weight
+    (where `u * total` rounds up to the total itself)."""
+    return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
 
 
 def pack(ids: torch.Tensor, conf: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
