@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                   help="compute dtype (default auto: bfloat16 on CUDA; on a CPU bfloat16 for a bfloat16 "
+                        "checkpoint of 512 MiB or more, else float32)")
     p.add_argument("--no-lora", action="store_true", help="ignore the LinearSpec LoRA drafter")
     p.add_argument("--quant", help="quantize on load: int8, int4 (group-wise), nf4, llm-int8 (bitsandbytes)")
     p.add_argument("--group-size", type=int, default=64, help="group size for --quant int8/int4/nf4 (default 64)")
