@@ -2,7 +2,7 @@
 vocabulary filtered by `filtered_probs`, which sorts it for top-p, then `torch.multinomial`: what the
 sampler did before), milliseconds per pick, median of `--rounds` interleaved rounds.
 
-    .venv/bin/python scripts/bench_sampler.py [--vocab 131072] [--rows 1 16] [--threads 1]
+    .venv/bin/python scripts/bench_sampler.py [--vocab 131072] [--rows 1 16] [--threads 1] [--device cuda]
 
 Two kinds of logits over a Gaussian tail (sd 2): `peaked`, a dozen tokens 8-18 above it, as a trained
 model gives (the top-p nucleus is a few tokens); `flat`, the tail alone, as random weights give (the
@@ -19,6 +19,11 @@ import time
 import torch
 
 CASES = [(0.0, 0, 1.0), (0.8, 0, 1.0), (0.8, 50, 1.0), (0.8, 50, 0.9), (0.8, 0, 0.9), (0.8, 0, 0.95)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def reference_pick(logits: torch.Tensor, p, mask_id: int, generator: torch.Generator) -> torch.Tensor:
@@ -42,30 +47,34 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
     from edge_dlm.primitives.sampling import Sampler, SamplingParams
 
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    print(f"vocabulary {a.vocab}, {a.threads} thread(s); ms per pick, median of {a.rounds} rounds\n")
+    print(f"vocabulary {a.vocab}, {a.device}, {a.threads} thread(s); ms per pick, median of {a.rounds} rounds\n")
     print("| logits | rows | temperature / top-k / top-p | reference (filter + multinomial) | Sampler | |\n"
           "|---|---|---|---|---|---|")
     for kind, rows in [(k, r) for k in ("peaked", "flat") for r in a.rows]:
         x = torch.randn(rows, a.vocab, generator=g) * 2.0
         if kind == "peaked":
             x[:, torch.randperm(a.vocab, generator=g)[:12]] += torch.linspace(18, 8, 12)
+        x = x.to(a.device)
         got: dict[tuple, list[float]] = {}
         for _ in range(a.rounds):
             for t, k, top_p in CASES:
                 p = SamplingParams(t, k, top_p, 1)
-                s = Sampler(p, 3)
-                ref_gen = torch.Generator().manual_seed(1)
+                s = Sampler(p, 3, device=a.device)
+                ref_gen = torch.Generator(device=a.device).manual_seed(1)
                 for name, f in (("ref", lambda: reference_pick(x, p, 3, ref_gen)), ("new", lambda: s.pick_tensor(x))):
                     f()
+                    sync(a.device)
                     t0 = time.perf_counter()
                     for _ in range(5):
                         f()
+                    sync(a.device)
                     got.setdefault((t, k, top_p, name), []).append((time.perf_counter() - t0) / 5 * 1e3)
         for t, k, top_p in CASES:
             ref, new = (statistics.median(got[(t, k, top_p, n)]) for n in ("ref", "new"))

@@ -56,6 +56,8 @@ for c in on off; do
     section "Demo model on CUDA, --compile $c" "demo_compile_$c.log" \
         $cli bench --device cuda --kernels off --compile "$c" --modes ar diffusion linear-spec quadratic-spec --repeats 3
 done
+section "Sampled picks on a 131072-token vocabulary (Sampler vs the whole-vocabulary reference)" sampler.log \
+    $py scripts/bench_sampler.py --device cuda --rounds 5
 section "Demo model int4, --kernels on" demo_int4.log \
     $cli bench --device cuda --kernels on --quant int4 --modes ar linear-spec quadratic-spec --repeats 3
 echo "report: $report"
