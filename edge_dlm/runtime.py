@@ -76,13 +76,15 @@ def _large_bf16(path: Path) -> bool:
     return isinstance(cfg, dict) and cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" and size >= CPU_BF16_BYTES
 
 
-def resolve_dtype(dtype: str | None, device: torch.device, path: Path | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | None, device: torch.device, path: Path | None = None,
+                  bf16_bytes: int | None = None) -> torch.dtype:
     """`--dtype`: auto is bfloat16 on CUDA; on a CPU float32, or bfloat16 for a large bfloat16 checkpoint
-    at `path` (`CPU_BF16_BYTES`)."""
+    at `path`, or a bfloat16 model of `bf16_bytes` about to be built (`CPU_BF16_BYTES`)."""
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if path is not None and _large_bf16(path) else torch.float32
+        large = (path is not None and _large_bf16(path)) or (bf16_bytes or 0) >= CPU_BF16_BYTES
+        return torch.bfloat16 if large else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' not supported; known: {', '.join(DTYPES)}")
     return DTYPES[dtype]

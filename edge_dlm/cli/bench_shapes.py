@@ -132,13 +132,11 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     from edge_dlm import kernels
     from edge_dlm.model.quant import QuantSpec, weight_bytes
     from edge_dlm.model.quantize import quantize_model
-    from edge_dlm.runtime import CPU_BF16_BYTES, resolve_device, resolve_dtype
+    from edge_dlm.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
-    dtype = resolve_dtype(None if a.dtype == "auto" else a.dtype, device)
-    cfg = cfg or shape_config(a.shape, a.layers)
-    if a.dtype == "auto" and device.type == "cpu" and cfg.parameter_count() * 2 >= CPU_BF16_BYTES:
-        dtype = torch.bfloat16  # what `--dtype auto` loads a bf16 checkpoint of this size in on a CPU
+    cfg = cfg or shape_config(a.shape, a.layers)  # auto: the dtype a bf16 checkpoint of this size loads in
+    dtype = resolve_dtype(None if a.dtype == "auto" else a.dtype, device, bf16_bytes=cfg.parameter_count() * 2)
     spec = QuantSpec(a.quant, group_size=a.group_size) if a.quant else None
     model = random_model(cfg, dtype, device)
     if kernels.resolve(a.kernels, device):  # as a loaded model: Triton attention / int matmuls on CUDA

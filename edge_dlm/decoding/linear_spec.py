@@ -30,7 +30,7 @@ def cycle(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int
     seed_t = torch.tensor([seed], device=dec.device)
     ahead = draft.device_ids(slice(1, None)) if dec.block > 1 else seed_t[:0]
     verify = dec.run(torch.cat([seed_t, ahead]), start, CAUSAL)
-    verify.device_ids(slice(None))
+    verify.device_ids(slice(None))  # sampled: its rows drawn now, so `fetch` brings them with the draft's
     fetch(draft, verify)  # the cycle's one synchronization
     drafted = draft(slice(1, None))[0] if dec.block > 1 else []
     ar = verify(slice(None))[0]

@@ -21,7 +21,7 @@ from torch import nn
 
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.primitives.cache import KVCache
-from edge_dlm.primitives.sampling import pack, pack_cat, pack_first
+from edge_dlm.primitives.sampling import all_finite, pack, pack_cat, pack_first
 from edge_dlm.model.config import NLDConfig, RopeConfig
 
 
@@ -93,8 +93,9 @@ class SelfAttention(nn.Module):
         o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
         if self.o_lora is not None and (torch.is_tensor(use_lora) or use_lora):
-            a, b, scale = self.o_lora  # in float32: tiny, and a compiled bf16 pass on the CPU could not
-            delta = (scale * F.linear(F.linear(o.float(), a.float()), b.float())).to(out.dtype)  # run its rank-r mm
+            # in float32: the rank-r products are tiny, and inductor's C++ wrapper failed on them in bf16
+            a, b, scale = self.o_lora
+            delta = (scale * F.linear(F.linear(o.float(), a.float()), b.float())).to(out.dtype)
             # use_lora: True, or a 0-d 0/1 tensor (exported graphs switch the drafter per pass)
             out = out + (delta * use_lora if torch.is_tensor(use_lora) else delta)
         return out
@@ -351,7 +352,7 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     `kernel`: the same argmax and confidence in one launch (`edge_dlm.kernels.verify.greedy_pick`).
     `edge_dlm.primitives.sampling.Sampler` is the reference it agrees with."""
     x = logits.float()
-    finite = torch.isfinite(x).all()
+    finite = all_finite(x)
     if kernel is not None:
         ids, conf = kernel(x.contiguous(), mask_id)
     else:

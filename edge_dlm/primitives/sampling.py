@@ -73,8 +73,7 @@ class Sampler:
         """(ids `[T]`, confidences `[T]`, whether every logit is finite) on the logits' device, with no
         host synchronization (but `draw`'s for top-p alone): non-finite logits are drawn from as zeros
         (a NaN never reaches the draw) and reported by the flag, for the caller to raise `nonfinite`."""
-        lo, hi = torch.aminmax(logits)  # NaN or an infinity shows in one of them (one read, no copy)
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        finite = all_finite(logits)
         logits = torch.where(finite, logits.float(), 0.0)  # a copy: the mask below never edits the pass's
         logits[..., self.mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
@@ -155,6 +154,13 @@ def _last(cdf: torch.Tensor) -> torch.Tensor:
     """The first position where cumulative sums `[R, N]` reach their total: the last positive weight
     (where `u * total` rounds up to the total itself)."""
     return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every value of `t` is finite, as a device flag: a NaN or an infinity shows in its minimum
+    or maximum (one read, no copy; `isfinite(t).all()` made three passes and a tensor of flags)."""
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def pack(ids: torch.Tensor, conf: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
