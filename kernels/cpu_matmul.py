@@ -548,8 +548,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 # The kernels as torch operators, so a compiled pass keeps them in its graph. Registered with
 # `torch.library.Library` rather than `torch.library.custom_op`, whose Python wrapper cost ~12 us a call
-# against ~6 (the bare ctypes call of a demo-model-sized 1-row pass, C included: ~2.7 us): a quantized demo-model token
-# calls it 29 times.
+# against ~6 (the bare ctypes call of a demo-model-sized 1-row pass, C included: ~2.7 us): a quantized
+# demo-model token calls it 29 times.
 _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
 _OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
