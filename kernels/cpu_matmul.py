@@ -539,20 +539,75 @@ def library() -> ctypes.CDLL:
     """The kernels for this machine, built once into the edge-dlm cache."""
     from edge_dlm.primitives.fsutil import cache_root
 
-    return build(cache_root() / "kernels" / f"cpu_matmul-{_cpu_key()}.so")
+    lib = build(cache_root() / "kernels" / f"cpu_matmul-{_cpu_key()}.so")
+    _register(lib)
+    return lib
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-# The kernels as torch operators, so a compiled pass keeps them in its graph. Registered with
-# `torch.library.Library` rather than `torch.library.custom_op`, whose Python wrapper cost ~12 us a call
-# against ~6 (the bare ctypes call of a demo-model-sized 1-row pass, C included: ~2.7 us): a quantized
-# demo-model token calls it 29 times.
+# The kernels as torch operators, so a compiled pass keeps them in its graph. Their CPU implementation is
+# a few lines of C++ (`OPS_SOURCE`, built once per torch version against torch's own headers) that call the
+# C kernels through pointers (`bind`): a compiled pass calls an operator from C++, and a Python
+# implementation cost ~3 us more per call than the C++ one (a quantized demo-model token makes 29
+# calls: ~265 -> ~175 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` (ctypes) serve.
 _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
 _OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
+
+OPS_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+typedef void (*x16_fn)(int, const float *, int64_t, int64_t, const void *, const void *, const void *, int64_t,
+                       int64_t, float *, int);
+typedef void (*bf16_fn)(const void *, int64_t, int64_t, const void *, int64_t, float *, int);
+static x16_fn x16_kernel = nullptr;
+static bf16_fn bf16_kernel = nullptr;
+
+extern "C" void edge_dlm_bind(void *x16, void *bf16) {
+    x16_kernel = reinterpret_cast<x16_fn>(x16);
+    bf16_kernel = reinterpret_cast<bf16_fn>(bf16);
+}
+
+static void check(const at::Tensor &t, const char *name) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
+}
+
+static at::Tensor x16_gemm(const at::Tensor &x_, const at::Tensor &weight, const at::Tensor &scales,
+                           const std::optional<at::Tensor> &zeros, int64_t bits, int64_t group, int64_t n) {
+    TORCH_CHECK(x16_kernel, "edge_dlm::x16_gemm: kernels not bound");
+    TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x16_gemm takes x [M, K] float32");
+    at::Tensor x = x_.contiguous();
+    check(weight, "weight"), check(scales, "scales");
+    if (zeros) check(*zeros, "zeros");
+    at::Tensor y = at::empty({x.size(0), n}, x.options());
+    x16_kernel((int)bits, x.data_ptr<float>(), x.size(0), x.size(1), weight.data_ptr(), scales.data_ptr(),
+               zeros ? zeros->data_ptr() : nullptr, n, group, y.data_ptr<float>(), at::get_num_threads());
+    return y;
+}
+
+static at::Tensor bf16_gemm(const at::Tensor &x_, const at::Tensor &weight) {
+    TORCH_CHECK(bf16_kernel, "edge_dlm::bf16_gemm: not built for this CPU");
+    TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+                "bf16_gemm takes x [M, K] and weight [N, K] bfloat16");
+    at::Tensor x = x_.contiguous();
+    check(weight, "weight");
+    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
+    bf16_kernel(x.data_ptr(), x.size(0), x.size(1), weight.data_ptr(), weight.size(0), y.data_ptr<float>(),
+                at::get_num_threads());
+    return y;
+}
+
+TORCH_LIBRARY_IMPL(edge_dlm, CPU, m) {
+    m.impl("x16_gemm", x16_gemm);
+    m.impl("bf16_gemm", bf16_gemm);
+}
+"""
 
 
 def _x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -562,17 +617,82 @@ def _x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    library().x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), _ptr(zeros), n, group,
+    _BOUND[0].x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), _ptr(zeros), n, group,
                        y.data_ptr(), torch.get_num_threads())
     return y
 
 
-_OPS.impl("x16_gemm", _x16_gemm, "CPU")
+def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x [M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[M, N]` float32 (sums in float32)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    _BOUND[0].bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+_BOUND: list = [None, None]  # the kernels library the operators call, and the C++ operators' library (or None)
+
+
+def _ops_library() -> ctypes.CDLL | None:
+    """The C++ operators, built once per torch version into the edge-dlm cache and registered; None
+    where no C++ compiler builds them (then the ctypes implementations are registered)."""
+    from edge_dlm.primitives.fsutil import cache_root
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        return None
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    key = hashlib.sha256("\n".join([OPS_SOURCE, torch.__version__, cxx, str(abi)]).encode()).hexdigest()[:16]
+    out = cache_root() / "kernels" / f"cpu_ops-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src, so = Path(tmp) / "cpu_ops.cpp", Path(tmp) / "cpu_ops.so"
+            src.write_text(OPS_SOURCE)
+            try:
+                subprocess.run([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                                f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+                                str(src), "-o", str(so), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"],
+                               check=True, capture_output=True)
+            except subprocess.CalledProcessError:
+                return None
+            os.replace(so, out)
+    torch.ops.load_library(str(out))
+    return ctypes.CDLL(str(out))
+
+
+def bind(lib: ctypes.CDLL) -> None:
+    """Point the `edge_dlm::x16_gemm` / `bf16_gemm` operators at `lib`'s kernels (`library()` binds this
+    machine's build; `scripts/bench_cpu_matmul.py` binds others)."""
+    _BOUND[0] = lib
+    if _BOUND[1] is not None:
+        addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
+        _BOUND[1].edge_dlm_bind(addr("x16_gemm"), addr("bf16_gemm"))
+
+
+def _register(lib: ctypes.CDLL) -> None:
+    ops = _ops_library()
+    if ops is None:
+        _OPS.impl("x16_gemm", _x16_gemm, "CPU")
+        _OPS.impl("bf16_gemm", _bf16_gemm, "CPU")
+    else:
+        ops.edge_dlm_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        ops.edge_dlm_bind.restype = None
+        _BOUND[1] = ops
+    bind(lib)
 
 
 @torch.library.register_fake("edge_dlm::x16_gemm")
 def _(x, weight, scales, zeros, bits, group, n):
     return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+@torch.library.register_fake("edge_dlm::bf16_gemm")
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 x16_gemm = torch.ops.edge_dlm.x16_gemm.default
@@ -632,24 +752,6 @@ def x16_stored(layout, mod, blocks: slice = slice(None)) -> dict[str, torch.Tens
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.permute(0, 2, 1).reshape(-1, t.shape[1])[:n].contiguous()
     return {"qweight": qweight, "scales": rows(s16), "zeros": rows(z16)}
-
-
-def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x [M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[M, N]` float32 (sums in float32)."""
-    x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    library().bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
-    return y
-
-
-_OPS.impl("bf16_gemm", _bf16_gemm, "CPU")
-
-
-@torch.library.register_fake("edge_dlm::bf16_gemm")
-def _(x, weight):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 bf16_gemm = torch.ops.edge_dlm.bf16_gemm.default

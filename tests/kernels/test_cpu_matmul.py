@@ -5,6 +5,7 @@ portable build (no AVX-512) agreeing, and the lossless modes still emitting AR's
 from __future__ import annotations
 
 import ctypes
+import shutil
 
 import pytest
 import torch
@@ -187,6 +188,29 @@ def test_a_compiled_pass_keeps_them_whole():
     fast = torch.compile(f, fullgraph=True, dynamic=False)
     assert torch.equal(fast(x), f(x))
     assert not counters["graph_break"]
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+def test_the_cpp_operators_are_the_ctypes_calls():
+    """Where a C++ compiler is present the operators are C++ (built against torch's headers) and give
+    exactly what the ctypes implementations give, with and without zero points, for every width."""
+    cpu_matmul.library()
+    assert cpu_matmul._BOUND[1] is not None, "the C++ operators were not built"
+    for scheme, symmetric in (("int8", True), ("int4", True), ("int4", False), ("int8", False)):
+        mod = layer(scheme, 40, 192, 32, seed=3, symmetric=symmetric)
+        lay = cpu_matmul.x16_layout(mod)
+        for rows in (1, 3, 16, 37):
+            x = torch.randn(rows, 192)
+            args = (*lay, mod.spec.bits, 32, 40)
+            assert torch.equal(cpu_matmul.x16_gemm(x, *args), cpu_matmul._x16_gemm(x, *args)), (scheme, rows)
+            assert torch.equal(cpu_matmul.x16_gemm(x.t().contiguous().t(), *args), cpu_matmul._x16_gemm(x, *args))
+    if cpu_matmul.simd()["bf16"]:
+        w = torch.randn(45, 224).bfloat16()
+        for rows in (1, 5, 32):
+            x = torch.randn(rows, 224).bfloat16()
+            assert torch.equal(cpu_matmul.bf16_gemm(x, w), cpu_matmul._bf16_gemm(x, w)), rows
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_matmul.x16_gemm(torch.randn(2, 192).double(), *lay, mod.spec.bits, 32, 40)
 
 
 def _cpu_flags() -> set[str]:
