@@ -166,7 +166,7 @@ def test_compile_flag(tmp_path):
 
 
 def test_each_key_runs_its_own_graph(pair):
-    """Known pass shapes run with dynamo's differentiating guards only (`StepFunctions`): passes of
+    """Each pass key runs its own graph compiled ahead, unguarded (`StepFunctions`): passes of
     different widths, patterns, windows and head rows, interleaved, each give the eager pass's logits,
     and the projections of narrow passes are the compiled reduction (`RowsLinear`), not the GEMM."""
     eager, fast = pair
@@ -195,8 +195,8 @@ def test_each_key_runs_its_own_graph(pair):
 
 def test_global_state_changes_after_warmup(pair):
     """Dynamo also guards the process's state (threads, grad and precision modes): a change after
-    warm-up compiles anew (threads: part of the key) or takes the guarded path (a flag outside the key),
-    and never fails or runs a graph traced for other state."""
+    warm-up that a CPU graph depends on compiles anew (threads: part of the key), one it does not (a CUDA
+    flag) runs the same graph, and neither fails or runs a graph traced for other state."""
     eager, fast = pair
 
     def logits(model):

@@ -14,6 +14,7 @@ second process finds the kernels already built and only re-traces (seconds).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -83,8 +84,9 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     defaults and 0.76 ms eager (a 2-core EPYC, one thread). Frozen weights were faster
     still but inductor does not cache frozen graphs: a second process compiled for 25 s and a new
     window bucket for 85 s, so they stay off. Float32 projections of
-    narrow passes become inductor reductions (`RowsLinear`), and known shapes skip dynamo's full guard
-    check (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA graphs.
+    narrow passes become inductor reductions (`RowsLinear`), and each pass shape's graph is compiled
+    ahead and called without dynamo's guards (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA
+    graphs.
     """
     if root is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
@@ -108,7 +110,8 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     from edge_dlm.model.quant import prepare_layouts
 
     prepare_layouts(model)  # kernel layouts of quantized weights, built before the trace
-    model.step = StepFunctions(model, torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode))
+    fn = torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode)
+    model.step = StepFunctions(model, fn, ahead=not cuda)
     model.compiled = True
 
 
@@ -116,57 +119,52 @@ class StepFunctions:
     """A model's compiled step functions: one graph per pass shape and bucket (`key`).
 
     Through `torch.compile` alone, every pass first evaluates all of dynamo's guards for its graph
-    (each weight's dtype, shape and strides, the pattern's fields, ...): ~30 us per call, a tenth of a
-    demo-model AR step on the CPU. But a pass's graph is named by its key, and that is all that tells
-    the graphs apart: the first pass of a key runs with every guard (and compiles); a pass of a key
-    already compiled runs with only the guards that differ between the compiled graphs
-    (`skip_guard_eval_unsafe`: "unsafe" where a graph could meet inputs it was not traced for, which
-    the key rules out). That stance is process-wide, so compiled passes in one process take turns
-    (`_ONE_PASS`): another thread's first pass of a new shape never runs under it."""
+    (each weight's dtype, shape and strides, the pattern's fields, ...) and looks its graph up: 30-60
+    us per call on the CPU, a fifth of a demo-model AR step. But a pass's graph is named by its key,
+    and that is all that tells the graphs apart. So on the CPU each key's graph is compiled ahead
+    (`aot_compile`: dynamo traces it and inductor compiles it, through the same caches) and then
+    called directly, its guards checked once, when it is built: the key holds everything they read
+    that can change while a model runs (the shapes, the pattern, the global modes and the thread
+    count); the weights are the model's own and are not swapped under a compiled model (`disable`
+    first). On CUDA the passes run through `torch.compile` itself: its CUDA graphs (`reduce-overhead`)
+    are managed by its own runtime, and a guard check is small beside a GPU pass."""
 
-    def __init__(self, model: torch.nn.Module, fn) -> None:
-        self.model, self.fn = model, fn
-        self.keys: set[tuple] = set()
+    def __init__(self, model: torch.nn.Module, fn, ahead: bool) -> None:
+        self.model, self.fn, self.ahead = model, fn, ahead
+        self.fns: dict[tuple, object] = {}
+
+    @property
+    def keys(self) -> set[tuple]:
+        return set(self.fns)
 
     def __call__(self, tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick=None):
         args = (tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick)
         # the key: what a pass's graph depends on (`NLDModel.cached_pass`; the cache's dtype and device
         # follow the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)
-        key = (tokens.shape, k_buf.shape, attn, window, use_lora, last is None, pick,
-               self.model.encoder.layers[0].self_attn.o_lora is not None, torch.is_inference_mode_enabled(),
+        lora = self.model.encoder.layers[0].self_attn.o_lora is not None  # without a drafter use_lora is unread
+        key = (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, lora,
+               torch.is_inference_mode_enabled(),
                torch.is_grad_enabled(), torch.get_num_threads(), torch.get_default_dtype(),
-               torch.are_deterministic_algorithms_enabled())
-        with _ONE_PASS:  # the stance is process-wide: no other thread's pass runs under it
-            if key in self.keys:
-                try:
-                    return fast_stance(self.fn, args)
-                except RuntimeError as e:  # a guard outside the key failed: dynamo refuses before running
-                    if "skip_guard_eval_unsafe" not in str(e):  # anything; take the guarded path
-                        raise
-            out = self.fn(*args)
-            self.keys.add(key)
-            return out
-
-
-_ONE_PASS = threading.Lock()
-
-
-def fast_stance(fn, args):
-    """`fn(*args)` under `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`. That context manager
-    costs ~15 us per use, half of what it saves; the stance it sets is one attribute of dynamo's
-    `eval_frame`, read when a compiled function is entered, so where that attribute exists it is swapped
-    directly (and put back)."""
-    from torch._dynamo import eval_frame
-
-    prior = getattr(eval_frame, "_stance", None)
-    if not isinstance(prior, getattr(eval_frame, "DynamoStance", ())) or prior != eval_frame.DynamoStance():
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):  # a torch without that attribute,
-            return fn(*args)  # or a stance of the caller's own
-    eval_frame._stance = eval_frame.DynamoStance(skip_guard_eval_unsafe=True)
-    try:
+               torch.are_deterministic_algorithms_enabled(), torch.is_autocast_enabled("cpu"))
+        fn = self.fns.get(key)
+        if fn is None:
+            with _BUILDING:
+                fn = self.fns.get(key) or self._build(args)
+                self.fns[key] = fn
         return fn(*args)
-    finally:
-        eval_frame._stance = prior
+
+    def _build(self, args):
+        if not self.ahead:
+            return self.fn
+        ahead = self.fn.aot_compile((args, {}))
+        if not ahead.guard_check(self.model, *args):  # by construction they hold: traced for these inputs
+            raise RuntimeError("a step function compiled ahead does not accept the inputs it was traced for")
+        ahead.disable_guard_check()
+        return functools.partial(ahead, self.model)
+
+
+# Building a step function: one at a time (not an attribute: dynamo pickles what the traced model holds)
+_BUILDING = threading.Lock()
 
 
 def measured_faster(root: Path, key: str) -> bool:

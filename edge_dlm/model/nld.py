@@ -146,10 +146,25 @@ class NLDModel(nn.Module):
         # scale=) -> [nq,T,D] (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
         self.attn_kernel = None
         self.pick_kernel = None  # `greedy`'s fused argmax / confidence with the kernels on
+        # Attention of cached passes of up to `NARROW` tokens over a float32 cache (a CPU's):
+        # fn(q [nkv, g x T, hd], k, v [nkv, W, hd], mask [T, W], length, scale) -> like q
+        # (`edge_dlm.kernels.cpu_matmul.attend`); None: SDPA
+        self.narrow_attention = None
         # The step function cached passes run: `cached_pass` itself (eager) or its compiled form
         # (`edge_dlm.model.compiled.enable`).
         self.step = self.cached_pass
         self.compiled = False
+
+    def __getstate__(self):
+        """A copy (deepcopy, pickle) runs its passes eagerly: step functions belong to the model they were
+        compiled for (dynamo also saves the traced model's state with each one compiled ahead)."""
+        state = dict(super().__getstate__())
+        state.update(step=None, compiled=False)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.step = self.cached_pass
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin `[N, 1, T, hd]` and the Llama-4 query scale `[N, 1, T, 1]` for `positions [N, T]`."""
@@ -236,7 +251,13 @@ class NLDModel(nn.Module):
                 kv = k_buf.dtype  # float32 on a CPU for half-precision weights (`new_cache`)
                 torch.ops.aten.index_put_(k_buf, where, k[0].transpose(0, 1).to(kv))  # [T, nkv, hd]
                 torch.ops.aten.index_put_(v_buf, where, v[0].transpose(0, 1).to(kv))
-                o = self._sdpa_grouped(q.to(kv), k_buf[i, :, :window][None], v_buf[i, :, :window][None], mask)
+                k_win, v_win = k_buf[i, :, :window], v_buf[i, :, :window]
+                if self.narrow_attention is not None and t <= NARROW and kv == torch.float32:
+                    n, h, _, d = q.shape
+                    o = self.narrow_attention(q.to(kv).reshape(k_win.shape[0], -1, d), k_win, v_win, mask, length,
+                                              self.config.head_dim ** -0.5).reshape(n, h, t, d)
+                else:
+                    o = self._sdpa_grouped(q.to(kv), k_win[None], v_win[None], mask)
                 return o.to(q.dtype)
             return static
         h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
@@ -362,6 +383,7 @@ def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:
     return pack(ids, conf, finite)
 
 
+NARROW = 64  # cached passes of up to this many tokens may attend through `narrow_attention`
 CHUNK = 256  # the longest causal segment: a prefill runs in chunks of at most this many tokens
 EXACT = 16  # causal segments up to this many tokens run at their own width (AR steps, verify and
 WIDTHS = (64, CHUNK)  # commit passes of a block); longer ones are padded to the first of these

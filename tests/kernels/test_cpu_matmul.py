@@ -349,3 +349,62 @@ def test_bf16_models_route_narrow_passes_and_stay_lossless():
     ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
     for mode in ("linear-spec", "quadratic-spec"):
         assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
+
+
+def test_narrow_attention_is_sdpa_row_by_row():
+    """`attend`: the narrow passes' attention over a cache window, against SDPA with the pattern's
+    mask (every pattern, grouped query heads, keys past length + T never read), each row alone (its
+    result does not depend on the other rows or on the thread count), the ctypes path equal."""
+    import torch.nn.functional as F
+
+    from edge_dlm.primitives.attention import Attn
+
+    cpu_matmul.library()  # builds the kernels and registers the operators
+    g = torch.Generator().manual_seed(0)
+    for attn, t, heads, group, d, length, window in [
+        (Attn("causal"), 1, 2, 4, 64, 300, 512), (Attn("causal"), 7, 1, 3, 64, 20, 256),
+        (Attn("block"), 4, 2, 2, 128, 0, 256), (Attn("quad_cycle", block=2), 6, 1, 2, 32, 33, 256)]:
+        cache_k = torch.randn(3, heads, window + 64, d, generator=g)
+        cache_v = torch.randn(3, heads, window + 64, d, generator=g)
+        cache_k[1, :, length + t:] = float("nan")  # past the pass's own keys: never read
+        k, v = cache_k[1, :, :window], cache_v[1, :, :window]
+        q = torch.randn(heads, group * t, d, generator=g)
+        n = torch.tensor(length)
+        mask = attn.window_mask(n, t, window)
+        got = cpu_matmul.attend(q, k, v, mask, n, d ** -0.5)
+        visible = slice(0, length + t)
+        want = F.scaled_dot_product_attention(q[None], k[None, :, visible], v[None, :, visible],
+                                              attn_mask=mask.repeat(group, 1)[:, visible], scale=d ** -0.5)[0]
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+        assert torch.equal(cpu_matmul._attend(q, k, v, mask, n, d ** -0.5), got)
+        other = q.clone()
+        other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
+        assert torch.equal(cpu_matmul.attend(other, k, v, mask, n, d ** -0.5)[:, 0], got[:, 0])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2 if threads == 1 else 1)
+            assert torch.equal(cpu_matmul.attend(q, k, v, mask, n, d ** -0.5), got)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_narrow_passes_attend_in_c_and_agree_with_sdpa(tiny_model):
+    """A model on the CPU attends through `attend` in passes of up to `NARROW` tokens; its logits are
+    SDPA's (the same model with the kernel off) in every pattern, and wider passes keep SDPA."""
+    import copy
+
+    from edge_dlm.model.nld import NARROW
+    from edge_dlm.primitives.attention import Attn
+
+    fast = copy.deepcopy(tiny_model)
+    assert cpu_matmul.enable_attention(fast) and fast.narrow_attention is cpu_matmul.attend
+    for t, kind in [(1, "causal"), (4, "block"), (9, "causal"), (NARROW + 1, "causal")]:
+        outs = []
+        for model in (tiny_model, fast):
+            cache = model.new_cache(256)
+            cache._set_length(30)
+            with torch.inference_mode():
+                window = cache.begin(t)
+                outs.append(model.step(torch.arange(5, 5 + t)[None] % 50 + 5, torch.arange(30, 30 + t)[None],
+                                       cache.length_t, cache.k, cache.v, Attn(kind), window, False, None))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
