@@ -84,8 +84,8 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     defaults and 0.76 ms eager (a 2-core EPYC, one thread). Frozen weights were faster
     still but inductor does not cache frozen graphs: a second process compiled for 25 s and a new
     window bucket for 85 s, so they stay off. Float32 projections of
-    narrow passes become inductor reductions (`RowsLinear`), and each pass shape's graph is compiled
-    ahead and called without dynamo's guards (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA
+    narrow passes become inductor reductions (`RowsLinear`), and a pass shape's graph, once built, is
+    called without dynamo's guard check (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA
     graphs.
     """
     if root is not None:
@@ -111,26 +111,26 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
 
     prepare_layouts(model)  # kernel layouts of quantized weights, built before the trace
     fn = torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode)
-    model.step = StepFunctions(model, fn, ahead=not cuda)
+    model.step = StepFunctions(model, fn, direct=not cuda)
     model.compiled = True
 
 
 class StepFunctions:
     """A model's compiled step functions: one graph per pass shape and bucket (`key`).
 
-    Through `torch.compile` alone, every pass first evaluates all of dynamo's guards for its graph
-    (each weight's dtype, shape and strides, the pattern's fields, ...) and looks its graph up: 30-60
-    us per call on the CPU, a fifth of a demo-model AR step. But a pass's graph is named by its key,
-    and that is all that tells the graphs apart. So on the CPU each key's graph is compiled ahead
-    (`aot_compile`: dynamo traces it and inductor compiles it, through the same caches) and then
-    called directly, its guards checked once, when it is built: the key holds everything they read
-    that can change while a model runs (the shapes, the pattern, the global modes and the thread
-    count); the weights are the model's own and are not swapped under a compiled model (`disable`
-    first). On CUDA the passes run through `torch.compile` itself: its CUDA graphs (`reduce-overhead`)
-    are managed by its own runtime, and a guard check is small beside a GPU pass."""
+    Through `torch.compile` alone, every pass first looks its graph up and evaluates all of dynamo's
+    guards for it (each weight's dtype, shape and strides, the pattern's fields, ...): 30-60 us per
+    call on the CPU, a fifth of a demo-model AR step. But a pass's graph is named by its key, and that
+    is all that tells the graphs apart. So on the CPU the first pass of a key runs through
+    `torch.compile` (compiling, or loading from inductor's caches), and later ones call the code dynamo
+    built for it directly (`direct`), its guards checked once: the key holds everything they read that
+    can change while a model runs (the shapes, the pattern, the global modes and the thread count); the
+    weights are the model's own and are not swapped under a compiled model (`disable` first). On CUDA
+    every pass runs through `torch.compile`: its CUDA graphs (`reduce-overhead`) are managed by its own
+    runtime, and a guard check is small beside a GPU pass."""
 
-    def __init__(self, model: torch.nn.Module, fn, ahead: bool) -> None:
-        self.model, self.fn, self.ahead = model, fn, ahead
+    def __init__(self, model: torch.nn.Module, fn, direct: bool) -> None:
+        self.model, self.fn, self.direct = model, fn, direct
         self.fns: dict[tuple, object] = {}
 
     @property
@@ -143,27 +143,40 @@ class StepFunctions:
         # follow the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)
         lora = self.model.encoder.layers[0].self_attn.o_lora is not None  # without a drafter use_lora is unread
         key = (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, lora,
-               torch.is_inference_mode_enabled(),
-               torch.is_grad_enabled(), torch.get_num_threads(), torch.get_default_dtype(),
-               torch.are_deterministic_algorithms_enabled(), torch.is_autocast_enabled("cpu"))
+               torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads(),
+               torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+               torch.is_autocast_enabled("cpu"))
         fn = self.fns.get(key)
-        if fn is None:
-            with _BUILDING:
-                fn = self.fns.get(key) or self._build(args)
-                self.fns[key] = fn
-        return fn(*args)
-
-    def _build(self, args):
-        if not self.ahead:
-            return self.fn
-        ahead = self.fn.aot_compile((args, {}))
-        if not ahead.guard_check(self.model, *args):  # by construction they hold: traced for these inputs
-            raise RuntimeError("a step function compiled ahead does not accept the inputs it was traced for")
-        ahead.disable_guard_check()
-        return functools.partial(ahead, self.model)
+        if fn is not None:
+            return fn(*args)
+        with _BUILDING:
+            out = self.fn(*args)
+            self.fns[key] = direct(self.model, args) if self.direct else None
+            self.fns[key] = self.fns[key] or self.fn
+        return out
 
 
-# Building a step function: one at a time (not an attribute: dynamo pickles what the traced model holds)
+def direct(model: torch.nn.Module, args: tuple):
+    """The code dynamo built for `model.cached_pass(*args)` (run once through `torch.compile`), as a
+    function to call without its guard check: dynamo's cache entry whose guards accept these inputs.
+    None where this torch keeps its entries otherwise (then passes stay guarded)."""
+    import types
+
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        fn = type(model).cached_pass
+        code = fn.__code__
+        f_locals = dict(zip(code.co_varnames[:code.co_argcount], (model, *args)))
+        for entry in _debug_get_cache_entry_list(code):
+            if not entry.code.co_freevars and entry.guard_manager.check(f_locals):
+                return functools.partial(types.FunctionType(entry.code, fn.__globals__), model)
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        pass
+    return None
+
+
+# Building a step function: one at a time
 _BUILDING = threading.Lock()
 
 

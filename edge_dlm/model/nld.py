@@ -157,7 +157,7 @@ class NLDModel(nn.Module):
 
     def __getstate__(self):
         """A copy (deepcopy, pickle) runs its passes eagerly: step functions belong to the model they were
-        compiled for (dynamo also saves the traced model's state with each one compiled ahead)."""
+        compiled for (a copied one would run the original's weights)."""
         state = dict(super().__getstate__())
         state.update(step=None, compiled=False)
         return state
