@@ -8,8 +8,8 @@ The weights: `--model DIR` (a checkpoint), or `--shape 3b|8b` with `--layers N`:
 real NLD layer shape (vocabulary 131072) written as a checkpoint first. Each precision is exported with
 `edge-dlm export --target gguf` (BF16, Q8_0, Q4_0) and loaded by llama.cpp; edge-dlm loads the same
 checkpoint in the matching precision (bfloat16; `--quant int8` / `int4` with groups of 32, the blocks
-Q8_0 / Q4_0 use), eagerly and compiled (`--compile on`; float32 activations, and for BF16 float32
-weights too when they are small, else the bf16 weights themselves, to fit beside the others in memory).
+Q8_0 / Q4_0 use), eagerly and compiled (`--compile on`; float32 activations, and for BF16 the bf16
+weights, plus float32 copies when they are small enough to fit beside the others in memory).
 
 Measured per thread count, interleaved (each round times every engine once, so a busy neighbour slows
 all alike), median of `--rounds`:
@@ -188,6 +188,8 @@ def measure(a: argparse.Namespace, work: Path) -> int:
             act = "float32" if quant or small else "bfloat16"
             engines[f"edge-dlm {prec if quant else act.replace('bfloat', 'bf').replace('float', 'fp')} compiled"] = \
                 EdgeDlm(src, act, quant, "on", threads)
+            if quant is None and small:  # the bf16 weights themselves too, as llama.cpp's BF16 reads them
+                engines["edge-dlm bf16 compiled"] = EdgeDlm(src, "bfloat16", None, "on", threads)
             got = {n: [] for n in engines}
             for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
                 for n, e in engines.items():

@@ -66,7 +66,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class SelfAttention(nn.Module):
+class Fusable(nn.Module):
+    """A module whose linears that read one input may run as one kernel call (`fused`, set by
+    `edge_dlm.kernels.cpu_matmul.fuse`, returning their outputs); a device or dtype move or a load of
+    its weights drops it."""
+
+    fused = None
+
+    def _apply(self, fn, recurse=True):
+        self.fused = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.fused = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class SelfAttention(Fusable):
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
         self.nq, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -83,9 +99,10 @@ class SelfAttention(nn.Module):
         """`attend(q [N, nq, T, hd], k, v [N, nkv, T, hd]) -> o [N, nq, T, hd]` is the pass's attention
         over its cache (or none): the model picks it per pass (see `NLDModel`)."""
         n, t, _ = x.shape
-        q = self.q_proj(x).view(n, t, self.nq, self.hd).transpose(1, 2)  # [N, nq, T, hd]
-        k = self.k_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)  # [N, nkv, T, hd]
-        v = self.v_proj(x).view(n, t, self.nkv, self.hd).transpose(1, 2)
+        q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(n, t, self.nq, self.hd).transpose(1, 2)  # [N, nq, T, hd]
+        k = k.view(n, t, self.nkv, self.hd).transpose(1, 2)  # [N, nkv, T, hd]
+        v = v.view(n, t, self.nkv, self.hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         q = q * qscale
@@ -101,7 +118,7 @@ class SelfAttention(nn.Module):
         return out
 
 
-class MLP(nn.Module):
+class MLP(Fusable):
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -110,7 +127,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

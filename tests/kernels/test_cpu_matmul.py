@@ -408,3 +408,41 @@ def test_narrow_passes_attend_in_c_and_agree_with_sdpa(tiny_model):
                 outs.append(model.step(torch.arange(5, 5 + t)[None] % 50 + 5, torch.arange(30, 30 + t)[None],
                                        cache.length_t, cache.k, cache.v, Attn(kind), window, False, None))
         torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4", "int8"])
+def test_fused_projections_are_the_modules_alone(tiny_model, weights):
+    """q / k / v and gate / up as one kernel call (`fuse`): the same logits bit for bit as each module
+    alone, in narrow and wide passes, the same state dict, nothing held twice; a dtype move drops it."""
+    import copy
+
+    from edge_dlm.model.quant import QuantSpec
+    from edge_dlm.model.quantize import quantize_model
+    from edge_dlm.primitives.attention import Attn
+
+    base = copy.deepcopy(tiny_model)
+    if weights == "bf16":
+        base = base.to(torch.bfloat16)
+    else:
+        quantize_model(base, QuantSpec(weights, group_size=32))
+    cpu_matmul.enable()
+    cpu_matmul.enable_bf16(base)
+    fast = copy.deepcopy(base)
+    assert cpu_matmul.fuse(fast) == 2 * len(fast.encoder.layers)
+    at = fast.encoder.layers[0].self_attn
+    # held once: the module's weight (bf16) or its kernel layout (int8 / int4) is a view of the fused one
+    assert at.q_proj.weight.untyped_storage().data_ptr() == at.fused.weight.untyped_storage().data_ptr()
+    for t in (1, 4, 40):
+        outs = []
+        for model in (base, fast):
+            cache = model.new_cache(256)
+            cache._set_length(9)
+            with torch.inference_mode():
+                window = cache.begin(t)
+                outs.append(model.step(torch.arange(5, 5 + t)[None], torch.arange(9, 9 + t)[None], cache.length_t,
+                                       cache.k, cache.v, Attn("block"), window, False, None))
+        assert torch.equal(outs[0], outs[1]), t
+    a, b = base.state_dict(), fast.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fast.float()
+    assert at.fused is None and fast.encoder.layers[0].mlp.fused is None
