@@ -270,7 +270,7 @@ class NLDModel(nn.Module):
                 torch.ops.aten.index_put_(k_buf, where, k[0].transpose(0, 1).to(kv))  # [T, nkv, hd]
                 torch.ops.aten.index_put_(v_buf, where, v[0].transpose(0, 1).to(kv))
                 k_win, v_win = k_buf[i, :, :window], v_buf[i, :, :window]
-                if self.narrow_attention is not None and t <= NARROW and kv == torch.float32:
+                if self.narrow_attention is not None and t <= NARROW and kv == torch.float32 and not k_buf.is_cuda:
                     n, h, _, d = q.shape
                     o = self.narrow_attention(q.to(kv).reshape(k_win.shape[0], -1, d), k_win, v_win, mask, length,
                                               self.config.head_dim ** -0.5).reshape(n, h, t, d)
