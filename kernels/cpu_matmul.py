@@ -994,8 +994,11 @@ def _covers(mod) -> bool:  # act-order columns, odd widths and groups below a bl
     return mod.perm is None and mod.in_features % 32 == 0 and mod.spec.group_size >= 32
 
 
+LAYOUT = "cpu-x16"  # the name `QuantLinear.derived` keeps this kernel's layout under
+
+
 def _layout(mod):
-    return mod.derived("cpu-x16", x16_layout, x16_stored)
+    return mod.derived(LAYOUT, x16_layout, x16_stored)
 
 
 def _prepare(mod) -> None:
@@ -1099,10 +1102,7 @@ def _fused(mods: list) -> Fused | None:
     block = 0
     for m, lay in zip(mods, lays):
         b = slice(block, block + lay[0].shape[0])
-        views = (weight[b], scales[b], None if zeros is None else zeros[b])
-        m._derived["cpu-x16"] = views  # the module's layout, now a view of the fused one
-        if m._stored_from is not None:
-            m._stored_from = (m._stored_from[0], views)
+        m.rebind(LAYOUT, (weight[b], scales[b], None if zeros is None else zeros[b]))
         block = b.stop
     return Fused(splits, k, weight, scales, zeros, mods[0].spec.bits, mods[0].spec.group_size)
 

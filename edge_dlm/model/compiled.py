@@ -151,8 +151,7 @@ class StepFunctions:
             return fn(*args)
         with _BUILDING:
             out = self.fn(*args)
-            self.fns[key] = direct(self.model, args) if self.direct else None
-            self.fns[key] = self.fns[key] or self.fn
+            self.fns[key] = (direct(self.model, args) if self.direct else None) or self.fn
         return out
 
 

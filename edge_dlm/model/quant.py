@@ -224,6 +224,14 @@ class QuantLinear(nn.Module):
                     self._buffers[k] = None
         return got
 
+    def rebind(self, name: str, layout) -> None:
+        """The layout `name` (built) becomes `layout`, the same values held elsewhere (a view of the layout
+        of several weights laid side by side: `edge_dlm.kernels.cpu_matmul.fuse`)."""
+        assert name in self._derived, name
+        self._derived[name] = layout
+        if self._stored_from is not None:
+            self._stored_from = (self._stored_from[0], layout)
+
     def _restores(self, restore, layout) -> bool:
         """Whether `restore` gives back the stored tensors: their dtypes, and the values of the first,
         a middle and the last 16-row block (restoring and comparing all of them cost as much as
