@@ -399,15 +399,18 @@ def test_narrow_passes_attend_in_c_and_agree_with_sdpa(tiny_model):
     fast = copy.deepcopy(tiny_model)
     assert cpu_matmul.enable_attention(fast) and fast.narrow_attention is cpu_matmul.attend
     for t, kind in [(1, "causal"), (4, "block"), (9, "causal"), (NARROW + 1, "causal")]:
-        outs = []
-        for model in (tiny_model, fast):
-            cache = model.new_cache(256)
-            cache._set_length(30)
-            with torch.inference_mode():
-                window = cache.begin(t)
-                outs.append(model.step(torch.arange(5, 5 + t)[None] % 50 + 5, torch.arange(30, 30 + t)[None],
-                                       cache.length_t, cache.k, cache.v, Attn(kind), window, False, None))
-        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one_pass(fast, t, 30, Attn(kind)), one_pass(tiny_model, t, 30, Attn(kind)),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def one_pass(model, t: int, length: int, attn) -> torch.Tensor:
+    """The logits of one cached pass of `t` tokens after `length` cached ones."""
+    cache = model.new_cache(256)
+    cache._set_length(length)
+    with torch.inference_mode():
+        window = cache.begin(t)
+        return model.step(torch.arange(5, 5 + t)[None] % 50 + 5, torch.arange(length, length + t)[None],
+                          cache.length_t, cache.k, cache.v, attn, window, False, None)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int4", "int8"])
@@ -433,15 +436,7 @@ def test_fused_projections_are_the_modules_alone(tiny_model, weights):
     # held once: the module's weight (bf16) or its kernel layout (int8 / int4) is a view of the fused one
     assert at.q_proj.weight.untyped_storage().data_ptr() == at.fused.weight.untyped_storage().data_ptr()
     for t in (1, 4, 40):
-        outs = []
-        for model in (base, fast):
-            cache = model.new_cache(256)
-            cache._set_length(9)
-            with torch.inference_mode():
-                window = cache.begin(t)
-                outs.append(model.step(torch.arange(5, 5 + t)[None], torch.arange(9, 9 + t)[None], cache.length_t,
-                                       cache.k, cache.v, Attn("block"), window, False, None))
-        assert torch.equal(outs[0], outs[1]), t
+        assert torch.equal(one_pass(base, t, 9, Attn("block")), one_pass(fast, t, 9, Attn("block"))), t
     a, b = base.state_dict(), fast.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fast.float()
