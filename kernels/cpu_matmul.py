@@ -1,7 +1,8 @@
 """CPU matmuls for the passes of a decode: int8 / int4 (`x16_gemm`, for `QuantLinear`) and bfloat16
-(`bf16_gemm`, for `Bf16Linear`), a page of C compiled once per machine with the system compiler
+(`bf16_gemm`, for `Bf16Linear`; projections that share an input as one call: `fuse`), and the attention
+of narrow passes (`attend`), a page of C compiled once per machine with the system compiler
 (`-O3 -march=native`, OpenMP over output rows) into the edge-dlm cache folder and called through torch
-custom ops, so a compiled pass (`--compile on`) keeps them in its graph.
+operators written in C++ (`OPS_SOURCE`), so a compiled pass (`--compile on`) keeps them in its graph.
 
 Why our own: torch has no group-wise int8 CPU kernel (the reference dequantized every weight on every
 pass: 0.03x llama.cpp's Q8_0 decode at the NLD-3B shape), its int4 kernel's cost grows with every row
@@ -672,8 +673,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 # The kernels as torch operators, so a compiled pass keeps them in its graph. Their CPU implementation is
 # a few lines of C++ (`OPS_SOURCE`, built once per torch version against torch's own headers) that call the
 # C kernels through pointers (`bind`): a compiled pass calls an operator from C++, and a Python
-# implementation cost ~3 us more per call than the C++ one (a quantized demo-model token makes 29
-# calls: ~265 -> ~175 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` (ctypes) serve.
+# implementation cost ~3 us more per call than the C++ one (a quantized demo-model AR step made 29 calls:
+# 341 -> 240 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` / `_attend` (ctypes) serve.
 _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
 _OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
