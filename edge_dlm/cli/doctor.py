@@ -85,7 +85,8 @@ def cpu_kernels_report() -> str:
     name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
     width = cpu_matmul.simd()
     bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"
-    ops = "C++ operators" if cpu_matmul._BOUND[1] is not None else "Python operators (no C++ compiler built the C++ ones: ~3 us more a call)"
+    ops = ("C++ operators" if cpu_matmul.cpp_operators()
+           else "Python operators (no C++ compiler built the C++ ones: ~3 us more a call)")
     return f"built here: int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}"
 
 

@@ -270,7 +270,5 @@ def save_checkpoint(model_or_state: NLDModel | dict[str, torch.Tensor], cfg: NLD
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in state.items()}
-    # weights that are views of one tensor (`cpu_matmul.fuse`): safetensors stores each on its own
-    state = {k: v.clone() if v._base is not None else v for k, v in state.items()}
     save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
