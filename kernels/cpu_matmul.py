@@ -128,6 +128,16 @@ static int log2_exact(int64_t g) {  /* group sizes are powers of two */
 
 typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation bytes, broadcast by the dot */
 
+/* The weight's bytes PREFETCH_AHEAD past the block a tile reads now, asked for a cache line at a time.
+   A tile of several pass rows spends ~60-250 instructions on each block of 32 columns, so the core's
+   window holds too few blocks to keep memory busy, and the hardware prefetchers did not make up for it:
+   from memory an 8-row tile ran at 40% of the rate it reaches on cached weights (a 16-row int4 pass of
+   NLD-3B's up projection: 2.96 -> 1.5 ms, one Zen 5 core; `scripts/bench_cpu_matmul.py`). Prefetching
+   touches no result. */
+#define PREFETCH_AHEAD 16384
+#define PREFETCH_W(w, b, bits)                                                                    \
+    for (int l = 0; l < (bits); l++) __builtin_prefetch((w) + ((b) * (bits) + l) * 64 + PREFETCH_AHEAD, 0, 3)
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define X16_SIMD 512
 #define MT 8  /* pass rows per register tile */
@@ -142,6 +152,7 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
     __m512 tot[MTC];                                                                              \
     for (int i = 0; i < MTC; i++) tot[i] = _mm512_setzero_ps();                                   \
     for (int64_t b = 0; b < nb32; b++) {                                                          \
+        PREFETCH_W(w, b, bits);                                                                   \
         __m512i wv[8];                                                                            \
         if (bits == 8)                                                                            \
             for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(w + (b * 8 + q) * 64);        \
@@ -211,6 +222,7 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
     __m256 tot[MTC][2];                                                                           \
     for (int i = 0; i < MTC; i++) tot[i][0] = tot[i][1] = _mm256_setzero_ps();                    \
     for (int64_t b = 0; b < nb32; b++) {                                                          \
+        PREFETCH_W(w, b, bits);                                                                   \
         const int64_t g = (32 * b) >> gs;                                                         \
         for (int h = 0; h < 2; h++) {                                                             \
             __m256i wv[8];                                                                        \
@@ -373,12 +385,16 @@ void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, 
 #define BF16_SIMD 512
 #define NB_NARROW 8
 #define NB_WIDE 6   /* 4 x 6 accumulators + 6 weight vectors + 1 input vector = 31 of 32 registers */
+#define ACC_LANES 16
 #if defined(__AVX512BF16__)
 #define TILE16_(MR, NR)                                                                           \
-static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N,   \
+                            int64_t c0, int64_t c1, float *part) {                        \
     __m512 acc[MR][NR];                                                                           \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
-    for (int64_t c = 0; c < K; c += 32) {                                                         \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        acc[i][j] = c0 ? _mm512_loadu_ps(part + 16 * (i * NR + j)) : _mm512_setzero_ps();   \
+    for (int64_t c = c0; c < c1; c += 32) {                                                       \
+        if (NR == NB_WIDE) for (int j = 0; j < NR; j++) __builtin_prefetch(w + (j + NR) * K + c, 0, 3); \
         __m512bh wv[NR];                                                                          \
         for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * K + c);         \
         for (int i = 0; i < MR; i++) {                                                            \
@@ -386,17 +402,22 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);     \
         }                                                                                         \
     }                                                                                             \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        if (c1 < K) _mm512_storeu_ps(part + 16 * (i * NR + j), acc[i][j]);                    \
+        else y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);                                 \
 }
 #else  /* no AVX512-BF16: widen both to float32 (a 16-bit shift) and fused multiply-add */
 static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 #define TILE16_(MR, NR)                                                                           \
-static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N,   \
+                            int64_t c0, int64_t c1, float *part) {                        \
     __m512 acc[MR][NR];                                                                           \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();    \
-    for (int64_t c = 0; c < K; c += 16) {                                                         \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        acc[i][j] = c0 ? _mm512_loadu_ps(part + 16 * (i * NR + j)) : _mm512_setzero_ps();   \
+    for (int64_t c = c0; c < c1; c += 16) {                                                       \
+        if (NR == NB_WIDE) for (int j = 0; j < NR; j++) __builtin_prefetch(w + (j + NR) * K + c, 0, 3); \
         __m512 wv[NR];                                                                            \
         for (int j = 0; j < NR; j++) wv[j] = widen(w + j * K + c);                                \
         for (int i = 0; i < MR; i++) {                                                            \
@@ -404,7 +425,9 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);       \
         }                                                                                         \
     }                                                                                             \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]); \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        if (c1 < K) _mm512_storeu_ps(part + 16 * (i * NR + j), acc[i][j]);                    \
+        else y[i * N + j] = _mm512_reduce_add_ps(acc[i][j]);                                 \
 }
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -412,6 +435,7 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
 #define BF16_SIMD 256
 #define NB_NARROW 8 /* spills at 2 rows, but 8 weight streams read memory faster than 4 (24 vs 18 GB/s, Zen 5) */
 #define NB_WIDE 3   /* 4 x 3 accumulators + 3 weight vectors + 1 input vector = 16 registers */
+#define ACC_LANES 8
 static inline float hsum8(__m256 v) {  /* a fixed order: the two halves, then pairs */
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -421,10 +445,13 @@ static inline float hsum8(__m256 v) {  /* a fixed order: the two halves, then pa
 #define EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
 #define ODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)))
 #define TILE16_(MR, NR)                                                                           \
-static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N) { \
+static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N,   \
+                            int64_t c0, int64_t c1, float *part) {                        \
     __m256 acc[MR][NR];                                                                           \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();    \
-    for (int64_t c = 0; c < K; c += 16) {                                                         \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        acc[i][j] = c0 ? _mm256_loadu_ps(part + 8 * (i * NR + j)) : _mm256_setzero_ps();    \
+    for (int64_t c = c0; c < c1; c += 16) {                                                       \
+        if (NR == NB_WIDE) for (int j = 0; j < NR; j++) __builtin_prefetch(w + (j + NR) * K + c, 0, 3); \
         __m256i wv[NR];                                                                           \
         for (int j = 0; j < NR; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(w + j * K + c)); \
         for (int i = 0; i < MR; i++) {                                                            \
@@ -434,7 +461,9 @@ static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, flo
                 acc[i][j] = _mm256_fmadd_ps(xo, ODD(wv[j]), _mm256_fmadd_ps(xe, EVEN(wv[j]), acc[i][j])); \
         }                                                                                         \
     }                                                                                             \
-    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++) y[i * N + j] = hsum8(acc[i][j]);    \
+    for (int i = 0; i < MR; i++) for (int j = 0; j < NR; j++)                                    \
+        if (c1 < K) _mm256_storeu_ps(part + 8 * (i * NR + j), acc[i][j]);                     \
+        else y[i * N + j] = hsum8(acc[i][j]);                                                 \
 }
 #else
 #define BF16_SIMD 0  /* no vector path: bf16 models keep torch's own kernels (a scalar loop is slower) */
@@ -448,39 +477,53 @@ TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
 
 /* The weight's rows in blocks of NB_NARROW for passes of 1-2 rows (they stream the weight from memory
    and read it faster with more streams in flight), NB_WIDE for wider ones (as many accumulators as the
-   registers hold; `scripts/bench_cpu_matmul.py`), the pass's rows 4 at a time. Every output is one
-   accumulator's chain over K in the same order whatever the tile, so a row's result never depends on
-   the pass width. */
+   registers hold; `scripts/bench_cpu_matmul.py`), the pass's rows 4 at a time. Past 4 rows, every
+   4-row tile reads the same weight block again, so K is walked in chunks of KC columns (each tile's sums
+   kept in `part` between chunks): a block's chunk and the rows' stay in the L1 cache while every tile
+   reads them, where a whole block and the rows did not fit; and each tile of a wide block asks for the
+   same columns of the next block's rows (the hardware prefetchers did not bring six short runs in time;
+   asking in the first tile only was slower, 12.0 ms, as was asking for the next chunk): a 16-row
+   pass over 32768 x 3072 weights from memory 14.0 -> 9.9 ms on a Zen 5 core, 115 -> 163 GMAC/s, where
+   cached weights give 171. Every output is one accumulator's chain over K in the same
+   order whatever the tile and the chunking, so a row's result never depends on the pass width. */
+#define KC 1024
 void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE, blocks = (N + nb - 1) / nb;
+    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE, blocks = (N + nb - 1) / nb, kc = M > 4 ? KC : K;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
-        for (int64_t m = 0; m < M; m += 4) {
-            const int64_t mr = M - m < 4 ? M - m : 4;
-            const uint16_t *xs = x + m * K;
-            if (nr == nb) {
-                const uint16_t *ws = w + n0 * K;
-                float *ys = y + m * N + n0;
-                if (nb == NB_NARROW) {
-                    if (mr == 1) TN(1, NB_NARROW)(xs, K, ws, ys, N); else TN(2, NB_NARROW)(xs, K, ws, ys, N);
-                } else switch (mr) {
-                    case 1: TN(1, NB_WIDE)(xs, K, ws, ys, N); break;
-                    case 2: TN(2, NB_WIDE)(xs, K, ws, ys, N); break;
-                    case 3: TN(3, NB_WIDE)(xs, K, ws, ys, N); break;
-                    default: TN(4, NB_WIDE)(xs, K, ws, ys, N);
-                }
-            } else for (int64_t n = n0; n < n0 + nr; n++) {
-                const uint16_t *ws = w + n * K;
-                float *ys = y + m * N + n;
-                switch (mr) {
-                    case 1: t16_1_1(xs, K, ws, ys, N); break;
-                    case 2: t16_2_1(xs, K, ws, ys, N); break;
-                    case 3: t16_3_1(xs, K, ws, ys, N); break;
-                    default: t16_4_1(xs, K, ws, ys, N);
+        float *part = kc < K ? malloc((M + 3) / 4 * 4 * nb * ACC_LANES * sizeof(float)) : 0;
+        for (int64_t c0 = 0; c0 < K; c0 += kc) {
+            const int64_t c1 = K - c0 <= kc ? K : c0 + kc;
+            for (int64_t m = 0; m < M; m += 4) {
+                const int64_t mr = M - m < 4 ? M - m : 4;
+                const uint16_t *xs = x + m * K;
+                float *pt = part ? part + m * nb * ACC_LANES : 0;  /* this tile's sums: 4 rows x nb */
+                if (nr == nb) {
+                    const uint16_t *ws = w + n0 * K;
+                    float *ys = y + m * N + n0;
+                    if (nb == NB_NARROW) {
+                        if (mr == 1) TN(1, NB_NARROW)(xs, K, ws, ys, N, c0, c1, pt);
+                        else TN(2, NB_NARROW)(xs, K, ws, ys, N, c0, c1, pt);
+                    } else switch (mr) {
+                        case 1: TN(1, NB_WIDE)(xs, K, ws, ys, N, c0, c1, pt); break;
+                        case 2: TN(2, NB_WIDE)(xs, K, ws, ys, N, c0, c1, pt); break;
+                        case 3: TN(3, NB_WIDE)(xs, K, ws, ys, N, c0, c1, pt); break;
+                        default: TN(4, NB_WIDE)(xs, K, ws, ys, N, c0, c1, pt);
+                    }
+                } else for (int64_t n = n0; n < n0 + nr; n++) {
+                    const uint16_t *ws = w + n * K;
+                    float *ys = y + m * N + n, *pn = pt ? pt + (n - n0) * 4 * ACC_LANES : 0;
+                    switch (mr) {
+                        case 1: t16_1_1(xs, K, ws, ys, N, c0, c1, pn); break;
+                        case 2: t16_2_1(xs, K, ws, ys, N, c0, c1, pn); break;
+                        case 3: t16_3_1(xs, K, ws, ys, N, c0, c1, pn); break;
+                        default: t16_4_1(xs, K, ws, ys, N, c0, c1, pn);
+                    }
                 }
             }
         }
+        free(part);
     }
 }
 #endif
