@@ -132,9 +132,11 @@ typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation by
    A tile of several pass rows spends ~60-250 instructions on each block of 32 columns, so the core's
    window holds too few blocks to keep memory busy, and the hardware prefetchers did not make up for it:
    from memory an 8-row tile ran at 40% of the rate it reaches on cached weights (a 16-row int4 pass of
-   NLD-3B's up projection: 2.96 -> 1.5 ms, one Zen 5 core; `scripts/bench_cpu_matmul.py`). Prefetching
-   touches no result. */
+   NLD-3B's up projection: 2.96 -> 1.5 ms, one Zen 5 core; `scripts/bench_cpu_matmul.py`). Weights under
+   PREFETCH_MIN bytes stay in the caches from pass to pass (the demo model's): asking for them cost 4% of
+   its int4 decode. Prefetching touches no result. */
 #define PREFETCH_AHEAD 16384
+#define PREFETCH_MIN (1 << 20)
 #define PREFETCH_W(w, b, bits)                                                                    \
     for (int l = 0; l < (bits); l++) __builtin_prefetch((w) + ((b) * (bits) + l) * 64 + PREFETCH_AHEAD, 0, 3)
 
@@ -146,13 +148,13 @@ typedef int32_t i32u __attribute__((may_alias, aligned(1)));  /* 4 activation by
 #define B16(MTC)                                                                                  \
 static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
                       int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
-                      float *y, int64_t N, int64_t rows) {                                        \
+                      float *y, int64_t N, int64_t rows, int pf) {                                \
     const int64_t nb32 = K / 32;                                                                  \
     const __m512i lo4 = _mm512_set1_epi8(0x0F);                                                   \
     __m512 tot[MTC];                                                                              \
     for (int i = 0; i < MTC; i++) tot[i] = _mm512_setzero_ps();                                   \
     for (int64_t b = 0; b < nb32; b++) {                                                          \
-        PREFETCH_W(w, b, bits);                                                                   \
+        if (pf) PREFETCH_W(w, b, bits);                                                           \
         __m512i wv[8];                                                                            \
         if (bits == 8)                                                                            \
             for (int q = 0; q < 8; q++) wv[q] = _mm512_loadu_si512(w + (b * 8 + q) * 64);        \
@@ -216,13 +218,13 @@ static inline __m256i dp_byte(__m256i acc, __m256i u, __m256i a) {  /* sum (u - 
 #define B16(MTC)                                                                                  \
 static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
                       int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
-                      float *y, int64_t N, int64_t rows) {                                        \
+                      float *y, int64_t N, int64_t rows, int pf) {                                \
     const int64_t nb32 = K / 32;                                                                  \
     const __m256i lo4 = _mm256_set1_epi8(0x0F);                                                   \
     __m256 tot[MTC][2];                                                                           \
     for (int i = 0; i < MTC; i++) tot[i][0] = tot[i][1] = _mm256_setzero_ps();                    \
     for (int64_t b = 0; b < nb32; b++) {                                                          \
-        PREFETCH_W(w, b, bits);                                                                   \
+        if (pf) PREFETCH_W(w, b, bits);                                                           \
         const int64_t g = (32 * b) >> gs;                                                         \
         for (int h = 0; h < 2; h++) {                                                             \
             __m256i wv[8];                                                                        \
@@ -277,16 +279,16 @@ int x16_simd(void) { return X16_SIMD; }  /* which path this build took: 512, 256
 
 static void block16(int bits, const int8_t *a, const float *d, const int32_t *as, int64_t M,
                     int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, float *y,
-                    int64_t N, int64_t rows) {
+                    int64_t N, int64_t rows, int pf) {
     const int64_t nb32 = K / 32;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mt = M - m0 < MT ? M - m0 : MT;
 #if X16_SIMD
         typedef void (*tile)(int, const int8_t *, const float *, const int32_t *, int64_t, int,
-                             const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int64_t, int64_t);
+                             const uint8_t *, const uint16_t *, const uint16_t *, int, float *, int64_t, int64_t, int);
         static const tile tiles[MT + 1] = TILES;
         tiles[mt](bits, a + m0 * K, d + m0 * nb32, as + m0 * nb32, K, gs, w, s, z, off,
-                  y + m0 * N, N, rows);
+                  y + m0 * N, N, rows, pf);
 #else   /* portable: the same sums, lane by lane */
         for (int64_t i = 0; i < mt; i++)
             for (int64_t r = 0; r < rows; r++) {
@@ -321,11 +323,11 @@ void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, 
     float *d = malloc(M * (K / 32) * sizeof(float));
     int32_t *as = malloc(M * (K / 32) * sizeof(int32_t));
     quant_blocks(x, M, K, a, d, as, threads);
-    const int off = bits == 8 ? 128 : 8;
+    const int off = bits == 8 ? 128 : 8, pf = nb * wb >= PREFETCH_MIN;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < nb; r++)
         block16(bits, a, d, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
-                y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16);
+                y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16, pf);
     free(a); free(d); free(as);
 }
 
