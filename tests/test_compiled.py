@@ -33,7 +33,7 @@ def pair(tiny_model, tmp_path_factory):
 def lockstep(eager, fast, mode: str, *, eos: int | None = None, **kw):
     """Run one request on both models event by event; every event and the committed cache (what a
     rollback leaves) must agree after each one. Returns the eager decoder."""
-    sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "seed") if k in kw})
+    sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "seed") if k in kw})
     decs = []
     for model in (eager, fast):
         opts = GenerationOptions(mode=mode, sampling=sampling, **kw).resolve(model.config.block_size)
@@ -67,8 +67,20 @@ def test_budgets(pair, budget):
 
 
 def test_seeded_sampling(pair):
-    for mode in MODES:
-        lockstep(*pair, mode, block_size=4, max_new_tokens=16, temperature=0.8, seed=5)
+    """Sampled picks made inside the compiled passes (temperature, top-k, top-p with top-k) and drawn
+    from the logits after them (top-p alone) agree with eager."""
+    from torch._dynamo.utils import counters
+
+    configs = (dict(temperature=0.8), dict(temperature=1.0, top_k=10, top_p=0.9), dict(temperature=0.9, top_p=0.8))
+    for sampling in configs:
+        for mode in MODES:
+            lockstep(*pair, mode, block_size=4, max_new_tokens=16, seed=5, **sampling)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    warm, keys = counters["stats"]["unique_graphs"], pair[1].step.keys
+    for sampling in configs:  # another seed: the same graphs (the seed is a tensor the pass reads)
+        for mode in MODES:
+            lockstep(*pair, mode, block_size=4, max_new_tokens=16, seed=6, **sampling)
+    assert counters["stats"]["unique_graphs"] == warm and pair[1].step.keys == keys
 
 
 def test_eos_in_every_position(pair):
@@ -101,9 +113,9 @@ def test_no_graph_break_no_recompile_after_warmup(tmp_path):
     seen = set()
     step = rt.model.step
 
-    def spy(tokens, positions, length, k, v, attn, window, use_lora, last, pick=None):
-        seen.add((tokens.shape[1], attn, window, use_lora and rt.has_lora, last is None, k.shape, pick))
-        return step(tokens, positions, length, k, v, attn, window, use_lora, last, pick)
+    def spy(tokens, positions, length, k, v, attn, window, use_lora, last, pick=None, sample=None, draw=None):
+        seen.add((tokens.shape[1], attn, window, use_lora and rt.has_lora, last is None, k.shape, pick, sample))
+        return step(tokens, positions, length, k, v, attn, window, use_lora, last, pick, sample, draw)
 
     rt.model.step = spy
     # no EOS, so every run is 512 tokens: the stop token becomes the mask id, which is never picked

@@ -35,8 +35,8 @@ def test_speculative_modes_equal_ar(tiny_model, mode, block):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear-spec", "quadratic-spec"])
 def test_one_host_synchronization_per_cycle_or_step(tiny_model, mode, temperature):
     """Picks reach the host once per AR step, denoising step or speculative cycle (greedy: made inside
-    the passes; sampled: drawn on the device): LinearSpec's draft picks go to its verify pass on the
-    device, and both passes' picks come back together."""
+    the passes; sampled eagerly: drawn on the device from the logits): LinearSpec's draft picks go to
+    its verify pass on the device, and both passes' picks come back together."""
     dec, events = run_mode(tiny_model, PROMPT, mode, max_new_tokens=40, block_size=4, temperature=temperature,
                            seed=3)
     cycles = sum(isinstance(e, (Draft, Canvas)) for e in events)
@@ -44,8 +44,8 @@ def test_one_host_synchronization_per_cycle_or_step(tiny_model, mode, temperatur
         assert dec.syncs == dec.nfe  # one pass per token
     elif mode == "diffusion":  # prefill + denoising steps + the commit passes
         assert dec.syncs == dec.nfe and cycles < dec.nfe
-    elif mode == "quadratic-spec" and temperature:  # sampled: the accepted count says which mask rows
-        assert dec.syncs == 1 + 2 * cycles  # to draw the next draft from; drawing all first changes the draws
+    elif mode == "quadratic-spec" and temperature:  # sampled eagerly, from the logits: the accepted count
+        assert dec.syncs == 1 + 2 * cycles  # says which mask rows to draw the next draft from
     else:  # prefill (QuadraticSpec: its first pass) + one per cycle, whatever the passes per cycle
         assert dec.syncs == 1 + cycles and dec.nfe == (1 + 2 * cycles if mode == "linear-spec" else 1 + cycles)
 
@@ -184,3 +184,23 @@ def test_trained_model_accepts_many_tokens_and_stays_lossless(counting_model):
     dif, _ = run_mode(counting_model, prompt, "diffusion", max_new_tokens=40, steps=2)
     assert dif.nfe < ar.nfe
     assert sum(a == b for a, b in zip(dif.output_ids, ar.output_ids)) >= 20  # lossy, but close
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.9), dict(temperature=1.1, top_k=7),
+                                      dict(temperature=0.8, top_k=20, top_p=0.85), dict(temperature=1.0, top_p=0.9)])
+def test_picks_made_in_the_pass_are_the_samplers(tiny_model, sampling, monkeypatch):
+    """Every mode, seeded: the tokens picked inside the passes (with the tensor ops a compiled pass runs:
+    the model marked compiled) are those the sampler draws from the passes' logits (its random numbers
+    made on the host): a row's random number is a function of seed, pass and row, whoever makes it.
+    Top-p alone is drawn from the logits in both runs (its candidates grow by reading their mass)."""
+    runs = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(tiny_model, "compiled", compiled)
+        runs[compiled] = [(d.picks_in_pass, d.output_ids, d.nfe) for d in (
+            run_mode(tiny_model, PROMPT, mode, max_new_tokens=24, block_size=4, seed=9, **sampling)[0]
+            for mode in ("ar", "diffusion", "linear-spec", "quadratic-spec"))]
+    for fast, slow in zip(runs[True], runs[False]):
+        assert fast[0] == (sampling.get("top_k", 0) > 0 or "top_p" not in sampling) and not slow[0]
+        assert fast[1:] == slow[1:]
+    seeds = [run_mode(tiny_model, PROMPT, "ar", max_new_tokens=24, seed=s, **sampling)[0].output_ids for s in (9, 10)]
+    assert seeds[0] != seeds[1]  # the seed matters

@@ -95,3 +95,26 @@ def test_inverse_cdf_picks_the_first_position_past_the_target(n):
     assert got[:, 0].tolist() == [int(a) for a, _ in nz] and got[:, 1].tolist() == [int(b) for _, b in nz]
     top = inverse_cdf(w, torch.ones(3, 1, dtype=torch.float64))  # u * total rounding up to the total
     assert top[:, 0].tolist() == [int(b) for _, b in nz]
+
+
+def test_the_host_and_the_pass_make_the_same_random_numbers():
+    """`host_uniforms` (the sampler's) and `uniforms` (a pass's, compiled too) agree bit for bit, and
+    the numbers look uniform and independent across rows and passes."""
+    from edge_dlm.primitives.sampling import host_uniforms, pass_hash, uniforms
+
+    for seed in (0, 1, 2**63 + 12345, 2**64 - 1):
+        for pass_no in (0, 1, 77, 2**31 + 5):
+            h = pass_hash(seed, pass_no)
+            key = torch.tensor([h, 3])
+            got = uniforms(key, torch.arange(40))
+            assert got.dtype == torch.float64 and got.shape == (40, 1)
+            assert got[:, 0].tolist() == host_uniforms(h, range(3, 43))
+    compiled = torch.compile(uniforms, fullgraph=True, dynamic=False)
+    key = torch.tensor([pass_hash(5, 9), 0])
+    assert torch.equal(compiled(key, torch.arange(64)), uniforms(key, torch.arange(64)))
+    u = torch.tensor([host_uniforms(pass_hash(7, p), range(500)) for p in range(200)], dtype=torch.float64)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u.flatten(), 50, 0, 1)  # 100000 numbers in 50 bins: chi-square, 49 degrees
+    assert float(((counts - 2000) ** 2 / 2000).sum()) < 100
+    assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.02  # rows
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1])) < 0.02  # passes

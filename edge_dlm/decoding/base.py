@@ -16,7 +16,7 @@ import torch
 from edge_dlm.primitives.attention import CAUSAL, Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.primitives.errors import UserError
-from edge_dlm.primitives.sampling import Sampler, SamplingParams, nonfinite, pack, packed_ids, unpack
+from edge_dlm.primitives.sampling import Sampler, SamplingParams, in_pass, nonfinite, pack, packed_ids, unpack
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 SPECULATIVE = ("linear-spec", "quadratic-spec")
@@ -175,25 +175,32 @@ class Decoder:
             return t, torch.arange(positions, positions + len(tokens), device=self.device)[None]
         return t, torch.tensor([positions], dtype=torch.long, device=self.device)
 
-    def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        return self.sampler.pick(logits)
-
     def run(self, tokens: list[int], positions: int | list[int], attn: Attn, use_lora: bool = False,
             last_only: bool = False) -> "Picks":
-        """`forward` and then the picks, as `Picks` (call it with the rows to pick). At temperature 0 on
-        the torch engine the greedy picks are made inside the pass (one host transfer of ids and
-        confidences, never the `[T, V]` logits); otherwise the sampler picks from the logits."""
+        """`forward` and then the picks, as `Picks` (call it with the rows to pick). On the torch engine
+        the picks are made inside the pass, greedy or sampled (one host transfer of ids and confidences,
+        never the `[T, V]` logits; not for top-p alone, `sampling.in_pass`); otherwise the sampler picks
+        from the logits. Either way a row's random number is the sampler's for (this pass, that row)."""
+        pass_no = self.nfe
         if self.picks_in_pass:
+            p = self.sampler.params
+            sample = dataclasses.replace(p, seed=None) if p.temperature > 0 else None  # the seed: in `draw`
             with torch.inference_mode():
                 t, pos = self._inputs(tokens, positions)
                 self.nfe += 1
-                return Picks(self, packed=self.model(t, pos, cache=self.cache, attn=attn, use_lora=use_lora,
-                                                     last_only=last_only, pick=self.mask_id))
-        return Picks(self, logits=self.forward(tokens, positions, attn, use_lora, last_only))
+                return Picks(self, pass_no, packed=self.model(
+                    t, pos, cache=self.cache, attn=attn, use_lora=use_lora, last_only=last_only, pick=self.mask_id,
+                    sample=sample, draw=self.sampler.key(pass_no) if sample is not None else None))
+        return Picks(self, pass_no, logits=self.forward(tokens, positions, attn, use_lora, last_only))
 
     @property
     def picks_in_pass(self) -> bool:
-        return self.sampler.params.temperature == 0 and getattr(self.model, "picks_in_pass", False)
+        """Greedy picks in every torch pass; sampled ones in compiled passes, where the random numbers'
+        ~70 integer ops fuse into the pass (eagerly they cost ~150 us a pass; the sampler makes them
+        on the host from the logits, the same numbers)."""
+        p = self.sampler.params
+        return (in_pass(p) and getattr(self.model, "picks_in_pass", False)
+                and (p.temperature == 0 or getattr(self.model, "compiled", False)))
 
     # -- the stream
     @property
@@ -233,22 +240,24 @@ class Decoder:
 
 
 class Picks:
-    """The picks of one pass, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of row
-    indices; None: every row), in the order given. Greedy picks made in the pass come to the host
-    once (`packed`: ids, confidences, finite); logits are picked by the sampler, only the rows asked
-    for and in that order, so a seeded sampler draws exactly as it would from those rows' logits
-    (rows drawn ahead on the device, `device_ids`, are those rows' picks when asked for)."""
+    """The picks of pass `pass_no`, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of
+    row indices; None: every row), in the order given. Picks made in the pass come to the host once
+    (`packed`: ids, confidences, finite); logits are picked by the sampler, only the rows asked for,
+    each with its own random number (`Sampler`): the same tokens either way (rows drawn ahead on the
+    device, `device_ids`, are those rows' picks when asked for)."""
 
-    def __init__(self, dec: Decoder, *, logits: torch.Tensor | None = None,
+    def __init__(self, dec: Decoder, pass_no: int, *, logits: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
-        self.dec, self.logits, self.packed = dec, logits, packed
+        self.dec, self.pass_no, self.logits, self.packed = dec, pass_no, logits, packed
         self.drawn: tuple[slice, torch.Tensor] | None = None  # rows the sampler drew ahead (`device_ids`)
         self.host: tuple[list[int], list[float]] | None = None
 
     def __call__(self, rows: slice | list[int] | None = None) -> tuple[list[int], list[float]]:
         if self.packed is None and (self.drawn is None or rows != self.drawn[0]):
             self.dec.syncs += 1
-            return self.dec.pick(self.logits if rows is None else self.logits[rows])
+            if rows is None:
+                return self.dec.sampler.pick(self.logits, self.pass_no)
+            return self.dec.sampler.pick(self.logits[rows], self.pass_no, self._rows(rows))
         if self.host is None:
             fetch(self)
         ids, conf = self.host
@@ -278,11 +287,14 @@ class Picks:
         (LinearSpec's verify pass takes the draft's). Picks made in the pass are sliced; from logits the
         sampler draws these rows now, as a host pick of them would, and `fetch` brings them over."""
         if self.packed is None:
-            ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows])
+            ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows], self.pass_no, self._rows(rows))
             self.drawn = rows, pack(ids, conf, finite)
             return ids
         return packed_ids(self.packed)[rows]
 
+    def _rows(self, rows: slice | list[int]) -> list[int]:
+        """The indices of `rows` in the pass (whose random numbers they draw)."""
+        return list(range(self.logits.shape[0])[rows]) if isinstance(rows, slice) else list(rows)
 
 def fetch(*picks: Picks) -> None:
     """Bring several passes' picks (made in the pass, or drawn ahead) to the host in one synchronization."""

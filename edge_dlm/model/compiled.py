@@ -137,12 +137,13 @@ class StepFunctions:
     def keys(self) -> set[tuple]:
         return set(self.fns)
 
-    def __call__(self, tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick=None):
-        args = (tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick)
+    def __call__(self, tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick=None,
+                 sample=None, draw=None):
+        args = (tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick, sample, draw)
         # the key: what a pass's graph depends on (`NLDModel.cached_pass`; the cache's dtype and device
         # follow the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)
         lora = self.model.encoder.layers[0].self_attn.o_lora is not None  # without a drafter use_lora is unread
-        key = (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, lora,
+        key = (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, sample, lora,
                torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads(),
                torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
                torch.is_autocast_enabled("cpu"))

@@ -21,7 +21,7 @@ from torch import nn
 
 from edge_dlm.primitives.attention import Attn
 from edge_dlm.primitives.cache import KVCache
-from edge_dlm.primitives.sampling import all_finite, pack, pack_cat, pack_first
+from edge_dlm.primitives.sampling import SamplingParams, all_finite, choose, pack, pack_cat, pack_first, uniforms
 from edge_dlm.model.config import NLDConfig, RopeConfig
 
 
@@ -151,7 +151,7 @@ class Encoder(nn.Module):
 class NLDModel(nn.Module):
     """`encoder.*` + `diffusion_head`, exactly the checkpoint's tensors."""
 
-    picks_in_pass = True  # cached passes can return greedy picks instead of logits (`forward(pick=)`)
+    picks_in_pass = True  # cached passes can return their picks instead of logits (`forward(pick=)`)
 
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
@@ -244,9 +244,11 @@ class NLDModel(nn.Module):
 
     def cached_pass(self, tokens: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
                     k_buf: torch.Tensor, v_buf: torch.Tensor, attn: Attn, window: int, use_lora: bool,
-                    last: torch.Tensor | None, pick: int | None = None):
+                    last: torch.Tensor | None, pick: int | None = None, sample: SamplingParams | None = None,
+                    draw: torch.Tensor | None = None):
         """One static-shape pass over a `KVCache`: logits `[T, V]` (`[1, V]` for the row `last`), or
-        with `pick` (the mask id) the greedy picks made inside the pass (`greedy`).
+        with `pick` (the mask id) the picks made inside the pass (`picks`: greedy, or with `sample` drawn
+        with the random numbers of the key `draw`).
 
         Everything varying is a device tensor: the committed `length` (0-d), the `positions`, the
         rows to keep; the K/V of the `T` new tokens go to slots `length + arange(T)` with an index
@@ -282,7 +284,7 @@ class NLDModel(nn.Module):
         if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
             h = h.index_select(0, last)
         logits = self.diffusion_head(h)
-        return logits if pick is None else greedy(logits, pick)
+        return logits if pick is None else picks(logits, pick, sample, draw)
 
     def kernel_pass(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: Attn,
                     use_lora: bool, last: torch.Tensor | None) -> torch.Tensor:
@@ -305,15 +307,16 @@ class NLDModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None, attn: Attn | None = None,
                 mask: torch.Tensor | None = None, use_lora: bool = False, last_only: bool = False,
-                pick: int | None = None):
+                pick: int | None = None, sample: SamplingParams | None = None, draw: torch.Tensor | None = None):
         """Logits `[N, T, V]` (`[N, 1, V]` with `last_only`: the head runs for the last position alone,
         as a prefill needs; at NLD's 131072-token vocabulary the head is most of a long prefill's work).
 
         With a `KVCache` (batch 1), the pass attends to the committed cache plus its own tokens under
         `attn` and leaves its K/V pending in the cache for the decoder to commit or drop; it runs as
         static-shape step functions (`cached_pass`, see `segments`). With `pick` (the mask id) it
-        returns the greedy picks made inside the pass instead of logits, packed into one float64 device
-        tensor (`greedy`). Otherwise see `hidden`.
+        returns the picks made inside the pass instead of logits, packed into one float64 device tensor
+        (`picks`: greedy, or with `sample` (its seed unset) drawn as `Sampler` would with the key `draw`,
+        `Sampler.key`). Otherwise see `hidden`.
         """
         if not isinstance(cache, KVCache):
             h = self.hidden(tokens, positions, cache=cache, mask=mask, use_lora=use_lora)
@@ -328,8 +331,10 @@ class NLDModel(nn.Module):
             for lo, hi, pattern, width in segments(attn, t):
                 # [T] -> [1, T] anew: a [1, T] slice keeps its parent's row stride, which a guard would see
                 # (a prefill's earlier chunks run the head for one row too, and drop it)
+                key = draw if draw is None or lo == 0 or last_only else draw + torch.tensor(
+                    [0, lo], device=draw.device)  # a row's random number: its row in the whole pass
                 out.append(self._segment(tokens[0, lo:hi][None], positions[0, lo:hi][None], cache, pattern, width,
-                                         use_lora, last_only, pick))
+                                         use_lora, last_only, pick, sample, key))
                 if hi < t:  # the next segment sees this one's K/V as cached
                     cache._set_length(start + hi)
         finally:
@@ -342,10 +347,10 @@ class NLDModel(nn.Module):
         return torch.cat(out)[None] if len(out) > 1 else out[0][None]
 
     def _segment(self, tokens, positions, cache: KVCache, attn: Attn, width: int, use_lora: bool,
-                 last_only: bool, pick: int | None):
+                 last_only: bool, pick: int | None, sample: SamplingParams | None, draw: torch.Tensor | None):
         """One step-function call: `tokens [1, n]` padded to `width` (causal passes only: a pad token
         sits after every real one, so no real token sees it; its K/V land in scratch and are never
-        committed) -> logits `[n, V]` (`[1, V]` with `last_only`), or with `pick` its greedy picks."""
+        committed) -> logits `[n, V]` (`[1, V]` with `last_only`), or with `pick` its picks."""
         n = tokens.shape[1]
         if width > n:
             pad = width - n
@@ -356,10 +361,10 @@ class NLDModel(nn.Module):
         window = cache.begin(width)
         if self.attn_kernel is not None:
             out = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
-            out = out if pick is None else greedy(out, pick, self.pick_kernel)
+            out = out if pick is None else picks(out, pick, sample, draw, self.pick_kernel)
         else:
             out = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
-                            use_lora, last, pick)
+                            use_lora, last, pick, sample, draw)
         if last_only:
             return out
         return out[:n] if pick is None else pack_first(out, n)
@@ -381,6 +386,16 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     bf16 / fp16 attention is ~10x slower than fp32 (one query over a 1024-token window: 6.1 vs 0.57 ms
     on a Zen 4 core; the cache then takes twice the memory of a bf16 one)."""
     return torch.float32 if device.type == "cpu" else dtype
+
+
+def picks(logits: torch.Tensor, mask_id: int, sample: SamplingParams | None, draw: torch.Tensor | None,
+          kernel=None) -> torch.Tensor:
+    """A pass's picks of `logits [R, V]`, packed (`sampling.pack`): greedy (`greedy`), or with `sample`
+    drawn by the sampler's own `choose`, row r with `uniforms(draw, r)`: what `Sampler.pick_tensor`
+    draws from these logits for the same pass, with no host synchronization (`sampling.in_pass`)."""
+    if sample is None:
+        return greedy(logits, mask_id, kernel)
+    return pack(*choose(logits, mask_id, sample, uniforms(draw, torch.arange(logits.shape[0], device=logits.device))))
 
 
 def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:

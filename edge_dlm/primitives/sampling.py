@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 
 import torch
 
@@ -36,7 +37,7 @@ class SamplingParams:
     def validate(self) -> None:
         """Ranges that keep every probability finite: a finite temperature up to `MAX_TEMPERATURE` (any
         positive one is safe: logits are shifted by their maximum before dividing), top-p in (0, 1] (the
-        most likely token always survives), a seed torch's generator takes."""
+        most likely token always survives), a 64-bit seed."""
         if not _number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise UserError(f"--temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {self.temperature!r}")
         if not _integer(self.top_k) or self.top_k < 0:
@@ -48,78 +49,155 @@ class SamplingParams:
 
 
 class Sampler:
-    """Applies `pick` row-wise; holds the random generator so a seed reproduces a whole run."""
+    """Applies `pick` row-wise. Its random numbers are a function of (seed, pass, row) (`uniforms`), not
+    a stream: a seed reproduces a whole run, a row's draw does not depend on which other rows of its
+    pass are picked or in what order, and a compiled pass that picks inside itself (`Decoder.run`)
+    draws exactly what this sampler would from the pass's logits."""
 
     def __init__(self, params: SamplingParams, mask_id: int, device: torch.device | str = "cpu") -> None:
         params.validate()
         self.params = params
         self.mask_id = mask_id
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed)
-            else:
-                self.generator.seed()
+        self.device = torch.device(device)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(64)
+        self.calls = 0  # picks asked for without a pass number each draw as a pass of their own
 
-    def pick(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    def key(self, pass_no: int) -> torch.Tensor:
+        """The device tensor a pass that draws inside itself reads (`uniforms`): the pass's hash of the
+        seed and its number, and the row its rows count from (0; a pass cut in segments adds to it)."""
+        return torch.tensor([pass_hash(self.seed, pass_no), 0], dtype=torch.long, device=self.device)
+
+    def pick(self, logits: torch.Tensor, pass_no: int | None = None,
+             rows: list[int] | None = None) -> tuple[list[int], list[float]]:
         """`logits [T, V]` -> (token ids, confidences), one per row, in one host transfer."""
-        ids, conf, finite = unpack(pack(*self.pick_tensor(logits)).tolist())
+        ids, conf, finite = unpack(pack(*self.pick_tensor(logits, pass_no, rows)).tolist())
         if not finite:
             raise nonfinite(logits.dtype)
         return ids, conf
 
-    def pick_tensor(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pick_tensor(self, logits: torch.Tensor, pass_no: int | None = None,
+                    rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids `[T]`, confidences `[T]`, whether every logit is finite) on the logits' device, with no
-        host synchronization (but `draw`'s for top-p alone): non-finite logits are drawn from as zeros
-        (a NaN never reaches the draw) and reported by the flag, for the caller to raise `nonfinite`."""
-        finite = all_finite(logits)
-        logits = torch.where(finite, logits.float(), 0.0)  # a copy: the mask below never edits the pass's
-        logits[..., self.mask_id] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
-        p = self.params
-        if p.temperature == 0:
-            tokens = torch.argmax(logits, dim=-1)  # first maximal index on ties
-        else:
-            # shifted by the maximum (<= 0), dividing by a tiny T cannot overflow; T below float32's
-            # smallest normal would round to 0 (0 / 0), and samples as greedily as that smallest one
-            t = max(p.temperature, torch.finfo(torch.float32).tiny)
-            tokens = self.draw((logits - logits.amax(dim=-1, keepdim=True)).div_(t))
-        return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1), finite
+        host synchronization (but `draw`'s for top-p alone): `choose` with this sampler's random
+        numbers for pass `pass_no`, the logits being its rows `rows` (default: 0 .. T-1), computed
+        here (`host_uniforms`: a few microseconds, where `uniforms`' tensor ops cost ~150 eagerly)."""
+        if pass_no is None:
+            pass_no, self.calls = (1 << 31) + self.calls, self.calls + 1
+        u = None
+        if self.params.temperature > 0:
+            h = pass_hash(self.seed, pass_no)
+            u = torch.tensor(host_uniforms(h, range(logits.shape[0]) if rows is None else rows),
+                             dtype=torch.float64, device=logits.device)[:, None]
+        return choose(logits, self.mask_id, self.params, u)
 
-    def draw(self, scaled: torch.Tensor) -> torch.Tensor:
-        """One token per row of tempered logits `scaled [R, V]` (maximum 0) from their softmax after
-        top-k / top-p filtering (`filtered_probs` is the reference), by inverse CDF: one uniform number
-        per row from the generator against the cumulative probabilities (float64) of the candidates.
 
-        The candidates are the top-k tokens (exactly k, in descending order); for top-p alone the top
-        256, else 4096, else all of them, whichever first holds the nucleus's mass in every row; the
-        whole vocabulary in its order when neither filter is on. Sorting a 131072-token vocabulary
-        per row cost ~9 ms on a CPU core, and torch's `multinomial` drew 131072 exponentials per row
-        (~2 ms). Growing the top-p candidates reads one flag from the device per size tried (no sync
-        with top-k set)."""
-        p, v = self.params, scaled.shape[-1]
-        top_k = p.top_k if 0 < p.top_k < v else 0
-        if not top_k and p.top_p == 1.0:
-            index, weights = None, torch.softmax(scaled, dim=-1)
-        else:
-            full = None if top_k else torch.softmax(scaled, dim=-1)  # top-p alone: the vocabulary's mass
-            k = top_k or min(v, 256)
-            while True:
-                values, index = torch.topk(scaled, k, dim=-1)  # sorted, descending
-                mass = None if top_k else full.gather(-1, index)
-                if top_k or k == v or bool((mass.sum(-1) >= p.top_p).all()):
-                    break
-                k = v if k >= 4096 else min(v, 16 * k)  # 256, 4096, all: a wide nucleus is a sort
-            weights = torch.softmax(values, dim=-1)  # renormalized over the candidates (top-k)
-            if p.top_p < 1.0:  # drop a token once the mass before it reaches p; the most likely stays
-                mass = weights if top_k else mass
-                drop = mass.cumsum(-1) - mass >= p.top_p
-                drop[..., 0] = False
-                weights = weights.masked_fill(drop, 0.0)
-        u = torch.rand(weights.shape[0], 1, generator=self.generator, device=weights.device, dtype=torch.float64)
-        j = inverse_cdf(weights, u)
-        return (j if index is None else index.gather(-1, j)).squeeze(-1)
+def in_pass(params: SamplingParams) -> bool:
+    """Whether a pass can make these picks inside itself: no host synchronization (top-p alone grows its
+    candidates by reading their mass, `draw`)."""
+    return params.temperature == 0 or params.top_k > 0 or params.top_p == 1.0
+
+
+def choose(logits: torch.Tensor, mask_id: int, params: SamplingParams,
+           u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding contract's pick per row of `logits [R, V]` -> (ids, confidences, all finite), on the
+    device: greedy at temperature 0, else drawn with the uniform numbers `u [R, 1]` (float64, `uniforms`).
+    Non-finite logits are drawn from as zeros (a NaN never reaches the draw) and reported by the flag,
+    for the caller to raise `nonfinite`."""
+    finite = all_finite(logits)
+    logits = torch.where(finite, logits.float(), 0.0)  # a copy: the mask below never edits the pass's
+    logits[..., mask_id] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)  # untempered: the confidence
+    if params.temperature == 0:
+        tokens = torch.argmax(logits, dim=-1)  # first maximal index on ties
+    else:
+        # shifted by the maximum (<= 0), dividing by a tiny T cannot overflow; T below float32's
+        # smallest normal would round to 0 (0 / 0), and samples as greedily as that smallest one
+        t = max(params.temperature, torch.finfo(torch.float32).tiny)
+        tokens = draw((logits - logits.amax(dim=-1, keepdim=True)).div_(t), params, u)
+    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1), finite
+
+
+def draw(scaled: torch.Tensor, p: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of tempered logits `scaled [R, V]` (maximum 0) from their softmax after
+    top-k / top-p filtering (`filtered_probs` is the reference), by inverse CDF: the row's uniform
+    number `u [R, 1]` against the cumulative probabilities (float64) of the candidates.
+
+    The candidates are the top-k tokens (exactly k, in descending order); for top-p alone the top
+    256, else 4096, else all of them, whichever first holds the nucleus's mass in every row; the
+    whole vocabulary in its order when neither filter is on. Sorting a 131072-token vocabulary
+    per row cost ~9 ms on a CPU core, and torch's `multinomial` drew 131072 exponentials per row
+    (~2 ms). Growing the top-p candidates reads one flag from the device per size tried (no sync
+    with top-k set); a row's token is the same whichever size held its nucleus."""
+    v = scaled.shape[-1]
+    top_k = p.top_k if 0 < p.top_k < v else 0
+    if not top_k and p.top_p == 1.0:
+        index, weights = None, torch.softmax(scaled, dim=-1)
+    else:
+        full = None if top_k else torch.softmax(scaled, dim=-1)  # top-p alone: the vocabulary's mass
+        k = top_k or min(v, 256)
+        while True:
+            values, index = torch.topk(scaled, k, dim=-1)  # sorted, descending
+            mass = None if top_k else full.gather(-1, index)
+            if top_k or k == v or bool((mass.sum(-1) >= p.top_p).all()):
+                break
+            k = v if k >= 4096 else min(v, 16 * k)  # 256, 4096, all: a wide nucleus is a sort
+        weights = torch.softmax(values, dim=-1)  # renormalized over the candidates (top-k)
+        if p.top_p < 1.0:  # drop a token once the mass before it reaches p; the most likely stays
+            mass = weights if top_k else mass
+            drop = mass.cumsum(-1) - mass >= p.top_p
+            drop[..., 0] = False
+            weights = weights.masked_fill(drop, 0.0)
+    j = inverse_cdf(weights, u)
+    return (j if index is None else index.gather(-1, j)).squeeze(-1)
+
+
+_M32 = 0xFFFFFFFF
+_C1, _C2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3's 32-bit finalizer: each input bit flips each output bit
+# with probability ~1/2. Twice here: on Python ints for the host (`fmix32`) and on int64 tensors for a pass
+# that draws inside itself (`_fmix`); `tests/test_sampling.py` holds them equal.
+
+
+def fmix32(x: int) -> int:
+    x = ((x ^ (x >> 16)) * _C1) & _M32
+    x = ((x ^ (x >> 13)) * _C2) & _M32
+    return x ^ (x >> 16)
+
+
+def pass_hash(seed: int, pass_no: int) -> int:
+    """A pass's 32-bit key: the seed's two halves and the pass number, hashed (on the host, once a pass)."""
+    return fmix32(seed & _M32 ^ fmix32((seed >> 32) ^ fmix32(pass_no & _M32)))
+
+
+def host_uniforms(h: int, rows) -> list[float]:
+    """`uniforms` on the host: row r's number in [0, 1) of the pass keyed `h`, from 53 hashed bits
+    (exact in float64, so both give the same bits)."""
+    out = []
+    for r in rows:
+        a, b = fmix32(h ^ fmix32(2 * r)), fmix32(h ^ fmix32(2 * r + 1))
+        out.append((((a >> 5) << 26) + (b >> 6)) * 2.0 ** -53)
+    return out
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """`x * c mod 2**32` for int64 `x` below 2**32, no product past 2**48 (int64 overflow is undefined
+    in the C++ a compiled pass becomes)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix(x: torch.Tensor) -> torch.Tensor:
+    x = _mul32(x ^ (x >> 16), _C1)
+    x = _mul32(x ^ (x >> 13), _C2)
+    return x ^ (x >> 16)
+
+
+def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A counter-based random number per row, in [0, 1): float64 `[R, 1]` for int64 `rows [R]` (their
+    indices in the pass, counted from `key[1]`) and `key[0]` the pass's `pass_hash` (`Sampler.key`):
+    `host_uniforms` in plain integer tensor ops, so a compiled pass draws them itself, on any device,
+    with no generator state to carry."""
+    r = (rows + key[1]) * 2
+    a, b = _fmix(key[0] ^ _fmix(r)), _fmix(key[0] ^ _fmix(r + 1))
+    return (((a >> 5) << 26) + (b >> 6)).double().mul_(2.0 ** -53)[:, None]
 
 
 CDF_CHUNK = 1024  # a vocabulary-wide draw: the chunk first (its sum), then the token within it
