@@ -8,7 +8,8 @@
 # Sections: the whole test suite on the GPU; the Triton attention and weight-only matmul kernels
 # against SDPA / bf16 GEMMs; `bench --shape 3b|8b` (eager vs CUDA-graph replay per pass width, the
 # read floor) in bf16 and int4 / int8 / nf4; the demo model's bench with the kernels on and off and with
-# compiled passes (CUDA graphs) on and off.
+# compiled passes (CUDA graphs) on and off; sampled picks (the sampler, and decoding sampled against
+# greedy, eager and compiled).
 set -u
 out=${1:?usage: scripts/gpu_report.sh OUTDIR [--quick]}
 quick=${2:-}
@@ -58,6 +59,8 @@ for c in on off; do
 done
 section "Sampled picks on a 131072-token vocabulary (Sampler vs the whole-vocabulary reference)" sampler.log \
     $py scripts/bench_sampler.py --device cuda --rounds 5
+section "Sampled vs greedy decoding, eager and compiled (CUDA graphs)" sampled_decode.log \
+    $py scripts/bench_sampled_decode.py --device cuda
 section "Demo model int4, --kernels on" demo_int4.log \
     $cli bench --device cuda --kernels on --quant int4 --modes ar linear-spec quadratic-spec --repeats 3
 echo "report: $report"
