@@ -118,3 +118,20 @@ def test_the_host_and_the_pass_make_the_same_random_numbers():
     assert float(((counts - 2000) ** 2 / 2000).sum()) < 100
     assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.02  # rows
     assert abs(float(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1])) < 0.02  # passes
+
+
+def test_a_pass_greedy_picks_are_the_samplers():
+    """`nld.greedy` (greedy picks inside a pass) and `choose` at temperature 0 (the sampler's): the same
+    ids (ties to the lowest id, the mask never), confidences and finite flag."""
+    from edge_dlm.model.nld import greedy
+    from edge_dlm.primitives.sampling import choose, pack
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=g)
+    logits[0, MASK] = 50.0  # the mask the largest: never picked
+    logits[1, [7, 9]] = 40.0  # a tie: the lower id
+    logits[2] = 0.0  # all equal
+    assert torch.equal(greedy(logits, MASK), pack(*choose(logits, MASK, SamplingParams(), None)))
+    bad = logits.clone()
+    bad[4, 5] = float("nan")
+    assert greedy(bad, MASK)[-1].item() == 0.0 == pack(*choose(bad, MASK, SamplingParams(), None))[-1].item()
