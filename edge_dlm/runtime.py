@@ -443,7 +443,10 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     `quant` quantizes the weights on load: "int8" / "int4" (group-wise, `group_size`), "nf4" or
     "llm-int8" (bitsandbytes); `calibrate` first rescales and clips int8 / int4 weights on the bundled
     prompts (edge_dlm.model.awq). A quantized artifact from `edge-dlm export` loads as it is.
-    `kernels`: "auto" uses the Triton kernels on CUDA when triton is installed, "on" insists, "off".
+    `kernels`: edge-dlm's own kernels (default $EDGE_DLM_KERNELS, else auto): the C matmuls and attention
+    on a CPU, the Triton kernels on CUDA; "auto" uses them where they run, "on" insists (a one-line
+    error where they cannot; on a CPU with TRITON_INTERPRET=1 it also interprets the Triton ones), "off"
+    runs the references.
     `threads`: torch's CPU threads (process-wide; default $EDGE_DLM_THREADS, else half the CPUs:
     `edge_dlm.primitives.machine.default_threads` says why).
     `compile`: run the torch engine's passes as compiled step functions (`edge_dlm.model.compiled`):
@@ -474,7 +477,8 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                         "engine instead (edge-dlm export CKPT -o OUT --target onnx --quant int4)")
     from edge_dlm import kernels as kmod
 
-    # compiled passes replace the eager kernels: --compile on turns --kernels auto off
+    kernels = kmod.choice(kernels)  # the flag, or $EDGE_DLM_KERNELS
+    # compiled passes replace the eager Triton kernels: --compile on turns --kernels auto off
     use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev) and not (compile == "on" and kernels == "auto")
     from edge_dlm.model import compiled as cmod
 
@@ -493,7 +497,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                               f"{net.config.vocab_size} embedding rows; the tokenizer does not belong to this model")
     if use_kernels:
         kmod.enable(net)
-    if engine_name == "torch" and dev.type == "cpu":
+    if engine_name == "torch" and dev.type == "cpu" and kmod.cpu_resolve(kernels):
         from edge_dlm.kernels import cpu_matmul
 
         from edge_dlm.model.quant import prepare_layouts
@@ -505,7 +509,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))
     if use_compile or (compile == "auto" and engine_name == "torch" and not use_kernels
                        and cmod.measured_faster(compiled_cache(), compiled_key(rt))):
-        cmod.enable(net, compiled_cache())
+        cmod.enable(net, compiled_cache(), background=True)  # no request waits for a compile
     return rt
 
 

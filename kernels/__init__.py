@@ -16,6 +16,37 @@ import torch
 from edge_dlm.primitives.errors import install_hint
 
 CHOICES = ("auto", "on", "off")
+ENV = "EDGE_DLM_KERNELS"  # the switch's environment form: what `--kernels auto` (the default) becomes
+
+
+def choice(value: str = "auto") -> str:
+    """`--kernels value`, or $EDGE_DLM_KERNELS where the flag is left at auto; one switch for all of
+    edge-dlm's own kernels: the C kernels on a CPU (`cpu_matmul`), the Triton ones on CUDA."""
+    from edge_dlm.primitives.errors import UserError
+
+    env = os.environ.get(ENV)
+    if value == "auto" and env:
+        value = env.strip().lower()
+        if value not in CHOICES:
+            raise UserError(f"{ENV}={env[:20]!r} not supported; known: {', '.join(CHOICES)}")
+    if value not in CHOICES:
+        raise UserError(f"--kernels {str(value)[:20]} not supported; known: {', '.join(CHOICES)}")
+    return value
+
+
+def cpu_resolve(value: str) -> bool:
+    """Whether a CPU model runs the C kernels (`cpu_matmul`): auto where they build here, on insists
+    (a one-line error where they cannot), off never."""
+    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.primitives.errors import UserError
+
+    if value == "off":
+        return False
+    ok = not cpu_matmul.available() and cpu_matmul.usable()
+    if value == "on" and not ok:
+        why = (cpu_matmul.available() or [cpu_matmul.failure() or "they did not build"])[0]
+        raise UserError(f"--kernels on, but the CPU kernels cannot run here: {why}; use --kernels auto or off")
+    return ok
 
 
 def status(device: torch.device | str) -> tuple[bool, list[str]]:
@@ -36,6 +67,8 @@ def resolve(choice: str, device: torch.device | str) -> bool:
     if choice not in CHOICES:
         raise UserError(f"--kernels {choice} not supported; known: {', '.join(CHOICES)}")
     ok, reasons = status(device)
+    if choice == "on" and torch.device(device).type == "cpu" and not ok:
+        return False  # on a CPU, `on` insists on the C kernels (`cpu_resolve`); Triton only interpreted
     if choice == "on" and not ok:
         raise UserError(f"--kernels on, but the kernels cannot run here: {'; '.join(reasons)}")
     if choice == "auto":  # never the (slow) interpreter unless asked for with "on"

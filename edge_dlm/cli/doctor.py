@@ -71,7 +71,9 @@ def compiled_report(device: str) -> str:
     if why:
         return f"not here: {why[0]}"
     return ("torch.compile can run here; --compile auto compiles a model once `edge-dlm calibrate` has compiled "
-            "and measured it faster on this machine")
+            f"and measured it faster on this machine; a process compiles at most {compiled.shape_limit()} pass shapes "
+            "per model, each in the background (new shapes run eagerly meanwhile, and for good past the bound or "
+            "after a failed compile; `serve` logs the count)")
 
 
 def cpu_kernels_report() -> str:
@@ -80,8 +82,12 @@ def cpu_kernels_report() -> str:
     why = cpu_matmul.available()
     if why:
         return f"not here ({why[0]}); the reference serves"
+    from edge_dlm import kernels
+
+    if kernels.choice() == "off":
+        return f"off ({kernels.ENV}=off); the reference serves"
     if not cpu_matmul.usable():
-        return "the C compiler here could not build them; the reference serves"
+        return f"the build failed: {cpu_matmul.failure()}; the reference serves"
     name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
     width = cpu_matmul.simd()
     bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"

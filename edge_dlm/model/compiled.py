@@ -24,10 +24,11 @@ import torch
 from edge_dlm.primitives.errors import UserError
 
 CHOICES = ("auto", "on", "off")
-# Distinct step shapes one process may build. One model in a chat builds a handful (modes x widths x
-# window buckets); dynamo's default (8 per function) would silently fall back to eager after that, and
-# every model in a process shares the one function (`cached_pass`), so the bound is generous.
-RECOMPILE_LIMIT = 1024
+# The most pass shapes one model compiles (`StepFunctions`); later new shapes run eagerly. The decoders
+# bound the shapes a model meets (`nld.segments` cuts every pass into a few widths, the cache comes in
+# buckets, `edge_dlm.primitives.cache`): a chat or a server over every mode, block size 1-16 and step
+# budget meets a few dozen (`tests/test_compiled_server.py` counts them). $EDGE_DLM_COMPILE_SHAPES sets it.
+MAX_SHAPES = 96
 # A float projection inside a compiled pass of at most this many rows is a multiply and a sum (see
 # `RowsLinear`); wider passes keep the GEMM
 REDUCE_ROWS = 4
@@ -76,33 +77,29 @@ def resolve(choice: str, device: torch.device | str, engine: str = "torch", kern
     return True
 
 
-def enable(model: torch.nn.Module, root: Path | None = None) -> None:
-    """Route `model`'s cached passes through compiled step functions (compiled lazily, per shape).
+def enable(model: torch.nn.Module, root: Path | None = None, background: bool = False) -> None:
+    """Route `model`'s cached passes through compiled step functions (compiled per shape, `StepFunctions`).
 
-    On the CPU: inductor's tuned kernels (`max-autotune-no-cudagraphs`) and its C++ wrapper (no Python
-    between kernels): on the demo model an AR step takes 0.28 ms that way against 0.39 ms with the
-    defaults and 0.76 ms eager (a 2-core EPYC, one thread). Frozen weights were faster
-    still but inductor does not cache frozen graphs: a second process compiled for 25 s and a new
-    window bucket for 85 s, so they stay off. Float32 projections of
-    narrow passes become inductor reductions (`RowsLinear`), and a pass shape's graph, once built, is
-    called without dynamo's guard check (`StepFunctions`). On CUDA: `reduce-overhead`, i.e. CUDA
-    graphs.
+    On the CPU: inductor's tuned kernels (`max_autotune`) and its C++ wrapper (no Python between
+    kernels): on the demo model an AR step takes 0.28 ms that way against 0.39 ms with the defaults
+    and 0.76 ms eager (a 2-core EPYC, one thread). Frozen weights were faster still but inductor does
+    not cache frozen graphs: a second process compiled for 25 s and a new window bucket for 85 s, so
+    they stay off. Float32 projections of narrow passes become inductor reductions (`RowsLinear`), and
+    a pass shape's graph, once built, is called without dynamo's guard check. On CUDA: CUDA graphs
+    (`reduce-overhead`). The settings travel with each compile (`options`), not through the global
+    config: torch's config is per thread, and a server decodes on its request threads.
+
+    `background`: a pass shape met for the first time runs eagerly while a thread compiles it (a
+    server, a chat, the Python API: no request waits for a compile); else it compiles there and then.
     """
     if root is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    import torch._dynamo
-    import torch._inductor.config as inductor
-
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    inductor.fx_graph_cache = True
     cuda = any(p.is_cuda for p in model.parameters())
     if cuda:
-        mode = "reduce-overhead"
+        settings = dict(mode="reduce-overhead")
     else:
-        inductor.cpp_wrapper = True
-        mode = "max-autotune-no-cudagraphs"
+        settings = dict(options={"max_autotune": True, "triton.cudagraphs": False, "cpp_wrapper": True,
+                                 "fx_graph_cache": True})
         head = getattr(model, "diffusion_head", None)  # its logits feed several reductions (`greedy`):
         for mod in model.modules():  # as a reduction inductor would recompute it for each one
             if type(mod) is torch.nn.Linear and mod is not head and mod.weight.dtype == torch.float32:
@@ -110,67 +107,174 @@ def enable(model: torch.nn.Module, root: Path | None = None) -> None:
     from edge_dlm.model.quant import prepare_layouts
 
     prepare_layouts(model)  # kernel layouts of quantized weights, built before the trace
-    fn = torch.compile(model.cached_pass, fullgraph=True, dynamic=False, mode=mode)
-    model.step = StepFunctions(model, fn, direct=not cuda)
+    model.step = StepFunctions(model, settings, direct=not cuda, background=background)
     model.compiled = True
 
 
+def shape_limit() -> int:
+    """`MAX_SHAPES`, or $EDGE_DLM_COMPILE_SHAPES (a bad value: the default, said once)."""
+    raw = os.environ.get("EDGE_DLM_COMPILE_SHAPES")
+    if raw is None:
+        return MAX_SHAPES
+    if raw.strip().isdigit():
+        return int(raw)
+    _log(f"EDGE_DLM_COMPILE_SHAPES={raw[:20]!r} is not a whole number; using {MAX_SHAPES}")
+    return MAX_SHAPES
+
+
+def _log(line: str) -> None:
+    import sys
+
+    print(f"edge-dlm: {line}", file=sys.stderr, flush=True)
+
+
 class StepFunctions:
-    """A model's compiled step functions: one graph per pass shape and bucket (`key`).
+    """A model's compiled step functions: one graph per pass shape and bucket (`key`), never a failed pass.
 
-    Through `torch.compile` alone, every pass first looks its graph up and evaluates all of dynamo's
-    guards for it (each weight's dtype, shape and strides, the pattern's fields, ...): 30-60 us per
-    call on the CPU, a fifth of a demo-model AR step. But a pass's graph is named by its key, and that
-    is all that tells the graphs apart. So on the CPU the first pass of a key runs through
-    `torch.compile` (compiling, or loading from inductor's caches), and later ones call the code dynamo
-    built for it directly (`direct`), its guards checked once: the key holds everything they read that
-    can change while a model runs (the shapes, the pattern, the global modes and the thread count); the
-    weights are the model's own and are not swapped under a compiled model (`disable` first). On CUDA
-    every pass runs through `torch.compile`: its CUDA graphs (`reduce-overhead`) are managed by its own
-    runtime, and a guard check is small beside a GPU pass."""
+    Each key compiles its own copy of `cached_pass` (a fresh code object): dynamo keeps its graphs per
+    code object and gives up on one after 8 (`recompile_limit`, an error under `fullgraph`), so one
+    shared function failed every pass once a server had met 8 shapes. One graph per function never
+    meets that limit, and no limit is raised. At most `shape_limit()` keys compile; later new keys
+    run eagerly (one log line). Whatever compiling or a compiled call raises (dynamo, inductor, the C++
+    compiler, a full disk under the cache), that key runs eagerly for the life of the process, with one
+    log line: the eager pass is the same function uncompiled, held equal to the compiled one by the
+    tests, and a pass writes only its own pending K/V slots, so running it again is safe.
 
-    def __init__(self, model: torch.nn.Module, fn, direct: bool) -> None:
-        self.model, self.fn, self.direct = model, fn, direct
-        self.fns: dict[tuple, object] = {}
+    Through `torch.compile` alone, every pass first evaluates all of dynamo's guards (each weight's
+    dtype, shape and strides, the pattern's fields, ...): 30-60 us per call on the CPU, a fifth of a
+    demo-model AR step. But a pass's graph is named by its key, and that is all that tells the graphs
+    apart. So on the CPU a key's graph, once built, is called directly (`direct`), its guards checked
+    once: the key holds everything they read that can change while a model runs (the shapes, the
+    pattern, the global modes and the thread count); the weights are the model's own and are not
+    swapped under a compiled model (`disable` first). On CUDA every pass runs through `torch.compile`:
+    its CUDA graphs are managed by its own runtime, and a guard check is small beside a GPU pass.
+
+    With `background`, a new key's first passes run eagerly while a daemon thread compiles it on
+    scratch copies of the pass's inputs (a cache of the same shape: the real one is the request's)."""
+
+    def __init__(self, model: torch.nn.Module, settings: dict, direct: bool, background: bool = False) -> None:
+        self.model, self.settings, self.direct, self.background = model, settings, direct, background
+        self.fns: dict[tuple, object] = {}  # key -> its compiled function
+        self.eager: dict[tuple, str] = {}  # key -> why it runs eagerly
+        self.pending: dict[tuple, threading.Thread] = {}
+        self.limit = shape_limit()
+        self._said_limit = False
 
     @property
     def keys(self) -> set[tuple]:
         return set(self.fns)
 
+    def summary(self) -> str:
+        """What the server log and doctor say: how many shapes are compiled, compiling, eager."""
+        failed = sum(1 for why in self.eager.values() if why != "limit")
+        return (f"{len(self.fns)} pass shapes compiled, {len(self.pending)} compiling, "
+                f"{len(self.eager) - failed} eager past the {self.limit}-shape bound, {failed} eager after a failed compile")
+
+    def key(self, tokens, k_buf, attn, window, use_lora, last, pick, sample) -> tuple:
+        """What a pass's graph depends on (`NLDModel.cached_pass`; the cache's dtype and device follow
+        the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)."""
+        lora = self.model.encoder.layers[0].self_attn.o_lora is not None  # without a drafter use_lora is unread
+        return (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, sample, lora,
+                torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads(),
+                torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_autocast_enabled("cpu"))
+
     def __call__(self, tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick=None,
                  sample=None, draw=None):
         args = (tokens, positions, length, k_buf, v_buf, attn, window, use_lora, last, pick, sample, draw)
-        # the key: what a pass's graph depends on (`NLDModel.cached_pass`; the cache's dtype and device
-        # follow the model's, `new_cache`) and the global state dynamo guards (threads, grad modes, ...)
-        lora = self.model.encoder.layers[0].self_attn.o_lora is not None  # without a drafter use_lora is unread
-        key = (tokens.shape, k_buf.shape, attn, window, bool(use_lora) and lora, last is None, pick, sample, lora,
-               torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads(),
-               torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
-               torch.is_autocast_enabled("cpu"))
+        key = self.key(tokens, k_buf, attn, window, use_lora, last, pick, sample)
         fn = self.fns.get(key)
         if fn is not None:
-            return fn(*args)
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 (whatever a compiled call raises: that key runs eagerly)
+                self._give_up(key, exc)
+                return self.model.cached_pass(*args)
+        if key in self.eager or key in self.pending:
+            return self.model.cached_pass(*args)
+        if len(self.fns) + len(self.pending) >= self.limit:
+            self.eager[key] = "limit"
+            if not self._said_limit:
+                self._said_limit = True
+                _log(f"compiled {self.limit} pass shapes (the bound, $EDGE_DLM_COMPILE_SHAPES); new shapes run eagerly")
+            return self.model.cached_pass(*args)
+        if self.background:
+            self._compile_later(key, args)
+            return self.model.cached_pass(*args)
         with _BUILDING:
-            out = self.fn(*args)
-            self.fns[key] = (direct(self.model, args) if self.direct else None) or self.fn
+            try:
+                out = self._build(key, args)
+            except Exception as exc:  # noqa: BLE001 (dynamo, inductor, the C++ compiler, the disk: eager)
+                self._give_up(key, exc)
+                return self.model.cached_pass(*args)
         return out
 
+    def _build(self, key: tuple, args: tuple):
+        """Compile `key`'s own copy of the pass and run it on `args`; keep it for the key."""
+        fn = _own_pass(self.model)
+        compiled_fn = torch.compile(fn, fullgraph=True, dynamic=False, **self.settings)
+        out = compiled_fn(*args)
+        self.fns[key] = (direct(self.model, fn, args) if self.direct else None) or compiled_fn
+        return out
 
-def direct(model: torch.nn.Module, args: tuple):
-    """The code dynamo built for `model.cached_pass(*args)` (run once through `torch.compile`), as a
-    function to call without its guard check: dynamo's cache entry whose guards accept these inputs.
-    None where this torch keeps its entries otherwise (then passes stay guarded)."""
+    def _give_up(self, key: tuple, exc: BaseException) -> None:
+        self.fns.pop(key, None)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        self.eager[key] = f"{type(exc).__name__}: {first}"
+        _log(f"compiling a pass shape failed ({type(exc).__name__}: {first}); that shape runs eagerly from now on")
+
+    def _compile_later(self, key: tuple, args: tuple) -> None:
+        scratch = tuple(_scratch(a) for a in args)
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+
+        def work() -> None:
+            try:
+                with _BUILDING, torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
+                    self._build(key, scratch)
+            except Exception as exc:  # noqa: BLE001 (as in __call__: the key runs eagerly)
+                self._give_up(key, exc)
+            finally:
+                self.pending.pop(key, None)
+
+        thread = threading.Thread(target=work, name="edge-dlm-compile", daemon=True)
+        self.pending[key] = thread
+        thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the background compiles in flight (calibration, tests)."""
+        for thread in list(self.pending.values()):
+            thread.join(timeout)
+
+
+def _scratch(a):
+    """A pass input for a background compile: tensors copied (the cache as zeros of its shape)."""
+    return torch.zeros_like(a) if torch.is_tensor(a) and a.dim() >= 4 else a.clone() if torch.is_tensor(a) else a
+
+
+def _own_pass(model: torch.nn.Module):
+    """`model.cached_pass` as a function of its own: the same code in a new code object, so dynamo keeps
+    this function's one graph apart from every other key's."""
+    import types
+
+    f = type(model).cached_pass
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(own, model)
+
+
+def direct(model: torch.nn.Module, fn, args: tuple):
+    """The code dynamo built for `fn(*args)` (`fn`: `_own_pass(model)`, run once through
+    `torch.compile`), as a function to call without its guard check. None where this torch keeps its
+    entries otherwise (then passes stay guarded)."""
     import types
 
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        fn = type(model).cached_pass
-        code = fn.__code__
+        code = fn.__func__.__code__
         f_locals = dict(zip(code.co_varnames[:code.co_argcount], (model, *args)))
         for entry in _debug_get_cache_entry_list(code):
             if not entry.code.co_freevars and entry.guard_manager.check(f_locals):
-                return functools.partial(types.FunctionType(entry.code, fn.__globals__), model)
+                return functools.partial(types.FunctionType(entry.code, fn.__func__.__globals__), model)
     except (ImportError, AttributeError, TypeError, RuntimeError):
         pass
     return None

@@ -143,6 +143,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
 
     ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
     meter, supply = EnergyMeter(str(rt.device)), PowerSupply()
+    shapes_said = [""]  # the last compiled-shapes line the log got
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "edge-dlm"
@@ -294,6 +295,14 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                     self.respond(kind, req, first, events, cancel, timed_out)
                 finally:
                     timer.cancel()
+                    self.log_shapes()
+
+        def log_shapes(self) -> None:
+            """One line when the compiled pass shapes changed (`StepFunctions.summary`)."""
+            summary = getattr(getattr(rt.model, "step", None), "summary", None)
+            if summary is not None and (line := summary()) != shapes_said[0]:
+                shapes_said[0] = line
+                print(f"compiled passes: {line}", file=sys.stderr)
 
         def watched(self, first, events, cancel):
             """The request's events; a client that left cancels it (the runtime stops after this pass).

@@ -5,6 +5,7 @@ portable build (no AVX-512) agreeing, and the lossless modes still emitting AR's
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 
 import pytest
@@ -449,3 +450,64 @@ def test_fused_projections_are_the_modules_alone(tiny_model, weights, tmp_path):
         assert all(torch.equal(saved[k], a[k]) for k in a)
     fast.float()
     assert at.fused is None and fast.encoder.layers[0].mlp.fused is None
+
+
+def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
+    """A kernel library cut short or overwritten with junk is never loaded (a cut one would end the
+    process with SIGBUS): it is moved aside with one line and rebuilt; a failed build raises the
+    compiler's message; a folder that cannot be written builds into a temporary one."""
+    if cpu_matmul.available():
+        pytest.skip("no C compiler (cc) on this machine: nothing to build")
+    out = tmp_path / "k.so"
+
+    def compile_into(path):
+        return cpu_matmul._compile(cpu_matmul.SOURCE, ".c", path,
+                                   lambda src, so: ["cc", *cpu_matmul.FLAGS, src, "-o", so, "-lm"])
+
+    compile_into(out)  # not loaded here: a library this process maps must not be cut under it
+    assert (tmp_path / "k.so.sha256").exists()
+    good = out.read_bytes()
+    for damage in (good[:len(good) // 3], b"junk" * 100, b""):
+        out.write_bytes(damage)
+        capfd.readouterr()
+        assert compile_into(out) == out and cpu_matmul._intact(out) and len(out.read_bytes()) == len(good)
+        err = capfd.readouterr().err
+        assert err.count("set aside") == 1 and (tmp_path / "k.so.bad").exists()
+    assert cpu_matmul.build(out).x16_simd() >= 0  # the rebuilt library loads
+    with pytest.raises(cpu_matmul.BuildError, match="error"):
+        cpu_matmul._compile("this is not C", ".c", tmp_path / "bad.so",
+                            lambda src, so: ["cc", "-shared", src, "-o", so])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a read-only folder is writable")
+        path = cpu_matmul._compile(cpu_matmul.SOURCE, ".c", ro / "k.so",
+                                   lambda src, so: ["cc", *cpu_matmul.FLAGS, src, "-o", so, "-lm"])
+        assert path.exists() and path.parent != ro and "cannot write the kernel cache" in capfd.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_the_kernels_switch(monkeypatch, tiny_ckpt):
+    """One switch: `--kernels off` / $EDGE_DLM_KERNELS=off load a CPU model without the C kernels
+    (the reference serves, the same tokens for a float32 model); a bad value is a one-line error."""
+    import edge_dlm
+    from edge_dlm import kernels
+    from edge_dlm.primitives.errors import UserError
+
+    monkeypatch.setenv(kernels.ENV, "off")
+    assert kernels.choice() == "off" and kernels.choice("on") == "on"
+    off = edge_dlm.load(tiny_ckpt, device="cpu")
+    assert off.model.narrow_attention is None
+    monkeypatch.setenv(kernels.ENV, "sideways")
+    with pytest.raises(UserError, match="EDGE_DLM_KERNELS"):
+        kernels.choice()
+    monkeypatch.delenv(kernels.ENV)
+    if not cpu_matmul.available():
+        on = edge_dlm.load(tiny_ckpt, device="cpu", kernels="on")
+        assert on.model.narrow_attention is not None
+        for mode in ("ar", "linear-spec"):
+            assert on.generate("hello", mode=mode, max_new_tokens=12).output_ids == \
+                off.generate("hello", mode=mode, max_new_tokens=12).output_ids
