@@ -17,7 +17,7 @@ endif
 # user cache when it measures faster (the demo model: ~2x).
 ONNX_PINS ?= onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2
 TEST_PINS ?= triton==3.7.1 $(ONNX_PINS) bitsandbytes==0.50.2 tensorrt-rtx-cu13==1.7.1.116 \
-	compressed-tensors==0.20.0 import-linter==2.17
+	compressed-tensors==0.20.0 import-linter==2.17 llguidance==1.9.1 openai==3.60.0 ollama==0.6.3 jsonschema==4.26.0
 VENV := .venv
 TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
 CHAT_STAMP := $(VENV)/.chat-$(TAG)
@@ -37,12 +37,12 @@ endef
 
 $(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(install_torch)
-	$(PIP) -e '.[tui,onnx]' $(ONNX_PINS)
+	$(PIP) -e '.[tui,onnx,structured]' $(ONNX_PINS) llguidance==1.9.1
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(install_torch)
-	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx]' $(TEST_PINS)
+	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx,structured]' $(TEST_PINS)
 	touch $@
 
 chat: $(CHAT_STAMP)

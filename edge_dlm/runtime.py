@@ -166,12 +166,46 @@ class Runtime:
         return self.tokenizer.encode_prompt(prompt, raw=raw)
 
     def options(self, **kw) -> GenerationOptions:
-        """`GenerationOptions` from keyword arguments (`temperature`, `top_k`, `top_p`, `seed` included)."""
+        """`GenerationOptions` from keyword arguments: the fields themselves, and `temperature`, `top_k`,
+        `top_p`, `seed`; `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
+        `logit_bias` ({token id: bias}); a constraint: `json_schema` (a dict or its JSON text),
+        `json=True` (any JSON object), `regex`, or `grammar` (Lark)."""
+        from edge_dlm.decoding.controls import Constraint, Penalties
+
         sampling = SamplingParams(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
                                      if k in kw and kw[k] is not None})
+        pen = {"repeat": kw.pop("repeat_penalty", None), "last_n": kw.pop("repeat_last_n", None),
+               "frequency": kw.pop("frequency_penalty", None), "presence": kw.pop("presence_penalty", None)}
+        bias = kw.pop("logit_bias", None)
+        if bias:
+            try:
+                pen["bias"] = tuple(sorted((int(t), float(b)) for t, b in dict(bias).items()))
+            except (TypeError, ValueError):
+                raise UserError("logit_bias must map token ids to numbers") from None
+        penalties = Penalties(**{k: v for k, v in pen.items() if v is not None})
+        penalties.validate(self.config.vocab_size)
+        kinds = {"json_schema": kw.pop("json_schema", None), "regex": kw.pop("regex", None),
+                 "lark": kw.pop("grammar", None), "json": kw.pop("json", None) or None}
+        given = [(k, v) for k, v in kinds.items() if v is not None]
+        if len(given) > 1:
+            raise UserError(f"one constraint per request; got {' and '.join(k for k, _ in given)}")
+        if given and kw.get("constraint") is None:
+            kind, v = given[0]
+            if kind == "json_schema" and not isinstance(v, str):
+                import json as _json
+
+                v = _json.dumps(v)
+            kw["constraint"] = Constraint(kind, "" if kind == "json" else v)
+        if isinstance(kw.get("stop"), (str, list)):
+            kw["stop"] = tuple([kw["stop"]] if isinstance(kw["stop"], str) else kw["stop"])
         kw = {k: v for k, v in kw.items() if v is not None}
-        return GenerationOptions(sampling=sampling, **kw).resolve(self.config.block_size,
-                                                                  self.config.max_position_embeddings)
+        opts = GenerationOptions(sampling=sampling, penalties=penalties, **kw).resolve(
+            self.config.block_size, self.config.max_position_embeddings)
+        if opts.constraint is not None:  # a bad grammar is refused before the request's turn
+            from edge_dlm.decoding.controls import matcher
+
+            matcher(opts.constraint, self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
+        return opts
 
     def prepare(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
                 **kw) -> tuple[list[int], GenerationOptions]:
@@ -203,29 +237,39 @@ class Runtime:
 
     def _run(self, ids: list[int], opts: GenerationOptions,
              cancel: threading.Event | None) -> Iterator[StreamEvent]:
+        from edge_dlm.decoding.controls import StopFilter
+
         capacity = len(ids) + opts.max_new_tokens + opts.scratch_tokens()
-        dec = Decoder(self.model, opts, self._new_cache(capacity))
+        dec = Decoder(self.model, opts, self._new_cache(capacity), prompt=ids, tokenizer=self.tokenizer)
         detok = StreamDetokenizer(self.tokenizer)
+        stops = StopFilter(opts.stop)  # the text never holds a stop sequence; a stream holds back only
+        shown: list[str] = []  # the tail that could still become one
         start = time.perf_counter()
         try:
             for event in mode_fn(opts.mode)(dec, ids):
                 yield event
                 if isinstance(event, Emit) and event.ids:
-                    delta = detok.push(event.ids)
+                    delta = stops.push(detok.push(event.ids))
                     if delta:
+                        shown.append(delta)
                         yield Text(delta)
+                    if stops.stopped:
+                        dec.finish_reason = "stop"
+                        break
                 if cancel is not None and cancel.is_set():
                     dec.finish_reason = dec.finish_reason or "cancelled"
                     break
         except Exception:
             self._cache = None  # a failed pass (overflowing weights) may have left NaN in its scratch
             raise
-        tail = detok.flush()
+        tail = stops.push(detok.flush()) if not stops.stopped else ""
+        tail += stops.flush()
         if tail:
+            shown.append(tail)
             yield Text(tail)
         elapsed = time.perf_counter() - start
         yield Done(Result(
-            text=self.tokenizer.decode(dec.output_ids), prompt_ids=ids, output_ids=dec.output_ids,
+            text="".join(shown), prompt_ids=ids, output_ids=dec.output_ids, logprobs=dec.logprobs,
             finish_reason=dec.finish_reason or "length", mode=opts.mode, nfe=dec.nfe,
             tpf=dec.stream_len / max(dec.nfe, 1), elapsed_s=elapsed,
             tokens_per_s=dec.stream_len / elapsed if elapsed > 0 else 0.0,

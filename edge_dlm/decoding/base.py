@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from edge_dlm.decoding.controls import Constraint, Penalties, Rules, check_stops, MAX_LOGPROBS
 from edge_dlm.primitives.attention import CAUSAL, Attn
 from edge_dlm.primitives.cache import KVCache
 from edge_dlm.primitives.errors import UserError
@@ -33,6 +34,12 @@ class GenerationOptions:
     threshold: float = 0.9
     sampling: SamplingParams = SamplingParams()
     use_lora: bool = True
+    stop: tuple[str, ...] = ()  # stop sequences: the text ends before the first one (`controls.StopFilter`)
+    min_tokens: int = 0  # EOS is not picked before this many tokens
+    ignore_eos: bool = False  # never EOS (benchmarks: exactly max_new_tokens)
+    penalties: Penalties = Penalties()
+    logprobs: int | None = None  # None: off; N: each emitted token's logprob and the top N
+    constraint: Constraint | None = None  # JSON / JSON schema / regex / Lark the output must match
 
     def resolve(self, default_block: int, context: int | None = None) -> "GenerationOptions":
         """Fill defaults from the checkpoint and validate; raises `UserError` with the flag to fix."""
@@ -58,7 +65,13 @@ class GenerationOptions:
         if not isinstance(self.use_lora, bool):
             raise UserError(f"use_lora must be true or false, got {self.use_lora!r}")
         self.sampling.validate()
-        return dataclasses.replace(self, block_size=b, steps=s)
+        self.penalties.validate()
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise UserError(f"--min-tokens must be an integer >= 0, got {str(self.min_tokens)[:40]}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UserError(f"--logprobs must be an integer in 0..{MAX_LOGPROBS}, got {str(self.logprobs)[:40]}")
+        return dataclasses.replace(self, block_size=b, steps=s, stop=check_stops(self.stop))
 
     def scratch_tokens(self) -> int:
         """The most tokens one pass of this mode writes beyond the committed cache."""
@@ -93,6 +106,7 @@ class Emit:
 
     ids: list[int]
     nfe: int
+    logprobs: list[dict] | None = None  # with `logprobs`: per id, {"id", "logprob", "top": [(id, logprob)]}
 
 
 @dataclasses.dataclass
@@ -110,11 +124,13 @@ class Result:
     tokens_per_s: float
     mean_accepted: float | None = None
     ttft_s: float | None = None
+    logprobs: list[dict] | None = None  # per output id, with `logprobs` (see `Emit`)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["mean_accepted"] is None:
-            d.pop("mean_accepted")
+        for key in ("mean_accepted", "logprobs"):
+            if d[key] is None:
+                d.pop(key)
         return d
 
 
@@ -131,7 +147,8 @@ Event = Union[Canvas, Draft, Emit, Done]
 class Decoder:
     """State of one generation: model passes (counted as NFE), picks, and the emitted stream."""
 
-    def __init__(self, model: torch.nn.Module, opts: GenerationOptions, cache: KVCache) -> None:
+    def __init__(self, model: torch.nn.Module, opts: GenerationOptions, cache: KVCache,
+                 prompt: list[int] | None = None, tokenizer=None) -> None:
         cfg = model.config
         self.model = model
         self.opts = opts
@@ -149,6 +166,9 @@ class Decoder:
         self.cycles = 0
         self.cycle_tokens = 0
         self.first_token_time: float | None = None
+        self.logprobs: list[dict] | None = [] if opts.logprobs is not None else None
+        # penalties, a grammar, EOS rules or logprobs: picks made from the logits, row by row (`controls`)
+        self.rules = Rules(self, list(prompt or []), tokenizer) if Rules.needed(opts) else None
 
     # -- steps
     def forward(self, tokens: list[int] | torch.Tensor, positions: int | list[int], attn: Attn,
@@ -199,7 +219,7 @@ class Decoder:
         ~70 integer ops fuse into the pass (eagerly they cost ~150 us a pass; the sampler makes them
         on the host from the logits, the same numbers)."""
         p = self.sampler.params
-        return (in_pass(p) and getattr(self.model, "picks_in_pass", False)
+        return (self.rules is None and in_pass(p) and getattr(self.model, "picks_in_pass", False)
                 and (p.temperature == 0 or getattr(self.model, "compiled", False)))
 
     # -- the stream
@@ -224,8 +244,14 @@ class Decoder:
             self.finish_reason = "length"
         ids = kept[:-1] if self.finish_reason == "stop" else kept
         assert self.mask_id not in ids, "the mask token must never be emitted"
+        lp = None
+        if self.rules is not None:
+            lp = self.rules.take_logprobs(self.stream_len - len(kept), len(ids))
+            self.rules.accept(ids)
+            if lp is not None:
+                self.logprobs.extend(lp)
         self.output_ids.extend(ids)
-        return Emit(ids, self.nfe)
+        return Emit(ids, self.nfe, lp)
 
     def cycle(self, emitted: int) -> None:
         """Count one speculative cycle that emitted `emitted` tokens (for `mean_accepted`)."""
@@ -253,6 +279,8 @@ class Picks:
         self.host: tuple[list[int], list[float]] | None = None
 
     def __call__(self, rows: slice | list[int] | None = None) -> tuple[list[int], list[float]]:
+        if self.dec.rules is not None:  # each row for its context: nothing ahead of the stream
+            return self.chain(rows, [], each=True)
         if self.packed is None and (self.drawn is None or rows != self.drawn[0]):
             self.dec.syncs += 1
             if rows is None:
@@ -291,6 +319,25 @@ class Picks:
             self.drawn = rows, pack(ids, conf, finite)
             return ids
         return packed_ids(self.packed)[rows]
+
+    def chain(self, rows: slice | list[int] | None, prefix: list[int],
+              each: bool = False) -> tuple[list[int], list[float]]:
+        """Drafted rows, in order: row i sees `prefix` and the picks of the rows before it (with
+        `each`, `prefix` alone). Without rules, the plain picks."""
+        if self.dec.rules is None:
+            return self(rows)
+        idx = self._rows(rows if rows is not None else slice(None))
+        if each:
+            out = [self.dec.rules.chain(self, [r], prefix) for r in idx]
+            return [i for o in out for i in o[0]], [c for o in out for c in o[1]]
+        return self.dec.rules.chain(self, idx, prefix)
+
+    def verify(self, rows: slice | list[int], prefix: list[int], drafted: list[int]) -> tuple[list[int], list[float]]:
+        """Verifying rows: row i sees `prefix + drafted[:i]` (rows past the first rejected draft are
+        not used). Without rules, the plain picks."""
+        if self.dec.rules is None:
+            return self(rows)
+        return self.dec.rules.verify(self, self._rows(rows), prefix, drafted)
 
     def _rows(self, rows: slice | list[int]) -> list[int]:
         """The indices of `rows` in the pass (whose random numbers they draw)."""

@@ -43,8 +43,17 @@ def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: 
     dec.cache.commit(0)  # no-write: drop this pass's K/V
     if masked is None:
         masked = [j for j, tok in enumerate(canvas) if tok == dec.mask_id]
-    picks, conf = pass_picks(masked)
     k = math.ceil(len(masked) / (steps - step))
+    if dec.rules is not None and dec.rules.matcher is not None:
+        return _ordered(dec, pass_picks, canvas, masked, k, threshold, record)
+    if dec.rules is not None:  # penalties / logprobs: each position for the block's tokens before it
+        picks, conf = [], []
+        for j in masked:
+            tok, c = dec.rules.pick_row(pass_picks, j, canvas[:j])
+            picks.append(tok)
+            conf.append(c)
+    else:
+        picks, conf = pass_picks(masked)
     order = sorted(range(len(masked)), key=lambda i: (-conf[i], masked[i]))
     chosen = set(order[:k]) | {i for i, c in enumerate(conf) if c >= threshold}
     for i in chosen:
@@ -72,3 +81,29 @@ def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:
         picks = dec.run(canvas, start, CAUSAL, last_only=True)  # commit pass
         dec.cache.commit(b)
         seed = picks()[0][0]
+
+
+def _ordered(dec: Decoder, pass_picks, canvas: list[int], masked: list[int], k: int, threshold: float,
+             record: dict[int, float] | None) -> list[int]:
+    """A denoising step under a grammar: only a grammar-valid token is ever committed, so positions
+    are committed left to right, each the masked pick given the block's tokens before it: the `k`
+    leftmost masked positions (the contract's count, so the step budget holds), then more while their
+    confidence reaches `threshold`. An EOS ends the block's filling."""
+    rules, m = dec.rules, dec.rules.matcher.deep_copy()  # the stream's state, advanced along the block
+    first = masked[0]
+    filled = []
+    if first and not m.consume_tokens(canvas[:first]):
+        return filled
+    for n, j in enumerate(masked):
+        if j != first + n:  # a position after an unfilled one (infill spans): not this step's
+            break
+        tok, c = rules.pick_row(pass_picks, j, canvas[:j], m)
+        if n >= k and c < threshold:
+            break
+        canvas[j] = tok
+        filled.append(j)
+        if record is not None:
+            record[j] = c
+        if tok == dec.eos_id or not m.consume_token(tok):
+            break
+    return filled

@@ -27,6 +27,10 @@ def cycle(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int
     A seeded sampler draws the draft's rows, then the verify pass's, as host picks would."""
     draft = dec.run([seed] + [dec.mask_id] * (dec.block - 1), start, BLOCK, use_lora=dec.opts.use_lora)
     dec.cache.commit(0)  # no-write
+    if dec.rules is not None:  # penalties / a grammar: drafts and verify rows picked for their contexts
+        drafted = draft.chain(slice(1, None), [])[0] if dec.block > 1 else []
+        ar = dec.run([seed] + drafted, start, CAUSAL).verify(slice(None), [], drafted)[0]
+        return drafted, accept(dec, drafted, ar), ar
     seed_t = torch.tensor([seed], device=dec.device)
     ahead = draft.device_ids(slice(1, None)) if dec.block > 1 else seed_t[:0]
     verify = dec.run(torch.cat([seed_t, ahead]), start, CAUSAL)
@@ -34,11 +38,16 @@ def cycle(dec: Decoder, seed: int, start: int) -> tuple[list[int], int, list[int
     fetch(draft, verify)  # the cycle's one synchronization
     drafted = draft(slice(1, None))[0] if dec.block > 1 else []
     ar = verify(slice(None))[0]
+    return drafted, accept(dec, drafted, ar), ar
+
+
+def accept(dec: Decoder, drafted: list[int], ar: list[int]) -> int:
+    """The accepted prefix m (a[i] == d[i+1] for i < m); keeps the cache up to seed + d1..dm."""
     m = 0
     while m < len(drafted) and ar[m] == drafted[m]:
         m += 1
     dec.cache.commit(m + 1)  # seed + d1..dm: the cache AR would hold
-    return drafted, m, ar
+    return m
 
 
 def generate(dec: Decoder, prompt_ids: list[int]) -> Iterator[Event]:

@@ -26,6 +26,9 @@ def first_pass(dec: Decoder, prompt_ids: list[int]) -> list[int]:
     b, p, start = dec.block, len(prompt_ids), dec.cache.length
     passed = dec.run(prompt_ids + [dec.mask_id] * b, start, Attn("quad_first", block=b, prefix=p))
     dec.cache.commit(p)  # keep the prompt's K/V only
+    if dec.rules is not None:  # d[0] for its context, then the drafts in order after it
+        d0 = passed.chain([p - 1], [])[0]
+        return d0 + (passed.chain(slice(p + 1, p + b), d0)[0] if b > 1 else [])
     picks = passed(slice(p - 1, p + b))[0]  # rows: AR at P-1, then masks 0..B-1
     return [picks[0]] + picks[2:]  # mask 0 (same position as d[0]) is unused
 
@@ -39,13 +42,14 @@ def cycle(dec: Decoder, d: list[int]) -> tuple[int, list[int]]:
         positions += [start + g] + list(range(start + g + 1, start + g + b + 1))
     picks = dec.run(tokens, positions, Attn("quad_cycle", block=b))  # B(B+1) rows
     heads = [g * (b + 1) for g in range(b)]
-    ar = picks(heads)[0]  # ar[g] predicts L+g+1
+    ar = picks.verify(heads, d[:1], d[1:])[0]  # ar[g] predicts L+g+1 (seeing d[0..g])
     acc = 1
     while acc < b and ar[acc - 1] == d[acc]:
         acc += 1
     dec.cache.commit_indices(heads[:acc])
     group = heads[acc - 1]
-    rest = picks(slice(group + 2, group + b + 1))[0] if b > 1 else []  # masks 1..B-1 of group acc-1
+    rest = picks.chain(slice(group + 2, group + b + 1), d[:acc] + [ar[acc - 1]])[0] if b > 1 else []  # masks
+    # 1..B-1 of group acc-1
     return acc, [ar[acc - 1]] + rest
 
 

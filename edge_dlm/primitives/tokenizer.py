@@ -183,6 +183,10 @@ class Tokenizer:
         """The largest id this tokenizer can produce (added tokens may sit beyond the vocabulary's count)."""
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
+    def json(self) -> str:
+        """The tokenizer's `tokenizer.json` text (for llguidance's grammar masks)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

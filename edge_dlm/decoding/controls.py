@@ -1,0 +1,316 @@
+"""Generation controls every mode applies where tokens are picked: penalties, logit bias, a grammar
+(JSON schema, regex, Lark), end-of-sequence rules and logprobs.
+
+A row of a pass predicts the token after some context: the prompt, the stream emitted so far, and
+the tokens the row sees *ahead* of the stream (LinearSpec's verify row i sees the drafts d1..di,
+QuadraticSpec's head g sees d[0..g], a diffusion position the block's tokens before it). `Rules`
+turns that row's logits into the pick AR would make with the same context:
+
+    penalties   over the last `repeat_last_n` tokens of the context (llama.cpp's and Ollama's
+                definitions: repeat divides a positive logit and multiplies a negative one,
+                frequency subtracts count x f, presence subtracts p once), then `logit_bias`;
+    EOS         banned while fewer than `min_tokens` are emitted, or always with `ignore_eos`;
+    grammar     llguidance's token mask for the grammar state after the context (tokens outside it
+                get no probability); the matcher follows the emitted stream, and a row that sees
+                tokens ahead of it reads a copy advanced past them, so a rejected draft leaves no trace.
+
+So with a grammar or penalties, the verify passes of LinearSpec and QuadraticSpec pick exactly what
+constrained / penalised AR picks (drafts are constrained too, so acceptance stays high), and the
+logprobs of an emitted token are those of the row that emitted it, AR's. Why llguidance (not
+xgrammar): a small Rust wheel with no torch or transformers pin, a tokenizer built straight from
+`tokenizer.json`, matchers copied in ~2 us (a row's state ahead of the stream), and JSON schema, regex and
+Lark grammars with one matcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+from edge_dlm.primitives.errors import UserError, install_hint
+
+MAX_STOPS, MAX_STOP_LEN = 16, 256
+MAX_GRAMMAR = 64 << 10  # characters of a schema or grammar
+MAX_DEPTH = 32  # nesting of a JSON schema
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
+# What a banned token's logit becomes: finite (the pick's all-finite check stays a check of the model),
+# and still 0 after softmax at any temperature
+BANNED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalties:
+    repeat: float = 1.0  # 1: off
+    last_n: int = 64  # the window, in tokens of the context (-1: all of it, 0: off)
+    frequency: float = 0.0
+    presence: float = 0.0
+    bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bias) or (self.last_n != 0 and (self.repeat != 1.0 or self.frequency or self.presence))
+
+    def validate(self, vocab: int | None = None) -> None:
+        for name, v, lo, hi in (("repeat-penalty", self.repeat, 0.0, 10.0), ("frequency-penalty", self.frequency, -2.0, 2.0),
+                                ("presence-penalty", self.presence, -2.0, 2.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or (name[0] == "r" and v <= 0):
+                raise UserError(f"--{name} must be a number in {'(0' if name[0] == 'r' else f'[{lo:g}'}, {hi:g}], got {v!r}")
+        if isinstance(self.last_n, bool) or not isinstance(self.last_n, int) or self.last_n < -1:
+            raise UserError(f"--repeat-last-n must be an integer >= -1, got {self.last_n!r}")
+        for tok, b in self.bias:
+            if vocab is not None and not 0 <= tok < vocab:
+                raise UserError(f"logit_bias names token {tok}, outside the vocabulary (0..{vocab - 1})")
+            if not -100 <= b <= 100:
+                raise UserError(f"logit_bias values must be in -100..100, got {b}")
+
+
+# JSON as OpenAI's strict mode writes it, one space after ',' and ':' and no other whitespace: a run of
+# newlines is valid JSON that a small model can repeat until max_tokens (a schema's "x-guidance" overrides)
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """What the output must match: `kind` "json" (any JSON object), "json_schema", "regex" or "lark"."""
+
+    kind: str
+    source: str = ""
+
+    KINDS = ("json", "json_schema", "regex", "lark")
+
+    def grammar(self) -> str:
+        """llguidance's grammar for this constraint; a bad one is a one-line `UserError`."""
+        ll = _llguidance()
+        if self.kind not in self.KINDS:
+            raise UserError(f"constraint kind {self.kind[:20]!r} not supported; known: {', '.join(self.KINDS)}")
+        if len(self.source) > MAX_GRAMMAR:
+            raise UserError(f"the {self.kind.replace('_', ' ')} is {len(self.source)} characters; the limit is {MAX_GRAMMAR}")
+        try:
+            if self.kind == "json":
+                return ll.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=COMPACT)
+            if self.kind == "json_schema":
+                schema = json.loads(self.source)
+                if not isinstance(schema, (dict, bool)):
+                    raise UserError("a JSON schema must be an object")
+                if _depth(schema) > MAX_DEPTH:
+                    raise UserError(f"the JSON schema is nested deeper than {MAX_DEPTH} levels")
+                return ll.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
+            if self.kind == "regex":
+                return ll.LLMatcher.grammar_from_regex(self.source)
+            return ll.LLMatcher.grammar_from_lark(self.source)
+        except UserError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise UserError(f"the {self.kind.replace('_', ' ')} is not valid: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _depth(v: Any, d: int = 0) -> int:
+    if d > MAX_DEPTH:
+        return d
+    if isinstance(v, dict):
+        return max((_depth(x, d + 1) for x in v.values()), default=d)
+    if isinstance(v, list):
+        return max((_depth(x, d + 1) for x in v), default=d)
+    return d
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise UserError(f"structured output needs llguidance ({install_hint('structured')})") from None
+    return llguidance
+
+
+_TOKENIZERS: dict[int, Any] = {}  # id(edge-dlm Tokenizer) -> llguidance's (built once: ~10 ms to 1 s)
+
+
+def matcher(constraint: Constraint, tokenizer, vocab: int, eos_id: int):
+    """A fresh llguidance matcher of `constraint` over `tokenizer` (ours: its `tokenizer.json`)."""
+    ll = _llguidance()
+    grammar = constraint.grammar()
+    key = id(tokenizer)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = ll.LLTokenizer(tokenizer.json(), n_vocab=vocab, eos_token=eos_id)
+    m = ll.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)
+    if m.is_error():
+        raise UserError(f"the {constraint.kind.replace('_', ' ')} is not valid: {m.get_error()[:200]}")
+    mask = _allowed(m, vocab)
+    if not bool(mask.any()):
+        raise UserError(f"the {constraint.kind.replace('_', ' ')} accepts no output")
+    return m
+
+
+def _allowed(m, vocab: int) -> torch.Tensor:
+    """The matcher's next-token mask as a bool tensor `[vocab]`."""
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")[:vocab]
+    return torch.from_numpy(bits.astype(bool))
+
+
+class Rules:
+    """One request's controls over its picks (see the module docstring). `prompt` is the request's
+    prompt ids; `stream` the decoder's emitted ids (read live)."""
+
+    def __init__(self, dec, prompt: list[int], tokenizer=None) -> None:
+        o = dec.opts
+        self.dec, self.prompt = dec, prompt
+        self.pen = o.penalties
+        self.min_tokens, self.ignore_eos = o.min_tokens, o.ignore_eos
+        self.logprobs = o.logprobs
+        self.vocab = dec.model.config.vocab_size
+        self.matcher = None if o.constraint is None else matcher(o.constraint, tokenizer, self.vocab, dec.eos_id)
+        self.infos: dict[int, dict] = {}  # stream index -> the logprobs of the pick made for it
+
+    @staticmethod
+    def needed(opts) -> bool:
+        return (opts.penalties.active or opts.constraint is not None or opts.logprobs is not None
+                or opts.min_tokens > 0 or opts.ignore_eos)
+
+    # -- the stream
+    def accept(self, ids: list[int]) -> None:
+        """Emitted tokens (no final EOS): the grammar follows the stream."""
+        if self.matcher is not None and ids:
+            self.matcher.consume_tokens(ids)
+
+    def take_logprobs(self, start: int, n: int) -> list[dict] | None:
+        if self.logprobs is None:
+            return None
+        return [self.infos.pop(i) for i in range(start, start + n) if i in self.infos]
+
+    # -- picks
+    def chain(self, picks, rows: list[int], prefix: list[int]) -> tuple[list[int], list[float]]:
+        """Rows picked in order, each seeing `prefix` and the picks of the rows before it (drafts)."""
+        return self._run(picks, rows, prefix, None)
+
+    def verify(self, picks, rows: list[int], prefix: list[int], drafted: list[int]) -> tuple[list[int], list[float]]:
+        """Row i sees `prefix + drafted[:i]`; rows after the first pick that differs from its draft are
+        not used by the decoders (their pick is the first allowed token, never emitted)."""
+        return self._run(picks, rows, prefix, drafted)
+
+    def _run(self, picks, rows, prefix, drafted):
+        # the rows' grammar state: a copy of the stream's matcher (~2 us) advanced past what each row
+        # sees ahead; the stream's own matcher moves only with emitted tokens (`accept`)
+        m = self.matcher.deep_copy() if self.matcher is not None else None
+        ids, conf = [], []
+        ok = m is None or not prefix or m.consume_tokens(prefix)
+        for i, r in enumerate(rows):
+            if not ok or (drafted is not None and i and ids[i - 1] != drafted[i - 1]):
+                ids.append(self.dec.eos_id)  # a row no decoder uses: past a rejected draft, or an EOS
+                conf.append(0.0)
+                continue
+            tok, c = self.pick_row(picks, r, prefix + (drafted[:i] if drafted is not None else ids), m)
+            ids.append(tok)
+            conf.append(c)
+            if m is not None and i + 1 < len(rows):
+                nxt = drafted[i] if drafted is not None else tok
+                ok = nxt == tok and nxt != self.dec.eos_id and m.consume_token(nxt)
+        return ids, conf
+
+    def pick_row(self, picks, row: int, ahead: list[int], m=None) -> tuple[int, float]:
+        """The pick of `row` of the pass `picks` for the context prompt + stream + `ahead`; `m` the
+        grammar's state after that context (default: the stream's own matcher, nothing ahead)."""
+        m = m if m is not None else self.matcher
+        dec = self.dec
+        x = picks.logits[row].float().clone()  # [V]
+        if not bool(torch.isfinite(x).all()):
+            from edge_dlm.primitives.sampling import nonfinite
+
+            raise nonfinite(picks.logits.dtype)
+        if self.pen.active:
+            self._penalise(x, self.prompt + dec.output_ids + [t for t in ahead if t != dec.mask_id])
+        index = dec.stream_len + len(ahead)
+        if self.ignore_eos or index < self.min_tokens:
+            x[dec.eos_id] = BANNED
+        if m is not None:
+            if m.is_stopped():
+                allowed = torch.zeros(x.shape[0], dtype=torch.bool)
+                allowed[dec.eos_id] = True
+            else:
+                allowed = _allowed(m, x.shape[0])
+            x.masked_fill_(~allowed.to(x.device), BANNED)
+            if not bool((x > BANNED).any()):  # nothing the grammar allows: end here
+                x[dec.eos_id] = 0.0
+        dec.syncs += 1
+        t, c, _ = dec.sampler.pick_tensor(x[None], picks.pass_no, [row])
+        tok = int(t[0])
+        if self.logprobs is not None:
+            self.infos[index] = self._info(x, tok)
+        return tok, float(c[0])
+
+    def _penalise(self, x: torch.Tensor, context: list[int]) -> None:
+        p = self.pen
+        if p.last_n != 0 and (p.repeat != 1.0 or p.frequency or p.presence):
+            window = context if p.last_n < 0 else context[-p.last_n:]
+            if window:
+                ids = torch.tensor(window, dtype=torch.long, device=x.device)
+                uniq, counts = torch.unique(ids, return_counts=True)
+                v = x[uniq]
+                if p.repeat != 1.0:
+                    v = torch.where(v > 0, v / p.repeat, v * p.repeat)
+                v = v - counts.to(v.dtype) * p.frequency - (p.presence if p.presence else 0.0)
+                x[uniq] = v
+        for tok, b in p.bias:
+            x[tok] += b
+
+    def _info(self, x: torch.Tensor, tok: int) -> dict:
+        """OpenAI's logprob entry for `tok` under the processed logits `x` (mask id excluded)."""
+        x = x.clone()
+        x[self.dec.mask_id] = BANNED
+        lp = torch.log_softmax(x, -1)
+        top = []
+        if self.logprobs:
+            vals, idx = torch.topk(lp, min(self.logprobs, lp.shape[0]))
+            top = [(int(i), float(v)) for v, i in zip(vals, idx) if v > -1e20]
+        return {"id": tok, "logprob": float(lp[tok]), "top": top}
+
+
+class StopFilter:
+    """Stop sequences over streamed text: `push(delta)` returns the text that can be shown now (never a
+    stop sequence, nor the tail that could still become one) and whether a stop sequence ended it."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.held + delta
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.held = True, ""
+            return text[:cut]
+        keep = 0  # the longest tail that is a prefix of a stop sequence
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+def check_stops(stop) -> tuple[str, ...]:
+    """A stop list from a flag or a request: a string or a list of up to `MAX_STOPS` non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise UserError("stop must be a string or a list of strings")
+    stop = [s for s in stop if s]
+    if len(stop) > MAX_STOPS:
+        raise UserError(f"at most {MAX_STOPS} stop sequences, got {len(stop)}")
+    if any(len(s) > MAX_STOP_LEN for s in stop):
+        raise UserError(f"a stop sequence is longer than {MAX_STOP_LEN} characters")
+    return tuple(stop)
