@@ -209,9 +209,38 @@ class Runtime:
 
     def prepare(self, prompt: str | list[Message] | list[int], *, raw: bool = False,
                 **kw) -> tuple[list[int], GenerationOptions]:
-        """A request's prompt ids and resolved options, or the one-line error it would fail with."""
+        """A request's prompt ids and resolved options, or the one-line error it would fail with.
+        With `tools` (OpenAI's list; `tool_choice`, `parallel_tool_calls`) they are rendered into the
+        prompt and the answer is constrained to text or valid calls (`edge_dlm.decoding.tools`)."""
+        tools, rendered = kw.pop("tools", None), None
+        choice, parallel = kw.pop("tool_choice", None), kw.pop("parallel_tool_calls", True)
+        used = isinstance(prompt, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                                for m in prompt)
+        if tools or used:
+            from edge_dlm.decoding import tools as tmod
+
+            tools = tmod.check_tools(tools) if tools else []
+            choice = tmod.check_choice(choice, tools) if tools else "none"
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], dict):
+                raise UserError("tools need a chat (a list of messages)")
+            if choice != "none":
+                if any(kw.get(k) is not None for k in ("json_schema", "json", "regex", "grammar", "constraint")):
+                    raise UserError("tool calls and a response format cannot be combined; drop one")
+                kw["constraint"] = tmod.constraint(tools, choice, parallel is not False)
+                rendered = tools
+            knows = self.tokenizer.template_knows_tools
+            prompt = tmod.render_messages(prompt, rendered, knows)
+            if knows:
+                opts = self.options(**kw)
+                ids = self.tokenizer.encode_prompt(prompt, tools=rendered)
+                return self._check_fits(ids, opts)
         opts = self.options(**kw)
         ids = list(prompt) if prompt and isinstance(prompt[0], int) else self.encode(prompt, raw=raw)
+        return self._check_fits(ids, opts)
+
+    def _check_fits(self, ids: list[int], opts: GenerationOptions) -> tuple[list[int], GenerationOptions]:
         if not ids:
             raise UserError("the prompt encodes to no tokens")
         ctx = self.config.max_position_embeddings
@@ -229,11 +258,22 @@ class Runtime:
 
         `prompt` is a string (chat-templated unless `raw`), a list of chat messages, or token ids.
         Keyword options: mode, max_new_tokens, block_size, steps, threshold, temperature, top_k,
-        top_p, seed, use_lora.
+        top_p, seed, use_lora; the controls of `options` (stop, penalties, logprobs, a constraint);
+        tools, tool_choice, parallel_tool_calls (`prepare`; the calls land in `Result.tool_calls`).
         """
+        tools = kw.get("tools") if kw.get("tool_choice") != "none" else None
         ids, opts = self.prepare(prompt, raw=raw, **kw)
         with self._lock:
-            yield from self._run(ids, opts, cancel)
+            for event in self._run(ids, opts, cancel):
+                if tools and isinstance(event, Done):  # the calls, parsed from the constrained text
+                    from edge_dlm.decoding.tools import parse_calls
+
+                    content, calls = parse_calls(event.result.text, tools)
+                    if calls:
+                        event.result.text, event.result.tool_calls = content or "", calls
+                        event.result.finish_reason = "tool_calls" if event.result.finish_reason == "stop" \
+                            else event.result.finish_reason
+                yield event
 
     def _run(self, ids: list[int], opts: GenerationOptions,
              cancel: threading.Event | None) -> Iterator[StreamEvent]:

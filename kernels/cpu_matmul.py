@@ -106,7 +106,7 @@ def _compile(source: str, suffix: str, out: Path, command) -> Path:
     """`command(src, so)` (a compiler's argument list) on `source` into `out`, renamed into place when
     complete with its checksum beside it, unless an intact `out` is there; returns the library's path.
 
-    Under a file lock (two processes build once); one line on stderr while it builds; a failed build
+    Under a file lock (two processes build once); one line on a terminal's stderr while it builds; a failed build
     raises `BuildError` with the compiler's message. A cache folder that cannot be written (read-only,
     full) builds into a temporary folder for this process instead, said once."""
     if _intact(out):
@@ -127,7 +127,10 @@ def _compile(source: str, suffix: str, out: Path, command) -> Path:
 
 
 def _build_into(source: str, suffix: str, out: Path, command) -> None:
-    _log(f"building the CPU kernels {out.name} for this machine (once; ~10-20 s) ...")
+    import sys
+
+    if sys.stderr.isatty():  # progress for a person waiting; a script's stderr keeps its one-line errors
+        _log(f"building the CPU kernels {out.name} for this machine (once; ~10-20 s) ...")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, so = Path(tmp) / f"source{suffix}", Path(tmp) / "lib.so"
         src.write_text(source)

@@ -69,7 +69,19 @@ def test_streamed_chat_names_the_role_first(url):
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "mode": "turbo"}, "'mode' must be one of"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "steps": 99}, "'steps' must be in 1..64, got 99"),
     ("/chat/completions", {}, "'messages' is required"),
-    ("/completions", {"prompt": "x", "stop": ["\n"]}, "'stop' is not supported"),
+    ("/completions", {"prompt": "x", "stop": [1]}, "'stop' must be a string or a list of strings"),
+    ("/completions", {"prompt": "x", "stop": ["s"] * 17}, "at most 16 sequences"),
+    ("/completions", {"prompt": "x", "n": 9}, "'n' must be in 1..8"),
+    ("/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "is not a token id"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                           "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+     "is not valid"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "regex": "["}, "the regex is not valid"),
+    ("/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]},
+     "answers no earlier assistant tool call"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]},
+     "two tools are named 'f'"),
     ("/nowhere", {"prompt": "x"}, "no route"),
 ])
 def test_bad_requests(url, path, body, match):

@@ -160,8 +160,10 @@ class ChatApp(App):
     def __init__(self, *, runtime=None, load_args: argparse.Namespace | None = None,
                  store: Store | None = None, mode: str = "linear-spec", steps: int | None = None,
                  threshold: float = 0.9, temperature: float = 0.0, max_new_tokens: int = 200,
-                 table=None, monitor=None, power_budget: float | None = None, poll_s: float = 2.0) -> None:
+                 table=None, monitor=None, power_budget: float | None = None, poll_s: float = 2.0,
+                 controls: dict | None = None) -> None:
         super().__init__()
+        self.controls = dict(controls or {})  # stop sequences, penalties, a constraint: from the flags
         self.runtime = runtime
         self.table = table  # the calibration table (edge_dlm.session.calibrate), once known
         self.monitor = monitor  # edge_dlm.primitives.power.Monitor; None: made for the device once the model loads
@@ -308,7 +310,7 @@ class ChatApp(App):
             raise ValueError("threshold and temperature must be numbers, max tokens an integer") from None
         block = self.runtime.config.block_size
         return dict(mode=mode, steps=min(steps, block) if mode == "diffusion" else None, threshold=threshold,
-                    temperature=temperature, max_new_tokens=max_new)
+                    temperature=temperature, max_new_tokens=max_new, **self.controls)
 
     def apply_choice(self, row, reason: str) -> None:
         """Show a configuration auto (or the budget) chose in the side panel (the choice) and as a
@@ -621,11 +623,13 @@ class ChatApp(App):
         self.push_screen(OpenChat(self.store.conversations()), opened)
 
 
-def run_app(args: argparse.Namespace) -> int:
+def run_app(args: argparse.Namespace, controls: dict | None = None) -> int:
+    """The chat screen; `controls`: stop sequences, penalties, a constraint (from the CLI's flags)."""
     mode = "diffusion" if args.mode == "auto" and args.steps is not None else args.mode
     app = ChatApp(load_args=args, mode=mode if mode != "auto" else "linear-spec", steps=args.steps,
                   threshold=args.threshold, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                  power_budget=args.power_budget)
+                  power_budget=args.power_budget,
+                  controls=controls)
     app.run()
     from edge_dlm.session.load import before_exit
 

@@ -8,6 +8,7 @@ options, checking the request before any calibration runs.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import NoReturn
 
 from edge_dlm.primitives.errors import UserError
@@ -75,10 +76,45 @@ def add_decode_args(p: argparse.ArgumentParser, default_max: int = 256) -> None:
                    help=f"generation budget (default: {default_max})")
 
 
+    c = p.add_argument_group("output controls (every mode; the lossless ones stay equal to AR)")
+    c.add_argument("--stop", action="append", metavar="TEXT", help="end the output before TEXT (repeatable)")
+    c.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
+    c.add_argument("--ignore-eos", action="store_true", help="never stop at end-of-sequence (benchmarks)")
+    c.add_argument("--repeat-penalty", type=float, help="divide (multiply) the positive (negative) logits of "
+                   "recent tokens by X, as llama.cpp and Ollama do (1: off)")
+    c.add_argument("--repeat-last-n", type=int, help="the penalties' window in tokens (default 64; -1: all)")
+    c.add_argument("--frequency-penalty", type=float, help="subtract X per earlier occurrence (-2..2)")
+    c.add_argument("--presence-penalty", type=float, help="subtract X once from every token seen (-2..2)")
+    c.add_argument("--logprobs", type=int, metavar="N", help="with --json: each token's logprob and the top N")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this schema")
+    g.add_argument("--json-output", action="store_true", help="the output is a JSON object")
+    g.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar")
+    g.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+
+
+# the output controls' request keys (`decode_kwargs`), which the chat screen passes through as they are
+CONTROLS = ("stop", "min_tokens", "ignore_eos", "repeat_penalty", "repeat_last_n", "frequency_penalty",
+            "presence_penalty", "logprobs", "json", "regex", "json_schema", "grammar")
+
+
 def decode_kwargs(a: argparse.Namespace) -> dict:
-    return dict(mode=a.mode, steps=a.steps, threshold=a.threshold, block_size=a.block_size,
-                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                max_new_tokens=a.max_new_tokens)
+    kw = dict(mode=a.mode, steps=a.steps, threshold=a.threshold, block_size=a.block_size,
+              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+              max_new_tokens=a.max_new_tokens)
+    extra = dict(stop=tuple(a.stop) if a.stop else None, min_tokens=a.min_tokens or None,
+                 ignore_eos=a.ignore_eos or None, repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
+                 frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty, logprobs=a.logprobs,
+                 json=a.json_output or None, regex=a.regex)
+    if a.json_schema is not None:
+        text = read_text(a.json_schema, "--json-schema")
+        try:
+            extra["json_schema"] = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"--json-schema {a.json_schema}: not JSON ({str(exc)[:80]})") from None
+    if a.grammar is not None:
+        extra["grammar"] = read_text(a.grammar, "--grammar")
+    return {**kw, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def runtime_and_options(a: argparse.Namespace, prompt: str | None = None, measure: str = "never"):

@@ -26,7 +26,9 @@ def run(a: argparse.Namespace) -> int:
         except ImportError:
             print("(the full-screen UI needs the 'tui' extra; using the plain chat)", file=sys.stderr)
         else:
-            return run_app(a)
+            from edge_dlm.cli.args import CONTROLS, decode_kwargs
+
+            return run_app(a, {k: v for k, v in decode_kwargs(a).items() if k in CONTROLS})
     return plain_chat(a)
 
 

@@ -125,10 +125,11 @@ class Result:
     mean_accepted: float | None = None
     ttft_s: float | None = None
     logprobs: list[dict] | None = None  # per output id, with `logprobs` (see `Emit`)
+    tool_calls: list[dict] | None = None  # with tools: [{"name", "arguments": JSON text}]; `text` the rest
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("mean_accepted", "logprobs"):
+        for key in ("mean_accepted", "logprobs", "tool_calls"):
             if d[key] is None:
                 d.pop(key)
         return d

@@ -137,7 +137,7 @@ def matcher(constraint: Constraint, tokenizer, vocab: int, eos_id: int):
         _TOKENIZERS[key] = ll.LLTokenizer(tokenizer.json(), n_vocab=vocab, eos_token=eos_id)
     m = ll.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)
     if m.is_error():
-        raise UserError(f"the {constraint.kind.replace('_', ' ')} is not valid: {m.get_error()[:200]}")
+        raise UserError(f"the {constraint.kind.replace('_', ' ')} is not valid: {' '.join(m.get_error().split())[:200]}")
     mask = _allowed(m, vocab)
     if not bool(mask.any()):
         raise UserError(f"the {constraint.kind.replace('_', ' ')} accepts no output")

@@ -212,7 +212,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list and tool messages itself."""
+        return isinstance(self.chat_template, str) and "tools" in self.chat_template
+
+    def render_chat(self, messages: list[Message], *, add_generation_prompt: bool = True,
+                    tools: list | None = None) -> str:
         """Render `messages` ([{"role", "content"}]) with the checkpoint's chat template.
 
         The template is untrusted data: it runs in Jinja's immutable sandbox, with a source size limit,
@@ -234,7 +240,7 @@ class Tokenizer:
         out, size = [], 0
         try:
             for chunk in env.from_string(self.chat_template).generate(
-                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                     bos_token=self._special("bos_token"), eos_token=self._special("eos_token")):
                 env.check()
                 size += len(chunk)
@@ -249,14 +255,14 @@ class Tokenizer:
                                   f"({type(exc).__name__}: {str(exc)[:120]})") from None
         return "".join(out)
 
-    def encode_prompt(self, prompt: str | list[Message], *, raw: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: str | list[Message], *, raw: bool = False, tools: list | None = None) -> list[int]:
         """Token ids for a prompt: chat-templated unless `raw` or the checkpoint has no template."""
         if isinstance(prompt, str):
             if raw or not self.chat_template:
                 return self.encode(prompt)
             prompt = [{"role": "user", "content": prompt}]
         # the template writes the bos text itself; special-token strings in it map to their ids
-        ids = self.encode(self.render_chat(prompt), add_special_tokens=False)
+        ids = self.encode(self.render_chat(prompt, tools=tools), add_special_tokens=False)
         if not ids:
             raise CheckpointError("the checkpoint's chat template rendered an empty prompt; pass --raw to send "
                                   "the prompt as is")

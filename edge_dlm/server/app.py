@@ -135,8 +135,9 @@ def client_gone(sock: socket.socket) -> bool:
 
 
 def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
+    from edge_dlm.server import ollama
     from edge_dlm.server.schema import BadRequest, parse_request
-    from edge_dlm.decoding import Done
+    from edge_dlm.decoding import Done, Emit
     from edge_dlm.primitives.errors import UserError
     from edge_dlm.primitives.power import EnergyMeter, PowerSupply, Sampler
     from edge_dlm.runtime import Text
@@ -144,6 +145,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
     ctx, vocab = rt.config.max_position_embeddings, rt.config.vocab_size
     meter, supply = EnergyMeter(str(rt.device)), PowerSupply()
     shapes_said = [""]  # the last compiled-shapes line the log got
+    created = int(time.time())
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "edge-dlm"
@@ -164,6 +166,9 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             self.wfile.write(data)
 
         def error(self, e: HTTPError) -> None:
+            if getattr(self, "ollama_api", False) or self.path.startswith("/api/"):  # Ollama's error shape
+                self.send_json(e.code, {"error": str(e)}, e.headers)
+                return
             self.send_json(e.code, {"error": {"message": str(e), "type": e.kind, "code": e.code}}, e.headers)
 
         def send_error(self, code, message=None, explain=None):
@@ -181,7 +186,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
 
         def guarded(self, fn) -> None:
             """Run a route; errors become OpenAI-style answers, never a traceback to the client."""
-            self.headers_sent, self.body_read = False, False
+            self.headers_sent, self.body_read, self.timed_out, self.ollama_api = False, False, None, False
             try:
                 self.authorize()
                 fn()
@@ -216,11 +221,42 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
         def do_POST(self):
             self.guarded(self.post)
 
+        # ---- routes: one method each (OpenAI's under /v1, Ollama's under /api)
         def get(self):
-            if self.path.rstrip("/") != "/v1/models":
-                raise HTTPError(404, f"no route GET {self.path[:80]}; try /v1/models", "not_found_error")
+            route = {"/v1/models": self.models, "/api/tags": self.ollama_tags, "/api/ps": self.ollama_ps,
+                     "/api/version": self.ollama_version, "": self.ollama_root}.get(self.path.split("?")[0].rstrip("/"))
+            if route is None:
+                raise HTTPError(404, f"no route GET {self.path[:80]}; try /v1/models or /api/tags", "not_found_error")
+            route()
+
+        def models(self):
             self.send_json(200, {"object": "list", "data": [
-                {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": 0}]})
+                {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": created,
+                 "context_length": ctx, "max_model_len": ctx}]})
+
+        def ollama_root(self):
+            self.send_json(200, {"status": "edge-dlm is running"})
+
+        def ollama_tags(self):
+            self.send_json(200, {"models": [ollama.model_entry(rt, model_name)]})
+
+        def ollama_ps(self):
+            self.send_json(200, {"models": [ollama.running_entry(rt, model_name)]})
+
+        def ollama_version(self):
+            self.send_json(200, {"version": ollama.VERSION})
+
+        def ollama_show(self):
+            body = self.read_body()
+            name = body.get("model", body.get("name")) if isinstance(body, dict) else None
+            if not isinstance(name, str):
+                raise HTTPError(400, "'model' is required", "invalid_request_error")
+            self.send_json(200, ollama.show(rt, model_name))
+
+        def embeddings(self):
+            self.read_body()
+            raise HTTPError(501, f"{model_name} is a generative model, not an embedding model: edge-dlm serves no "
+                            "embeddings (use an embedding model's own server)", "invalid_request_error")
 
         def body_length(self) -> int:
             """The request's Content-Length, checked (one header, ASCII digits, within --max-body)."""
@@ -265,16 +301,43 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 raise HTTPError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
 
         def post(self):
-            kind = ROUTES.get(self.path.rstrip("/"))
-            if kind is None:
-                raise HTTPError(404, f"no route POST {self.path[:80]}; try {', '.join(ROUTES)}", "not_found_error")
+            path = self.path.rstrip("/")
+            routes = {"/v1/chat/completions": lambda: self.openai("chat"),
+                      "/v1/completions": lambda: self.openai("completion"), "/v1/edits": lambda: self.openai("edit"),
+                      "/api/chat": lambda: self.ollama("chat"), "/api/generate": lambda: self.ollama("generate"),
+                      "/api/show": self.ollama_show, "/api/embed": self.embeddings,
+                      "/api/embeddings": self.embeddings, "/v1/embeddings": self.embeddings}
+            if path not in routes:
+                raise HTTPError(404, f"no route POST {self.path[:80]}; try {', '.join(ROUTES)}, /api/chat, /api/generate",
+                                "not_found_error")
+            routes[path]()
+
+        def openai(self, kind: str):
             body = self.read_body()
             try:
                 req = parse_request(kind, body, default_mode=opts.default_mode, default_steps=opts.default_steps,
                                     context=ctx, vocab=vocab, block=rt.config.block_size)
             except BadRequest as exc:
                 raise HTTPError(400, str(exc)) from None
+            self.decode(req, lambda runs: self.respond(kind, req, runs))
+
+        def ollama(self, kind: str):
+            self.ollama_api = True
+            body = self.read_body()
+            try:
+                req = ollama.parse(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab)
+            except BadRequest as exc:
+                raise HTTPError(400, str(exc)) from None
+            if req is None:  # an empty prompt: Ollama's "load the model" call
+                self.send_json(200, ollama.loaded(model_name, kind))
+                return
+            self.decode(req, lambda runs: ollama.respond(self, kind, req, runs, model_name))
+
+        def decode(self, req, answer):
+            """Take the model's turn, then `answer(runs)`: `runs()` yields, per choice (n of them), that
+            choice's events (validation errors surface before any header is sent)."""
             cancel, timed_out = threading.Event(), threading.Event()
+            self.timed_out = timed_out
             with admission.turn(cancel):
                 timer = threading.Timer(opts.request_timeout, lambda: (timed_out.set(), cancel.set()))
                 timer.daemon = True
@@ -282,20 +345,35 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 self.sampler, self.reading = Sampler(str(rt.device), meter, supply), None
                 self.sampler.start()  # one request decodes at a time, so its energy is its own
                 try:
-                    if req.call == "infill":
-                        events = rt.infill_stream(req.prompt, req.suffix, cancel=cancel, **req.kwargs)
-                    elif req.call == "edit":
-                        events = rt.edit_stream(req.prompt, req.spans, cancel=cancel, **req.kwargs)
-                    else:
-                        events = rt.stream(req.prompt, raw=req.raw, cancel=cancel, **req.kwargs)
-                    try:
-                        first = next(events)  # validation errors surface here, before any header
-                    except UserError as exc:
-                        raise HTTPError(400, str(exc)) from None
-                    self.respond(kind, req, first, events, cancel, timed_out)
+                    first_events = self.events(req, 0, cancel)
+
+                    def runs():
+                        yield first_events
+                        for i in range(1, req.n):
+                            if cancel.is_set():
+                                return
+                            yield self.events(req, i, cancel)
+                    answer(runs)
                 finally:
                     timer.cancel()
                     self.log_shapes()
+
+        def events(self, req, i: int, cancel):
+            """Choice `i`'s events, its first one already taken (a refused request fails here, as 400)."""
+            kw = dict(req.kwargs)
+            if i and "seed" in kw:
+                kw["seed"] = (kw["seed"] + i) % (1 << 63)
+            if req.call == "infill":
+                events = rt.infill_stream(req.prompt, req.suffix, cancel=cancel, **kw)
+            elif req.call == "edit":
+                events = rt.edit_stream(req.prompt, req.spans, cancel=cancel, **kw)
+            else:
+                events = rt.stream(req.prompt, raw=req.raw, cancel=cancel, **kw)
+            try:
+                first = next(events)
+            except UserError as exc:
+                raise HTTPError(400, str(exc)) from None
+            return self.watched(first, events, cancel)
 
         def log_shapes(self) -> None:
             """One line when the compiled pass shapes changed (`StepFunctions.summary`)."""
@@ -314,30 +392,50 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                     self.reading = self.sampler.stop()
                 yield ev
 
-        def respond(self, kind, req, first, events, cancel, timed_out):
+        def respond(self, kind, req, runs):
             chat = kind == "chat"
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             obj = {"chat": "chat.completion", "completion": "text_completion", "edit": "edit"}[kind]
             if req.stream:
-                return self.stream(rid, obj, chat, req, self.watched(first, events, cancel), cancel, timed_out)
-            text, result = [], None
-            for ev in self.watched(first, events, cancel):
-                if isinstance(ev, Text):
-                    text.append(ev.delta)
-                elif isinstance(ev, Done):
-                    result = ev.result
-            if cancel.is_set() and not timed_out.is_set() and client_gone(self.connection):
-                self.close_connection = True
+                return self.stream(rid, obj, chat, req, runs)
+            choices, results = [], []
+            for i, events in enumerate(runs()):
+                text, result = [], None
+                for ev in events:
+                    if isinstance(ev, Text):
+                        text.append(ev.delta)
+                    elif isinstance(ev, Done):
+                        result = ev.result
+                results.append(result)
+                choices.append(self.choice(i, chat, req, "".join(text), result))
+            if self.cancelled_by_client():
                 return
-            choice = {"index": 0, "finish_reason": finish(result, timed_out)}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": "".join(text)}
-            else:
-                choice["text"] = "".join(text)
             self.send_json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                                 "choices": [choice], "usage": usage(result, self.reading)})
+                                 "choices": choices, "usage": usage(results, self.reading)})
 
-        def stream(self, rid, obj, chat, req, events, cancel, timed_out):
+        def cancelled_by_client(self) -> bool:
+            gone = self.timed_out is not None and not self.timed_out.is_set() and client_gone(self.connection)
+            if gone:
+                self.close_connection = True
+            return gone
+
+        def choice(self, i, chat, req, text, result) -> dict:
+            """One choice of a non-streamed answer, OpenAI's shape."""
+            out = {"index": i, "finish_reason": finish(result, self.timed_out)}
+            if req.echo and not chat and isinstance(req.prompt, str):
+                text = req.prompt + text
+            if chat:
+                msg = {"role": "assistant", "content": text}
+                if result is not None and result.tool_calls:
+                    msg = {"role": "assistant", "content": result.text or None, "tool_calls": tool_calls(result)}
+                out["message"] = msg
+            else:
+                out["text"] = text
+            if req.logprobs is not None:
+                out["logprobs"] = logprobs_json(rt.tokenizer, (result.logprobs if result else None) or [], chat)
+            return out
+
+        def stream(self, rid, obj, chat, req, runs):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -351,27 +449,53 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
+            results, events = [], iter(())
             try:
-                if chat:  # OpenAI's first chunk names the role, with no content yet
-                    send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                for ev in events:
-                    if isinstance(ev, Text):
-                        piece = {"delta": {"content": ev.delta}} if chat else {"text": ev.delta}
-                        send([{"index": 0, **piece, "finish_reason": None}])
-                    elif isinstance(ev, Done):
-                        end = {"delta": {}} if chat else {"text": ""}
-                        send([{"index": 0, **end, "finish_reason": finish(ev.result, timed_out)}],
-                             None if req.include_usage else {"usage": usage(ev.result, self.reading)})
-                        if req.include_usage:
-                            send([], {"usage": usage(ev.result, self.reading)})
+                for i, events in enumerate(runs()):
+                    if chat:  # OpenAI's first chunk names the role, with no content yet
+                        send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                    if req.echo and not chat and isinstance(req.prompt, str):
+                        send([{"index": i, "text": req.prompt, "finish_reason": None}])
+                    held, pending = [], []  # tool answers are sent whole; logprobs ride with their text
+                    for ev in events:
+                        if isinstance(ev, Emit) and ev.logprobs:
+                            pending += ev.logprobs
+                        elif isinstance(ev, Text) and req.tools:
+                            held.append(ev.delta)
+                        elif isinstance(ev, Text):
+                            piece = {"delta": {"content": ev.delta}} if chat else {"text": ev.delta}
+                            if req.logprobs is not None:
+                                piece["logprobs"] = logprobs_json(rt.tokenizer, pending, chat)
+                                pending = []
+                            send([{"index": i, **piece, "finish_reason": None}])
+                        elif isinstance(ev, Done):
+                            r = ev.result
+                            results.append(r)
+                            if r.tool_calls:
+                                calls = [{"index": j, **c} for j, c in enumerate(tool_calls(r))]
+                                send([{"index": i, "delta": {"content": r.text or None, "tool_calls": calls},
+                                       "finish_reason": None}])
+                            elif held:
+                                send([{"index": i, "delta": {"content": "".join(held)}, "finish_reason": None}])
+                            end = {"delta": {}} if chat else {"text": ""}
+                            last = i == req.n - 1 or self.cancelled_by_client()
+                            send([{"index": i, **end, "finish_reason": finish(r, self.timed_out)}],
+                                 {"usage": usage(results, self.reading)} if last and not req.include_usage else None)
+                if req.include_usage:
+                    send([], {"usage": usage(results, self.reading)})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
-                cancel.set()  # the client left or stalled: stop decoding after this pass
-                with contextlib.suppress(Exception):
-                    for _ in events:  # let the runtime finish its pass and release the model
-                        pass
-                self.close_connection = True
+                self.cancel_events(events)
+
+        def cancel_events(self, events) -> None:
+            """The client left or stalled: stop decoding after this pass and release the model."""
+            if admission.active_cancel is not None:
+                admission.active_cancel.set()
+            with contextlib.suppress(Exception):
+                for _ in events:
+                    pass
+            self.close_connection = True
 
     return Handler
 
@@ -384,12 +508,39 @@ def finish(result, timed_out: threading.Event | None = None) -> str:
     return result.finish_reason
 
 
-def usage(result, reading=None) -> dict:
-    """OpenAI's usage fields, edge-dlm's pass counts, and `joules` where a meter measured the request."""
-    if result is None:
+def tool_calls(result) -> list[dict]:
+    """A result's calls in OpenAI's shape."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in result.tool_calls or []]
+
+
+def logprobs_json(tokenizer, infos: list[dict], chat: bool) -> dict:
+    """The core's logprobs (`Result.logprobs`) in OpenAI's chat or completions shape."""
+    def piece(i: int) -> str:
+        return tokenizer.decode([i], skip_special_tokens=False)
+
+    if chat:
+        return {"content": [{"token": piece(d["id"]), "logprob": d["logprob"], "bytes": list(piece(d["id"]).encode()),
+                             "top_logprobs": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+                                              for t, lp in d["top"]]} for d in infos], "refusal": None}
+    offsets, at = [], 0
+    for d in infos:
+        offsets.append(at)
+        at += len(piece(d["id"]))
+    return {"tokens": [piece(d["id"]) for d in infos], "token_logprobs": [d["logprob"] for d in infos],
+            "top_logprobs": [{piece(t): lp for t, lp in d["top"]} for d in infos], "text_offset": offsets}
+
+
+def usage(results, reading=None) -> dict:
+    """OpenAI's usage fields, edge-dlm's pass counts, and `joules` where a meter measured the request
+    (`results`: one result, or the request's choices')."""
+    results = [r for r in (results if isinstance(results, list) else [results]) if r is not None]
+    if not results:
         return {}
-    out = {"prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.output_ids),
-           "total_tokens": len(result.prompt_ids) + len(result.output_ids), "nfe": result.nfe,
+    result = results[0]
+    completion = sum(len(r.output_ids) for r in results)
+    out = {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion,
+           "total_tokens": len(result.prompt_ids) + completion, "nfe": sum(r.nfe for r in results),
            "tpf": round(result.tpf, 3), "tokens_per_s": round(result.tokens_per_s, 1)}
     if result.mean_accepted is not None:
         out["mean_accepted"] = round(result.mean_accepted, 3)

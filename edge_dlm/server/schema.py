@@ -1,27 +1,33 @@
 """The OpenAI-compatible request schema of `edge-dlm serve`, validated strictly.
 
-`parse_request(kind, body, ...)` turns a JSON body into a `Request` (prompt + decoding keyword
-arguments) or raises `BadRequest` with one line naming the field. Every field is type- and
-range-checked; a field OpenAI defines but edge-dlm cannot honour (n > 1, stop sequences, logprobs,
-penalties) is refused rather than silently ignored, and, as OpenAI does, an unknown field is refused
-("Unrecognized request argument supplied"). edge-dlm's own fields: `mode`, `steps`, `threshold`,
-`block_size`, `top_k`.
+`parse_request(kind, body, ...)` turns a JSON body into a `Request` (prompt + the keyword arguments
+of `Runtime.stream`, the core's options: this module only maps fields) or raises `BadRequest` with one
+line naming the field. Every field is type- and range-checked and, as OpenAI does, an unknown field is
+refused ("Unrecognized request argument supplied"). OpenAI's fields: stop, n (up to `MAX_N`),
+presence / frequency penalties, logit_bias, logprobs / top_logprobs, response_format (json_object,
+json_schema), tools / tool_choice / parallel_tool_calls and `tool` messages, echo, stream_options.
+edge-dlm's own (and llama.cpp's / vLLM's): `mode`, `steps`, `threshold`, `block_size`, `top_k`,
+`repeat_penalty`, `repeat_last_n`, `min_tokens`, `ignore_eos`, `regex`, `grammar` (Lark).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
 from edge_dlm.decoding import MODES
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_N = 8  # completions per request
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream",
           "stream_options", "n", "stop", "user", "presence_penalty", "frequency_penalty", "logprobs",
-          "top_logprobs", "logit_bias", "response_format", "mode", "steps", "threshold", "block_size"}
+          "top_logprobs", "logit_bias", "response_format", "mode", "steps", "threshold", "block_size",
+          "repeat_penalty", "repeat_last_n", "min_tokens", "ignore_eos", "regex", "grammar"}
 FILL = {"model", "user", "temperature", "top_p", "top_k", "seed", "steps", "threshold", "block_size"}
-FIELDS = {"chat": COMMON | {"messages"}, "completion": COMMON | {"prompt", "echo", "best_of", "suffix"},
+FIELDS = {"chat": COMMON | {"messages", "tools", "tool_choice", "parallel_tool_calls"},
+          "completion": COMMON | {"prompt", "echo", "best_of", "suffix"},
           "edit": FILL | {"input", "spans", "stream"}}
 
 
@@ -39,6 +45,10 @@ class Request:
     call: str = "stream"  # which Runtime method: stream, infill (a completion with a suffix), edit
     suffix: str | list[int] | None = None
     spans: list[tuple[int, int]] | None = None
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None  # how many top logprobs per token (0: the token's own only); None: off
+    tools: bool = False  # tools were offered: answers may carry tool calls
 
 
 def _int(body: dict, key: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
@@ -77,17 +87,20 @@ def _refuse_unless(body: dict, key: str, ok, why: str) -> None:
         raise BadRequest(f"'{key}' {why}")
 
 
-def _messages(v: Any) -> list[dict[str, str]]:
+def _messages(v: Any) -> list[dict[str, Any]]:
     if not isinstance(v, list) or not v:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
     out = []
+    called: set[str] = set()  # the ids of the tool calls so far: a `tool` message answers one of them
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
-        extra = set(m) - {"role", "content", "name"}
+        extra = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
         if extra:
             raise BadRequest(f"messages[{i}] has unsupported fields: {', '.join(sorted(map(str, extra)))}")
         role, content = m.get("role"), m.get("content")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {str(role)[:40]!r}")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -95,10 +108,35 @@ def _messages(v: Any) -> list[dict[str, str]]:
                        for p in content):
                 raise BadRequest(f"messages[{i}].content parts must all be {{'type': 'text', 'text': str}}")
             content = "".join(p["text"] for p in content)
+        calls = m.get("tool_calls")
+        if content is None and role == "assistant" and calls:
+            content = ""
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str)
+                    and isinstance(c["function"].get("arguments", "{}"), str) for c in calls):
+                raise BadRequest(f"messages[{i}].tool_calls must be a list of {{id, type, function: {{name, "
+                                 "arguments}}}} on an assistant message")
+            for c in calls:
+                try:
+                    json.loads(c["function"].get("arguments") or "{}")
+                except ValueError:
+                    raise BadRequest(f"messages[{i}].tool_calls: arguments of {c['id'][:40]!r} are not JSON") from None
+            called |= {c["id"] for c in calls}
+            msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": {
+                "name": c["function"]["name"], "arguments": c["function"].get("arguments") or "{}"}} for c in calls]
+        if role == "tool":
+            cid = m.get("tool_call_id")
+            if not isinstance(cid, str) or cid not in called:
+                raise BadRequest(f"messages[{i}] is a tool result whose tool_call_id {str(cid)[:40]!r} answers no "
+                                 "earlier assistant tool call")
+            msg["tool_call_id"] = cid
+        out.append(msg)
+    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise BadRequest("every message is empty")
     return out
 
@@ -116,6 +154,68 @@ def _prompt(v: Any, vocab: int) -> str | list[int]:
             raise BadRequest(f"'prompt' holds token id {bad[0]}, outside the vocabulary (0..{vocab - 1})")
         return v
     raise BadRequest("'prompt' must be a non-empty string or a list of token ids (one prompt per request)")
+
+
+def _controls(body: dict, vocab: int, chat: bool) -> dict[str, Any]:
+    """Stop sequences, penalties, logit bias, EOS rules and a response format: core options."""
+    kw: dict[str, Any] = {"stop": _stop(body.get("stop")),
+                          "presence_penalty": _num(body, "presence_penalty", -2.0, 2.0),
+                          "frequency_penalty": _num(body, "frequency_penalty", -2.0, 2.0),
+                          "repeat_penalty": _num(body, "repeat_penalty", 0.0, 10.0, lo_open=True),
+                          "repeat_last_n": _int(body, "repeat_last_n", -1, 1 << 20),
+                          "min_tokens": _int(body, "min_tokens", 0, 1 << 20),
+                          "ignore_eos": _bool(body, "ignore_eos") or None}
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > 1024:
+            raise BadRequest("'logit_bias' must be an object of at most 1024 {token id: bias} entries")
+        out = {}
+        for k, v in bias.items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) < vocab):
+                raise BadRequest(f"'logit_bias' key {str(k)[:20]!r} is not a token id (0..{vocab - 1})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise BadRequest(f"'logit_bias' values must be numbers in -100..100, got {str(v)[:20]}")
+            out[int(k)] = float(v)
+        kw["logit_bias"] = out or None
+    kw.update(response_format(body.get("response_format")))
+    for key in ("regex", "grammar"):
+        if body.get(key) is not None:
+            if not isinstance(body[key], str) or not body[key]:
+                raise BadRequest(f"'{key}' must be a non-empty string")
+            if any(k in kw for k in ("json", "json_schema")) or (key == "grammar" and "regex" in kw):
+                raise BadRequest(f"'{key}' and 'response_format' cannot be combined; drop one")
+            kw[key] = body[key]
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _stop(v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise BadRequest("'stop' must be a string or a list of strings")
+    from edge_dlm.decoding.controls import MAX_STOP_LEN, MAX_STOPS
+
+    if len(v) > MAX_STOPS or any(len(s) > MAX_STOP_LEN for s in v):
+        raise BadRequest(f"'stop' takes at most {MAX_STOPS} sequences of at most {MAX_STOP_LEN} characters")
+    return tuple(s for s in v if s) or None
+
+
+def response_format(v: Any) -> dict[str, Any]:
+    """OpenAI's `response_format` -> the core's constraint keywords."""
+    if v is None or v == {"type": "text"}:
+        return {}
+    if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+    if v["type"] == "json_object":
+        return {"json": True}
+    if v["type"] == "text":
+        return {}
+    spec = v.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise BadRequest("'response_format.json_schema' must be {'name': ..., 'schema': {...}, 'strict': bool}")
+    return {"json_schema": spec.get("schema", {"type": "object"})}
 
 
 def _sampling(body: dict, vocab: int) -> dict[str, Any]:
@@ -169,17 +269,17 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
         prompt, raw = _prompt(body["prompt"], vocab), True
     _refuse_unless(body, "model", lambda v: isinstance(v, str), "must be a string")
     _refuse_unless(body, "user", lambda v: isinstance(v, str), "must be a string")
-    _refuse_unless(body, "n", lambda v: v == 1, "must be 1: one completion per request")
-    _refuse_unless(body, "best_of", lambda v: v == 1, "must be 1")
-    _refuse_unless(body, "stop", lambda v: v == [] or v == "", "is not supported: the model stops at its "
-                   "end-of-sequence token (cut the text yourself)")
-    for key in ("presence_penalty", "frequency_penalty"):
-        _refuse_unless(body, key, lambda v: v == 0, "is not supported (only 0)")
-    _refuse_unless(body, "logprobs", lambda v: v is False or v == 0, "is not supported")
-    _refuse_unless(body, "top_logprobs", lambda v: v == 0, "is not supported")
-    _refuse_unless(body, "echo", lambda v: v is False, "is not supported")
-    _refuse_unless(body, "logit_bias", lambda v: v == {}, "is not supported")
-    _refuse_unless(body, "response_format", lambda v: v == {"type": "text"}, "supports only {'type': 'text'}")
+    n = _int(body, "n", 1, MAX_N, 1)
+    _refuse_unless(body, "best_of", lambda v: v == 1 or v == n, "must equal n")
+    echo = _bool(body, "echo")
+    if kind == "chat":
+        lp = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, 20)
+        if top is not None and not lp:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true")
+        logprobs = (top or 0) if lp else None
+    else:
+        logprobs = _int(body, "logprobs", 0, 5)
     _refuse_unless(body, "stream_options", lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
                    and isinstance(v.get("include_usage", False), bool), "must be {'include_usage': bool}")
     mode = body.get("mode", "auto")
@@ -188,7 +288,15 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     auto = mode == "auto"
     mode = default_mode if auto else mode
     max_tokens = _int(body, "max_completion_tokens", 1, context) or _int(body, "max_tokens", 1, context, 256)
-    kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab)}
+    kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab), **_controls(body, vocab, kind == "chat")}
+    if logprobs is not None:
+        kw["logprobs"] = logprobs
+    tools = body.get("tools")
+    if tools is not None and kind == "chat":
+        kw.update(tools=tools, tool_choice=body.get("tool_choice"),
+                  parallel_tool_calls=_bool(body, "parallel_tool_calls", True))
+    elif body.get("tool_choice") not in (None, "none", "auto"):
+        raise BadRequest("'tool_choice' needs 'tools'")
     if auto and mode == "diffusion" and kw["steps"] is None:
         kw["steps"] = default_steps
     if kw["steps"] is not None and kw["block_size"] is not None and kw["steps"] > kw["block_size"]:
@@ -196,9 +304,14 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     stream = _bool(body, "stream")
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
     kw = {k: v for k, v in kw.items() if v is not None}
+    if n > 1 and kw.get("temperature", 0) > 0 and kw.get("seed") is None:
+        import secrets
+
+        kw["seed"] = secrets.randbits(62)  # choice i draws with seed + i: n different samples, reproducible
+    extra = dict(n=n, echo=echo, logprobs=logprobs, tools=bool(tools))
     suffix = body.get("suffix")
     if suffix is None or suffix == "":
-        return Request(prompt, raw, kw, stream, include_usage)
+        return Request(prompt, raw, kw, stream, include_usage, **extra)
     # fill in the middle: the masks between prompt and suffix, at most max_tokens of them (<= the window)
     if not isinstance(suffix, str):
         raise BadRequest("'suffix' must be a string")
@@ -207,4 +320,4 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     fill = {k: v for k, v in kw.items() if k in FILL}
     if body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None:
         fill["max_length"] = min(kw["max_new_tokens"], kw.get("block_size", block))  # a fill is one window
-    return Request(prompt, raw, fill, stream, include_usage, call="infill", suffix=suffix)
+    return Request(prompt, raw, fill, stream, include_usage, call="infill", suffix=suffix, n=n, echo=echo)
