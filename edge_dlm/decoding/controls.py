@@ -139,7 +139,8 @@ def matcher(constraint: Constraint, tokenizer, vocab: int, eos_id: int):
     if m.is_error():
         raise UserError(f"the {constraint.kind.replace('_', ' ')} is not valid: {' '.join(m.get_error().split())[:200]}")
     mask = _allowed(m, vocab)
-    if not bool(mask.any()):
+    only_eos = 0 <= eos_id < vocab and bool(mask[eos_id]) and int(mask.sum()) == 1
+    if not bool(mask.any()) or (only_eos and not m.is_accepting()):  # nothing, not even the empty text
         raise UserError(f"the {constraint.kind.replace('_', ' ')} accepts no output")
     return m
 
