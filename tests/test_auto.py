@@ -357,3 +357,22 @@ def test_server_reports_joules_and_runs_auto_requests(tiny_ckpt, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("damage", [b"[1, 2]", b'{"format": %d, "key": "%s", "rows": "x"}', b"\x00junk", b"", "dir"])
+def test_a_damaged_calibration_table_is_set_aside(tmp_path, monkeypatch, capfd, damage):
+    """A table cut short, junk, valid JSON of the wrong shape or a folder in its place: set aside with
+    one line, then measured again (None here), never a traceback."""
+    from edge_dlm.session import calibrate
+
+    monkeypatch.setattr(calibrate, "cache_file", lambda key: tmp_path / f"{key}.json")
+    path = tmp_path / "k.json"
+    if damage == "dir":
+        path.mkdir()
+    else:
+        if b"%d" in damage:
+            damage = damage % (calibrate.FORMAT, b"k")
+        path.write_bytes(damage)
+    assert calibrate.load_table("k") is None
+    err = capfd.readouterr().err
+    assert err.count("set aside a damaged cache file") == 1 and not path.exists()

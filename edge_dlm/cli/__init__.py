@@ -56,6 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-dlm: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a file the command was pointed at: one line naming it, as for any bad input
+        import errno
+
+        disk = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EFBIG)
+        if exc.filename is None and exc.errno in disk and not isinstance(exc, BrokenPipeError):
+            # a write into an open file failed (the writers leave nothing partial: temp path, then rename)
+            print(f"edge-dlm: error: a write failed: {exc.strerror or exc} (errno {exc.errno}); nothing was left "
+                  "half-written; free space or choose another output folder", file=sys.stderr)
+            return 2
         if exc.filename is None or isinstance(exc, BrokenPipeError):
             raise
         print(f"edge-dlm: error: {os_error(exc.filename, exc, 'file')}", file=sys.stderr)

@@ -22,6 +22,20 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("edge-dlm"))
 
 
+def set_aside(path: str | Path, why: str) -> None:
+    """A damaged cache or data file: renamed `NAME.bad` (kept for a look, never read again) with one line
+    on stderr, so the caller rebuilds or re-measures it; where it cannot be moved, only the line."""
+    import sys
+
+    path = Path(path)
+    try:
+        os.replace(path, path.with_name(path.name + ".bad"))
+        where = f"moved to {path.name}.bad"
+    except OSError as exc:
+        where = f"could not move it ({exc.strerror})"
+    print(f"edge-dlm: set aside a damaged cache file {path} ({why}; {where}); it is rebuilt", file=sys.stderr)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

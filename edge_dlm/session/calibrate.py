@@ -174,12 +174,26 @@ def artifact_dir(key: str) -> Path:
 
 def load_table(key: str) -> Table | None:
     """The cached table for this key, or None (absent, other format, unreadable)."""
+    path = cache_file(key)
     try:
-        d = json.loads(cache_file(key).read_text(encoding="utf-8"))
-        if d.get("format") != FORMAT or d.get("key") != key:
-            return None
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:  # cut short, junk, a folder in its place
+        from edge_dlm.primitives.fsutil import set_aside
+
+        set_aside(path, f"unreadable: {type(exc).__name__}")
+        return None
+    if isinstance(d, dict) and (d.get("format") != FORMAT or d.get("key") != key):
+        return None  # another version's table: measured again, overwritten
+    try:
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
         return Table.from_json(d)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # valid JSON of the wrong shape
+        from edge_dlm.primitives.fsutil import set_aside
+
+        set_aside(path, f"wrong shape: {str(exc)[:80]}")
         return None
 
 

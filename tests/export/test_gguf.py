@@ -4,6 +4,7 @@ package, and (where llama.cpp is installed) decoded by llama.cpp to edge-dlm's o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,21 @@ print(json.dumps(np.asarray(llm.scores[:len(ids)]).tolist()))
         ours = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
     torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=1e-3)
     assert theirs.argmax(-1).tolist() == ours.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("code", [28, 122, 30, 5])  # ENOSPC, EDQUOT, EROFS, EIO
+def test_a_failing_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, code):
+    """A write that fails mid-export (a full disk, a quota, a read-only or failing device): exit 2 with
+    one line, no partial file, the previous artifact at the path intact."""
+    out = tmp_path / "demo.gguf"
+    out.write_bytes(b"the previous artifact")
+
+    def failing(self, *a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", failing)
+    assert export(DEMO_MODEL, "-o", out, "--force") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a write failed" in err[0] and os.strerror(code) in err[0]
+    assert out.read_bytes() == b"the previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.gguf"]
