@@ -36,6 +36,8 @@ section() {  # section TITLE LOGNAME COMMAND...: run it, keep the log, put the c
   echo; } >"$report"
 
 section "Test suite on the GPU" tests.log $py -m pytest -q -p no:cacheprovider -x -rfs tests
+section "Compiled passes under a server's load (CUDA graphs, background compiles)" serving.log \
+    $py scripts/check_compiled_serving.py --device cuda --requests 60
 section "Attention kernel vs SDPA / FlexAttention" kernels.log $py scripts/bench_kernels.py --dtype bfloat16
 shapes="3b 8b"; quants="int4 int8 nf4"
 [ "$quick" = "--quick" ] && shapes="3b" && quants="int4"

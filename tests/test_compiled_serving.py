@@ -58,7 +58,7 @@ def turns(seed: int, n: int) -> list[dict]:
 def test_runtime_switching_modes_every_turn_on_request_threads(tiny_ckpt, monkeypatch):
     """A chat through `Runtime` whose turns each run on a new thread and change mode and settings:
     every turn answers with the eager runtime's tokens, before and after the background compiles."""
-    monkeypatch.setenv("EDGE_DLM_COMPILE_SHAPES", "1000")
+    monkeypatch.setenv("EDGE_DLM_COMPILE_SHAPES", "12")  # past dynamo's 8 graphs per function; ~5 s a compile here
     eager = edge_dlm.load(tiny_ckpt, device="cpu", compile="off")
     fast = edge_dlm.load(tiny_ckpt, device="cpu", compile="on")
     assert isinstance(fast.model.step, compiled.StepFunctions) and fast.model.step.background
@@ -68,9 +68,9 @@ def test_runtime_switching_modes_every_turn_on_request_threads(tiny_ckpt, monkey
     assert [in_thread(fast.generate, p, **kw).output_ids for p, kw in reqs] == want
     fast.model.step.wait()
     step = fast.model.step
-    assert len(step.fns) > 8 and not step.eager, step.summary()  # past dynamo's 8 per function, none failed
+    assert len(step.fns) == 12 and set(step.eager.values()) <= {"limit"}, step.summary()  # none failed
     assert [in_thread(fast.generate, p, **kw).output_ids for p, kw in reqs] == want
-    assert not step.pending and not step.eager
+    assert not step.pending and set(step.eager.values()) <= {"limit"}
 
 
 def test_a_failed_compile_answers_eagerly_with_the_same_tokens(tiny_ckpt, monkeypatch, capfd):

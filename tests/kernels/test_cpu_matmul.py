@@ -511,3 +511,12 @@ def test_the_kernels_switch(monkeypatch, tiny_ckpt):
         for mode in ("ar", "linear-spec"):
             assert on.generate("hello", mode=mode, max_new_tokens=12).output_ids == \
                 off.generate("hello", mode=mode, max_new_tokens=12).output_ids
+
+
+def test_a_broken_build_fails_the_suite():
+    """Where a C compiler exists the kernels must build and load: a build failure is a failure here,
+    with the compiler's message, never a skip elsewhere."""
+    if cpu_matmul.available():
+        pytest.skip(f"{cpu_matmul.available()[0]}: neither a built library nor a compiler")
+    assert cpu_matmul.usable(), f"the CPU kernels did not build: {cpu_matmul.failure()}"
+    assert cpu_matmul.failure() is None
