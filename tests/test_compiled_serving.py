@@ -70,7 +70,9 @@ def test_runtime_switching_modes_every_turn_on_request_threads(tiny_ckpt, monkey
     step = fast.model.step
     assert len(step.fns) == 12 and set(step.eager.values()) <= {"limit"}, step.summary()  # none failed
     assert [in_thread(fast.generate, p, **kw).output_ids for p, kw in reqs] == want
-    assert not step.pending and set(step.eager.values()) <= {"limit"}
+    assert set(step.eager.values()) <= {"limit"}
+    compiled.disable(fast.model)  # drops what the second round queued (bigger cache buckets)
+    assert not step.pending
 
 
 def test_a_failed_compile_answers_eagerly_with_the_same_tokens(tiny_ckpt, monkeypatch, capfd):
@@ -185,6 +187,7 @@ def test_a_compiled_server_answers_hundreds_of_requests_as_the_eager_one(monkeyp
             assert a["usage"]["completion_tokens"] == b["usage"]["completion_tokens"]
         assert not [w for w in step.eager.values() if w != "limit"], step.summary()
     finally:
+        compiled.disable(servers[1][1].model)
         for server, _ in servers:
             server.shutdown()
             server.server_close()

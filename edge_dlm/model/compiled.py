@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -149,14 +150,17 @@ class StepFunctions:
     swapped under a compiled model (`disable` first). On CUDA every pass runs through `torch.compile`:
     its CUDA graphs are managed by its own runtime, and a guard check is small beside a GPU pass.
 
-    With `background`, a new key's first passes run eagerly while a daemon thread compiles it on
-    scratch copies of the pass's inputs (a cache of the same shape: the real one is the request's)."""
+    With `background`, a new key's first passes run eagerly while one daemon thread per model compiles
+    the queued keys in turn, on copies of the pass's inputs (a zeroed cache of the same shape: the real
+    one is the request's); a model that is dropped stops its queue."""
 
     def __init__(self, model: torch.nn.Module, settings: dict, direct: bool, background: bool = False) -> None:
         self.model, self.settings, self.direct, self.background = model, settings, direct, background
         self.fns: dict[tuple, object] = {}  # key -> its compiled function
         self.eager: dict[tuple, str] = {}  # key -> why it runs eagerly
-        self.pending: dict[tuple, threading.Thread] = {}
+        self.pending: dict[tuple, tuple] = {}  # key -> what its background compile needs, in order
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
         self.limit = shape_limit()
         self._said_limit = False
 
@@ -224,31 +228,59 @@ class StepFunctions:
         _log(f"compiling a pass shape failed ({type(exc).__name__}: {first}); that shape runs eagerly from now on")
 
     def _compile_later(self, key: tuple, args: tuple) -> None:
-        scratch = tuple(_scratch(a) for a in args)
-        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-
-        def work() -> None:
-            try:
-                with _BUILDING, torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
-                    self._build(key, scratch)
-            except Exception as exc:  # noqa: BLE001 (as in __call__: the key runs eagerly)
-                self._give_up(key, exc)
-            finally:
-                self.pending.pop(key, None)
-
-        thread = threading.Thread(target=work, name="edge-dlm-compile", daemon=True)
-        self.pending[key] = thread
-        thread.start()
+        """Queue `key` for the one background worker of this model (started when needed). The queue
+        keeps the pass's small inputs and only the cache's shape (a zeroed cache is made when the key's
+        turn comes); the worker holds the model weakly, so a model that is dropped stops compiling."""
+        item = (tuple(_spec(a) for a in args), torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        with self._lock:
+            self.pending[key] = item
+            if self._worker is None:
+                self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="edge-dlm-compile",
+                                                daemon=True)
+                self._worker.start()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for the background compiles in flight (calibration, tests)."""
-        for thread in list(self.pending.values()):
-            thread.join(timeout)
+        """Wait until the background compiles queued so far are done (calibration, tests)."""
+        while True:
+            with self._lock:
+                worker = self._worker
+            if worker is None:
+                return
+            worker.join(timeout)
+            if timeout is not None:
+                return
 
 
-def _scratch(a):
-    """A pass input for a background compile: tensors copied (the cache as zeros of its shape)."""
-    return torch.zeros_like(a) if torch.is_tensor(a) and a.dim() >= 4 else a.clone() if torch.is_tensor(a) else a
+def _work(ref) -> None:
+    """A model's background compiles, one key at a time, while the model lives."""
+    while True:
+        sf = ref()
+        if sf is None:
+            return
+        with sf._lock:
+            if not sf.pending:
+                sf._worker = None
+                return
+            key, (spec, inference, grad) = next(iter(sf.pending.items()))
+        try:
+            with _BUILDING, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                sf._build(key, tuple(_made(a) for a in spec))
+        except Exception as exc:  # noqa: BLE001 (as in __call__: the key runs eagerly)
+            sf._give_up(key, exc)
+        finally:
+            sf.pending.pop(key, None)
+        del sf
+
+
+def _spec(a):
+    """A pass input kept for a background compile: small tensors copied, a cache (4-d) as its shape."""
+    if torch.is_tensor(a):
+        return ("zeros", tuple(a.shape), a.dtype, a.device) if a.dim() >= 4 else a.clone()
+    return a
+
+
+def _made(a):
+    return torch.zeros(a[1], dtype=a[2], device=a[3]) if isinstance(a, tuple) and a and a[0] == "zeros" else a
 
 
 def _own_pass(model: torch.nn.Module):
@@ -308,5 +340,10 @@ def record(root: Path, key: str, eager: float, compiled: float) -> None:
 
 
 def disable(model: torch.nn.Module) -> None:
+    """Eager passes again; background compiles not yet started are dropped."""
+    step = getattr(model, "step", None)
+    if isinstance(step, StepFunctions):
+        with step._lock:
+            step.pending.clear()
     model.step = model.cached_pass
     model.compiled = False
