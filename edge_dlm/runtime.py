@@ -15,6 +15,7 @@ with `finish_reason == "cancelled"`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -263,7 +264,8 @@ class Runtime:
         """
         tools = kw.get("tools") if kw.get("tool_choice") != "none" else None
         ids, opts = self.prepare(prompt, raw=raw, **kw)
-        with self._lock:
+        serving = getattr(getattr(self.model, "step", None), "serving", contextlib.nullcontext)
+        with self._lock, serving():  # no background compile starts while a request decodes
             for event in self._run(ids, opts, cancel):
                 if tools and isinstance(event, Done):  # the calls, parsed from the constrained text
                     from edge_dlm.decoding.tools import parse_calls

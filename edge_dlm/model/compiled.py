@@ -14,6 +14,7 @@ second process finds the kernels already built and only re-traces (seconds).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -161,6 +162,9 @@ class StepFunctions:
         self.pending: dict[tuple, tuple] = {}  # key -> what its background compile needs, in order
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._busy = 0  # requests decoding now (`serving`): background compiles start only between them
+        self._idle = threading.Event()
+        self._idle.set()
         self.limit = shape_limit()
         self._said_limit = False
 
@@ -239,6 +243,22 @@ class StepFunctions:
                                                 daemon=True)
                 self._worker.start()
 
+    @contextlib.contextmanager
+    def serving(self):
+        """Around a request: a background compile starts only while no request decodes (dynamo traces
+        in Python: beside a decode it took the GIL from the eager passes, 8x slower on the demo model),
+        so a one-shot command never compiles and a server or a chat compiles between requests."""
+        with self._lock:
+            self._busy += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the background compiles queued so far are done (calibration, tests)."""
         while True:
@@ -257,6 +277,14 @@ def _work(ref) -> None:
         sf = ref()
         if sf is None:
             return
+        idle = sf._idle
+        del sf
+        idle.wait(1.0)  # between requests (`serving`); the model is held only while building
+        sf = ref()
+        if sf is None:
+            return
+        if not sf._idle.is_set():
+            continue
         with sf._lock:
             if not sf.pending:
                 sf._worker = None
