@@ -91,8 +91,9 @@ def enable(model: torch.nn.Module, root: Path | None = None, background: bool = 
     (`reduce-overhead`). The settings travel with each compile (`options`), not through the global
     config: torch's config is per thread, and a server decodes on its request threads.
 
-    `background`: a pass shape met for the first time runs eagerly while a thread compiles it (a
-    server, a chat, the Python API: no request waits for a compile); else it compiles there and then.
+    `background`: a pass shape met for the first time runs eagerly and a thread compiles it between
+    requests (`StepFunctions.serving`; a server, a chat, the Python API: no request waits for a compile);
+    else it compiles there and then.
     """
     if root is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
