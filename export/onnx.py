@@ -80,7 +80,9 @@ def export_graph(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     shapes = {"input_ids": {1: dyn}, "position_ids": {1: dyn}, "attn_mask": {0: dyn, 1: dyn},
               "past_keys": {2: dyn}, "past_values": {2: dyn}, "use_lora": None}
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8 * 2**30
-    with warnings.catch_warnings():
+    from edge_dlm.model.compiled import exclusive
+
+    with warnings.catch_warnings(), exclusive():  # never beside a background compile's trace
         warnings.simplefilter("ignore")
         program = torch.onnx.export(StepGraph(model), example_inputs(model.config, dtype), dynamo=True,
                                     input_names=INPUTS, output_names=OUTPUTS, dynamic_shapes=shapes,

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -166,6 +167,7 @@ class StepFunctions:
         self._busy = 0  # requests decoding now (`serving`): background compiles start only between them
         self._idle = threading.Event()
         self._idle.set()
+        self._idle_since = time.monotonic()
         self.limit = shape_limit()
         self._said_limit = False
 
@@ -258,6 +260,7 @@ class StepFunctions:
             with self._lock:
                 self._busy -= 1
                 if not self._busy:
+                    self._idle_since = time.monotonic()
                     self._idle.set()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -281,10 +284,15 @@ def _work(ref) -> None:
         idle = sf._idle
         del sf
         idle.wait(1.0)  # between requests (`serving`); the model is held only while building
+        if _EXITING.is_set():
+            return
         sf = ref()
         if sf is None:
             return
-        if not sf._idle.is_set():
+        quiet = time.monotonic() - sf._idle_since
+        if not sf._idle.is_set() or quiet < IDLE_S:
+            del sf
+            time.sleep(max(IDLE_S - quiet, 0.05))
             continue
         with sf._lock:
             if not sf.pending:
@@ -293,6 +301,8 @@ def _work(ref) -> None:
             key, (spec, inference, grad) = next(iter(sf.pending.items()))
         try:
             with _BUILDING, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                if _EXITING.is_set():
+                    return
                 sf._build(key, tuple(_made(a) for a in spec))
         except Exception as exc:  # noqa: BLE001 (as in __call__: the key runs eagerly)
             sf._give_up(key, exc)
@@ -341,8 +351,29 @@ def direct(model: torch.nn.Module, fn, args: tuple):
     return None
 
 
-# Building a step function: one at a time
-_BUILDING = threading.Lock()
+# Building a step function: one at a time, and never beside another dynamo trace of this process (an
+# ONNX export takes it too, `exclusive`: two traces at once corrupted each other's state)
+_BUILDING = threading.RLock()
+_EXITING = threading.Event()
+IDLE_S = 2.0  # a model idle this long may compile in the background: a one-shot command has exited
+
+
+def exclusive():
+    """Hold this around any other dynamo trace in the process (`torch.export`, the ONNX exporter)."""
+    return _BUILDING
+
+
+def _at_exit() -> None:
+    """At interpreter exit: no new background compile, and one in flight finishes first (a process that
+    ended beside inductor's threads aborted: "terminate called without an active exception")."""
+    _EXITING.set()
+    if _BUILDING.acquire(timeout=300):
+        _BUILDING.release()
+
+
+import atexit  # noqa: E402 (beside what it guards)
+
+atexit.register(_at_exit)
 
 
 def measured_faster(root: Path, key: str) -> bool:

@@ -400,14 +400,9 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 return self.stream(rid, obj, chat, req, runs)
             choices, results = [], []
             for i, events in enumerate(runs()):
-                text, result = [], None
-                for ev in events:
-                    if isinstance(ev, Text):
-                        text.append(ev.delta)
-                    elif isinstance(ev, Done):
-                        result = ev.result
+                text, result = collect(events)
                 results.append(result)
-                choices.append(self.choice(i, chat, req, "".join(text), result))
+                choices.append(self.choice(i, chat, req, text, result))
             if self.cancelled_by_client():
                 return
             self.send_json(200, {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
@@ -498,6 +493,20 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             self.close_connection = True
 
     return Handler
+
+
+def collect(events) -> tuple[str, object]:
+    """A non-streamed answer: its text and its `Result` (None if the events ended without one)."""
+    from edge_dlm.decoding import Done
+    from edge_dlm.runtime import Text
+
+    text, result = [], None
+    for ev in events:
+        if isinstance(ev, Text):
+            text.append(ev.delta)
+        elif isinstance(ev, Done):
+            result = ev.result
+    return "".join(text), result
 
 
 def finish(result, timed_out: threading.Event | None = None) -> str:

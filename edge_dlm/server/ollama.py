@@ -177,15 +177,12 @@ def respond(handler, kind: str, req: Request, runs, model_name: str) -> None:
 
     events = next(iter(runs()))
     if not req.stream:
-        text, result = [], None
-        for ev in events:
-            if isinstance(ev, Text):
-                text.append(ev.delta)
-            elif isinstance(ev, Done):
-                result = ev.result
+        from edge_dlm.server.app import collect
+
+        text, result = collect(events)
         if handler.cancelled_by_client():
             return
-        handler.send_json(200, final(result, "".join(text) if not (result and result.tool_calls) else ""))
+        handler.send_json(200, final(result, text if not (result and result.tool_calls) else ""))
         return
     handler.send_response(200)
     handler.send_header("Content-Type", "application/x-ndjson")
