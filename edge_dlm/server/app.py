@@ -400,7 +400,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 return self.stream(rid, obj, chat, req, runs)
             choices, results = [], []
             for i, events in enumerate(runs()):
-                text, result = collect(events)
+                text, result = ollama.collect(events)
                 results.append(result)
                 choices.append(self.choice(i, chat, req, text, result))
             if self.cancelled_by_client():
@@ -493,20 +493,6 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             self.close_connection = True
 
     return Handler
-
-
-def collect(events) -> tuple[str, object]:
-    """A non-streamed answer: its text and its `Result` (None if the events ended without one)."""
-    from edge_dlm.decoding import Done
-    from edge_dlm.runtime import Text
-
-    text, result = [], None
-    for ev in events:
-        if isinstance(ev, Text):
-            text.append(ev.delta)
-        elif isinstance(ev, Done):
-            result = ev.result
-    return "".join(text), result
 
 
 def finish(result, timed_out: threading.Event | None = None) -> str:

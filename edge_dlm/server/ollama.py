@@ -177,8 +177,6 @@ def respond(handler, kind: str, req: Request, runs, model_name: str) -> None:
 
     events = next(iter(runs()))
     if not req.stream:
-        from edge_dlm.server.app import collect
-
         text, result = collect(events)
         if handler.cancelled_by_client():
             return
@@ -204,6 +202,20 @@ def respond(handler, kind: str, req: Request, runs, model_name: str) -> None:
             handler.wfile.flush()
     except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
         handler.cancel_events(events)
+
+
+def collect(events) -> tuple[str, object]:
+    """A non-streamed answer: its text and its `Result` (None if the events ended without one)."""
+    from edge_dlm.decoding import Done
+    from edge_dlm.runtime import Text
+
+    text, result = [], None
+    for ev in events:
+        if isinstance(ev, Text):
+            text.append(ev.delta)
+        elif isinstance(ev, Done):
+            result = ev.result
+    return "".join(text), result
 
 
 def loaded(model_name: str, kind: str) -> dict:
