@@ -125,17 +125,15 @@ def _llguidance():
     return llguidance
 
 
-_TOKENIZERS: dict[int, Any] = {}  # id(edge-dlm Tokenizer) -> llguidance's (built once: ~10 ms to 1 s)
-
-
 def matcher(constraint: Constraint, tokenizer, vocab: int, eos_id: int):
     """A fresh llguidance matcher of `constraint` over `tokenizer` (ours: its `tokenizer.json`)."""
     ll = _llguidance()
     grammar = constraint.grammar()
-    key = id(tokenizer)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = ll.LLTokenizer(tokenizer.json(), n_vocab=vocab, eos_token=eos_id)
-    m = ll.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)
+    key = (vocab, eos_id)  # llguidance's tokenizer, built once per tokenizer (~10 ms to 1 s), kept on it
+    built = getattr(tokenizer, "_llguidance", None)
+    if built is None or built[0] != key:
+        built = tokenizer._llguidance = (key, ll.LLTokenizer(tokenizer.json(), n_vocab=vocab, eos_token=eos_id))
+    m = ll.LLMatcher(built[1], grammar, log_level=0)
     if m.is_error():
         raise UserError(f"the {constraint.kind.replace('_', ' ')} is not valid: {' '.join(m.get_error().split())[:200]}")
     mask = _allowed(m, vocab)

@@ -45,20 +45,19 @@ def _options(o: Any, context: int, vocab: int) -> dict[str, Any]:
     unknown = sorted(str(k) for k in o if k not in OPTIONS | IGNORED)
     if unknown:
         raise BadRequest(f"invalid option provided: {unknown[0][:40]}")
-    from edge_dlm.server.schema import _controls, _int, _num, _sampling
+    from edge_dlm.server.schema import _controls, _int, _sampling
 
     body = {k: v for k, v in o.items() if k in OPTIONS}
     kw = {**_sampling({k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "block_size", "steps",
                                                    "threshold")}, vocab),
           **_controls({k: body.get(k) for k in ("stop", "repeat_penalty", "repeat_last_n", "presence_penalty",
-                                                  "frequency_penalty", "min_tokens")}, vocab, True)}
+                                                  "frequency_penalty", "min_tokens")}, vocab)}
     if kw.get("temperature") is None:
         kw.pop("temperature", None)
     n = _int(body, "num_predict", -2, 1 << 30)
     if n is not None:
         kw["max_new_tokens"] = context if n < 0 else max(n, 1)
     _int(body, "num_ctx", 1, 1 << 30)  # accepted: the model's context is its own
-    _num(body, "threshold", 0.0, 1.0)
     mode = body.get("mode")
     if mode is not None:
         if mode not in MODES:

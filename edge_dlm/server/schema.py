@@ -156,7 +156,7 @@ def _prompt(v: Any, vocab: int) -> str | list[int]:
     raise BadRequest("'prompt' must be a non-empty string or a list of token ids (one prompt per request)")
 
 
-def _controls(body: dict, vocab: int, chat: bool) -> dict[str, Any]:
+def _controls(body: dict, vocab: int) -> dict[str, Any]:
     """Stop sequences, penalties, logit bias, EOS rules and a response format: core options."""
     kw: dict[str, Any] = {"stop": _stop(body.get("stop")),
                           "presence_penalty": _num(body, "presence_penalty", -2.0, 2.0),
@@ -288,7 +288,7 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     auto = mode == "auto"
     mode = default_mode if auto else mode
     max_tokens = _int(body, "max_completion_tokens", 1, context) or _int(body, "max_tokens", 1, context, 256)
-    kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab), **_controls(body, vocab, kind == "chat")}
+    kw = {"mode": mode, "max_new_tokens": max_tokens, **_sampling(body, vocab), **_controls(body, vocab)}
     if logprobs is not None:
         kw["logprobs"] = logprobs
     tools = body.get("tools")
