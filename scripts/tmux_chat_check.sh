@@ -2,15 +2,19 @@
 # `edge-dlm chat` in a real terminal under tmux, as a user sees it, at 80x24 and 120x40:
 #  - the reply is on screen while it streams and at its end, without any key pressed;
 #  - the status line and the footer fit the width (F4 shows, the status line is not cut);
-#  - the chat's tok/s is within 10% of `edge-dlm generate` on the same model, mode and engine,
-#    measured alternately in this run (the median over ROUNDS of each round's chat / generate ratio).
-# Usage: scripts/tmux_chat_check.sh [MODEL_DIR] [ROUNDS]   (default: the bundled demo model, 3)
-# Exit 0 when every check holds; prints the screens and the numbers either way.
+#  - the chat's tok/s against `edge-dlm generate` on the same model, mode and engine, measured
+#    alternately in this run (the median over ROUNDS of each round's chat / generate ratio): at least
+#    MIN_RATIO (default 0.9, the target; the test suite asks 0.6, which only a chat that waits on its
+#    screen misses: this VM's runs of the same command differ by +-20%, so 0.9 is a benchmark, not a test).
+# Usage: [MIN_RATIO=0.9] scripts/tmux_chat_check.sh [MODEL_DIR] [ROUNDS]   (default: the demo model, 3)
+# Exit 0 when every check holds; prints the screens and the numbers either way. The last line says
+# "ok", or "speed skipped" when the machine was busier than its cores (the ratio then is not asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model_arg=()
 [ $# -ge 1 ] && [ -n "$1" ] && model_arg=(--model "$1")
 rounds=${2:-3}
+min_ratio=${MIN_RATIO:-0.9}
 tokens=1500
 prompt="Write a Python function is_even(n)."
 data=$(mktemp -d)
@@ -70,14 +74,14 @@ print(sum(1 for r in rows if len(r) >= 3 and " ".join(r.split()) in t))' "$expec
 chat_rate 80 24 look >/dev/null
 chat_rate 120 40 look >/dev/null
 poll=1  # while timing, look rarely: the check must not take the CPU the chat decodes on
-compare() {  # alternately, so both see the same machine; exit 0 when the chat is within 10%
+compare() {  # alternately, so both see the same machine; exit 0 when the ratio is at least $min_ratio
   local chats=() gens=()
   for _ in $(seq 1 "$rounds"); do
     gens+=("$(.venv/bin/edge-dlm generate "${model_arg[@]}" --mode ar --engine torch --max-new-tokens $tokens \
       --prompt "$prompt" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
     chats+=("$(chat_rate 100 30 | tail -1)")
   done
-  python3 - "${chats[*]}" "${gens[*]}" <<'EOF'
+  python3 - "${chats[*]}" "${gens[*]}" "$min_ratio" <<'EOF'
 import statistics, sys
 chat = [float(x) for x in sys.argv[1].split()]
 gen = [float(x) for x in sys.argv[2].split()]
@@ -88,14 +92,14 @@ ratios = [c / g for c, g in zip(chat, gen)]
 r = statistics.median(ratios)
 print(f"chat tok/s {chat} (best {max(chat):.1f}); generate tok/s {[round(x, 1) for x in gen]} (best {max(gen):.1f}); "
       f"chat/generate per round {[round(x, 3) for x in ratios]}, median {r:.3f}")
-sys.exit(0 if r >= 0.9 else 1)
+sys.exit(0 if r >= float(sys.argv[3]) else 1)
 EOF
 }
 # The ratio is a wall-clock comparison: measured twice at most (a second look when the first fell within
 # the machine's noise), and only reported, not asserted, on a machine already busier than its cores.
 busy=$(python3 -c 'import os; print(int(os.getloadavg()[0] > len(os.sched_getaffinity(0))))')
 if ! compare && ! compare; then
-  if [ "$busy" = 1 ]; then echo "machine busy (load above its cores): the ratio is reported, not asserted"
-  else echo "FAIL: the chat decodes more than 10% slower than generate"; exit 1; fi
+  if [ "$busy" = 1 ]; then echo "tmux chat check: speed skipped (load above the cores: the ratio is reported, not asserted)"; exit 0
+  else echo "FAIL: the chat decodes at less than $min_ratio of generate's speed"; exit 1; fi
 fi
-echo "tmux chat check: ok"
+echo "tmux chat check: ok (chat/generate at least $min_ratio)"
