@@ -17,7 +17,12 @@ endif
 # user cache when it measures faster (the demo model: ~2x).
 ONNX_PINS ?= onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2
 TEST_PINS ?= triton==3.7.1 $(ONNX_PINS) bitsandbytes==0.50.2 tensorrt-rtx-cu13==1.7.1.116 \
-	compressed-tensors==0.20.0 import-linter==2.17 llguidance==1.9.1 openai==3.60.0 ollama==0.6.3 jsonschema==4.26.0
+	compressed-tensors==0.20.0 import-linter==2.17 llguidance==1.9.1 openai==3.60.0 ollama==0.6.3 jsonschema==4.26.0 \
+	llama-cpp-python==0.3.36
+# llama.cpp's Python binding builds from source (4.3 minutes on this 2-core machine; pip keeps the built wheel in
+# its cache, so a second setup reuses it): the library alone, for the GGUF checks and bench_llamacpp.py
+LLAMA_CMAKE ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 VENV := .venv
 TAG := $(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.' _)
 CHAT_STAMP := $(VENV)/.chat-$(TAG)
@@ -42,7 +47,8 @@ $(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
 
 $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(install_torch)
-	$(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx,structured]' $(TEST_PINS)
+	CMAKE_ARGS='$(LLAMA_CMAKE)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx,structured,llamacpp]' $(TEST_PINS)
 	touch $@
 
 chat: $(CHAT_STAMP)

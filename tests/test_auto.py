@@ -375,4 +375,4 @@ def test_a_damaged_calibration_table_is_set_aside(tmp_path, monkeypatch, capfd, 
         path.write_bytes(damage)
     assert calibrate.load_table("k") is None
     err = capfd.readouterr().err
-    assert err.count("set aside a damaged cache file") == 1 and not path.exists()
+    assert err.count("set aside the damaged file") == 1 and not path.exists()

@@ -32,12 +32,32 @@ class Store:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not str(exc).startswith(("no such column", "no such table")):
+                raise  # locked, read-only, unreadable: the caller says the chat is not saved, and why
+            from edge_dlm.primitives.fsutil import set_aside  # not a database, malformed, another schema
+
+            for side in ("-wal", "-shm"):
+                Path(str(self.path) + side).unlink(missing_ok=True)
+            set_aside(self.path, f"not a readable chat database: {exc}")
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(SCHEMA)
+            db.execute("SELECT id, title, updated FROM conversations LIMIT 1").fetchall()
+            db.execute("SELECT id, conversation, role, content, created, meta FROM messages LIMIT 1").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _write(self, sql: str, args: tuple) -> int:
         with self._lock:

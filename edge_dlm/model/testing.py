@@ -30,15 +30,20 @@ SAMPLE_TEXT = [
 ]
 
 
-def build_tokenizer(texts, vocab_size: int, out_dir: Path, chat_template: str = CHAT_TEMPLATE) -> int:
+def build_tokenizer(texts, vocab_size: int, out_dir: Path, chat_template: str = CHAT_TEMPLATE,
+                    split: str | None = None) -> int:
     """Train a byte-level BPE on `texts`, write tokenizer.json + tokenizer_config.json; return its size.
+    `split`: a regex that splits text before the byte-level step (as Tekken tokenizers do, e.g.
+    `edge_dlm.primitives.tokenizer.TEKKEN_REGEX`); None: GPT-2's, inside the byte-level step.
 
     Special tokens take ids 0..5: <unk>, <s> (bos), </s> (eos), <mask>, [INST], [/INST].
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -103,13 +108,14 @@ def write_lora(path: Path, cfg: NLDConfig, *, r: int = 4, alpha: float = 16.0, s
 
 
 def write_tiny_checkpoint(path: str | Path, *, seed: int = 0, lora: bool = False,
-                          vocab_size: int = 320, **config_kw) -> Path:
-    """Write config.json, model.safetensors, tokenizer files (and a LoRA drafter) into `path`."""
+                          vocab_size: int = 320, texts=None, split: str | None = None, **config_kw) -> Path:
+    """Write config.json, model.safetensors, tokenizer files (and a LoRA drafter) into `path`; the
+    tokenizer is trained on `texts` (default: a few lines of prose and code), split by `split`."""
     from edge_dlm.model.weights import save_checkpoint
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    n = build_tokenizer(SAMPLE_TEXT * 4, vocab_size, path)
+    n = build_tokenizer(SAMPLE_TEXT * 4 if texts is None else texts, vocab_size, path, split=split)
     cfg = tiny_config(max(n, vocab_size), **config_kw)
     save_checkpoint(random_state(cfg, seed), cfg, path)
     if lora:

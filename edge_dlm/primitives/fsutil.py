@@ -33,7 +33,7 @@ def set_aside(path: str | Path, why: str) -> None:
         where = f"moved to {path.name}.bad"
     except OSError as exc:
         where = f"could not move it ({exc.strerror})"
-    print(f"edge-dlm: set aside a damaged cache file {path} ({why}; {where}); it is rebuilt", file=sys.stderr)
+    print(f"edge-dlm: set aside the damaged file {path} ({why}; {where}); a new one is made", file=sys.stderr)
 
 
 def _umask() -> int:
@@ -53,9 +53,9 @@ def _alive(pid: int) -> bool:
 
 
 def recover(target: Path) -> None:
-    """Tidy what an interrupted `atomic_dir` left beside `target`: a previous artifact moved aside by a
-    `--force` swap that was killed goes back into place, and the temporary and old folders of dead
-    processes are removed."""
+    """Tidy what an interrupted write left beside `target`: a previous artifact moved aside by a
+    `--force` swap that was killed goes back into place, and the temporary files and folders of dead
+    processes (`.NAME.tmp-PID-*`, `.NAME.old-PID`) are removed."""
     if not target.parent.is_dir():
         return
     for kind in ("old", "tmp"):
@@ -65,8 +65,11 @@ def recover(target: Path) -> None:
                 continue
             if kind == "old" and not target.exists() and not target.is_symlink():
                 p.rename(target)  # the swap was interrupted after the old artifact moved aside
-            else:
+            elif p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -130,10 +133,17 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
+def temp_file(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside `path`, named for this process so that the next write
+    to `path` removes it if this process is killed first (`recover`)."""
+    recover(path)
+    return tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, then rename it into place."""
     path = check_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -137,6 +137,14 @@ def _sandbox(deadline: float):
     return env
 
 
+# Split regexes of byte-level BPE tokenizers: GPT-2's (what `ByteLevel(use_regex=True)` splits with) and
+# the Tekken family's (Mistral's; NLD's vocabulary), as their tokenizer.json files write them
+GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 class Tokenizer:
     def __init__(self, tok: Any, config: dict[str, Any]) -> None:
         self._tok = tok

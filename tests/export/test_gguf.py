@@ -140,9 +140,56 @@ def test_a_failing_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, ca
     def failing(self, *a, **k):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", failing)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
     assert export(DEMO_MODEL, "-o", out, "--force") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a write failed" in err[0] and os.strerror(code) in err[0]
     assert out.read_bytes() == b"the previous artifact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.gguf"]
+
+
+def test_a_killed_exports_temporary_file_is_removed_by_the_next(tmp_path):
+    """The export writes `.NAME.tmp-PID-*` beside the file; a kill (the OOM killer) leaves it, and the
+    next export to that path removes it when its process is gone (a live one's is left alone)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".demo.gguf.tmp-{dead}-x1y2"
+    stale.write_bytes(b"")
+    live = tmp_path / f".demo.gguf.tmp-{os.getpid()}-busy"
+    live.write_bytes(b"")
+    assert export(DEMO_MODEL, "-o", tmp_path / "demo.gguf") == 0
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "demo.gguf", "demo.Modelfile"])
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """The file's size is known from the headers before a byte is written: a folder with less room is
+    one line naming both numbers, and nothing is written."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    assert export(DEMO_MODEL, "-o", tmp_path / "demo.gguf") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GiB free" in err and "needs about" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_blocks_hold_edge_dlms_own_weights(tmp_path, quant, bits):
+    """Q8_0 / Q4_0 blocks, dequantized by the gguf package (llama.cpp's own reader), are bit for bit the
+    weights edge-dlm's int8 / int4 at group size 32 multiplies by."""
+    from edge_dlm.model.quant import dequantize, quantize
+
+    out = tmp_path / "q.gguf"
+    assert export(DEMO_MODEL, "-o", out, "--quant", quant) == 0
+    ts = read_back(out)["tensors"]
+    model = load_model(DEMO_MODEL)
+    layer = model.encoder.layers[0]
+    for name, w in (("blk.0.attn_q.weight", permute_rope(layer.self_attn.q_proj.weight, 3)),
+                    ("blk.0.ffn_down.weight", layer.mlp.down_proj.weight),
+                    ("output.weight", model.diffusion_head.weight)):
+        q = quantize(w, bits, 32, symmetric=True)
+        ours = dequantize(q["qweight"], q["scales"], None, bits)
+        theirs = torch.from_numpy(dequant(ts[name]).astype(np.float32))
+        assert torch.equal(theirs, ours), name

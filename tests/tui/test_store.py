@@ -50,3 +50,29 @@ def test_conversations_listed_newest_first(tmp_path):
     b = s.new_conversation("b")
     s.add_message(a, "user", "x")
     assert [c[0] for c in s.conversations()] == [a, b]
+
+
+def test_a_damaged_database_is_set_aside_and_a_new_one_made(tmp_path, capsys):
+    """Junk, a file cut short, another program's tables: moved to NAME.bad with one line, and chats are
+    saved again at once (never a chat that silently stops saving)."""
+    good = tmp_path / "good.sqlite3"
+    s = Store(good)
+    s.add_message(s.new_conversation("t"), "user", "x" * 20000)
+    s._db.close()
+    cases = {"junk": b"not a database at all " * 100, "cut": good.read_bytes()[:3000]}
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, text TEXT)")
+    cases["schema"] = other.read_bytes()
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.sqlite3"
+        path.write_bytes(data)
+        capsys.readouterr()
+        store = Store(path)
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "set aside the damaged file" in err, (name, err)
+        assert (tmp_path / f"{name}.sqlite3.bad").exists()  # kept for a look (SQLite may have touched its header)
+        c = store.new_conversation("again")
+        store.add_message(c, "user", "saved")
+        assert [t for _, t, _ in store.conversations()] == ["again"]
+

@@ -1,0 +1,119 @@
+"""Peak memory of `edge-dlm export --target gguf` on a checkpoint at a real NLD shape and depth.
+
+    .venv/bin/python scripts/bench_export_memory.py --shape 3b --out bench_results/export_memory.json
+
+Writes a random bfloat16 checkpoint at the shape (full depth unless --layers), one shard per layer so
+that writing it takes one layer's memory, then exports it to GGUF as BF16, Q8_0 and Q4_0, each in its own
+process, and records each export's peak resident memory (the kernel's `ru_maxrss` of the child), wall
+time and file size, beside the checkpoint's size. The export reads the checkpoint a slice of rows at a
+time and writes each tensor as it is converted, so its peak follows the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def write_sharded(cfg, out: Path) -> int:
+    """A random bf16 checkpoint, one safetensors shard per layer (plus one for the rest); returns bytes."""
+    from safetensors.torch import save_file
+
+    from edge_dlm.model.testing import SAMPLE_TEXT, build_tokenizer
+    from edge_dlm.model.weights import expected_shapes
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(SAMPLE_TEXT * 4, 512, out)
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "bfloat16"}, indent=2))
+    groups: dict[str, list[tuple[str, tuple]]] = {}
+    for name, shape in expected_shapes(cfg).items():
+        key = name.split(".")[2] if name.startswith("encoder.layers.") else "rest"
+        groups.setdefault(key, []).append((name, shape))
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, (key, items) in enumerate(groups.items()):
+        shard = f"model-{i:05d}.safetensors"
+        tensors = {}
+        for name, shape in items:
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            if name.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02, generator=g)
+            tensors[name] = t
+            weight_map[name] = shard
+            total += t.numel() * 2
+        save_file(tensors, str(out / shard))
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    return total
+
+
+def main() -> int:
+    from edge_dlm.cli.bench_shapes import shape_config
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=("3b", "8b"), default="3b")
+    p.add_argument("--layers", type=int, default=None, help="default: the shape's full depth")
+    p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one; needs ~3x the model)")
+    p.add_argument("--out", default=str(ROOT / "bench_results" / "export_memory.json"))
+    a = p.parse_args()
+    cfg = shape_config(a.shape, a.layers)
+    work = Path(a.work or tempfile.mkdtemp(prefix="edge-dlm-export-mem-"))
+    try:
+        t0 = time.perf_counter()
+        size = write_sharded(cfg, work / "ckpt")
+        print(f"checkpoint: {cfg.num_hidden_layers} layers, {size / 2**30:.2f} GiB bf16 "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows = []
+        for fmt in a.formats:
+            args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16"]
+            out = work / f"{fmt}.gguf"
+            t0 = time.perf_counter()
+            # each export under its own wrapper process: RUSAGE_CHILDREN's peak is then this export's alone
+            run = subprocess.run([sys.executable, "-c", WRAP, str(ROOT / ".venv" / "bin" / "edge-dlm"), "export",
+                                  str(work / "ckpt"), "-o", str(out), "--target", "gguf", *args, "--force"],
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if run.returncode != 0:
+                print(run.stderr[-2000:], file=sys.stderr)
+                return 1
+            peak = int(run.stdout.strip().splitlines()[-1])  # KiB
+            row = {"format": fmt, "peak_rss_gib": round(peak / 2**20, 2),
+                   "wall_s": round(wall, 1), "file_gib": round(out.stat().st_size / 2**30, 2)}
+            rows.append(row)
+            print(row, flush=True)
+            out.unlink()
+        result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip(),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+                  "shape": a.shape, "layers": cfg.num_hidden_layers, "checkpoint_gib": round(size / 2**30, 2),
+                  "exports": rows}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+        return 0
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
