@@ -1,5 +1,5 @@
-"""Every command block of the README runs as written, from the repository root, and no link leaves the
-repository. A command that cannot run on a CPU machine without a network says so itself with a
+"""Every command block of the README and of every docs/ page runs as written, from the repository root,
+and no link leaves the repository; the README stays a front page that links every docs page. A command that cannot run on a CPU machine without a network says so itself with a
 `# needs: ...` comment and is skipped (the reason is checked, not invented here); a server started with
 `&` and a `# server` comment runs in the background for the rest of its block. Each command is bounded."""
 
@@ -18,14 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLI = ROOT / ".venv" / "bin" / "edge-dlm"
 TIMEOUT = 300  # seconds for one command (the default bench takes ~40 s on the CI machine)
 
 
 def blocks(lang: str) -> list[list[str]]:
-    """The README's ```lang blocks, each as its logical lines (backslash continuations joined)."""
+    """The ```lang blocks of the README and the docs pages, each as its logical lines (backslash
+    continuations joined)."""
     out = []
-    for body in re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S):
+    text = "\n".join(p.read_text(encoding="utf-8") for p in PAGES)
+    for body in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S):
         lines, cur = [], ""
         for line in body.splitlines():
             if line.rstrip().endswith("\\") and not line.lstrip().startswith("#"):
@@ -66,13 +69,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 180) -> No
 
 
 def test_no_link_leaves_the_repository():
-    assert "../shared" not in README
-    for target in re.findall(r"\]\(([^)\s]+)\)", README):
-        if target.startswith(("http://", "https://", "#", "mailto:")):
-            continue
-        path = (ROOT / target.split("#")[0]).resolve()
-        assert ROOT in path.parents or path == ROOT, f"{target} points outside the repository"
-        assert path.exists(), f"{target} does not exist"
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        assert "../shared" not in text, page.name
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert ROOT in path.parents or path == ROOT, f"{page.name}: {target} points outside the repository"
+            assert path.exists(), f"{page.name}: {target} does not exist"
+
+
+def test_the_readme_is_a_front_page():
+    """About 150 lines, and every docs page is one link away."""
+    assert len(README.splitlines()) <= 160
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in README, f"README does not link docs/{page.name}"
 
 
 def test_every_skip_says_why():
@@ -123,13 +135,29 @@ def test_every_command_block_runs_as_written(tmp_path):
     finally:
         if not had_exports:
             shutil.rmtree(ROOT / "exports", ignore_errors=True)
-    assert len(ran) >= 20 and len(skipped) <= 18, (len(ran), skipped)  # most of it runs here
+    assert len(ran) >= 30 and len(skipped) <= 24, (len(ran), skipped)  # most of it runs here
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("i", range(len(blocks("python"))))
 def test_every_python_block_runs(i, tmp_path):
+    """A block that talks to a server on 127.0.0.1:PORT (a client example) gets `edge-dlm serve --port PORT`
+    running beside it, as its page says to start first."""
     code = "\n".join(blocks("python")[i])
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-                       env={**os.environ, "XDG_DATA_HOME": str(tmp_path)})
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
+    server = None
+    m = re.search(r"127\.0\.0\.1:(\d+)", code)
+    if m:
+        if not CLI.exists():
+            pytest.skip("needs the .venv CLI to start the server the example talks to (make test builds it)")
+        server = subprocess.Popen([str(CLI), "serve", "--port", m.group(1)], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(int(m.group(1)), server)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                           env=env)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
