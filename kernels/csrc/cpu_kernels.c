@@ -2,7 +2,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  /* the SIMD paths below are x86 only; every other CPU builds the portable loops */
+#endif
 
 /* Matmuls y [M, N] = x [M, K] . W [N, K]^T on the CPU (see the module docstring):
      x16_gemm: int8 / int4 weights in the 16-row layout, x rounded to int8 per block of 32 columns;

@@ -1,0 +1,58 @@
+/* The CPU kernels on fixed pseudo-random inputs, every output printed as a hex float: built for each
+   instruction set (x86-64 with AVX-512, AVX2, none; aarch64 under qemu) by tests/kernels/test_portable.py,
+   which compares the builds' outputs. Compiled together with kernels/csrc/cpu_kernels.c. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
+              int64_t N, int64_t G, float *y, int threads);
+void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads);
+void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads)
+    __attribute__((weak));  /* built only where a vector path exists */
+int x16_simd(void);
+
+static uint64_t state = 88172645463325252ull;
+static uint32_t next(void) {  /* xorshift64: the same numbers on every machine */
+    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+    return (uint32_t)(state >> 32);
+}
+static float uniform(void) { return (float)(next() >> 8) / (float)(1 << 24) * 2.0f - 1.0f; }
+static uint16_t bf16(float f) { union { float f; uint32_t u; } v = { f }; return (uint16_t)(v.u >> 16); }
+
+int main(void) {
+    const int64_t K = 256, N = 40, nb = (N + 15) / 16;
+    const int64_t Ms[] = {1, 3, 5, 16, 17};
+    for (int bits = 8; bits >= 4; bits -= 4)
+        for (int64_t G = 32; G <= 64; G *= 2)
+            for (int mi = 0; mi < 5; mi++) {
+                const int64_t M = Ms[mi], ng = K / G, row = K * bits / 8;
+                uint8_t *q = malloc(N * row), *w = malloc(nb * 16 * row);
+                uint16_t *s = malloc(nb * ng * 16 * sizeof(uint16_t));
+                float *x = malloc(M * K * sizeof(float)), *y = malloc(M * N * sizeof(float));
+                for (int64_t i = 0; i < N * row; i++) q[i] = (uint8_t)next();
+                for (int64_t i = 0; i < nb * ng * 16; i++) s[i] = (uint16_t)(0x1C00 | (next() & 0x3FF));
+                for (int64_t i = 0; i < M * K; i++) x[i] = uniform();
+                x16_pack(bits, 1, q, N, K, w, 1);
+                x16_gemm(bits, x, M, K, w, s, 0, N, G, y, 1);
+                printf("x16 bits=%d G=%ld M=%ld", bits, (long)G, (long)M);
+                for (int64_t i = 0; i < M * N; i++) printf(" %a", y[i]);
+                printf("\n");
+                free(q); free(w); free(s); free(x); free(y);
+            }
+    const int64_t K2 = 2048, Ms2[] = {1, 4, 7, 33};
+    for (int mi = 0; bf16_gemm && mi < 4; mi++) {
+        const int64_t M = Ms2[mi];
+        uint16_t *x = malloc(M * K2 * 2), *w = malloc(N * K2 * 2);
+        float *y = malloc(M * N * sizeof(float));
+        for (int64_t i = 0; i < M * K2; i++) x[i] = bf16(uniform());
+        for (int64_t i = 0; i < N * K2; i++) w[i] = bf16(uniform() * 0.05f);
+        bf16_gemm(x, M, K2, w, N, y, 1);
+        printf("bf16 M=%ld", (long)M);
+        for (int64_t i = 0; i < M * N; i++) printf(" %a", y[i]);
+        printf("\n");
+        free(x); free(w); free(y);
+    }
+    fprintf(stderr, "x16_simd=%d\n", x16_simd());
+    return 0;
+}

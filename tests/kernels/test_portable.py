@@ -1,0 +1,94 @@
+"""The CPU kernels' C source builds for every instruction set and computes the same numbers there: on
+x86-64 with this CPU's extensions (AVX-512 here), AVX2 only, and none (the portable loops), and for
+aarch64 (ARM laptops and servers) with a cross compiler, run under qemu. int8 / int4 results are equal
+bit for bit across every build (the kernels feed each output in one order whatever the vector width);
+bf16 sums differ in the last bits between vector paths (compared to 1e-3 of a row's largest value).
+The harness is tests/kernels/portable_check.c."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = Path(__file__).with_name("portable_check.c")
+SOURCE = ROOT / "kernels" / "csrc" / "cpu_kernels.c"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "").split())
+
+
+def build(tmp: Path, name: str, cc: str, *flags: str) -> Path:
+    out = tmp / name
+    run = subprocess.run([cc, "-O3", "-fopenmp", *flags, str(HARNESS), str(SOURCE), "-lm", "-o",
+                          str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
+    return out
+
+
+def outputs(cmd: list[str]) -> tuple[dict[str, list[float]], int]:
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    rows = {}
+    for line in run.stdout.splitlines():
+        head, *vals = line.split()
+        n = 3 if head == "x16" else 1
+        rows[" ".join([head, *vals[:n]])] = [float.fromhex(v) for v in vals[n:]]
+    return rows, int(run.stderr.strip().split("=")[-1])
+
+
+def builds(tmp: Path) -> dict[str, tuple[dict, int]]:
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the kernels")
+    out = {}
+    if platform.machine() == "x86_64":
+        flags = cpu_flags()
+        out["native"] = outputs([str(build(tmp, "native", "gcc", "-march=native"))])
+        if "avx2" in flags and "fma" in flags:
+            out["avx2"] = outputs([str(build(tmp, "avx2", "gcc", "-march=x86-64-v3"))])
+        out["generic"] = outputs([str(build(tmp, "generic", "gcc", "-march=x86-64"))])
+    else:
+        out["native"] = outputs([str(build(tmp, "native", "gcc", "-march=native"))])
+    return out
+
+
+def test_every_x86_build_computes_the_same_numbers(tmp_path):
+    got = builds(tmp_path)
+    ref, _ = got["generic" if "generic" in got else "native"]
+    assert {simd for _, simd in got.values()} >= ({0} if "generic" in got else set())
+    for name, (rows, _) in got.items():
+        for key, vals in ref.items():
+            if key.startswith("x16"):
+                assert rows[key] == vals, (name, key)
+        for key, vals in rows.items():
+            if key.startswith("bf16") and key in got["native"][0]:
+                base = got["native"][0][key]
+                scale = max(abs(v) for v in base)
+                assert max(abs(a - b) for a, b in zip(vals, base)) <= 1e-3 * scale, (name, key)
+
+
+def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
+    """ARM: the source builds with aarch64's compiler (no x86 header reaches it) and, run under qemu,
+    gives the int8 / int4 results of every x86 build bit for bit (its portable loops)."""
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    qemu = shutil.which("qemu-aarch64")
+    if platform.machine() == "aarch64":
+        pytest.skip("an aarch64 host: test_every_x86_build_computes_the_same_numbers builds natively")
+    if cc is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user; "
+                    ".ci/run installs them)")
+    arm, simd = outputs([qemu, str(build(tmp_path, "arm", cc, "-march=armv8.2-a+dotprod", "-static"))])
+    x86, _ = outputs([str(build(tmp_path, "generic", "gcc", "-march=x86-64"))]) if platform.machine() == "x86_64" \
+        else (None, None)
+    assert simd == 0 and any(k.startswith("x16") for k in arm)
+    if x86 is not None:
+        assert {k: v for k, v in arm.items() if k.startswith("x16")} == {k: v for k, v in x86.items()
+                                                                          if k.startswith("x16")}
