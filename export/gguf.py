@@ -12,16 +12,21 @@ a Ministral-3 checkpoint (`convert_hf_to_gguf.py`, `Ministral3Model`):
   `yarn_log_multiplier` = `mscale_all_dim`);
 - the Llama-4 query scale `1 + beta * log(1 + floor(pos / original_max_position_embeddings))` as
   `attention.temperature_scale` = beta (llama.cpp takes the original context as the floor length);
-- the tokenizer (byte-level BPE: tokens, types, merges, BOS / EOS / UNK, the chat template).
+- the tokenizer (byte-level BPE: tokens, types, merges, BOS / EOS / UNK, the chat template) with
+  llama.cpp's pre-tokenizer type read from the tokenizer's own split regex (`pre_type`);
+- `nld.mask_token_id` and `nld.block_size` as metadata, and `NAME.Modelfile` beside the file for Ollama
+  (`export.modelfile`).
 
 What llama.cpp cannot express is refused with the reason: a YaRN `mscale` other than 1 or an explicit
 `attention_factor` (llama.cpp assumes mscale = 1), YaRN without the truncated ramp (ggml floors and
 ceils the correction range), a Llama-4 scale without YaRN's original context, a tokenizer that is not
-byte-level BPE. The LoRA drafter and the mask token's role are diffusion-only and not written.
+byte-level BPE or splits text with a regex llama.cpp has no pre-tokenizer for. The LoRA drafter is
+diffusion-only and not written.
 
 Weights: float32, float16 or bfloat16 (`--dtype`, default the checkpoint's own), or `--quant int8` ->
-Q8_0 and `--quant int4` -> Q4_0 (llama.cpp's blocks of 32 with one scale: 2-D weights only, norms stay
-float32, as llama.cpp's own quantizer does). Written to a temporary file and renamed into place.
+Q8_0 and `--quant int4` -> Q4_0 (blocks of 32 with one fp16 scale holding edge-dlm's own int8 / int4
+values, `blocks`; 2-D weights only, norms stay float32). Streamed: each tensor is read a slice of rows at
+a time and written as it is converted, into a temporary file renamed into place.
 """
 
 from __future__ import annotations
@@ -73,10 +78,10 @@ def permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, out // heads // 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-# The split regexes llama.cpp reproduces exactly, by its pre-tokenizer type (`tokenizer.ggml.pre`):
-# `llama-vocab.cpp` picks the regex by that name, and the byte-level BPE runs on each piece. A regex not
-# in this table would be split by some other regex there: a different model for every prompt the two
-# split differently, so it is refused rather than approximated.
+# The split regexes llama.cpp has a pre-tokenizer type for (`tokenizer.ggml.pre`): `llama-vocab.cpp`
+# picks its regex by that name, and the byte-level BPE runs on each piece (gpt-2's exactly; tekken's with
+# the gap `GAPS` states). A regex not in this table would be split by some other regex there: a
+# different model for every prompt the two split differently, so it is refused rather than approximated.
 PRE_TYPES = {GPT2_REGEX: "gpt-2", TEKKEN_REGEX: "tekken"}  # edge_dlm.primitives.tokenizer has both
 
 
@@ -170,8 +175,8 @@ def tokenizer_fields(src: Path) -> dict:
         return vocab.get(v) if isinstance(v, str) else None
 
     return {"tokens": tokens, "types": types, "merges": merges, "bos": special("bos_token"),
-            "eos": special("eos_token"), "unk": special("unk_token"), "mask": special("mask_token"),
-            "template": tcfg.get("chat_template"), "pre": pre}
+            "eos": special("eos_token"), "unk": special("unk_token"), "template": tcfg.get("chat_template"),
+            "pre": pre}
 
 
 def plan(cfg) -> list[tuple[str, str, int | None]]:

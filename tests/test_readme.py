@@ -161,3 +161,16 @@ def test_every_python_block_runs(i, tmp_path):
             server.terminate()
             server.wait(timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_every_measured_number_in_the_docs_is_recorded():
+    """A measured number the README or a docs page quotes (a decimal with a unit: x, ms, us, tok/s, GB/s,
+    %, or the start of a range) appears in BENCHMARKS.md or a bench_results/ file, where the machine and
+    the command that measured it are written; a number nobody recorded fails here."""
+    record = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8") + "".join(
+        p.read_text(encoding="utf-8") for p in sorted((ROOT / "bench_results").glob("*.json")))
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        quoted = re.findall(r"(?<![\w.\-/])(\d+\.\d+)(?=\s?(?:x\b|ms\b|us\b|tok/s|GB/s|%|-\d))", text)
+        missing = sorted({n for n in quoted if n not in record})
+        assert not missing, f"{page.name} quotes {missing} that no recorded run holds"

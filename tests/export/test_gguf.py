@@ -193,3 +193,26 @@ def test_quantized_blocks_hold_edge_dlms_own_weights(tmp_path, quant, bits):
         ours = dequantize(q["qweight"], q["scales"], None, bits)
         theirs = torch.from_numpy(dequant(ts[name]).astype(np.float32))
         assert torch.equal(theirs, ours), name
+
+
+@pytest.mark.parametrize("change,word", [
+    (lambda t: t.update(normalizer={"type": "NFC"}), "normalizes"),
+    (lambda t: t["pre_tokenizer"].update(add_prefix_space=True), "prefix space"),
+    (lambda t: t.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}| ?\p{L}+|\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}), "no pre-tokenizer"),
+    (lambda t: t.update(pre_tokenizer={"type": "Whitespace"}), "byte-level"),
+])
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, capsys, change, word):
+    """Never a silent approximation: a normalizer, a prefix space, a split regex llama.cpp has no type
+    for, or no byte-level step is one line, and no file."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(DEMO_MODEL, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    change(tok)
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    capsys.readouterr()
+    assert export(src, "-o", tmp_path / "x.gguf") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and word in err, err
+    assert not (tmp_path / "x.gguf").exists()
