@@ -27,6 +27,7 @@ def report(model: str | None) -> dict:
     from edge_dlm.primitives.machine import measured_threads, threads_for
     from edge_dlm.primitives.power import PowerSupply, Sampler
     from edge_dlm.model.weights import check_dir
+    from edge_dlm.primitives.fsutil import set_aside_files
 
     path = check_dir(resolve(model))
     devices = ["cpu"] + ([f"cuda ({torch.cuda.get_device_name(0)})"] if torch.cuda.is_available() else [])
@@ -55,6 +56,7 @@ def report(model: str | None) -> dict:
             "model": str(path), "python": platform.python_version(), "torch": torch.__version__,
             "threads": threads_for(None), "threads_measured": measured_threads(),
             "compiled_passes": compiled_report(k_dev),
+            "set_aside": [str(f) for f in set_aside_files()],
             "cpu_kernels": cpu_kernels_report(),
             "cuda": torch.version.cuda, "engines": rows,
             "auto": next((r["engine"] for r in rows if r["ok"]), None),
@@ -121,6 +123,11 @@ def run(a: argparse.Namespace) -> int:
     for scheme, why in r["quantization"].items():
         out.append(f"quantization {scheme}: {'ok' if not why else 'no: ' + why[0]}")
     out.append(f"energy meter: {r['power']['energy']}; power supply: {r['power']['supply']}")
+    if r["set_aside"]:
+        out.append(f"set aside as damaged (kept for a look, never read again; delete them when done): "
+                   f"{', '.join(r['set_aside'])}")
+    else:
+        out.append("set aside as damaged: nothing (caches and the chat database read back whole)")
     if r["calibration"]:
         from edge_dlm.session.calibrate import Table, choose
 

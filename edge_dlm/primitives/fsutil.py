@@ -36,6 +36,14 @@ def set_aside(path: str | Path, why: str) -> None:
     print(f"edge-dlm: set aside the damaged file {path} ({why}; {where}); a new one is made", file=sys.stderr)
 
 
+def set_aside_files() -> list[Path]:
+    """What `set_aside` moved out of the way under edge-dlm's cache and data folders (for `doctor`)."""
+    import platformdirs
+
+    roots = [cache_root(), Path(platformdirs.user_data_dir("edge-dlm", appauthor=False))]
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*.bad"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

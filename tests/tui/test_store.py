@@ -76,3 +76,18 @@ def test_a_damaged_database_is_set_aside_and_a_new_one_made(tmp_path, capsys):
         store.add_message(c, "user", "saved")
         assert [t for _, t, _ in store.conversations()] == ["again"]
 
+
+
+def test_doctor_lists_what_was_set_aside(tmp_path, monkeypatch, capsys):
+    from edge_dlm.cli import main
+    from edge_dlm.tui.store import default_path
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    path = default_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"junk" * 100)
+    Store()
+    capsys.readouterr()
+    assert main(["doctor"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("set aside"))
+    assert str(path) + ".bad" in line
