@@ -41,3 +41,26 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("code", [28, 122, 30, 5, 13])  # ENOSPC, EDQUOT, EROFS, EIO, EACCES
+def test_a_cache_the_disk_refuses_is_one_line_once_and_the_command_goes_on(tmp_path, monkeypatch, capsys, code):
+    """The calibration table and the measured thread count are caches: a disk that refuses them is one
+    line the first time (per folder), never an exit; nothing partial is left."""
+    import os
+
+    from edge_dlm.primitives import fsutil, machine
+
+    monkeypatch.setattr(fsutil, "_UNWRITABLE", set())
+
+    def refusing(path, data):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fsutil, "atomic_write_bytes", refusing)
+    monkeypatch.setattr(machine, "_threads_file", lambda: tmp_path / "threads.json")
+    assert fsutil.write_cache(tmp_path / "t.json", b"{}", "the calibration table") is False
+    machine.record_threads(2, {1: [1.0], 2: [2.0]})
+    machine.record_threads(1, {1: [1.0]})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and os.strerror(code) in err[0] and "going on" in err[0]
+    assert not list(tmp_path.iterdir())

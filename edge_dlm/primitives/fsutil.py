@@ -44,6 +44,29 @@ def set_aside_files() -> list[Path]:
     return sorted(p for root in roots if root.is_dir() for p in root.rglob("*.bad"))
 
 
+_UNWRITABLE: set[str] = set()
+
+
+def write_cache(path: str | Path, data: bytes, what: str) -> bool:
+    """Keep `data` at `path` in a cache folder (atomically). A cache is optional: where the disk refuses
+    (full, a quota, read-only, failing, no permission) the command goes on, with one line on stderr the
+    first time a folder refuses; returns whether it was kept."""
+    import sys
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        return True
+    except (OSError, UserError) as exc:
+        if str(path.parent) not in _UNWRITABLE:
+            _UNWRITABLE.add(str(path.parent))
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"edge-dlm: could not keep {what} in {path.parent} ({why}); going on without it "
+                  "(it is measured or built again next time)", file=sys.stderr)
+        return False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -80,7 +80,7 @@ def record_threads(best: int, tokens_per_s: dict[int, list[float]]) -> None:
     """Keep `best` as this machine's threads for passes (`threads_for` uses it from now on)."""
     import json
 
-    from edge_dlm.primitives.fsutil import atomic_write_bytes
+    from edge_dlm.primitives.fsutil import write_cache
 
     path = _threads_file()
     try:
@@ -89,8 +89,7 @@ def record_threads(best: int, tokens_per_s: dict[int, list[float]]) -> None:
     except (OSError, ValueError):
         data = {}
     data[_cpu_key()] = {"threads": best, "tokens_per_s": {str(k): v for k, v in tokens_per_s.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+    write_cache(path, json.dumps(data, indent=2).encode(), "the measured thread count")
 
 
 def set_threads(n: int | None) -> int:

@@ -269,7 +269,7 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
               progress: Callable[[str, int, int], None] | None = None, log=None, key: str | None = None) -> Table:
     """Measure every configuration of `rt` (and of the auto-built ONNX engine where it may be built),
     cache the table and return it."""
-    from edge_dlm.primitives.fsutil import atomic_write_bytes
+    from edge_dlm.primitives.fsutil import write_cache
     from edge_dlm.primitives.power import Sampler
 
     sampler = sampler or Sampler(str(rt.device))
@@ -306,9 +306,7 @@ def calibrate(rt, t: Target, *, sampler=None, max_new_tokens: int = 32, n_prompt
                               "created": time.strftime("%Y-%m-%d %H:%M"), "max_new_tokens": max_new_tokens,
                               "prompts": n_prompts,
                               "not_measured": {**({} if why_not is None else {AUTO_ENGINE: why_not}), **skipped}})
-    f = cache_file(key)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(f, (json.dumps(table.to_json(), indent=2) + "\n").encode())
+    write_cache(cache_file(key), (json.dumps(table.to_json(), indent=2) + "\n").encode(), "the calibration table")
     return table
 
 
