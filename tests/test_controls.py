@@ -86,6 +86,24 @@ def test_penalties_and_bias_keep_the_lossless_modes_equal_to_ar(rt):
                 assert abs(a["logprob"] - b["logprob"]) < 1e-5 and [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0.9, seed=11), dict(temperature=1.0, top_k=40, seed=12)])
+def test_seeded_sampling_keeps_constrained_and_penalised_spec_equal_to_ar(rt, sampling):
+    """Seeded sampling under penalties, a logit bias and a JSON schema: LinearSpec and QuadraticSpec emit
+    AR's tokens (each pick's random number is keyed by the position it picks for), NFE reported."""
+    runs = [dict(repeat_penalty=1.2, frequency_penalty=0.3, logit_bias={283: -100}),
+            dict(response_format=None, json_schema=SCHEMAS[0])]
+    for extra in runs:
+        extra = {k: v for k, v in extra.items() if v is not None}
+        kw = dict(max_new_tokens=32, block_size=8, **sampling, **extra)
+        for prompt in PROMPTS[:3]:
+            ar = rt.generate(prompt, mode="ar", **kw)
+            for mode in LOSSLESS:
+                r = rt.generate(prompt, mode=mode, **kw)
+                assert r.output_ids == ar.output_ids, (prompt, mode, extra, r.nfe, ar.nfe)
+            if "json_schema" in extra and ar.finish_reason == "stop":
+                jsonschema.validate(json.loads(ar.text), SCHEMAS[0])
+
+
 def test_min_tokens_and_ignore_eos(rt):
     short = rt.generate("Write one word.", mode="ar", max_new_tokens=200)
     assert short.finish_reason == "stop"

@@ -191,7 +191,8 @@ def test_trained_model_accepts_many_tokens_and_stays_lossless(counting_model):
 def test_picks_made_in_the_pass_are_the_samplers(tiny_model, sampling, monkeypatch):
     """Every mode, seeded: the tokens picked inside the passes (with the tensor ops a compiled pass runs:
     the model marked compiled) are those the sampler draws from the passes' logits (its random numbers
-    made on the host): a row's random number is a function of seed, pass and row, whoever makes it.
+    made on the host): a row's random number is a function of the seed and the position it picks for,
+    whoever makes it.
     Top-p alone is drawn from the logits in both runs (its candidates grow by reading their mass)."""
     runs = {}
     for compiled in (True, False):
@@ -204,3 +205,21 @@ def test_picks_made_in_the_pass_are_the_samplers(tiny_model, sampling, monkeypat
         assert fast[1:] == slow[1:]
     seeds = [run_mode(tiny_model, PROMPT, "ar", max_new_tokens=24, seed=s, **sampling)[0].output_ids for s in (9, 10)]
     assert seeds[0] != seeds[1]  # the seed matters
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8), dict(temperature=1.0, top_k=20, top_p=0.9),
+                                      dict(temperature=0.7, top_p=0.8)])
+def test_seeded_speculative_modes_equal_seeded_ar(tiny_model, sampling, monkeypatch):
+    """With seeded sampling, LinearSpec and QuadraticSpec emit AR's tokens: every pick's random number
+    is keyed by the seed and the position it picks for, so a verify row draws what the AR step for that
+    position draws, from the same distribution (the same prefix), and a rejected draft ends the cycle on
+    AR's token. Eager and in-pass picks alike; with the LoRA drafter on and off; several seeds."""
+    for compiled in (False, True):
+        monkeypatch.setattr(tiny_model, "compiled", compiled)
+        for seed in (1, 2, 3):
+            ar = run_mode(tiny_model, PROMPT, "ar", max_new_tokens=40, seed=seed, **sampling)[0]
+            for mode in ("linear-spec", "quadratic-spec"):
+                for lora in (True, False):
+                    d = run_mode(tiny_model, PROMPT, mode, max_new_tokens=40, block_size=4, seed=seed,
+                                 use_lora=lora, **sampling)[0]
+                    assert d.output_ids == ar.output_ids, (mode, lora, seed, sampling, compiled)

@@ -201,18 +201,33 @@ class Decoder:
         """`forward` and then the picks, as `Picks` (call it with the rows to pick). On the torch engine
         the picks are made inside the pass, greedy or sampled (one host transfer of ids and confidences,
         never the `[T, V]` logits; not for top-p alone, `sampling.in_pass`); otherwise the sampler picks
-        from the logits. Either way a row's random number is the sampler's for (this pass, that row)."""
-        pass_no = self.nfe
+        from the logits. Either way a row's random number is the sampler's for the position the row
+        picks for (`targets`)."""
+        targets = self.targets(tokens, positions, last_only)
         if self.picks_in_pass:
             p = self.sampler.params
             sample = dataclasses.replace(p, seed=None) if p.temperature > 0 else None  # the seed: in `draw`
             with torch.inference_mode():
                 t, pos = self._inputs(tokens, positions)
                 self.nfe += 1
-                return Picks(self, pass_no, packed=self.model(
+                return Picks(self, targets, packed=self.model(
                     t, pos, cache=self.cache, attn=attn, use_lora=use_lora, last_only=last_only, pick=self.mask_id,
-                    sample=sample, draw=self.sampler.key(pass_no) if sample is not None else None))
-        return Picks(self, pass_no, logits=self.forward(tokens, positions, attn, use_lora, last_only))
+                    sample=sample, draw=self.sampler.key() if sample is not None else None))
+        return Picks(self, targets, logits=self.forward(tokens, positions, attn, use_lora, last_only))
+
+    def targets(self, tokens: list[int] | torch.Tensor, positions: int | list[int], last_only: bool) -> list[int]:
+        """The position each row's pick is for, which keys its random number (`sampling.uniforms`): a
+        token's next position, a mask's own (decoding.md). So a sampled AR step and the verify row of a
+        speculative cycle for the same position draw the same number, and seeded LinearSpec /
+        QuadraticSpec equal seeded AR token for token; a draft's row draws its verify row's number too.
+        Tokens given as a device tensor are a draft's picks, never masks (LinearSpec's verify pass)."""
+        n = int(tokens.shape[-1]) if torch.is_tensor(tokens) else len(tokens)
+        pos = range(positions, positions + n) if isinstance(positions, int) else positions
+        if torch.is_tensor(tokens):
+            out = [q + 1 for q in pos]
+        else:
+            out = [q + (tok != self.mask_id) for tok, q in zip(tokens, pos)]
+        return out[-1:] if last_only else out
 
     @property
     def picks_in_pass(self) -> bool:
@@ -267,15 +282,15 @@ class Decoder:
 
 
 class Picks:
-    """The picks of pass `pass_no`, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of
+    """The picks of a pass, `picks(rows) -> (ids, confidences)` for `rows` (a slice or a list of
     row indices; None: every row), in the order given. Picks made in the pass come to the host once
     (`packed`: ids, confidences, finite); logits are picked by the sampler, only the rows asked for,
     each with its own random number (`Sampler`): the same tokens either way (rows drawn ahead on the
     device, `device_ids`, are those rows' picks when asked for)."""
 
-    def __init__(self, dec: Decoder, pass_no: int, *, logits: torch.Tensor | None = None,
+    def __init__(self, dec: Decoder, targets: list[int], *, logits: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
-        self.dec, self.pass_no, self.logits, self.packed = dec, pass_no, logits, packed
+        self.dec, self.targets, self.logits, self.packed = dec, targets, logits, packed
         self.drawn: tuple[slice, torch.Tensor] | None = None  # rows the sampler drew ahead (`device_ids`)
         self.host: tuple[list[int], list[float]] | None = None
 
@@ -285,8 +300,8 @@ class Picks:
         if self.packed is None and (self.drawn is None or rows != self.drawn[0]):
             self.dec.syncs += 1
             if rows is None:
-                return self.dec.sampler.pick(self.logits, self.pass_no)
-            return self.dec.sampler.pick(self.logits[rows], self.pass_no, self._rows(rows))
+                return self.dec.sampler.pick(self.logits, self.targets)
+            return self.dec.sampler.pick(self.logits[rows], self.draws(rows))
         if self.host is None:
             fetch(self)
         ids, conf = self.host
@@ -316,7 +331,7 @@ class Picks:
         (LinearSpec's verify pass takes the draft's). Picks made in the pass are sliced; from logits the
         sampler draws these rows now, as a host pick of them would, and `fetch` brings them over."""
         if self.packed is None:
-            ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows], self.pass_no, self._rows(rows))
+            ids, conf, finite = self.dec.sampler.pick_tensor(self.logits[rows], self.draws(rows))
             self.drawn = rows, pack(ids, conf, finite)
             return ids
         return packed_ids(self.packed)[rows]
@@ -341,8 +356,12 @@ class Picks:
         return self.dec.rules.verify(self, self._rows(rows), prefix, drafted)
 
     def _rows(self, rows: slice | list[int]) -> list[int]:
-        """The indices of `rows` in the pass (whose random numbers they draw)."""
-        return list(range(self.logits.shape[0])[rows]) if isinstance(rows, slice) else list(rows)
+        """The indices of `rows` in the pass."""
+        return list(range(len(self.targets))[rows]) if isinstance(rows, slice) else list(rows)
+
+    def draws(self, rows: slice | list[int]) -> list[int]:
+        """The counters of `rows`' random numbers: the positions they pick for (`Decoder.targets`)."""
+        return [self.targets[i] for i in self._rows(rows)]
 
 def fetch(*picks: Picks) -> None:
     """Bring several passes' picks (made in the pass, or drawn ahead) to the host in one synchronization."""

@@ -235,7 +235,7 @@ class Rules:
             if not bool((x > BANNED).any()):  # nothing the grammar allows: end here
                 x[dec.eos_id] = 0.0
         dec.syncs += 1
-        t, c, _ = dec.sampler.pick_tensor(x[None], picks.pass_no, [row])
+        t, c, _ = dec.sampler.pick_tensor(x[None], picks.draws([row]))
         tok = int(t[0])
         if self.logprobs is not None:
             self.infos[index] = self._info(x, tok)

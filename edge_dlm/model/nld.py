@@ -284,7 +284,7 @@ class NLDModel(nn.Module):
         if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
             h = h.index_select(0, last)
         logits = self.diffusion_head(h)
-        return logits if pick is None else picks(logits, pick, sample, draw)
+        return logits if pick is None else picks(logits, pick, sample, draw, rows=draw_rows(tokens, positions, pick, last))
 
     def kernel_pass(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: Attn,
                     use_lora: bool, last: torch.Tensor | None) -> torch.Tensor:
@@ -331,10 +331,8 @@ class NLDModel(nn.Module):
             for lo, hi, pattern, width in segments(attn, t):
                 # [T] -> [1, T] anew: a [1, T] slice keeps its parent's row stride, which a guard would see
                 # (a prefill's earlier chunks run the head for one row too, and drop it)
-                key = draw if draw is None or lo == 0 or last_only else draw + torch.tensor(
-                    [0, lo], device=draw.device)  # a row's random number: its row in the whole pass
                 out.append(self._segment(tokens[0, lo:hi][None], positions[0, lo:hi][None], cache, pattern, width,
-                                         use_lora, last_only, pick, sample, key))
+                                         use_lora, last_only, pick, sample, draw))
                 if hi < t:  # the next segment sees this one's K/V as cached
                     cache._set_length(start + hi)
         finally:
@@ -361,7 +359,8 @@ class NLDModel(nn.Module):
         window = cache.begin(width)
         if self.attn_kernel is not None:
             out = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
-            out = out if pick is None else picks(out, pick, sample, draw, self.pick_kernel)
+            out = out if pick is None else picks(out, pick, sample, draw, self.pick_kernel,
+                                                 draw_rows(tokens, positions, pick, last))
         else:
             out = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
                             use_lora, last, pick, sample, draw)
@@ -388,14 +387,21 @@ def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
+def draw_rows(tokens: torch.Tensor, positions: torch.Tensor, mask_id: int, last: torch.Tensor | None) -> torch.Tensor:
+    """Each row's random-number counter: the position its pick is for, a token's next, a mask's own
+    (`Decoder.targets`, on the device)."""
+    rows = positions[0] + (tokens[0] != mask_id).long()
+    return rows if last is None else rows.index_select(0, last)
+
+
 def picks(logits: torch.Tensor, mask_id: int, sample: SamplingParams | None, draw: torch.Tensor | None,
-          kernel=None) -> torch.Tensor:
+          kernel=None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """A pass's picks of `logits [R, V]`, packed (`sampling.pack`): greedy (`greedy`), or with `sample`
-    drawn by the sampler's own `choose`, row r with `uniforms(draw, r)`: what `Sampler.pick_tensor`
-    draws from these logits for the same pass, with no host synchronization (`sampling.in_pass`)."""
+    drawn by the sampler's own `choose`, row r with `uniforms(draw, rows[r])` (`draw_rows`): what
+    `Sampler.pick_tensor` draws from these logits, with no host synchronization (`sampling.in_pass`)."""
     if sample is None:
         return greedy(logits, mask_id, kernel)
-    return pack(*choose(logits, mask_id, sample, uniforms(draw, torch.arange(logits.shape[0], device=logits.device))))
+    return pack(*choose(logits, mask_id, sample, uniforms(draw, rows)))
 
 
 def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:

@@ -62,32 +62,34 @@ class Sampler:
         self.seed = params.seed if params.seed is not None else secrets.randbits(64)
         self.calls = 0  # picks asked for without a pass number each draw as a pass of their own
 
-    def key(self, pass_no: int) -> torch.Tensor:
-        """The device tensor a pass that draws inside itself reads (`uniforms`): the pass's hash of the
-        seed and its number, and the row its rows count from (0; a pass cut in segments adds to it)."""
-        return torch.tensor([pass_hash(self.seed, pass_no), 0], dtype=torch.long, device=self.device)
+    def key(self) -> torch.Tensor:
+        """The device tensor a pass that draws inside itself reads (`uniforms`): the hash of the seed, and
+        0 added to each row's counter (the position the row picks for, `Decoder.targets`)."""
+        return torch.tensor([pass_hash(self.seed, 0), 0], dtype=torch.long, device=self.device)
 
-    def pick(self, logits: torch.Tensor, pass_no: int | None = None,
-             rows: list[int] | None = None) -> tuple[list[int], list[float]]:
+    def pick(self, logits: torch.Tensor, draws: list[int] | None = None) -> tuple[list[int], list[float]]:
         """`logits [T, V]` -> (token ids, confidences), one per row, in one host transfer."""
-        ids, conf, finite = unpack(pack(*self.pick_tensor(logits, pass_no, rows)).tolist())
+        ids, conf, finite = unpack(pack(*self.pick_tensor(logits, draws)).tolist())
         if not finite:
             raise nonfinite(logits.dtype)
         return ids, conf
 
-    def pick_tensor(self, logits: torch.Tensor, pass_no: int | None = None,
-                    rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pick_tensor(self, logits: torch.Tensor,
+                    draws: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids `[T]`, confidences `[T]`, whether every logit is finite) on the logits' device, with no
         host synchronization (but `draw`'s for top-p alone): `choose` with this sampler's random
-        numbers for pass `pass_no`, the logits being its rows `rows` (default: 0 .. T-1), computed
-        here (`host_uniforms`: a few microseconds, where `uniforms`' tensor ops cost ~150 eagerly)."""
-        if pass_no is None:
-            pass_no, self.calls = (1 << 31) + self.calls, self.calls + 1
+        numbers, row i's counted by `draws[i]` (a decoder's: the position the row picks for, the same
+        number whichever pass picks for that position; `key` gives a pass the same), computed here
+        (`host_uniforms`: a few microseconds, where `uniforms`' tensor ops cost ~150 eagerly). Without
+        `draws`, each call draws as a pass of its own (rows 0 .. T-1 of a fresh key)."""
+        if draws is None:
+            h, draws = pass_hash(self.seed, (1 << 31) + self.calls), range(logits.shape[0])
+            self.calls += 1
+        else:
+            h = pass_hash(self.seed, 0)
         u = None
         if self.params.temperature > 0:
-            h = pass_hash(self.seed, pass_no)
-            u = torch.tensor(host_uniforms(h, range(logits.shape[0]) if rows is None else rows),
-                             dtype=torch.float64, device=logits.device)[:, None]
+            u = torch.tensor(host_uniforms(h, draws), dtype=torch.float64, device=logits.device)[:, None]
         return choose(logits, self.mask_id, self.params, u)
 
 
@@ -192,7 +194,7 @@ def _fmix(x: torch.Tensor) -> torch.Tensor:
 
 def uniforms(key: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A counter-based random number per row, in [0, 1): float64 `[R, 1]` for int64 `rows [R]` (their
-    indices in the pass, counted from `key[1]`) and `key[0]` the pass's `pass_hash` (`Sampler.key`):
+    counters, the positions they pick for, plus `key[1]`) and `key[0]` the seed's hash (`Sampler.key`):
     `host_uniforms` in plain integer tensor ops, so a compiled pass draws them itself, on any device,
     with no generator state to carry."""
     r = (rows + key[1]) * 2
