@@ -49,8 +49,8 @@ class SamplingParams:
 
 
 class Sampler:
-    """Applies `pick` row-wise. Its random numbers are a function of (seed, pass, row) (`uniforms`), not
-    a stream: a seed reproduces a whole run, a row's draw does not depend on which other rows of its
+    """Applies `pick` row-wise. Its random numbers are a function of (seed, the position a row picks
+    for) (`uniforms`, `Decoder.targets`), not a stream: a seed reproduces a whole run, a row's draw does not depend on which other rows of its
     pass are picked or in what order, and a compiled pass that picks inside itself (`Decoder.run`)
     draws exactly what this sampler would from the pass's logits."""
 
