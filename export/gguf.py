@@ -229,7 +229,7 @@ def convert(file: Path, name: str, shape: tuple[int, ...], heads: int | None, ki
 
     gguf = require_gguf()
     out = np.empty(gguf.quant_shape_to_byte_shape(shape, kind), dtype=np.uint8)
-    flat = out.reshape(-1) if len(shape) == 1 else out
+    by_row = out.reshape(shape[0], -1)  # a view: each row's bytes (a 1-D tensor: each element's)
     try:
         with safe_open(file, framework="pt") as st:
             sl = st.get_slice(name)
@@ -248,10 +248,7 @@ def convert(file: Path, name: str, shape: tuple[int, ...], heads: int | None, ki
                     b = blocks(t, 8 if kind.name == "Q8_0" else 4)
                 else:
                     b = gguf.quants.quantize(data, kind)
-                if len(shape) == 1:
-                    flat[:] = b.reshape(-1)
-                else:
-                    out[r:r + step] = b
+                by_row[r:r + step] = b.reshape(len(t), -1)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise

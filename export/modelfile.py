@@ -64,7 +64,7 @@ def pieces(render) -> tuple[Pieces | None, str]:
             return None, f"the template writes a {role} message's content {text.count(MARK)} times"
         pre, post = text.split(MARK)
         if head is None:
-            head = pre[:0]
+            head = ""
         if not pre.startswith(head):
             return None, "the text before the first message depends on its role"
         before[role], after[role] = pre[len(head):], post

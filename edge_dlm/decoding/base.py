@@ -203,7 +203,8 @@ class Decoder:
         never the `[T, V]` logits; not for top-p alone, `sampling.in_pass`); otherwise the sampler picks
         from the logits. Either way a row's random number is the sampler's for the position the row
         picks for (`targets`)."""
-        targets = self.targets(tokens, positions, last_only)
+        # only a sampled pick reads them (`Picks.draws`): a greedy pass builds no list
+        targets = self.targets(tokens, positions, last_only) if self.sampler.params.temperature > 0 else None
         if self.picks_in_pass:
             p = self.sampler.params
             sample = dataclasses.replace(p, seed=None) if p.temperature > 0 else None  # the seed: in `draw`
@@ -288,7 +289,7 @@ class Picks:
     each with its own random number (`Sampler`): the same tokens either way (rows drawn ahead on the
     device, `device_ids`, are those rows' picks when asked for)."""
 
-    def __init__(self, dec: Decoder, targets: list[int], *, logits: torch.Tensor | None = None,
+    def __init__(self, dec: Decoder, targets: list[int] | None, *, logits: torch.Tensor | None = None,
                  packed: torch.Tensor | None = None) -> None:
         self.dec, self.targets, self.logits, self.packed = dec, targets, logits, packed
         self.drawn: tuple[slice, torch.Tensor] | None = None  # rows the sampler drew ahead (`device_ids`)
@@ -299,9 +300,7 @@ class Picks:
             return self.chain(rows, [], each=True)
         if self.packed is None and (self.drawn is None or rows != self.drawn[0]):
             self.dec.syncs += 1
-            if rows is None:
-                return self.dec.sampler.pick(self.logits, self.targets)
-            return self.dec.sampler.pick(self.logits[rows], self.draws(rows))
+            return self.dec.sampler.pick(self.logits if rows is None else self.logits[rows], self.draws(rows))
         if self.host is None:
             fetch(self)
         ids, conf = self.host
@@ -357,10 +356,13 @@ class Picks:
 
     def _rows(self, rows: slice | list[int]) -> list[int]:
         """The indices of `rows` in the pass."""
-        return list(range(len(self.targets))[rows]) if isinstance(rows, slice) else list(rows)
+        return list(range(self.logits.shape[0])[rows]) if isinstance(rows, slice) else list(rows)
 
-    def draws(self, rows: slice | list[int]) -> list[int]:
-        """The counters of `rows`' random numbers: the positions they pick for (`Decoder.targets`)."""
+    def draws(self, rows: slice | list[int] | None = None) -> list[int] | None:
+        """The counters of `rows`' random numbers: the positions they pick for (`Decoder.targets`);
+        None for a greedy pass, which draws none."""
+        if self.targets is None or rows is None:
+            return self.targets
         return [self.targets[i] for i in self._rows(rows)]
 
 def fetch(*picks: Picks) -> None:

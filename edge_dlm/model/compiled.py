@@ -14,6 +14,7 @@ second process finds the kernels already built and only re-traces (seconds).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -268,7 +269,7 @@ class StepFunctions:
         while True:
             with self._lock:
                 worker = self._worker
-            if worker is None:
+            if worker is None or not worker.is_alive():  # done, or stopped (exit, a dropped model)
                 return
             worker.join(timeout)
             if timeout is not None:
@@ -307,7 +308,8 @@ def _work(ref) -> None:
         except Exception as exc:  # noqa: BLE001 (as in __call__: the key runs eagerly)
             sf._give_up(key, exc)
         finally:
-            sf.pending.pop(key, None)
+            with sf._lock:
+                sf.pending.pop(key, None)
         del sf
 
 
@@ -370,8 +372,6 @@ def _at_exit() -> None:
     if _BUILDING.acquire(timeout=300):
         _BUILDING.release()
 
-
-import atexit  # noqa: E402 (beside what it guards)
 
 atexit.register(_at_exit)
 

@@ -284,7 +284,7 @@ class NLDModel(nn.Module):
         if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
             h = h.index_select(0, last)
         logits = self.diffusion_head(h)
-        return logits if pick is None else picks(logits, pick, sample, draw, rows=draw_rows(tokens, positions, pick, last))
+        return logits if pick is None else picks(logits, pick, sample, draw, None, (tokens, positions, last))
 
     def kernel_pass(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: Attn,
                     use_lora: bool, last: torch.Tensor | None) -> torch.Tensor:
@@ -359,8 +359,7 @@ class NLDModel(nn.Module):
         window = cache.begin(width)
         if self.attn_kernel is not None:
             out = self.kernel_pass(tokens, positions, cache, attn, use_lora, last)
-            out = out if pick is None else picks(out, pick, sample, draw, self.pick_kernel,
-                                                 draw_rows(tokens, positions, pick, last))
+            out = out if pick is None else picks(out, pick, sample, draw, self.pick_kernel, (tokens, positions, last))
         else:
             out = self.step(tokens, positions, cache.length_t, cache.k, cache.v, attn, window,
                             use_lora, last, pick, sample, draw)
@@ -395,13 +394,15 @@ def draw_rows(tokens: torch.Tensor, positions: torch.Tensor, mask_id: int, last:
 
 
 def picks(logits: torch.Tensor, mask_id: int, sample: SamplingParams | None, draw: torch.Tensor | None,
-          kernel=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+          kernel=None, inputs: tuple | None = None) -> torch.Tensor:
     """A pass's picks of `logits [R, V]`, packed (`sampling.pack`): greedy (`greedy`), or with `sample`
-    drawn by the sampler's own `choose`, row r with `uniforms(draw, rows[r])` (`draw_rows`): what
-    `Sampler.pick_tensor` draws from these logits, with no host synchronization (`sampling.in_pass`)."""
+    drawn by the sampler's own `choose`, row r with `uniforms(draw, draw_rows(*inputs)[r])` (`inputs`:
+    the pass's tokens, positions and kept row): what `Sampler.pick_tensor` draws from these logits,
+    with no host synchronization (`sampling.in_pass`)."""
     if sample is None:
         return greedy(logits, mask_id, kernel)
-    return pack(*choose(logits, mask_id, sample, uniforms(draw, rows)))
+    tokens, positions, last = inputs
+    return pack(*choose(logits, mask_id, sample, uniforms(draw, draw_rows(tokens, positions, mask_id, last))))
 
 
 def greedy(logits: torch.Tensor, mask_id: int, kernel=None) -> torch.Tensor:

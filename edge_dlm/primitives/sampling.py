@@ -50,8 +50,8 @@ class SamplingParams:
 
 class Sampler:
     """Applies `pick` row-wise. Its random numbers are a function of (seed, the position a row picks
-    for) (`uniforms`, `Decoder.targets`), not a stream: a seed reproduces a whole run, a row's draw does not depend on which other rows of its
-    pass are picked or in what order, and a compiled pass that picks inside itself (`Decoder.run`)
+    for) (`uniforms`, `Decoder.targets`), not a stream: a seed reproduces a whole run, a row's draw does
+    not depend on which other rows of its pass are picked or in what order, and a compiled pass that picks inside itself (`Decoder.run`)
     draws exactly what this sampler would from the pass's logits."""
 
     def __init__(self, params: SamplingParams, mask_id: int, device: torch.device | str = "cpu") -> None:
@@ -60,12 +60,17 @@ class Sampler:
         self.mask_id = mask_id
         self.device = torch.device(device)
         self.seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self.calls = 0  # picks asked for without a pass number each draw as a pass of their own
+        self.calls = 0  # picks asked for without counters each draw as a pass of their own
 
     def key(self) -> torch.Tensor:
         """The device tensor a pass that draws inside itself reads (`uniforms`): the hash of the seed, and
         0 added to each row's counter (the position the row picks for, `Decoder.targets`)."""
-        return torch.tensor([pass_hash(self.seed, 0), 0], dtype=torch.long, device=self.device)
+        return torch.tensor([self.draw_hash, 0], dtype=torch.long, device=self.device)
+
+    @property
+    def draw_hash(self) -> int:
+        """The 32-bit key of every counted draw (`pick_tensor` with `draws`, `key`)."""
+        return pass_hash(self.seed, 0)
 
     def pick(self, logits: torch.Tensor, draws: list[int] | None = None) -> tuple[list[int], list[float]]:
         """`logits [T, V]` -> (token ids, confidences), one per row, in one host transfer."""
@@ -82,13 +87,13 @@ class Sampler:
         number whichever pass picks for that position; `key` gives a pass the same), computed here
         (`host_uniforms`: a few microseconds, where `uniforms`' tensor ops cost ~150 eagerly). Without
         `draws`, each call draws as a pass of its own (rows 0 .. T-1 of a fresh key)."""
-        if draws is None:
-            h, draws = pass_hash(self.seed, (1 << 31) + self.calls), range(logits.shape[0])
-            self.calls += 1
-        else:
-            h = pass_hash(self.seed, 0)
         u = None
         if self.params.temperature > 0:
+            if draws is None:
+                h, draws = pass_hash(self.seed, (1 << 31) + self.calls), range(logits.shape[0])
+                self.calls += 1
+            else:
+                h = self.draw_hash
             u = torch.tensor(host_uniforms(h, draws), dtype=torch.float64, device=logits.device)[:, None]
         return choose(logits, self.mask_id, self.params, u)
 

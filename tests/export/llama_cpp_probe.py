@@ -2,35 +2,17 @@
 and its log goes to stderr): reads a JSON request on stdin, answers JSON on stdout.
 
     {"gguf": PATH, "texts": [...]}                       -> {"ids": [[...], ...]}
-    {"gguf": PATH, "chats": [[messages], ...]}           -> {"jinja": [prompt, ...], "builtin": [prompt|null, ...]}
+    {"gguf": PATH, "chats": [[messages], ...]}           -> {"jinja": [prompt, ...], "jinja_ids": [[...], ...]}
     {"gguf": PATH, "logits": [ids]}                      -> {"logits": [[...], ...]}
     {"gguf": PATH, "greedy": [[ids], ...], "n": N}       -> {"greedy": [[...], ...]}
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 
 import numpy as np
-
-
-def builtin_template(llm, messages: list[dict]) -> str | None:
-    """llama.cpp's own C++ chat formatting (llama_chat_apply_template: no Jinja, it recognises the
-    template among the families it knows); None where it does not recognise it."""
-    import llama_cpp
-
-    tmpl = llm.metadata.get("tokenizer.chat_template", "").encode()
-    arr = (llama_cpp.llama_chat_message * len(messages))()
-    keep = []
-    for i, m in enumerate(messages):
-        role, content = m["role"].encode(), m["content"].encode()
-        keep += [role, content]
-        arr[i].role, arr[i].content = role, content
-    buf = ctypes.create_string_buffer(1 << 16)
-    n = llama_cpp.llama_chat_apply_template(tmpl, arr, len(messages), True, buf, len(buf))
-    return None if n < 0 else buf.raw[:n].decode("utf-8", "replace")
 
 
 def main() -> None:
@@ -50,7 +32,6 @@ def main() -> None:
                                       bos_token=vocab("tokenizer.ggml.bos_token_id"))
             out["jinja"] = [fmt(messages=c).prompt for c in req["chats"]]
             out["jinja_ids"] = [llm.tokenize(p.encode(), add_bos=False, special=True) for p in out["jinja"]]
-            out["builtin"] = [builtin_template(llm, c) for c in req["chats"]]
     else:
         llm = Llama(model_path=req["gguf"], n_ctx=512, n_threads=1, verbose=False, logits_all=True)
         if "logits" in req:

@@ -23,6 +23,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding (llama-cpp-python; make test installs it)")
 
 PROBE = Path(__file__).with_name("llama_cpp_probe.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPTS = ["Ελληνικά γράμματα", "Кириллица и ЁЖИК", "中文分词测试", "日本語のテキスト、カタカナ", "한국어 문장입니다",
            "العربية مكتوبة", "हिन्दी देवनागरी", "ภาษาไทย", "עברית", "Ünïcödé ÀÉÎÕÜ àéîõü", "Straße STRASSE",
@@ -171,11 +172,13 @@ def test_quantized_files_continue_as_edge_dlm_does(exported, tmp_path, quant, fm
     rounds activations to 8 bits, so a near-tie can part them: scripts/eval_gguf_agreement.py)."""
     import edge_dlm
 
-    prompts = ["def add(a, b):", "import os\n", "class Stack:\n    def __init__(self):", "The quick brown fox",
-               "for i in range(10):", "# compute the mean of a list\n", "def is_even(n):", "print(", "while True:",
-               "Block diffusion language models"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_gguf_agreement", ROOT / "scripts" / "eval_gguf_agreement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # its prompts: the test and the recorded run ask the same
     tok = Tokenizer.from_dir(DEMO_MODEL)
-    ids = [tok.encode(p) for p in prompts]
+    ids = [tok.encode(p) for p in script.PROMPTS]
     path = export(DEMO_MODEL, tmp_path / f"{fmt}.gguf", "--quant", quant)
     theirs = probe({"gguf": str(path), "greedy": ids, "n": 64})["greedy"]
     rt = edge_dlm.load(str(DEMO_MODEL), dtype="float32", engine="torch", quant=quant, group_size=32)
