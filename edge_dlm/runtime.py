@@ -521,7 +521,7 @@ def _last(events: Iterator[StreamEvent]) -> Result:
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | None = None,
          engine: str = "auto", quant: str | None = None, group_size: int = 64, calibrate: bool = False,
          lora: bool = True, kernels: str = "auto", name: str | None = None, threads: int | None = None,
-         compile: str = "auto") -> Runtime:  # noqa: A002 (the flag's name)
+         compile: str = "auto", tokens: int | None = None) -> Runtime:  # noqa: A002 (the flag's name)
     """Load a model (default: the bundled demo model) into a `Runtime`: a checkpoint or artifact directory,
     or a Hugging Face name `ORG/NAME[@REVISION]` (from the cache, fetched first when online). `name` is
     what titles and the server call it (default: `ORG/NAME` for a Hub snapshot, else the directory's name).
@@ -537,7 +537,10 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     `edge_dlm.primitives.machine.default_threads` says why).
     `compile`: run the torch engine's passes as compiled step functions (`edge_dlm.model.compiled`):
     "on", "off", or "auto" (on where this machine already compiled them and measured them faster:
-    `edge-dlm calibrate` does it once; never a cold compile before a first answer).
+    `edge-dlm calibrate` does it once; never a cold compile before a first answer). Compiled step
+    functions are kept per model and machine (`compiled_store`): a new process loads them.
+    `tokens`: with "auto", the tokens a one-shot process will decode (the `generate` command): it
+    compiles only where calibration measured the start-up of a compiled process paying back within them.
     """
     from edge_dlm import engines
     from edge_dlm.model.weights import check_dir
@@ -583,19 +586,22 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                               f"{net.config.vocab_size} embedding rows; the tokenizer does not belong to this model")
     if use_kernels:
         kmod.enable(net)
+    cpu_kernels = False
     if engine_name == "torch" and dev.type == "cpu" and kmod.cpu_resolve(kernels):
         from edge_dlm.kernels import cpu_matmul
 
         from edge_dlm.model.quant import prepare_layouts
 
-        cpu_matmul.enable_for(net)  # int8 / int4 / bf16 matmuls in C (else: the references, torch's GEMV)
+        cpu_kernels = cpu_matmul.enable_for(net)  # int8 / int4 / bf16 matmuls in C (else: the references)
         prepare_layouts(net)  # their layouts now: a first answer never waits for them
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
     rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))
+    rt.cpu_kernels = cpu_kernels
     if use_compile or (compile == "auto" and engine_name == "torch" and not use_kernels
-                       and cmod.measured_faster(compiled_cache(), compiled_key(rt))):
-        cmod.enable(net, compiled_cache(), background=True)  # no request waits for a compile
+                       and cmod.measured_faster(compiled_cache(), compiled_key(rt), tokens)):
+        # no request waits for a compile: shapes kept in the store load, new ones compile between requests
+        cmod.enable(net, compiled_cache(), background=True, store=compiled_store(rt))
     return rt
 
 
@@ -606,8 +612,16 @@ def compiled_key(rt: Runtime) -> str:
 
     st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(rt.path.glob("*.safetensors"))]
     return hashlib.sha256(json.dumps([st, str(rt.dtype), rt.quant_scheme, rt.has_lora, str(rt.device),
-                                      machine_description(str(rt.device)),
+                                      machine_description(str(rt.device)), getattr(rt, "cpu_kernels", False),
                                       torch.__version__]).encode()).hexdigest()[:32]
+
+
+def compiled_store(rt: Runtime) -> Path:
+    """Where a model's compiled step functions are kept (`edge_dlm.model.compiled.StepFunctions.store`):
+    per model, precision, machine and torch version (`compiled_key`) and edge-dlm's code."""
+    from edge_dlm.model.compiled import code_version
+
+    return compiled_cache() / "steps" / f"{compiled_key(rt)}-{code_version()}"
 
 
 def compiled_cache():

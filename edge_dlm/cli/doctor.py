@@ -72,10 +72,15 @@ def compiled_report(device: str) -> str:
     why = compiled.available(device)
     if why:
         return f"not here: {why[0]}"
+    from edge_dlm.runtime import compiled_cache
+
+    steps = compiled_cache() / "steps"
+    kept = sum(1 for _ in steps.glob("*/*.step")) if steps.is_dir() else 0
     return ("torch.compile can run here; --compile auto compiles a model once `edge-dlm calibrate` has compiled "
-            f"and measured it faster on this machine; a process compiles at most {compiled.shape_limit()} pass shapes "
-            "per model, each in the background (new shapes run eagerly meanwhile, and for good past the bound or "
-            "after a failed compile; `serve` logs the count)")
+            "and measured it faster on this machine (a one-shot generate only where its tokens pay back a compiled "
+            f"start); a process compiles at most {compiled.shape_limit()} pass shapes per model, each in the "
+            "background (new shapes run eagerly meanwhile, and for good past the bound or after a failed compile; "
+            f"`serve` logs the count); {kept} compiled pass shapes kept in {steps} load in a new process")
 
 
 def cpu_kernels_report() -> str:

@@ -25,6 +25,7 @@ def run(a: argparse.Namespace) -> int:
     from edge_dlm.runtime import Text
 
     prompt = read_prompt(a)
+    a.one_shot_tokens = a.max_new_tokens  # --compile auto: only where a compiled start pays back in them
     rt, kw, _ = runtime_and_options(a, prompt)
     if a.json:
         result = rt.generate(prompt, raw=a.raw, **kw)

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds a request may decode ({d.request_timeout:g})")
     p.add_argument("--io-timeout", type=float, default=d.io_timeout,
                    help=f"seconds a client may stall reading or writing ({d.io_timeout:g})")
+    p.add_argument("--origins", default=os.environ.get("EDGE_DLM_ORIGINS", ""), metavar="LIST",
+                   help="web pages (browser origins, comma-separated, '*' wildcards) allowed to call the server "
+                   "beside this machine's own pages and local apps (default $EDGE_DLM_ORIGINS); '*' allows any")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -65,7 +68,8 @@ def run(a: argparse.Namespace) -> int:
     else:
         rt = load_runtime(a, mode)
     opts = ServeOptions(default_mode=mode, default_steps=steps, api_key=a.api_key, max_body=a.max_body, queue=a.queue,
-                        queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout)
+                        queue_timeout=a.queue_timeout, request_timeout=a.request_timeout, io_timeout=a.io_timeout,
+                        origins=tuple(o.strip() for o in a.origins.split(",") if o.strip()))
     try:
         server = build_server(rt, a.host, a.port, opts)
     except (OSError, OverflowError) as exc:

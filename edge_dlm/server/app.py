@@ -7,9 +7,11 @@ ranges, modes and unknown fields are HTTP 400 with an OpenAI-style error object)
 What it guarantees (the README's server section says the same):
 - Binds 127.0.0.1 unless told otherwise, and says so loudly when bound elsewhere; `--api-key`
   (or EDGE_DLM_API_KEY) requires `Authorization: Bearer KEY` on every route (401 otherwise).
-- Bodies above `--max-body` bytes are refused (413) before they are read; a body needs a
-  Content-Length (411); a connection that stalls while sending or receiving is dropped after
-  `--io-timeout` seconds.
+- Bodies above `--max-body` bytes are refused (413) before they are read (a chunked body as soon as
+  it passes the limit); a body needs a Content-Length or chunked encoding (411); a connection that
+  stalls while sending or receiving is dropped after `--io-timeout` seconds.
+- Browser pages (CORS): this machine's own pages and local apps (`LOCAL_ORIGINS`) and the origins
+  given with `--origins` may call it (preflights answered); any other web page gets 403.
 - One request decodes at a time (the model is one), streams never interleave; up to `--queue`
   more wait, in arrival order. A request beyond that gets 429 at once; one that waited
   `--queue-timeout` seconds without starting gets 503. Both carry Retry-After.
@@ -51,6 +53,37 @@ class ServeOptions:
     queue_timeout: float = 60.0  # s a request may wait before 503
     request_timeout: float = 600.0  # s a request may decode
     io_timeout: float = 30.0  # s a socket may stall
+    origins: tuple[str, ...] = ()  # browser origins allowed beside `LOCAL_ORIGINS` ("*" wildcards; "*": any)
+
+
+# Browser pages that may call the server (CORS) without being named: this machine's own pages and local
+# apps (Electron / Tauri apps such as note-taking tools, VS Code webviews), as Ollama allows by default.
+# Any other page's requests are refused (403): a web page must not drive a local model unasked.
+LOCAL_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
+                 "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
+                 "http://[::1]", "http://[::1]:*", "http://0.0.0.0", "http://0.0.0.0:*",
+                 "app://*", "file://*", "tauri://*", "http://tauri.localhost", "vscode-webview://*", "vscode-file://*")
+
+
+def origin_allowed(origin: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether a browser page from `origin` may call the server (`LOCAL_ORIGINS` and `extra`, shell-style
+    patterns, "*" any)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(origin.lower(), pat.lower()) for pat in (*LOCAL_ORIGINS, *extra))
+
+
+# paths clients send without the /v1 prefix (a base URL configured without it), as llama.cpp accepts
+ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/models": "/v1/models",
+           "/edits": "/v1/edits", "/embeddings": "/v1/embeddings"}
+
+
+def route_of(path: str) -> str:
+    """The route a request path names: no query string, no trailing slash, the /v1 prefix implied."""
+    path = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    if path.startswith("/models/"):
+        return "/v1" + path
+    return ALIASES.get(path, path)
 
 
 class HTTPError(Exception):
@@ -163,7 +196,16 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def end_headers(self):
+            """Every answer to an allowed browser page names its origin (CORS)."""
+            origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+            if origin and origin_allowed(origin, opts.origins):
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
+            super().end_headers()
 
         def error(self, e: HTTPError) -> None:
             if getattr(self, "ollama_api", False) or self.path.startswith("/api/"):  # Ollama's error shape
@@ -188,6 +230,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             """Run a route; errors become OpenAI-style answers, never a traceback to the client."""
             self.headers_sent, self.body_read, self.timed_out, self.ollama_api = False, False, None, False
             try:
+                self.check_origin()
                 self.authorize()
                 fn()
             except HTTPError as e:
@@ -207,6 +250,12 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                         self.error(HTTPError(500, "internal error (see the server log)", "server_error"))
                 self.close_connection = True
 
+        def check_origin(self) -> None:
+            origin = self.headers.get("Origin")
+            if origin and not origin_allowed(origin, opts.origins):
+                raise HTTPError(403, f"requests from the web page {origin[:80]} are not allowed; allow it with "
+                                "`edge-dlm serve --origins ORIGIN` (or $EDGE_DLM_ORIGINS)", "permission_error")
+
         def authorize(self) -> None:
             if opts.api_key is None:
                 return
@@ -218,21 +267,55 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
         def do_GET(self):
             self.guarded(self.get)
 
+        def do_HEAD(self):  # a GET's status and headers (Ollama's CLI checks a server with HEAD /)
+            self.guarded(self.get)
+
         def do_POST(self):
             self.guarded(self.post)
 
+        def do_OPTIONS(self):
+            """A browser's CORS preflight: what an allowed page may send (no API key: browsers send none)."""
+            self.headers_sent, self.body_read, self.ollama_api = False, False, False
+            try:
+                self.check_origin()
+            except HTTPError as e:
+                self.error(e)
+                return
+            self.drain()
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, HEAD, OPTIONS")
+            asked = self.headers.get("Access-Control-Request-Headers")
+            self.send_header("Access-Control-Allow-Headers", asked[:1000] if asked else "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "86400")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         # ---- routes: one method each (OpenAI's under /v1, Ollama's under /api)
         def get(self):
+            path = route_of(self.path)
+            if path.startswith("/v1/models/"):
+                return self.model(path.removeprefix("/v1/models/"))
             route = {"/v1/models": self.models, "/api/tags": self.ollama_tags, "/api/ps": self.ollama_ps,
-                     "/api/version": self.ollama_version, "": self.ollama_root}.get(self.path.split("?")[0].rstrip("/"))
+                     "/api/version": self.ollama_version, "": self.ollama_root}.get(path)
             if route is None:
                 raise HTTPError(404, f"no route GET {self.path[:80]}; try /v1/models or /api/tags", "not_found_error")
             route()
 
+        def model_entry(self) -> dict:
+            return {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": created,
+                    "context_length": ctx, "max_model_len": ctx}
+
         def models(self):
-            self.send_json(200, {"object": "list", "data": [
-                {"id": model_name, "object": "model", "owned_by": "edge-dlm", "created": created,
-                 "context_length": ctx, "max_model_len": ctx}]})
+            self.send_json(200, {"object": "list", "data": [self.model_entry()]})
+
+        def model(self, name: str):
+            """`GET /v1/models/{id}` (OpenAI's retrieve): this server's one model, by its name."""
+            from urllib.parse import unquote
+
+            if unquote(name) != model_name:
+                raise HTTPError(404, f"the model {unquote(name)[:80]!r} does not exist here; this server runs "
+                                f"{model_name!r}", "not_found_error")
+            self.send_json(200, self.model_entry())
 
         def ollama_root(self):
             self.send_json(200, {"status": "edge-dlm is running"})
@@ -260,11 +343,9 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
 
         def body_length(self) -> int:
             """The request's Content-Length, checked (one header, ASCII digits, within --max-body)."""
-            if self.headers.get("Transfer-Encoding"):
-                raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
             lengths = self.headers.get_all("Content-Length") or []
             if not lengths:
-                raise HTTPError(411, "a Content-Length header is required")
+                raise HTTPError(411, "a Content-Length header (or a chunked body) is required")
             length = lengths[0].strip()
             if len(lengths) > 1:
                 self.close_connection = True
@@ -277,22 +358,56 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 raise HTTPError(413, f"the body is {length} bytes; the limit is {opts.max_body}")
             return int(length)
 
+        def read_chunked(self) -> bytes:
+            """A `Transfer-Encoding: chunked` body (what clients send when they stream a body of unknown
+            length), held to --max-body; a malformed one is 400 and the connection is closed."""
+            te = self.headers.get("Transfer-Encoding", "").strip().lower()
+            self.close_connection = True  # until the body is read whole
+            if te != "chunked" or self.headers.get("Content-Length"):
+                raise HTTPError(400, "only 'Transfer-Encoding: chunked' is understood, and never with a Content-Length")
+            parts, total = [], 0
+            while True:
+                line = self.rfile.readline(80)
+                size = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not size or len(size) > 16 or \
+                        any(c not in b"0123456789abcdefABCDEF" for c in size):
+                    raise HTTPError(400, "a malformed chunk in the chunked body")
+                n = int(size, 16)
+                total += n
+                if total > opts.max_body:
+                    raise HTTPError(413, f"the chunked body passed {opts.max_body} bytes, the limit")
+                if n == 0:
+                    for _ in range(64):  # trailer lines, up to the blank one
+                        if self.rfile.readline(1024) in (b"\r\n", b"\n", b""):
+                            break
+                    else:
+                        raise HTTPError(400, "too many trailer lines in the chunked body")
+                    self.close_connection = False
+                    return b"".join(parts)
+                chunk = self.rfile.read(n)
+                if len(chunk) != n or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    raise HTTPError(400, "a chunk of the chunked body is shorter than its size")
+                parts.append(chunk)
+
+        def read_raw(self) -> bytes:
+            self.body_read = True
+            if self.headers.get("Transfer-Encoding"):
+                return self.read_chunked()
+            return self.rfile.read(self.body_length())
+
         def drain(self) -> None:
             """Read a body no route read before answering (a 404, a GET with a body): closing on unread
             bytes makes the kernel reset the connection, which can destroy the answer in flight."""
             if getattr(self, "body_read", True) or not getattr(self, "headers", None) \
-                    or not self.headers.get("Content-Length"):
+                    or not (self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding")):
                 return
-            self.body_read = True
             try:
-                self.rfile.read(self.body_length())
+                self.read_raw()
             except (HTTPError, OSError):
                 self.close_connection = True
 
         def read_body(self):
-            length = self.body_length()
-            self.body_read = True
-            raw = self.rfile.read(length)
+            raw = self.read_raw()
             try:
                 return json.loads(raw.decode("utf-8"))
             except RecursionError:
@@ -301,7 +416,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 raise HTTPError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
 
         def post(self):
-            path = self.path.rstrip("/")
+            path = route_of(self.path)
             routes = {"/v1/chat/completions": lambda: self.openai("chat"),
                       "/v1/completions": lambda: self.openai("completion"), "/v1/edits": lambda: self.openai("edit"),
                       "/api/chat": lambda: self.ollama("chat"), "/api/generate": lambda: self.ollama("generate"),

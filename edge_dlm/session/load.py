@@ -45,7 +45,7 @@ def load_runtime(a: argparse.Namespace, mode: str | None = None, steps: int | No
         return load(a.model, device=a.device, dtype=None if a.dtype == "auto" else a.dtype,
                     lora=not a.no_lora, quant=a.quant, group_size=a.group_size, calibrate=a.calibrate,
                     kernels=a.kernels, engine=a.engine, threads=getattr(a, "threads", None),
-                    compile=getattr(a, "compile", "auto"))
+                    compile=getattr(a, "compile", "auto"), tokens=getattr(a, "one_shot_tokens", None))
 
     if a.engine not in ("auto", AUTO_ENGINE) or (a.engine == "auto" and mode is None):
         return plain()
