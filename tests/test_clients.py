@@ -136,6 +136,9 @@ def test_ollama_chat_generate_list_show(served):
     f = o.chat(model=rt.name, messages=[{"role": "user", "content": "a person"}], format=schema,
                options={"num_predict": 60})
     jsonschema.validate(json.loads(f.message.content), schema)
-    with pytest.raises(ollama.ResponseError, match="invalid option"):
-        o.chat(model=rt.name, messages=[{"role": "user", "content": "hi"}], options={"bogus": 1})
+    # an option or field this API does not know is ignored, as Ollama does (a newer client still works)
+    r = o.chat(model=rt.name, messages=[{"role": "user", "content": "hi"}], options={"bogus": 1, "num_predict": 16})
+    assert r.message.content == want
+    with pytest.raises(ollama.ResponseError, match="temperature"):  # a known one with a bad value is not
+        o.chat(model=rt.name, messages=[{"role": "user", "content": "hi"}], options={"temperature": "hot"})
     assert o.ps().models[0].model == rt.name

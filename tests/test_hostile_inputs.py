@@ -372,9 +372,11 @@ def body_of(resp: bytes) -> dict:
     (post(b"{}", headers="Content-Length: \xd9\xa2\r\n"), 400),
     (post(b"{}", headers="Content-Length: \xc2\xb2\r\n"), 400),
     (post(b"{}", headers="Content-Length: 2\r\nContent-Length: 2\r\n"), 400),
-    (post(b"", method="HEAD", path="/v1/models"), 405),
-    (post(b"", method="OPTIONS"), 405),
+    (post(b"", method="HEAD", path="/v1/nowhere"), 404),
+    (post(b"", method="OPTIONS", headers="Origin: https://evil.example\r\n"), 403),
     (post(b"", method="BREW"), 405),
+    (post(b"{}", method="POST", headers="Transfer-Encoding: gzip\r\n"), 400),
+    (post(b"5\r\n{}\r\n0\r\n\r\n", method="POST", headers="Transfer-Encoding: chunked\r\n"), 400),
     (post(b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e308, "max_tokens": 2}'), 400),
     (post(b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 30 + b', "max_tokens": 2}'), 400),
 ])

@@ -27,7 +27,9 @@ from edge_dlm.model.config import NLDConfig, RopeConfig
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     """Inverse frequencies `[head_dim / 2]` (fp32), default or YaRN-corrected."""
-    pos_freqs = rope.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    # on the CPU even inside a meta-device context (a model built to be loaded): an arange on meta imports
+    # torch's compiler stack (1 s of every process's start); the model's `.to(device)` moves it
+    pos_freqs = rope.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     inv_extra = 1.0 / pos_freqs
     if rope.rope_type != "yarn":
         return inv_extra
@@ -43,7 +45,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extra_weight = 1 - ramp
     return inv_inter * (1 - extra_weight) + inv_extra * extra_weight
 
@@ -143,7 +145,11 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # a model built to be loaded (on the meta device, `weights.load_model`) skips the random init:
+        # normal_ on a meta tensor imports torch's compiler stack (1 s of every process's start)
+        meta = torch.empty(0).device.type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size) if meta else None)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

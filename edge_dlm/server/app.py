@@ -220,7 +220,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
             self.body_read = False  # a body sent with an unknown method is read before the answer
             if code == 501:  # no do_<METHOD>: a method this API does not have
                 code, message, headers = 405, f"method {str(self.command)[:16]} not allowed; use GET or POST", \
-                    {"Allow": "GET, POST"}
+                    {"Allow": "GET, POST, HEAD, OPTIONS"}
             else:
                 headers = {}
             with contextlib.suppress(OSError):
@@ -443,6 +443,9 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
                 req = ollama.parse(kind, body, default_mode=opts.default_mode, context=ctx, vocab=vocab)
             except BadRequest as exc:
                 raise HTTPError(400, str(exc)) from None
+            if req is not None and req.ignored:
+                print(f"{self.address_string()} ignored what this Ollama API does not know: "
+                      f"{', '.join(req.ignored[:8])}", file=sys.stderr)
             if req is None:  # an empty prompt: Ollama's "load the model" call
                 self.send_json(200, ollama.loaded(model_name, kind))
                 return

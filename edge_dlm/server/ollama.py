@@ -6,8 +6,10 @@ The requests map onto the core's options exactly as the OpenAI schema does (`sch
 (temperature, top_k, top_p, num_predict, stop, repeat_penalty, repeat_last_n, presence_penalty,
 frequency_penalty, seed, num_ctx, min_tokens; edge-dlm's mode, steps, threshold, block_size) and
 `format` ("json" or a JSON schema). Options Ollama knows and edge-dlm does not use (num_gpu, num_thread,
-mirostat, ...) are accepted and ignored, as Ollama ignores what a runner lacks; `keep_alive` is
-accepted (the model stays loaded for the server's life).
+mirostat, ...) are accepted and ignored, as Ollama ignores what a runner lacks; so are options and
+fields this API version does not know (Ollama itself logs "invalid option provided" and goes on: a
+client newer than the server still works), each named in the server log; `keep_alive` is accepted (the
+model stays loaded for the server's life).
 """
 
 from __future__ import annotations
@@ -42,9 +44,6 @@ def _options(o: Any, context: int, vocab: int) -> dict[str, Any]:
         return {}
     if not isinstance(o, dict):
         raise BadRequest("'options' must be an object")
-    unknown = sorted(str(k) for k in o if k not in OPTIONS | IGNORED)
-    if unknown:
-        raise BadRequest(f"invalid option provided: {unknown[0][:40]}")
     from edge_dlm.server.schema import _controls, _int, _sampling
 
     body = {k: v for k, v in o.items() if k in OPTIONS}
@@ -109,9 +108,11 @@ def parse(kind: str, body: Any, *, default_mode: str, context: int, vocab: int) 
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     known = CHAT if kind == "chat" else GENERATE
-    unknown = sorted(str(k) for k in body if k not in known)
-    if unknown:
-        raise BadRequest(f"unknown field: {unknown[0][:60]}")
+    options = body.get("options")
+    ignored = tuple(sorted(str(k)[:40] for k in body if k not in known)) + tuple(
+        sorted(f"options.{str(k)[:40]}" for k in (options if isinstance(options, dict) else {})
+               if k not in OPTIONS | IGNORED))
+    body = {k: v for k, v in body.items() if k in known}
     if not isinstance(body.get("model"), str):
         raise BadRequest("model is required")
     stream = body.get("stream", True)
@@ -127,7 +128,7 @@ def parse(kind: str, body: Any, *, default_mode: str, context: int, vocab: int) 
             if kw.get("json") or kw.get("json_schema"):
                 raise BadRequest("'tools' and 'format' cannot be combined; drop one")
             kw["tools"] = body["tools"]
-        return Request(prompt, raw, kw, stream, False, tools=bool(body.get("tools")))
+        return Request(prompt, raw, kw, stream, False, tools=bool(body.get("tools")), ignored=ignored)
     prompt = body.get("prompt")
     if prompt is None or prompt == "":
         return None
@@ -139,13 +140,13 @@ def parse(kind: str, body: Any, *, default_mode: str, context: int, vocab: int) 
             raise BadRequest("'suffix' must be a string")
         fill = {k: v for k, v in kw.items() if k in ("steps", "threshold", "block_size", "temperature", "top_k",
                                                       "top_p", "seed")}
-        return Request(prompt, True, fill, stream, False, call="infill", suffix=suffix)
+        return Request(prompt, True, fill, stream, False, call="infill", suffix=suffix, ignored=ignored)
     system = body.get("system")
     if body.get("raw") is True:
-        return Request(prompt, True, kw, stream, False)
+        return Request(prompt, True, kw, stream, False, ignored=ignored)
     msgs = ([{"role": "system", "content": system}] if isinstance(system, str) and system else []) + \
         [{"role": "user", "content": prompt}]
-    return Request(msgs, False, kw, stream, False)
+    return Request(msgs, False, kw, stream, False, ignored=ignored)
 
 
 def respond(handler, kind: str, req: Request, runs, model_name: str) -> None:

@@ -7,7 +7,11 @@ refused ("Unrecognized request argument supplied"). OpenAI's fields: stop, n (up
 presence / frequency penalties, logit_bias, logprobs / top_logprobs, response_format (json_object,
 json_schema), tools / tool_choice / parallel_tool_calls and `tool` messages, echo, stream_options.
 edge-dlm's own (and llama.cpp's / vLLM's): `mode`, `steps`, `threshold`, `block_size`, `top_k`,
-`repeat_penalty`, `repeat_last_n`, `min_tokens`, `ignore_eos`, `regex`, `grammar` (Lark).
+`repeat_penalty`, `repeat_last_n`, `min_tokens`, `ignore_eos`, `regex`, `grammar` (Lark). What vLLM's
+and llama.cpp's clients send is taken too (`_foreign`): their names for these controls
+(`repetition_penalty`, `n_predict`, `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`,
+a top-level `json_schema`), hosted-API hints that change nothing here (`store`, `metadata`, ...), and
+controls edge-dlm lacks at their no-op value only (`min_p: 0`, `typical_p: 1`, ...).
 """
 
 from __future__ import annotations
@@ -31,6 +35,60 @@ FIELDS = {"chat": COMMON | {"messages", "tools", "tool_choice", "parallel_tool_c
           "edit": FILL | {"input", "spans", "stream"}}
 
 
+# What other servers' clients send, beside OpenAI's own fields. Renamed onto ours: vLLM's and llama.cpp's
+# names for the same controls, vLLM's guided decoding, llama.cpp's top-level JSON schema. Accepted and
+# unused: fields that change nothing a request here decodes (storage, routing, caching and tracing hints
+# for a hosted API or another server). Accepted at their no-op value only: controls edge-dlm does not
+# have (another value is a 400 naming it: the output would not be what the client asked for).
+RENAMED = {"repetition_penalty": "repeat_penalty", "n_predict": "max_tokens", "guided_regex": "regex",
+           "guided_grammar": "grammar"}
+UNUSED = {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt", "id_slot",
+          "timings_per_token", "reasoning_effort", "verbosity", "prediction", "skip_special_tokens",
+          "spaces_between_special_tokens", "return_tokens", "web_search_options"}
+NO_OP = {"min_p": (0, 0.0), "typical_p": (1, 1.0), "add_generation_prompt": (True,),
+         "include_stop_str_in_output": (False,), "modalities": (["text"],), "chat_template_kwargs": ({},),
+         "functions": ([],), "function_call": ("none", "auto")}
+
+
+def _foreign(body: dict) -> dict:
+    """`body` with other servers' names for our fields renamed (`RENAMED`, `guided_json`,
+    `guided_choice`, a top-level `json_schema`), the unused fields dropped (`UNUSED`) and controls we
+    lack accepted only at their no-op value (`NO_OP`)."""
+    out = {k: v for k, v in body.items() if k not in UNUSED}
+    for k, values in NO_OP.items():
+        if k in out:
+            v = out.pop(k)
+            if not any(v == ok and type(v) is type(ok) for ok in values):
+                hint = " (send 'tools' / 'tool_choice')" if k.startswith("function") else ""
+                raise BadRequest(f"'{k}' is not supported here{hint}; accepted only as {values[0]!r}")
+    for theirs, ours in RENAMED.items():
+        if theirs in out:
+            if ours in out:
+                raise BadRequest(f"'{theirs}' and '{ours}' name the same control; send one")
+            out[ours] = out.pop(theirs)
+    schema = [k for k in ("guided_json", "json_schema") if k in out]
+    if "guided_choice" in out:
+        choices = out.pop("guided_choice")
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+            raise BadRequest("'guided_choice' must be a non-empty list of strings")
+        if "regex" in out:
+            raise BadRequest("'guided_choice' and 'regex' both constrain the output; send one")
+        import re
+
+        out["regex"] = "|".join(f"({re.escape(c)})" for c in choices)
+    if schema:
+        if len(schema) > 1 or "response_format" in out:
+            raise BadRequest(f"'{schema[0]}' and 'response_format' both constrain the output; send one")
+        v = out.pop(schema[0])
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise BadRequest(f"'{schema[0]}' must be a JSON schema (an object or its JSON text)") from None
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema", "schema": v}}
+    return out
+
+
 class BadRequest(Exception):
     """A request the client must fix (HTTP 400); `str()` is one line."""
 
@@ -49,6 +107,7 @@ class Request:
     echo: bool = False
     logprobs: int | None = None  # how many top logprobs per token (0: the token's own only); None: off
     tools: bool = False  # tools were offered: answers may carry tool calls
+    ignored: tuple[str, ...] = ()  # fields / options accepted unread (Ollama's API: as Ollama does), for the log
 
 
 def _int(body: dict, key: str, lo: int, hi: int | None = None, default: Any = None) -> Any:
@@ -254,6 +313,7 @@ def parse_request(kind: str, body: Any, *, default_mode: str, context: int, voca
     and the request sets no steps): what the server resolved at start."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    body = _foreign(body)
     unknown = sorted(str(k) for k in body if k not in FIELDS[kind])
     if unknown:
         raise BadRequest(f"Unrecognized request argument supplied: {unknown[0][:60]}")
