@@ -154,3 +154,17 @@ def test_import_and_help_stay_light():
     assert out.stdout.strip() == "[]"
     helped = run_cli("--help")
     assert helped.returncode == 0 and "generate" in helped.stdout
+
+
+def test_an_eager_answer_never_imports_the_compiler():
+    """Loading a model and answering eagerly (every mode, the controls, sampling) leaves torch's compiler
+    stack unimported: it is 1 s of a process's start (a model built on the meta device once pulled it
+    in through torch._refs) and only compiled passes need it."""
+    code = ("import sys, edge_dlm\n"
+            "rt = edge_dlm.load(device='cpu', compile='off')\n"
+            "for m in ('ar', 'diffusion', 'linear-spec', 'quadratic-spec'):\n"
+            "    rt.generate('hi', mode=m, max_new_tokens=8)\n"
+            "rt.generate('hi', mode='ar', max_new_tokens=8, json_schema={'type': 'object'}, temperature=0.7, seed=1)\n"
+            "print([m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
