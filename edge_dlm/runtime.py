@@ -601,7 +601,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if use_compile or (compile == "auto" and engine_name == "torch" and not use_kernels
                        and cmod.measured_faster(compiled_cache(), compiled_key(rt), tokens)):
         # no request waits for a compile: shapes kept in the store load, new ones compile between requests
-        cmod.enable(net, compiled_cache(), background=True, store=compiled_store(rt))
+        store = compiled_store(rt)
+        drop_old_stores(store)
+        cmod.enable(net, compiled_cache(), background=True, store=store)
     return rt
 
 
@@ -622,6 +624,18 @@ def compiled_store(rt: Runtime) -> Path:
     from edge_dlm.model.compiled import code_version
 
     return compiled_cache() / "steps" / f"{compiled_key(rt)}-{code_version()}"
+
+
+def drop_old_stores(store: Path) -> None:
+    """Remove the stores of the same model built by other versions of the pass's code (never loaded
+    again: a new edge-dlm compiles its own), so upgrades do not pile them up on disk."""
+    import shutil
+
+    key = store.name.rsplit("-", 1)[0]
+    if store.parent.is_dir():
+        for old in store.parent.glob(f"{key}-*"):
+            if old != store and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def compiled_cache():

@@ -120,3 +120,15 @@ def test_auto_for_one_shot_weighs_the_start(tmp_path):
     assert compiled.measured_faster(tmp_path, "old") and not compiled.measured_faster(tmp_path, "old", tokens=10**6)
     compiled.record(tmp_path, "slow", eager=200.0, compiled=100.0, start_s=0.0)
     assert not compiled.measured_faster(tmp_path, "slow", tokens=10**6)
+
+
+def test_an_upgrade_drops_the_old_versions_store(tmp_path):
+    from edge_dlm.runtime import drop_old_stores
+
+    steps = tmp_path / "steps"
+    mine, old, other = steps / "abc-v2", steps / "abc-v1", steps / "xyz-v1"
+    for d in (mine, old, other):
+        d.mkdir(parents=True)
+        (d / "f.step").write_bytes(b"x")
+    drop_old_stores(mine)
+    assert mine.is_dir() and other.is_dir() and not old.exists()
