@@ -32,7 +32,6 @@ a time and written as it is converted, into a temporary file renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -278,20 +277,13 @@ def blocks(w: torch.Tensor, bits: int) -> np.ndarray:
     return np.concatenate([scale, body], axis=-1).reshape(rows, -1)
 
 
-def check_free_space(out: Path, need: int) -> None:
-    """Refuse before writing when the folder has less room than the file needs."""
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise UserError(f"{out.parent} has {free / 2**30:.2f} GiB free; the GGUF needs about {need / 2**30:.2f} GiB")
-
-
 def export_gguf(src: str | Path, out: str | Path, *, quant: str | None = None, dtype: str | None = None,
                 force: bool = False, log=print) -> Path:
     """Write checkpoint `src` as the GGUF file `out`; returns its path."""
     from edge_dlm.export.quantize import check_source
     from edge_dlm.model.config import NLDConfig
     from edge_dlm.model.weights import check_dir
-    from edge_dlm.primitives.fsutil import check_output_file, temp_file
+    from edge_dlm.primitives.fsutil import check_output_file, check_room, temp_file
 
     gguf = require_gguf()
     src, out = Path(src), Path(out)
@@ -324,7 +316,7 @@ def export_gguf(src: str | Path, out: str | Path, *, quant: str | None = None, d
             raise UserError(f"{QUANTS[quant]} needs rows that are a multiple of {BLOCK}; {name} is not")
     file_type = {None: {"F32": 0, "F16": 1, "BF16": 32}[float_type.name], "int8": 7, "int4": 2}[quant]
     need = sum(out_nbytes(shapes[ckpt], kinds[name]) for name, ckpt, _ in plan(cfg)) + (1 << 20)
-    check_free_space(out, need)
+    check_room(out, need, "the GGUF needs")
 
     fd, tmp = temp_file(out)  # a kill leaves it; the next export to `out` removes it
     os.close(fd)

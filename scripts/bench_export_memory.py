@@ -1,18 +1,22 @@
-"""Peak memory of `edge-dlm export --target gguf` on a checkpoint at a real NLD shape and depth.
+"""Peak memory of `edge-dlm export` on a checkpoint at a real NLD shape and depth.
 
     .venv/bin/python scripts/bench_export_memory.py --shape 3b --out bench_results/export_memory.json
+    .venv/bin/python scripts/bench_export_memory.py --shape 3b --target quantized compressed-tensors \
+        --formats int8 int4 --out bench_results/export_memory_quantized.json
 
 Writes a random bfloat16 checkpoint at the shape (full depth unless --layers), one shard per layer so
-that writing it takes one layer's memory, then exports it to GGUF as BF16, Q8_0 and Q4_0, each in its own
-process, and records each export's peak resident memory (the kernel's `ru_maxrss` of the child), wall
-time and file size, beside the checkpoint's size. The export reads the checkpoint a slice of rows at a
-time and writes each tensor as it is converted, so its peak follows the largest tensor, not the model.
+that writing it takes one layer's memory, then runs each export (GGUF as BF16, Q8_0 and Q4_0; the
+quantized torch artifact and compressed-tensors as int8 and int4), each in its own process, and records
+each export's peak resident memory (the kernel's `ru_maxrss` of the child), wall time and output size,
+beside the checkpoint's size and its largest tensor. The exports read and write one tensor (GGUF: a
+slice of rows) at a time, so their peak follows the largest tensor, not the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -70,6 +74,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=("3b", "8b"), default="3b")
     p.add_argument("--layers", type=int, default=None, help="default: the shape's full depth")
+    p.add_argument("--target", nargs="+", choices=("gguf", "quantized", "compressed-tensors"), default=["gguf"])
     p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one; needs ~3x the model)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "export_memory.json"))
@@ -78,33 +83,45 @@ def main() -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="edge-dlm-export-mem-"))
     try:
         t0 = time.perf_counter()
-        size = write_sharded(cfg, work / "ckpt")
-        print(f"checkpoint: {cfg.num_hidden_layers} layers, {size / 2**30:.2f} GiB bf16 "
+        total = write_sharded(cfg, work / "ckpt")
+        from edge_dlm.model.weights import expected_shapes
+
+        largest = max(math.prod(s) for s in expected_shapes(cfg).values()) * 2  # bf16
+        print(f"checkpoint: {cfg.num_hidden_layers} layers, {total / 2**30:.2f} GiB bf16 "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         rows = []
-        for fmt in a.formats:
-            args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16"]
-            out = work / f"{fmt}.gguf"
-            t0 = time.perf_counter()
-            # each export under its own wrapper process: RUSAGE_CHILDREN's peak is then this export's alone
-            run = subprocess.run([sys.executable, "-c", WRAP, str(ROOT / ".venv" / "bin" / "edge-dlm"), "export",
-                                  str(work / "ckpt"), "-o", str(out), "--target", "gguf", *args, "--force"],
-                                 capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if run.returncode != 0:
-                print(run.stderr[-2000:], file=sys.stderr)
-                return 1
-            peak = int(run.stdout.strip().splitlines()[-1])  # KiB
-            row = {"format": fmt, "peak_rss_gib": round(peak / 2**20, 2),
-                   "wall_s": round(wall, 1), "file_gib": round(out.stat().st_size / 2**30, 2)}
-            rows.append(row)
-            print(row, flush=True)
-            out.unlink()
+        for target in a.target:
+            for fmt in a.formats:
+                if target != "gguf" and fmt == "bf16":
+                    continue
+                args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16"]
+                if target == "gguf":
+                    out, args = work / f"{fmt}.gguf", [*args, "--target", "gguf"]
+                else:
+                    out = work / f"{target}-{fmt}"
+                    args = [*args, "--format", "edge-dlm" if target == "quantized" else target]
+                t0 = time.perf_counter()
+                # each export under its own wrapper process: RUSAGE_CHILDREN's peak is then this one's alone
+                run = subprocess.run([sys.executable, "-c", WRAP, str(ROOT / ".venv" / "bin" / "edge-dlm"), "export",
+                                      str(work / "ckpt"), "-o", str(out), *args, "--force"],
+                                     capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if run.returncode != 0:
+                    print(run.stderr[-2000:], file=sys.stderr)
+                    return 1
+                peak = int(run.stdout.strip().splitlines()[-1])  # KiB
+                size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*"))
+                row = {"target": target, "format": fmt, "peak_rss_gib": round(peak / 2**20, 2),
+                       "wall_s": round(wall, 1), "output_gib": round(size / 2**30, 2)}
+                rows.append(row)
+                print(row, flush=True)
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
         result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True).stdout.strip(),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-                  "shape": a.shape, "layers": cfg.num_hidden_layers, "checkpoint_gib": round(size / 2**30, 2),
+                  "shape": a.shape, "layers": cfg.num_hidden_layers, "checkpoint_gib": round(total / 2**30, 2),
+                  "largest_tensor_gib": round(largest / 2**30, 2),
                   "exports": rows}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

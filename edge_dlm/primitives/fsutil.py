@@ -184,3 +184,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_room(out: str | Path, need: int, what: str) -> None:
+    """Refuse, before any work, an output of about `need` bytes that the filesystem holding `out` has no
+    room for (one line naming the folder, what it has, and `what`: "the GGUF needs")."""
+    import shutil
+
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        from edge_dlm.primitives.errors import UserError
+
+        raise UserError(f"{parent} has {free / 2**30:.2f} GiB free; {what} about {need / 2**30:.2f} GiB "
+                        "(free some space or pick another -o)")
