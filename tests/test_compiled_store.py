@@ -132,3 +132,19 @@ def test_an_upgrade_drops_the_old_versions_store(tmp_path):
         (d / "f.step").write_bytes(b"x")
     drop_old_stores(mine)
     assert mine.is_dir() and other.is_dir() and not old.exists()
+
+
+def test_a_file_too_large_to_be_a_step_function_is_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "x--.step"
+    path.write_bytes(b"\0" * 64)
+    monkeypatch.setattr(compiled, "MAX_STEP_BYTES", 16)
+    with pytest.raises(ValueError, match="more than a compiled step function"):
+        compiled.read_stored(path)
+
+
+def test_a_failed_start_measurement_is_one_line_and_no_number(tmp_path, capsys):
+    junk = tmp_path / "junk--.step"
+    junk.write_bytes(b"not a function")
+    assert compiled.measure_start([junk]) is None
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "keeps one-shot commands eager" in err

@@ -307,18 +307,9 @@ class StepFunctions:
         write_cache(self._path(key), data, "compiled step functions")
 
     def _read(self, path: Path):
-        """A stored step function as torch loads it (hold `_BUILDING`); kept in `read` until its key is met."""
-        import torch._inductor.config as inductor_config
-
+        """A stored step function (hold `_BUILDING`): the one the worker read ahead, else read now."""
         ahead = self.read.pop(path.name, None)
-        if ahead is None:
-            # inductor probes the CPU's vector ISAs (compiling and running test programs, 0.2-1.3 s) the
-            # first time a process loads a kernel; a store is per machine, built after that probe passed
-            modes = path.stem[-2:]
-            with open(path, "rb") as fh, inductor_config.patch({"cpp.vec_isa_ok": True}), \
-                    torch.inference_mode(modes[0] == "i"), torch.set_grad_enabled(modes[1] == "g"):
-                ahead = torch.compiler.load_compiled_function(fh)
-        return ahead
+        return ahead if ahead is not None else read_stored(path)
 
     def _load(self, key: tuple, args: tuple):
         """`key`'s step function from the store, checked against this pass's inputs (its guards: the
@@ -467,6 +458,24 @@ def _work(ref) -> None:
         del sf
 
 
+MAX_STEP_BYTES = 256 << 20  # a stored step function holds code, guards and kernels, never weights: ~1 MB
+
+
+def read_stored(path: Path):
+    """A stored step function as torch loads it, under the grad modes its name records (its guards
+    hold the dispatch keys tensors have in them); a file too large to be one is refused unread."""
+    import torch._inductor.config as inductor_config
+
+    if path.stat().st_size > MAX_STEP_BYTES:
+        raise ValueError(f"{path.stat().st_size} bytes, more than a compiled step function takes")
+    modes = path.stem[-2:]
+    # inductor probes the CPU's vector ISAs (compiling and running test programs, 0.2-1.3 s) the first
+    # time a process loads a kernel; a store is per machine, built after that probe passed here
+    with open(path, "rb") as fh, inductor_config.patch({"cpp.vec_isa_ok": True}), \
+            torch.inference_mode(modes[0] == "i"), torch.set_grad_enabled(modes[1] == "g"):
+        return torch.compiler.load_compiled_function(fh)
+
+
 def _spec(a):
     """A pass input kept for a background compile: small tensors copied, a cache (4-d) as its shape;
     each as an inference tensor or not, as it was (a compiled function's guards tell them apart, and
@@ -569,30 +578,39 @@ def record(root: Path, key: str, eager: float, compiled: float, start_s: float |
     write_cache(root / "records" / f"{key}.json", json.dumps(rec).encode(), "compile records")
 
 
-def measure_start(paths: list[Path]) -> float:
+def measure_start(paths: list[Path]) -> float | None:
     """Seconds a new process spends before its first compiled pass beyond what an eager one spends:
-    importing torch's compiler and loading these stored step functions (`StepFunctions._load`),
-    measured in a fresh interpreter (the median of three)."""
+    importing torch's compiler and loading these stored step functions (`read_stored`), measured in a
+    fresh interpreter (the median of three); None, with one line, where that process fails."""
     import statistics
     import subprocess
     import sys
 
-    code = ("import sys, time, torch, edge_dlm.runtime\n"  # what every process imports, eager or not
+    code = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "import edge_dlm.runtime\n"  # what every process imports, eager or not
             "from edge_dlm.kernels import cpu_matmul\n"
             "cpu_matmul.usable()\n"  # the CPU kernels' operators, which an eager process loads too
             "t = time.perf_counter()\n"
-            "import torch._inductor.config as c\n"
-            "with c.patch({'cpp.vec_isa_ok': True}):\n"
-            "    for p in sys.argv[1:]:\n"
-            "        torch.compiler.load_compiled_function(open(p, 'rb'))\n"
+            "from edge_dlm.model.compiled import read_stored\n"
+            "for p in sys.argv[1:]:\n"
+            "    read_stored(Path(p))\n"
             "print(time.perf_counter() - t)\n")
     runs = []
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
-                             timeout=600)
-        if out.returncode != 0:
-            raise RuntimeError(f"loading the stored step functions failed: {(out.stderr.strip().splitlines() or [''])[-1]}")
-        runs.append(float(out.stdout.split()[-1]))
+        try:
+            out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
+                                 timeout=600)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            why = type(exc).__name__
+        else:
+            try:
+                runs.append(float(out.stdout.split()[-1]))
+                continue
+            except (ValueError, IndexError):
+                why = (out.stderr.strip().splitlines() or ["no answer"])[-1][:160]
+        _log(f"measuring a compiled process's start failed ({why}); --compile auto keeps one-shot commands eager")
+        return None
     return statistics.median(runs)
 
 
