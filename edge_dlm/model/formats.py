@@ -223,11 +223,17 @@ def _pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def ct_tensors(module: str, lin) -> dict[str, torch.Tensor]:
     """A symmetric edge-dlm `QuantLinear` as compressed-tensors pack-quantized tensors (same numbers)."""
-    from edge_dlm.model.quant import unpack_int4
+    from edge_dlm.model.quant import QUANTIZE_ROWS, unpack_int4
 
     bits = lin.spec.bits
-    q = unpack_int4(lin.qweight, signed=True) if bits == 4 else lin.qweight
-    return {f"{module}.weight_packed": _pack(q.to(torch.int32) + (1 << (bits - 1)), bits, 1),
+
+    def packed(rows: torch.Tensor) -> torch.Tensor:  # a slice of rows at a time: _pack works in int64
+        q = unpack_int4(rows, signed=True) if bits == 4 else rows
+        return _pack(q.to(torch.int32) + (1 << (bits - 1)), bits, 1)
+
+    n = lin.qweight.shape[0]
+    parts = [packed(lin.qweight[r:r + QUANTIZE_ROWS]) for r in range(0, n, QUANTIZE_ROWS)]
+    return {f"{module}.weight_packed": torch.cat(parts) if len(parts) > 1 else parts[0],
             f"{module}.weight_scale": lin.scales.contiguous(),
             f"{module}.weight_shape": torch.tensor([lin.out_features, lin.in_features], dtype=torch.int64)}
 
