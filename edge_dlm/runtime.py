@@ -573,8 +573,11 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
 
     use_compile = cmod.resolve(compile, dev, engine_name, use_kernels)
     tokenizer = Tokenizer.from_dir(path)
-    net = engines.module(engine_name).open(path, dev, dt, lora=lora)
-    if spec is not None:
+    # int8 / int4 / nf4 quantize each weight as it loads (memory follows the quantized model); AWQ needs
+    # the whole model's activations and llm-int8 is bitsandbytes' own module: those quantize it loaded
+    streamed = spec is not None and not spec.calibration and spec.scheme in ("int8", "int4", "nf4")
+    net = engines.module(engine_name).open(path, dev, dt, lora=lora, **({"quantize": spec} if streamed else {}))
+    if spec is not None and not streamed:
         from edge_dlm.model.quantize import quantize_model
 
         if net.config.quantization:

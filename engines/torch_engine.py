@@ -23,7 +23,8 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "cuda": cuda}
 
 
-def open(path: Path, device: torch.device, dtype: torch.dtype, lora: bool = True):  # noqa: A001
+def open(path: Path, device: torch.device, dtype: torch.dtype, lora: bool = True, quantize=None):  # noqa: A001
+    """`quantize`: a `QuantSpec` applied as the weights load, one at a time (`load_model`)."""
     from edge_dlm.model.weights import load_model
 
-    return load_model(path, dtype=dtype, device=device, lora=lora)
+    return load_model(path, dtype=dtype, device=device, lora=lora, quantize=quantize)

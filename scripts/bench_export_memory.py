@@ -74,7 +74,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=("3b", "8b"), default="3b")
     p.add_argument("--layers", type=int, default=None, help="default: the shape's full depth")
-    p.add_argument("--target", nargs="+", choices=("gguf", "quantized", "compressed-tensors"), default=["gguf"])
+    p.add_argument("--target", nargs="+", choices=("gguf", "quantized", "compressed-tensors", "load"),
+                   default=["gguf"], help="load: quantize on load (generate --quant) instead of an export")
     p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one; needs ~3x the model)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "export_memory.json"))
@@ -95,27 +96,35 @@ def main() -> int:
                 if target != "gguf" and fmt == "bf16":
                     continue
                 args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16"]
-                if target == "gguf":
+                if target == "load":  # quantize on load, then answer one token (no export)
+                    out = work / "none"
+                    cmd = ["generate", "--model", str(work / "ckpt"), *args, "--prompt", "hi", "--mode", "ar",
+                           "--max-new-tokens", "1", "--device", "cpu", "--compile", "off"]
+                elif target == "gguf":
                     out, args = work / f"{fmt}.gguf", [*args, "--target", "gguf"]
                 else:
                     out = work / f"{target}-{fmt}"
                     args = [*args, "--format", "edge-dlm" if target == "quantized" else target]
+                if target != "load":
+                    cmd = ["export", str(work / "ckpt"), "-o", str(out), *args, "--force"]
                 t0 = time.perf_counter()
                 # each export under its own wrapper process: RUSAGE_CHILDREN's peak is then this one's alone
-                run = subprocess.run([sys.executable, "-c", WRAP, str(ROOT / ".venv" / "bin" / "edge-dlm"), "export",
-                                      str(work / "ckpt"), "-o", str(out), *args, "--force"],
+                run = subprocess.run([sys.executable, "-c", WRAP, str(ROOT / ".venv" / "bin" / "edge-dlm"), *cmd],
                                      capture_output=True, text=True)
                 wall = time.perf_counter() - t0
                 if run.returncode != 0:
                     print(run.stderr[-2000:], file=sys.stderr)
                     return 1
                 peak = int(run.stdout.strip().splitlines()[-1])  # KiB
-                size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*"))
+                size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
                 row = {"target": target, "format": fmt, "peak_rss_gib": round(peak / 2**20, 2),
                        "wall_s": round(wall, 1), "output_gib": round(size / 2**30, 2)}
                 rows.append(row)
                 print(row, flush=True)
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
+                if out.is_dir():
+                    shutil.rmtree(out)
+                elif out.exists():
+                    out.unlink()
         result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                            text=True).stdout.strip(),

@@ -117,11 +117,14 @@ def read_tensors(files: dict[str, Path], names: list[str] | None = None) -> dict
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", lora: bool = True) -> NLDModel:
+               device: torch.device | str = "cpu", lora: bool = True, quantize=None) -> NLDModel:
     """Load config + weights (+ the LinearSpec LoRA drafter when present and `lora`) into `NLDModel`.
 
     A quantized artifact (config.json has "quantization") loads into quantized modules directly;
-    its float tensors (norms, an unquantized head) are cast to `dtype`.
+    its float tensors (norms, an unquantized head) are cast to `dtype`. `quantize` (a `QuantSpec`:
+    int8, int4 or nf4, uncalibrated) quantizes a full-precision checkpoint as it loads, one weight
+    read and quantized at a time (`_quantized_modules`), so memory follows the quantized model, not
+    the float one; the modules are those `quantize_model` makes, with the same numbers.
     """
     from edge_dlm.model.checks import check_bytes, check_finite, check_headers, check_memory
 
@@ -136,9 +139,15 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing[:3])}{more}")
-    check_memory(shapes, dtype, device)
+    if quantize is not None and (spec is not None or community is not None):
+        from edge_dlm.primitives.errors import UserError
+
+        raise UserError(f"{path} is already quantized ({(spec.scheme if spec else None) or 'community format'}); "
+                        "drop --quant, or quantize the full-precision checkpoint")
+    check_memory(shapes if quantize is None else expected_shapes(cfg, quantize), dtype, device)
     check_headers(files, shapes, quantized=spec is not None or community is not None)  # before reading data
-    tensors = read_tensors(files, list(shapes))
+    streamed = {} if quantize is None else _quantized_modules(cfg, files, quantize, dtype, device)
+    tensors = read_tensors(files, [n for n in shapes if n.removesuffix(".weight") not in streamed])
     check_finite(tensors)
     if community is not None:  # what status lines, calibration and exporters see
         cfg = dataclasses.replace(cfg, quantization=community.spec().to_dict())
@@ -154,13 +163,39 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
         for name, m in list(model.named_modules()):
             if isinstance(m, torch.nn.Linear) and packed(name, files, community):
                 model.set_submodule(name, build(name, m.out_features, m.in_features, community, tensors))
+    for name, mod in streamed.items():
+        if name == "encoder.embed_tokens":
+            from edge_dlm.model.quant import QuantEmbedding
+
+            mod = QuantEmbedding(mod, dtype)
+        model.set_submodule(name, mod)
     state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}
-    model.load_state_dict(state, strict=spec is None and community is None, assign=True)
+    model.load_state_dict(state, strict=spec is None and community is None and not streamed, assign=True)
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     model.to(device)
     if lora:
         load_lora(model, path)
     return model.eval().requires_grad_(False)
+
+
+def _quantized_modules(cfg: NLDConfig, files: dict[str, Path], spec, dtype: torch.dtype, device) -> dict:
+    """The quantized modules `spec` makes of a checkpoint, by module name, each weight read, cast to
+    `dtype` (as a loaded model holds it), quantized on `device` and dropped before the next is read."""
+    from edge_dlm.model.checks import check_finite
+    from edge_dlm.model.quant import NF4Linear, QuantLinear, linear_names, quantizes
+
+    with torch.device("meta"):
+        skeleton = NLDModel(cfg)
+    names = linear_names(skeleton, spec) + (["encoder.embed_tokens"] if quantizes("encoder.embed_tokens", spec) else [])
+    made = {}
+    for name in names:
+        w = read_tensors(files, [f"{name}.weight"])
+        check_finite(w)
+        w = w.popitem()[1].to(device=device, dtype=dtype)
+        cls = NF4Linear if spec.scheme == "nf4" and name != "encoder.embed_tokens" else QuantLinear
+        made[name] = cls.from_weight(w, spec).to(w.device)
+        del w
+    return made
 
 
 def community_format(path: Path):

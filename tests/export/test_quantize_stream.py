@@ -81,3 +81,29 @@ def test_too_little_free_space_is_refused_before_any_work(tiny_ckpt, tmp_path, m
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "GiB free" in err and "quantized weights need" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, symmetric=False),
+                                  QuantSpec("int4", head=False, embedding=False)])
+def test_quantize_on_load_streams_to_the_same_model(tiny_ckpt, spec):
+    """`load(quant=...)` quantizes each weight as it is read: every buffer equals quantizing the loaded
+    float model, and so does the answer."""
+    import edge_dlm
+
+    whole = quantize_model(load_model(tiny_ckpt), spec)
+    streamed = load_model(tiny_ckpt, quantize=spec)
+    a, b = whole.state_dict(), streamed.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert [type(m).__name__ for m in whole.modules()] == [type(m).__name__ for m in streamed.modules()]
+    rt = edge_dlm.load(tiny_ckpt, device="cpu", quant=spec.scheme, group_size=spec.group_size)
+    assert rt.generate("hello", mode="ar", max_new_tokens=6).output_ids
+
+
+def test_quantize_on_load_of_a_quantized_artifact_is_refused(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(["export", str(tiny_ckpt), "-o", str(out), "--quant", "int8"]) == 0
+    assert cli.main(["generate", "--model", str(out), "--quant", "int4", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already quantized" in err[0]
