@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import torch
 
@@ -98,3 +99,22 @@ def quant_matmul(scheme: str, device_type: str, fn):
         yield
     finally:
         quant.register_matmul(scheme, device_type, old)
+
+
+def raw(port: int, data: bytes, timeout: float = 20) -> bytes:
+    """Send `data`, then read until the server closes. An answer that arrives is returned even when the
+    server stopped reading early (the send or the half-close then fails); a reset before any byte of an
+    answer arrived returns b"" (the callers assert an answer)."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        try:
+            while c := s.recv(65536):
+                chunks.append(c)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)

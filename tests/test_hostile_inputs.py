@@ -9,13 +9,14 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+from helpers import raw
 import torch
 
 import edge_dlm
@@ -325,25 +326,6 @@ def server(tiny_ckpt):
     yield srv
     srv.stop()
     srv.server_close()
-
-
-def raw(port: int, data: bytes, timeout: float = 20) -> bytes:
-    """Send `data`, then read until the server closes. An answer that arrives is returned even when the
-    server stopped reading early (the send or the half-close then fails); a reset before any byte of an
-    answer arrived returns b"" (the callers assert an answer)."""
-    chunks = []
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        try:
-            while c := s.recv(65536):
-                chunks.append(c)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
 
 
 def post(body: bytes, headers: str = "", path: str = "/v1/chat/completions", method: str = "POST") -> bytes:
