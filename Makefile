@@ -40,15 +40,19 @@ define install_torch
 	  (echo "PyTorch's CPU index is not reachable: torch from the public index"; $(PIP) '$(TORCH)'),$(PIP) '$(TORCH)')
 endef
 
-$(CHAT_STAMP): pyproject.toml | $(VENV)/bin/python
+# The package builds its CPU kernels when it is installed (setup.py); their torch operators need the torch
+# installed here, so the package is built once more without build isolation (its dependencies as they are)
+$(CHAT_STAMP): pyproject.toml setup.py kernels/csrc/* | $(VENV)/bin/python
 	$(install_torch)
 	$(PIP) -e '.[tui,onnx,structured]' $(ONNX_PINS) llguidance==1.9.1
+	$(PIP) 'setuptools>=68' wheel && $(PIP) --no-build-isolation --no-deps -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+$(TEST_STAMP): pyproject.toml setup.py kernels/csrc/* | $(VENV)/bin/python
 	$(install_torch)
 	CMAKE_ARGS='$(LLAMA_CMAKE)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(PIP) -e '.[test,tui,bench,quant,onnx,kernels,tensorrt-rtx,structured,llamacpp]' $(TEST_PINS)
+	$(PIP) 'setuptools>=68' wheel && $(PIP) --no-build-isolation --no-deps -e .
 	touch $@
 
 chat: $(CHAT_STAMP)

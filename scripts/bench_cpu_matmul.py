@@ -3,14 +3,16 @@ torch's GEMM past that) against torch's bf16 GEMM at every width, milliseconds p
 (each round times every kernel once, so a busy neighbour slows all alike), best of `--rounds`.
 
     .venv/bin/python scripts/bench_cpu_matmul.py [--shape 9216 3072] [--group 32] [--threads 1]
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_cpu_matmul.py --march alderlake
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_cpu_matmul.py --variant avx2
+    .venv/bin/python scripts/bench_cpu_matmul.py --against native   # the installed variant vs -march=native
 
 `--shape N K`: the weight's output and input features (default: NLD-3B's up projection); each call
 reads the next of enough copies to exceed the CPU's caches, as a model's layers do. GB/s counts the
-bytes a 1-row pass must read (weights and fp16 scales). `--march X`: the kernels built for another
-CPU that this one can run (`alderlake`: the AVX-VNNI 256-bit path of Intel laptops; `haswell`: AVX2);
-with the two variables above torch's own kernels stop at AVX2 too, so both sides are what such a
-laptop runs.
+bytes a 1-row pass must read (weights and fp16 scales). `--variant X`: a variant built with the package
+that this CPU can run (`avx-vnni`: the 256-bit path of Intel laptops; `avx2`; `native`: built here with
+-march=native); with the two variables above torch's own kernels stop at AVX2 too, so both sides are
+what such a laptop runs. `--against Y`: a second build timed in the same rounds (an A/B: each kernel's
+column gets a `Y / X` ratio, > 1: X faster).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--march", help="build the kernels with -march=MARCH (default: native)")
+    p.add_argument("--variant", help="the kernels' build (default: the one this process picks)")
+    p.add_argument("--against", help="a second build timed in the same rounds (A/B)")
     p.add_argument("--copies-mib", type=int, default=96, help="weight copies to cycle through, MiB of int4 at least")
     a = p.parse_args()
 
@@ -38,13 +41,15 @@ def main() -> int:
 
     if not c.usable():
         sys.exit("the CPU kernels cannot be built here (edge-dlm doctor says why)")
-    if a.march:
-        import tempfile
-        from pathlib import Path
-
-        lib = c.build(Path(tempfile.mkdtemp()) / "k.so", ["-O3", f"-march={a.march}", "-fopenmp", "-shared", "-fPIC"])
-        c.library()  # registers the operators; then they call this build's kernels
-        c.bind(lib)
+    c.library()  # registers the operators; `bind` points them at a build
+    builds = {}
+    for name in filter(None, [a.variant or c.variant()[0], a.against]):
+        if name == "native":
+            builds[name] = c.build(c.cache_root_kernels() / f"cpu_matmul-{c._cpu_key()}.so")
+        else:
+            builds[name] = c.load(c.LIB / f"cpu_kernels-{name}.so")
+    label = list(builds)[0]
+    c.bind(builds[label])
     torch.set_num_threads(a.threads)
     n, k = a.shape
     copies = max(1, -(-(a.copies_mib << 20) // (n * k // 2)))
@@ -55,9 +60,12 @@ def main() -> int:
     bytes_1row = {"int8": n * k * 1.0625, "int4": n * k * 0.5625, "bf16": n * k * 2, "torch": n * k * 2}
     widths = c.simd()
     print(f"weight {n} x {k} ({copies} copies), groups of {a.group}, {a.threads} thread(s), kernels built for "
-          f"{a.march or 'this CPU'} (int8 / int4 {widths['int8 / int4']}-bit, bf16 {widths['bf16']}-bit); "
+          f"{' vs '.join(builds)} (int8 / int4 {widths['int8 / int4']}-bit, bf16 {widths['bf16']}-bit); "
           f"ms per call (best of {a.rounds})\n")
-    print("| rows | int8 x16 | int4 x16 | bf16 kernel | torch bf16 GEMM |\n|---|---|---|---|---|")
+    kernels = ("int8 x16", "int4 x16", "bf16 kernel")
+    other = [f"{k} {a.against}/{label}" for k in kernels] if a.against else []
+    names = [*kernels, "torch bf16 GEMM"]
+    print("| rows | " + " | ".join(names + other) + " |\n" + "|---" * (1 + len(names + other)) + "|")
     for rows in a.rows:
         x = torch.randn(rows, k)
         xb = x.bfloat16()
@@ -68,20 +76,27 @@ def main() -> int:
         if widths["bf16"] and rows <= c.max_rows():
             fs["bf16 kernel"] = lambda: [c.bf16_gemm(xb, t) for t in wb]
         fs["torch bf16 GEMM"] = lambda: [torch.nn.functional.linear(xb, t) for t in wb]
-        best = {name: float("inf") for name in fs}
+        best = {(name, b): float("inf") for name in fs for b in builds if b == label or name in kernels}
         for _ in range(a.rounds):
             for name, f in fs.items():
-                t = time.perf_counter()
-                f()
-                best[name] = min(best[name], (time.perf_counter() - t) / copies)
+                for b, lib in builds.items():
+                    if (name, b) not in best:
+                        continue
+                    c.bind(lib)
+                    t = time.perf_counter()
+                    f()
+                    best[name, b] = min(best[name, b], (time.perf_counter() - t) / copies)
+        c.bind(builds[label])
         cells = []
-        for name in ("int8 x16", "int4 x16", "bf16 kernel", "torch bf16 GEMM"):
-            if name not in best:
+        for name in names:
+            if (name, label) not in best:
                 cells.append("-")
                 continue
-            ms = best[name] * 1e3
-            gbs = f" ({bytes_1row[name.split()[0]] / best[name] / 1e9:.0f} GB/s)" if rows == 1 else ""
+            ms = best[name, label] * 1e3
+            gbs = f" ({bytes_1row[name.split()[0]] / best[name, label] / 1e9:.0f} GB/s)" if rows == 1 else ""
             cells.append(f"{ms:.2f}{gbs}")
+        for name in kernels if a.against else ():
+            cells.append(f"{best[name, a.against] / best[name, label]:.3f}" if (name, label) in best else "-")
         print(f"| {rows} | " + " | ".join(cells) + " |")
     return 0
 

@@ -98,9 +98,10 @@ def cpu_kernels_report() -> str:
     name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
     width = cpu_matmul.simd()
     bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"
-    ops = ("C++ operators" if cpu_matmul.cpp_operators()
-           else "Python operators (no C++ compiler built the C++ ones: ~3 us more a call)")
-    return f"built here: int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}"
+    ops = (f"C++ operators ({cpu_matmul._BOUND.ops_origin})" if cpu_matmul.cpp_operators()
+           else "Python operators (none built for this torch and no C++ compiler: ~3 us more a call)")
+    variant, why = cpu_matmul.variant()
+    return f"the {variant} variant, {why}; int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}"
 
 
 def run(a: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+
+#include "cpu_kernels.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  /* the SIMD paths below are x86 only; every other CPU builds the portable loops */
 #endif
@@ -268,13 +270,18 @@ static void block16(int bits, const int8_t *a, const float *d, const int32_t *as
     }
 }
 
-void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
-              int64_t N, int64_t G, float *y, int threads) {
+/* Returns 0, or -1 where memory for the rounded activations could not be had (y untouched). */
+int x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
+             int64_t N, int64_t G, float *y, int threads) {
     const int gs = log2_exact(G);
     const int64_t ng = K >> gs, nb = (N + 15) / 16, wb = 16 * K * bits / 8;
     int8_t *a = malloc(M * K);
     float *d = malloc(M * (K / 32) * sizeof(float));
     int32_t *as = malloc(M * (K / 32) * sizeof(int32_t));
+    if (!a || !d || !as) {
+        free(a); free(d); free(as);
+        return -1;
+    }
     quant_blocks(x, M, K, a, d, as, threads);
     const int off = bits == 8 ? 128 : 8, pf = nb * wb >= PREFETCH_MIN;
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -282,6 +289,7 @@ void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, 
         block16(bits, a, d, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
                 y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16, pf);
     free(a); free(d); free(as);
+    return 0;
 }
 
 /* ---- the weight between its stored layout and the 16-row one (both ways, exact). Stored: int8 [N, K]
@@ -442,12 +450,19 @@ TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
    cached weights give 171. Every output is one accumulator's chain over K in the same
    order whatever the tile and the chunking, so a row's result never depends on the pass width. */
 #define KC 1024
-void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+/* Returns 0, or -1 where a chunked pass's partial sums could not be allocated (y then incomplete). */
+int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
     const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE, blocks = (N + nb - 1) / nb, kc = M > 4 ? KC : K;
+    int failed = 0;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
         float *part = kc < K ? malloc((M + 3) / 4 * 4 * nb * ACC_LANES * sizeof(float)) : 0;
+        if (kc < K && !part) {
+            #pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         for (int64_t c0 = 0; c0 < K; c0 += kc) {
             const int64_t c1 = K - c0 <= kc ? K : c0 + kc;
             for (int64_t m = 0; m < M; m += 4) {
@@ -481,6 +496,7 @@ void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64
         }
         free(part);
     }
+    return failed ? -1 : 0;
 }
 #endif
 
@@ -530,9 +546,11 @@ static inline float exp_nonpos(float x) {  /* e^x for x <= 0 (-inf: 0), relative
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-void attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
-            const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads) {
+/* Returns 0, or -1 where a row's scores could not be allocated (out then incomplete). */
+int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
+           const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads) {
     const int64_t padded = (keys + LANES - 1) / LANES * LANES;
+    int failed = 0;
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (H * R * keys * D >= (1 << 18))
     for (int64_t h = 0; h < H; h++)
         for (int64_t r = 0; r < R; r++) {
@@ -541,6 +559,11 @@ void attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const fl
             const float *kh = k + h * hs, *vh = v + h * hs;
             float *o = out + (h * R + r) * D;
             float *s = malloc(padded * sizeof(float));
+            if (!s) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             /* 4 keys at a time: independent sums in flight (one key's chain of multiply-adds and its
                lane sum would leave the core waiting on latency); each key's sum is the same */
             int64_t j = 0;
@@ -601,4 +624,5 @@ void attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const fl
             for (int64_t c = 0; c < D; c++) o[c] *= inv;
             free(s);
         }
+    return failed ? -1 : 0;
 }

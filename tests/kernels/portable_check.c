@@ -5,12 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-void x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
-              int64_t N, int64_t G, float *y, int threads);
-void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads);
-void bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads)
-    __attribute__((weak));  /* built only where a vector path exists */
-int x16_simd(void);
+#include "cpu_kernels.h"
+
+/* built only where a vector path exists */
+#pragma weak bf16_gemm
 
 static uint64_t state = 88172645463325252ull;
 static uint32_t next(void) {  /* xorshift64: the same numbers on every machine */

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,12 @@ SHAPES = [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 256, 32), (33, 224,
 def layer(scheme: str, out_f: int, in_f: int, group: int, seed: int = 0, symmetric: bool = True) -> QuantLinear:
     w = 0.05 * torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     return QuantLinear.from_weight(w, QuantSpec(scheme, group_size=group, symmetric=symmetric))
+
+
+def needs_bf16() -> None:
+    """A build without a bf16 vector path (the generic one) leaves bf16 to torch: nothing to test."""
+    if not cpu_matmul.simd()["bf16"]:
+        pytest.skip(f"the {cpu_matmul.variant()[0]} build has no bf16 kernel (torch's serves bf16 there)")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -214,44 +221,24 @@ def test_the_cpp_operators_are_the_ctypes_calls():
         cpu_matmul.x16_gemm(torch.randn(2, 192).double(), *lay, mod.spec.bits, 32, 40)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        line = next(x for x in open("/proc/cpuinfo").read().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+# what each variant built with the package runs at: (x16, bf16) vector widths
+WIDTHS = {"avx512-bf16": (512, 512), "avx512": (512, 512), "avx-vnni": (256, 256), "avx2": (256, 256),
+          "generic": (0, 0), "dotprod": (0, 0)}
 
 
-# builds of the CPUs users have: (flags, CPU features needed to run the build here, x16 / bf16 SIMD width)
-VARIANTS = {
-    "portable": (["-O2", "-march=x86-64"], set(), 0, 0),
-    "avx2": (["-O3", "-march=haswell"], {"avx2", "fma", "f16c"}, 256, 256),  # Zen 2 / 3, Skylake..Comet Lake
-    "avx-vnni": (["-O3", "-march=alderlake"], {"avx2", "fma", "f16c", "avx_vnni"}, 256, 256),  # Alder Lake +
-    "avx512-without-bf16": (["-O3", "-march=native", "-mno-avx512bf16"], {"avx512f", "avx512_vnni"}, 512, 512),
-}
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_other_builds_agree(tmp_path, variant):
-    """The builds of other CPUs compute what this machine's build does: the 256-bit paths (Intel laptops
-    without AVX-512, AMD before Zen 4) and the portable C loops the same int8 / int4 sums bit for bit,
-    the AVX-512 build of CPUs without its bf16 dot product (Ice Lake, Skylake-X) and the 256-bit one bf16
-    widened to float32, rows independent of the pass width in each; the portable build has no bf16
-    kernel (torch's serves)."""
-    import platform
-
-    flags, needs, x16_simd, bf16_simd = VARIANTS[variant]
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86 builds")
-    if not needs <= _cpu_flags():
-        pytest.skip(f"this CPU cannot run the {variant} build")
-    try:
-        lib = cpu_matmul.build(tmp_path / f"{variant}.so", flags + ["-fopenmp", "-shared", "-fPIC"])
-    except __import__("subprocess").CalledProcessError as e:  # an older compiler without that -march
-        err = e.stderr.decode(errors="replace")
-        if "march" not in err and "target CPU" not in err:
-            raise
-        pytest.skip(f"this compiler does not know {flags[1]}")
+@pytest.mark.parametrize("variant", [v["name"] for v in cpu_matmul.VARIANTS.get(cpu_matmul.arch(), [])])
+def test_other_builds_agree(variant):
+    """The variants built with the package (setup.py: one per instruction set) compute what this process's
+    kernels do: the 256-bit paths (Intel laptops without AVX-512, AMD before Zen 4) and the portable C
+    loops the same int8 / int4 sums bit for bit, the AVX-512 build of CPUs without its bf16 dot product
+    (Ice Lake, Skylake-X) and the 256-bit one bf16 widened to float32, rows independent of the pass width
+    in each; the portable build has no bf16 kernel (torch's serves). A variant that did not build fails."""
+    v = next(v for v in cpu_matmul.VARIANTS[cpu_matmul.arch()] if v["name"] == variant)
+    assert v in cpu_matmul.installed(), f"the {variant} variant was not built with the package ({cpu_matmul.LIB})"
+    if missing := set(v["cpu"]) - cpu_matmul.cpu_features():
+        pytest.skip(f"this CPU cannot run the {variant} build (no {', '.join(sorted(missing))})")
+    lib = cpu_matmul.load(cpu_matmul.LIB / f"cpu_kernels-{variant}.so")
+    x16_simd, bf16_simd = WIDTHS[variant]
     assert (lib.x16_simd(), lib.bf16_simd()) == (x16_simd, bf16_simd)
     for scheme in ("int8", "int4"):
         for symmetric in (True, False):
@@ -275,7 +262,8 @@ def test_other_builds_agree(tmp_path, variant):
         alone = torch.empty(9, 45)
         for i in range(9):  # row by row, then all 9 at once: the same bits
             lib.bf16_gemm(x[i:].data_ptr(), 1, k, w.data_ptr(), 45, alone[i:].data_ptr(), 1)
-        torch.testing.assert_close(alone, cpu_matmul.bf16_gemm(x, w), atol=1e-3, rtol=1e-4)
+        here = cpu_matmul.bf16_gemm(x, w) if cpu_matmul.simd()["bf16"] else x.float() @ w.float().t()
+        torch.testing.assert_close(alone, here, atol=1e-3, rtol=1e-4)
         y = torch.empty(9, 45)
         lib.bf16_gemm(x.data_ptr(), 9, k, w.data_ptr(), 45, y.data_ptr(), 1)
         assert torch.equal(y, alone), k
@@ -308,6 +296,7 @@ def test_lossless_modes_emit_ar_tokens_on_a_quantized_model(quant):
 @pytest.mark.parametrize("n", [40, 45])  # whole blocks of 8 / 6 weight rows, and tails
 @pytest.mark.parametrize("k", [224, 2080])  # passes past 4 rows walk K in chunks of 1024 columns
 def test_bf16_matches_and_rows_do_not_depend_on_the_width(n, k):
+    needs_bf16()
     w = (0.05 * torch.randn(n, k, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
     x = torch.randn(cpu_matmul.MAX_ROWS, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     alone = torch.cat([cpu_matmul.bf16_gemm(x[i:i + 1], w) for i in range(len(x))])
@@ -336,6 +325,7 @@ def test_wide_bf16_passes_leave_the_kernel_only_for_avx512_bf16(monkeypatch):
 
 
 def test_bf16_models_route_narrow_passes_and_stay_lossless():
+    needs_bf16()
     from edge_dlm.runtime import load
 
     rt = load(device="cpu", dtype="bfloat16", compile="off")
@@ -421,6 +411,9 @@ def test_fused_projections_are_the_modules_alone(tiny_model, weights, tmp_path):
     """q / k / v and gate / up as one kernel call (`fuse`): the same logits bit for bit as each module
     alone, in narrow and wide passes, the same state dict, nothing held twice; a dtype move drops it."""
     import copy
+
+    if weights == "bf16":
+        needs_bf16()
 
     from edge_dlm.model.quant import QuantSpec
     from edge_dlm.model.quantize import quantize_model
@@ -520,3 +513,130 @@ def test_a_broken_build_fails_the_suite():
         pytest.skip(f"{cpu_matmul.available()[0]}: neither a built library nor a compiler")
     assert cpu_matmul.usable(), f"the CPU kernels did not build: {cpu_matmul.failure()}"
     assert cpu_matmul.failure() is None
+    v, why = cpu_matmul.variant()
+    if cpu_matmul.installed():  # an install (make test): a variant built with the package, no compile here
+        assert v != "native", why
+        assert cpu_matmul.cpp_operators() and "with the package" in cpu_matmul._BOUND.ops_origin
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(os.environ.get(cpu_matmul.VARIANT_ENV)), reason="inside a forced-variant run already")
+def test_every_variant_this_cpu_runs_passes_this_file():
+    """$EDGE_DLM_CPU_VARIANT forces each variant built with the package that this CPU can run (other than
+    the one this process picked, which the rest of the suite runs): this whole file passes under each."""
+    import subprocess
+    import sys
+
+    have, picked = cpu_matmul.cpu_features(), cpu_matmul.variant()[0]
+    others = [v["name"] for v in cpu_matmul.installed() if set(v["cpu"]) <= have and v["name"] != picked]
+    if not others:
+        pytest.skip("no other variant built with the package runs on this CPU")
+    for name in others:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore",
+                            "-m", "not slow", __file__], capture_output=True, text=True,
+                           env={**os.environ, cpu_matmul.VARIANT_ENV: name})
+        assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+
+
+def test_a_forced_variant_this_cpu_cannot_run_is_one_line(monkeypatch):
+    from edge_dlm.primitives.errors import UserError
+
+    for value, match in (("sideways", "not a kernel variant"), ("native", None)):
+        monkeypatch.setenv(cpu_matmul.VARIANT_ENV, value)
+        if match is None:
+            assert cpu_matmul.pick()[0] is None
+        else:
+            with pytest.raises(UserError, match=match):
+                cpu_matmul.pick()
+    foreign = {"x86_64": "dotprod", "aarch64": "avx2"}.get(cpu_matmul.arch(), "avx2")
+    monkeypatch.setenv(cpu_matmul.VARIANT_ENV, foreign)
+    with pytest.raises(UserError, match="not a kernel variant"):
+        cpu_matmul.pick()
+    monkeypatch.setattr(cpu_matmul, "cpu_features", lambda: frozenset())
+    best = cpu_matmul.VARIANTS[cpu_matmul.arch()][0]
+    monkeypatch.setenv(cpu_matmul.VARIANT_ENV, best["name"])
+    with pytest.raises(UserError, match="this CPU lacks"):
+        cpu_matmul.pick()
+    monkeypatch.delenv(cpu_matmul.VARIANT_ENV)
+    v, _ = cpu_matmul.pick()  # a CPU reporting nothing runs the generic build
+    assert v is None or v["cpu"] == []
+
+
+def test_builds_of_an_older_source_or_damaged_are_not_loaded(monkeypatch, tmp_path):
+    """An installed library is loaded only when it was built from today's source (a source checkout
+    edited since its install builds at first use) and matches its recorded checksum."""
+    if not cpu_matmul.installed():
+        pytest.skip("no variants built with the package here")
+    monkeypatch.delenv(cpu_matmul.VARIANT_ENV, raising=False)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for f in cpu_matmul.LIB.iterdir():
+        (lib / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(cpu_matmul, "LIB", lib)
+    assert cpu_matmul.installed()
+    (lib / "sources.json").write_text('{"cpu_kernels.c": "0000", "cpu_ops.cpp": "0000"}')
+    assert cpu_matmul.installed() == [] and "today's source" in cpu_matmul.pick()[1]
+    (lib / "sources.json").write_text("[1, 2]")  # junk of the wrong shape: the same
+    assert cpu_matmul.installed() == []
+    (lib / "sources.json").write_bytes((Path(cpu_matmul.__file__).parent / "lib" / "sources.json").read_bytes())
+    v, _ = cpu_matmul.pick()
+    path = lib / f"cpu_kernels-{v['name']}.so"
+    assert cpu_matmul._verified(path)
+    path.write_bytes(path.read_bytes()[:1000])  # cut short: never loaded (SIGBUS)
+    assert not cpu_matmul._verified(path)
+
+
+def test_the_operators_check_what_they_are_given():
+    """Wrong shapes, dtypes, group sizes or layouts are one clear error from the operator, never a crash;
+    the ctypes implementations check the same."""
+    cpu_matmul.library()
+    mod = layer("int8", 32, 64, 32)
+    w, s, _ = cpu_matmul.x16_layout(mod)
+    x = torch.randn(2, 64)
+    bad = [
+        ((x[:, :48].contiguous(), w, s, None, 8, 32, 32), "K must be a positive multiple of 32|16-row"),
+        ((x, w, s, None, 8, 48, 32), "group size"),
+        ((x, w, s, None, 5, 32, 32), "bits"),
+        ((x, w, s, None, 8, 32, 64), "16-row uint8 layout"),
+        ((x, w[:1], s, None, 8, 32, 32), "16-row uint8 layout"),
+        ((x, w, s.float(), None, 8, 32, 32), "scales"),
+        ((x, w, s, s[:1], 8, 32, 32), "zeros"),
+    ]
+    for impl in (cpu_matmul.x16_gemm, cpu_matmul._x16_gemm):
+        for args, match in bad:
+            with pytest.raises(RuntimeError):
+                impl(*args)
+        for args, match in bad[1:4]:
+            if impl is cpu_matmul.x16_gemm:
+                with pytest.raises(RuntimeError, match=match):
+                    impl(*args)
+    if cpu_matmul.simd()["bf16"]:
+        wb = torch.randn(8, 64).bfloat16()
+        for impl in (cpu_matmul.bf16_gemm, cpu_matmul._bf16_gemm):
+            with pytest.raises(RuntimeError, match="K|bfloat16"):
+                impl(torch.randn(2, 32).bfloat16(), wb)
+            with pytest.raises(RuntimeError, match="bfloat16"):
+                impl(torch.randn(2, 64), wb)
+
+
+@pytest.mark.slow
+def test_an_install_answers_without_a_compiler(tmp_path):
+    """Installed (make test / pip install .), a process on a PATH with no C or C++ compiler and an empty
+    cache runs the kernels built with the package: doctor names the variant, a quantized answer comes
+    with nothing built (no kernel library in the cache)."""
+    import subprocess
+    import sys
+
+    if not cpu_matmul.installed():
+        pytest.skip("no variants built with the package here (a source checkout)")
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "bin"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop(cpu_matmul.VARIANT_ENV, None)
+    cli = str(Path(sys.executable).parent / "edge-dlm")
+    doctor = subprocess.run([cli, "doctor"], capture_output=True, text=True, env=env, timeout=300)
+    line = next(ln for ln in doctor.stdout.splitlines() if "matmul kernels" in ln)
+    assert f"the {cpu_matmul.variant()[0]} variant" in line and "C++ operators (built with the package)" in line, line
+    r = subprocess.run([cli, "generate", "--prompt", "Hello", "--quant", "int4", "--max-new-tokens", "8", "--json"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "building" not in r.stderr, r.stderr[-1000:]
+    assert not list((tmp_path / "cache").rglob("*.so"))

@@ -1,0 +1,34 @@
+/* The CPU kernels' entry points (cpu_kernels.c), shared by the torch operators (cpu_ops.cpp), the C test
+   harness (tests/kernels/portable_check.c) and, through ctypes, kernels/cpu_matmul.py. Every array is
+   contiguous; the kernels trust their callers, which check shapes and types (cpu_ops.cpp). The
+   gemm / attention entries return 0, or -1 where their scratch memory could not be allocated. */
+#ifndef EDGE_DLM_CPU_KERNELS_H
+#define EDGE_DLM_CPU_KERNELS_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* which vector path this build took: 512 (AVX-512), 256 (AVX2 / AVX-VNNI) or 0 (portable C) */
+int x16_simd(void);
+int bf16_simd(void);
+
+/* y [M, N] = x [M, K] . W^T, W int8 / int4 in the 16-row layout (x16_pack), fp16 scales s / zero points z
+   (NULL: symmetric) per group of G columns; K % 32 == 0, G a power of two >= 32 dividing K */
+int x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
+             int64_t N, int64_t G, float *y, int threads);
+void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads);
+void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, uint8_t *q, int threads);
+
+/* y [M, N] float32 = x [M, K] . w [N, K]^T, both bfloat16 (only where bf16_simd() is not 0) */
+int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads);
+
+/* attention of q [H, R, D] over the first `keys` rows of k / v (head h at k + h * hs) under mask [T, W] */
+int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
+           const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
