@@ -21,7 +21,7 @@ ENV = "EDGE_DLM_KERNELS"  # the switch's environment form: what `--kernels auto`
 
 def choice(value: str = "auto") -> str:
     """`--kernels value`, or $EDGE_DLM_KERNELS where the flag is left at auto; one switch for all of
-    edge-dlm's own kernels: the C kernels on a CPU (`cpu_matmul`), the Triton ones on CUDA."""
+    edge-dlm's own kernels: the C kernels on a CPU (`cpu_build`, `cpu_matmul`), the Triton ones on CUDA."""
     from edge_dlm.primitives.errors import UserError
 
     env = os.environ.get(ENV)
@@ -37,14 +37,14 @@ def choice(value: str = "auto") -> str:
 def cpu_resolve(value: str) -> bool:
     """Whether a CPU model runs the C kernels (`cpu_matmul`): auto where they build here, on insists
     (a one-line error where they cannot), off never."""
-    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.kernels import cpu_build
     from edge_dlm.primitives.errors import UserError
 
     if value == "off":
         return False
-    ok = not cpu_matmul.available() and cpu_matmul.usable()
+    ok = not cpu_build.available() and cpu_build.usable()
     if value == "on" and not ok:
-        why = (cpu_matmul.available() or [cpu_matmul.failure() or "they did not build"])[0]
+        why = (cpu_build.available() or [cpu_build.failure() or "they did not build"])[0]
         raise UserError(f"--kernels on, but the CPU kernels cannot run here: {why}; use --kernels auto or off")
     return ok
 

@@ -36,20 +36,21 @@ def main() -> int:
     p.add_argument("--copies-mib", type=int, default=96, help="weight copies to cycle through, MiB of int4 at least")
     a = p.parse_args()
 
+    from edge_dlm.kernels import cpu_build as cb
     from edge_dlm.kernels import cpu_matmul as c
     from edge_dlm.model.quant import QuantLinear, QuantSpec
 
-    if not c.usable():
+    if not cb.usable():
         sys.exit("the CPU kernels cannot be built here (edge-dlm doctor says why)")
-    c.library()  # registers the operators; `bind` points them at a build
+    cb.library()  # registers the operators; `bind` points them at a build
     builds = {}
-    for name in filter(None, [a.variant or c.variant()[0], a.against]):
+    for name in filter(None, [a.variant or cb.variant()[0], a.against]):
         if name == "native":
-            builds[name] = c.build(c.cache_root_kernels() / f"cpu_matmul-{c._cpu_key()}.so")
+            builds[name] = cb.build(cb.cache_root_kernels() / f"cpu_matmul-{cb._cpu_key()}.so")
         else:
-            builds[name] = c.load(c.LIB / f"cpu_kernels-{name}.so")
+            builds[name] = cb.load(cb.LIB / f"cpu_kernels-{name}.so")
     label = list(builds)[0]
-    c.bind(builds[label])
+    cb.bind(builds[label])
     torch.set_num_threads(a.threads)
     n, k = a.shape
     copies = max(1, -(-(a.copies_mib << 20) // (n * k // 2)))
@@ -58,7 +59,7 @@ def main() -> int:
             for s in ("int8", "int4")}
     wb = [t.bfloat16() for t in w]
     bytes_1row = {"int8": n * k * 1.0625, "int4": n * k * 0.5625, "bf16": n * k * 2, "torch": n * k * 2}
-    widths = c.simd()
+    widths = cb.simd()
     print(f"weight {n} x {k} ({copies} copies), groups of {a.group}, {a.threads} thread(s), kernels built for "
           f"{' vs '.join(builds)} (int8 / int4 {widths['int8 / int4']}-bit, bf16 {widths['bf16']}-bit); "
           f"ms per call (best of {a.rounds})\n")
@@ -82,11 +83,11 @@ def main() -> int:
                 for b, lib in builds.items():
                     if (name, b) not in best:
                         continue
-                    c.bind(lib)
+                    cb.bind(lib)
                     t = time.perf_counter()
                     f()
                     best[name, b] = min(best[name, b], (time.perf_counter() - t) / copies)
-        c.bind(builds[label])
+        cb.bind(builds[label])
         cells = []
         for name in names:
             if (name, label) not in best:

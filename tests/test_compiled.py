@@ -243,11 +243,11 @@ def test_the_cpu_kernels_compile_whole(tiny_model, tmp_path, weights):
     compiled passes too: no graph break (and for int4, the eager path's tokens)."""
     from torch._dynamo.utils import counters
 
-    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.kernels import cpu_build, cpu_matmul
     from edge_dlm.model.quant import QuantSpec, prepare_layouts
     from edge_dlm.model.quantize import quantize_model
 
-    if cpu_matmul.available() or not cpu_matmul.usable():
+    if cpu_build.available() or not cpu_build.usable():
         pytest.skip("no C compiler for the CPU kernels")
     eager = copy.deepcopy(tiny_model)
     if weights == "bf16":

@@ -84,23 +84,23 @@ def compiled_report(device: str) -> str:
 
 
 def cpu_kernels_report() -> str:
-    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.kernels import cpu_build
 
-    why = cpu_matmul.available()
+    why = cpu_build.available()
     if why:
         return f"not here ({why[0]}); the reference serves"
     from edge_dlm import kernels
 
     if kernels.choice() == "off":
         return f"off ({kernels.ENV}=off); the reference serves"
-    if not cpu_matmul.usable():
-        return f"the build failed: {cpu_matmul.failure()}; the reference serves"
+    if not cpu_build.usable():
+        return f"the build failed: {cpu_build.failure()}; the reference serves"
     name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
-    width = cpu_matmul.simd()
+    width = cpu_build.simd()
     bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"
-    ops = (f"C++ operators ({cpu_matmul._BOUND.ops_origin})" if cpu_matmul.cpp_operators()
+    ops = (f"C++ operators ({cpu_build._BOUND.ops_origin})" if cpu_build.cpp_operators()
            else "Python operators (none built for this torch and no C++ compiler: ~3 us more a call)")
-    variant, why = cpu_matmul.variant()
+    variant, why = cpu_build.variant()
     return f"the {variant} variant, {why}; int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}"
 
 

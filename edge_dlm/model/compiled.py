@@ -589,8 +589,8 @@ def measure_start(paths: list[Path]) -> float | None:
     code = ("import sys, time\n"
             "from pathlib import Path\n"
             "import edge_dlm.runtime\n"  # what every process imports, eager or not
-            "from edge_dlm.kernels import cpu_matmul\n"
-            "cpu_matmul.usable()\n"  # the CPU kernels' operators, which an eager process loads too
+            "from edge_dlm.kernels import cpu_build\n"
+            "cpu_build.usable()\n"  # the CPU kernels' operators, which an eager process loads too
             "t = time.perf_counter()\n"
             "from edge_dlm.model.compiled import read_stored\n"
             "for p in sys.argv[1:]:\n"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_dlm.kernels import cpu_matmul
+from edge_dlm.kernels import cpu_build, cpu_matmul
 from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
-pytestmark = pytest.mark.skipif(bool(cpu_matmul.available()), reason="no C compiler")
+pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="no C compiler")
 
 SHAPES = [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 256, 32), (33, 224, 32)]
 
@@ -27,8 +27,8 @@ def layer(scheme: str, out_f: int, in_f: int, group: int, seed: int = 0, symmetr
 
 def needs_bf16() -> None:
     """A build without a bf16 vector path (the generic one) leaves bf16 to torch: nothing to test."""
-    if not cpu_matmul.simd()["bf16"]:
-        pytest.skip(f"the {cpu_matmul.variant()[0]} build has no bf16 kernel (torch's serves bf16 there)")
+    if not cpu_build.simd()["bf16"]:
+        pytest.skip(f"the {cpu_build.variant()[0]} build has no bf16 kernel (torch's serves bf16 there)")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -202,21 +202,21 @@ def test_a_compiled_pass_keeps_them_whole():
 def test_the_cpp_operators_are_the_ctypes_calls():
     """Where a C++ compiler is present the operators are C++ (built against torch's headers) and give
     exactly what the ctypes implementations give, with and without zero points, for every width."""
-    cpu_matmul.library()
-    assert cpu_matmul.cpp_operators(), "the C++ operators were not built"
+    cpu_build.library()
+    assert cpu_build.cpp_operators(), "the C++ operators were not built"
     for scheme, symmetric in (("int8", True), ("int4", True), ("int4", False), ("int8", False)):
         mod = layer(scheme, 40, 192, 32, seed=3, symmetric=symmetric)
         lay = cpu_matmul.x16_layout(mod)
         for rows in (1, 3, 16, 37):
             x = torch.randn(rows, 192)
             args = (*lay, mod.spec.bits, 32, 40)
-            assert torch.equal(cpu_matmul.x16_gemm(x, *args), cpu_matmul._x16_gemm(x, *args)), (scheme, rows)
-            assert torch.equal(cpu_matmul.x16_gemm(x.t().contiguous().t(), *args), cpu_matmul._x16_gemm(x, *args))
-    if cpu_matmul.simd()["bf16"]:
+            assert torch.equal(cpu_matmul.x16_gemm(x, *args), cpu_build._x16_gemm(x, *args)), (scheme, rows)
+            assert torch.equal(cpu_matmul.x16_gemm(x.t().contiguous().t(), *args), cpu_build._x16_gemm(x, *args))
+    if cpu_build.simd()["bf16"]:
         w = torch.randn(45, 224).bfloat16()
         for rows in (1, 5, 32):
             x = torch.randn(rows, 224).bfloat16()
-            assert torch.equal(cpu_matmul.bf16_gemm(x, w), cpu_matmul._bf16_gemm(x, w)), rows
+            assert torch.equal(cpu_matmul.bf16_gemm(x, w), cpu_build._bf16_gemm(x, w)), rows
     with pytest.raises(RuntimeError, match="float32"):
         cpu_matmul.x16_gemm(torch.randn(2, 192).double(), *lay, mod.spec.bits, 32, 40)
 
@@ -226,18 +226,18 @@ WIDTHS = {"avx512-bf16": (512, 512), "avx512": (512, 512), "avx-vnni": (256, 256
           "generic": (0, 0), "dotprod": (0, 0)}
 
 
-@pytest.mark.parametrize("variant", [v["name"] for v in cpu_matmul.VARIANTS.get(cpu_matmul.arch(), [])])
+@pytest.mark.parametrize("variant", [v["name"] for v in cpu_build.VARIANTS.get(cpu_build.arch(), [])])
 def test_other_builds_agree(variant):
     """The variants built with the package (setup.py: one per instruction set) compute what this process's
     kernels do: the 256-bit paths (Intel laptops without AVX-512, AMD before Zen 4) and the portable C
     loops the same int8 / int4 sums bit for bit, the AVX-512 build of CPUs without its bf16 dot product
     (Ice Lake, Skylake-X) and the 256-bit one bf16 widened to float32, rows independent of the pass width
     in each; the portable build has no bf16 kernel (torch's serves). A variant that did not build fails."""
-    v = next(v for v in cpu_matmul.VARIANTS[cpu_matmul.arch()] if v["name"] == variant)
-    assert v in cpu_matmul.installed(), f"the {variant} variant was not built with the package ({cpu_matmul.LIB})"
-    if missing := set(v["cpu"]) - cpu_matmul.cpu_features():
+    v = next(v for v in cpu_build.VARIANTS[cpu_build.arch()] if v["name"] == variant)
+    assert v in cpu_build.installed(), f"the {variant} variant was not built with the package ({cpu_build.LIB})"
+    if missing := set(v["cpu"]) - cpu_build.cpu_features():
         pytest.skip(f"this CPU cannot run the {variant} build (no {', '.join(sorted(missing))})")
-    lib = cpu_matmul.load(cpu_matmul.LIB / f"cpu_kernels-{variant}.so")
+    lib = cpu_build.load(cpu_build.LIB / f"cpu_kernels-{variant}.so")
     x16_simd, bf16_simd = WIDTHS[variant]
     assert (lib.x16_simd(), lib.bf16_simd()) == (x16_simd, bf16_simd)
     for scheme in ("int8", "int4"):
@@ -262,7 +262,7 @@ def test_other_builds_agree(variant):
         alone = torch.empty(9, 45)
         for i in range(9):  # row by row, then all 9 at once: the same bits
             lib.bf16_gemm(x[i:].data_ptr(), 1, k, w.data_ptr(), 45, alone[i:].data_ptr(), 1)
-        here = cpu_matmul.bf16_gemm(x, w) if cpu_matmul.simd()["bf16"] else x.float() @ w.float().t()
+        here = cpu_matmul.bf16_gemm(x, w) if cpu_build.simd()["bf16"] else x.float() @ w.float().t()
         torch.testing.assert_close(alone, here, atol=1e-3, rtol=1e-4)
         y = torch.empty(9, 45)
         lib.bf16_gemm(x.data_ptr(), 9, k, w.data_ptr(), 45, y.data_ptr(), 1)
@@ -352,7 +352,7 @@ def test_narrow_attention_is_sdpa_row_by_row():
 
     from edge_dlm.primitives.attention import Attn
 
-    cpu_matmul.library()  # builds the kernels and registers the operators
+    cpu_build.library()  # builds the kernels and registers the operators
     g = torch.Generator().manual_seed(0)
     for attn, t, heads, group, d, length, window in [
         (Attn("causal"), 1, 2, 4, 64, 300, 512), (Attn("causal"), 7, 1, 3, 64, 20, 256),
@@ -369,7 +369,7 @@ def test_narrow_attention_is_sdpa_row_by_row():
         want = F.scaled_dot_product_attention(q[None], k[None, :, visible], v[None, :, visible],
                                               attn_mask=mask.repeat(group, 1)[:, visible], scale=d ** -0.5)[0]
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
-        assert torch.equal(cpu_matmul._attend(q, k, v, mask, n, d ** -0.5), got)
+        assert torch.equal(cpu_build._attend(q, k, v, mask, n, d ** -0.5), got)
         other = q.clone()
         other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
         assert torch.equal(cpu_matmul.attend(other, k, v, mask, n, d ** -0.5)[:, 0], got[:, 0])
@@ -449,13 +449,13 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
     """A kernel library cut short or overwritten with junk is never loaded (a cut one would end the
     process with SIGBUS): it is moved aside with one line and rebuilt; a failed build raises the
     compiler's message; a folder that cannot be written builds into a temporary one."""
-    if cpu_matmul.available():
+    if cpu_build.available():
         pytest.skip("no C compiler (cc) on this machine: nothing to build")
     out = tmp_path / "k.so"
 
     def compile_into(path):
-        return cpu_matmul._compile(cpu_matmul.SOURCE, ".c", path,
-                                   lambda src, so: ["cc", *cpu_matmul.FLAGS, src, "-o", so, "-lm"])
+        return cpu_build._compile(cpu_build.SOURCE, ".c", path,
+                                   lambda src, so: ["cc", *cpu_build.FLAGS, src, "-o", so, "-lm"])
 
     compile_into(out)  # not loaded here: a library this process maps must not be cut under it
     assert (tmp_path / "k.so.sha256").exists()
@@ -463,12 +463,12 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
     for damage in (good[:len(good) // 3], b"junk" * 100, b""):
         out.write_bytes(damage)
         capfd.readouterr()
-        assert compile_into(out) == out and cpu_matmul._intact(out) and len(out.read_bytes()) == len(good)
+        assert compile_into(out) == out and cpu_build._intact(out) and len(out.read_bytes()) == len(good)
         err = capfd.readouterr().err
         assert err.count("set aside") == 1 and (tmp_path / "k.so.bad").exists()
-    assert cpu_matmul.build(out).x16_simd() >= 0  # the rebuilt library loads
-    with pytest.raises(cpu_matmul.BuildError, match="error"):
-        cpu_matmul._compile("this is not C", ".c", tmp_path / "bad.so",
+    assert cpu_build.build(out).x16_simd() >= 0  # the rebuilt library loads
+    with pytest.raises(cpu_build.BuildError, match="error"):
+        cpu_build._compile("this is not C", ".c", tmp_path / "bad.so",
                             lambda src, so: ["cc", "-shared", src, "-o", so])
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -476,8 +476,8 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as root: a read-only folder is writable")
-        path = cpu_matmul._compile(cpu_matmul.SOURCE, ".c", ro / "k.so",
-                                   lambda src, so: ["cc", *cpu_matmul.FLAGS, src, "-o", so, "-lm"])
+        path = cpu_build._compile(cpu_build.SOURCE, ".c", ro / "k.so",
+                                   lambda src, so: ["cc", *cpu_build.FLAGS, src, "-o", so, "-lm"])
         assert path.exists() and path.parent != ro and "cannot write the kernel cache" in capfd.readouterr().err
     finally:
         ro.chmod(0o700)
@@ -498,7 +498,7 @@ def test_the_kernels_switch(monkeypatch, tiny_ckpt):
     with pytest.raises(UserError, match="EDGE_DLM_KERNELS"):
         kernels.choice()
     monkeypatch.delenv(kernels.ENV)
-    if not cpu_matmul.available():
+    if not cpu_build.available():
         on = edge_dlm.load(tiny_ckpt, device="cpu", kernels="on")
         assert on.model.narrow_attention is not None
         for mode in ("ar", "linear-spec"):
@@ -509,32 +509,32 @@ def test_the_kernels_switch(monkeypatch, tiny_ckpt):
 def test_a_broken_build_fails_the_suite():
     """Where a C compiler exists the kernels must build and load: a build failure is a failure here,
     with the compiler's message, never a skip elsewhere."""
-    if cpu_matmul.available():
-        pytest.skip(f"{cpu_matmul.available()[0]}: neither a built library nor a compiler")
-    assert cpu_matmul.usable(), f"the CPU kernels did not build: {cpu_matmul.failure()}"
-    assert cpu_matmul.failure() is None
-    v, why = cpu_matmul.variant()
-    if cpu_matmul.installed():  # an install (make test): a variant built with the package, no compile here
+    if cpu_build.available():
+        pytest.skip(f"{cpu_build.available()[0]}: neither a built library nor a compiler")
+    assert cpu_build.usable(), f"the CPU kernels did not build: {cpu_build.failure()}"
+    assert cpu_build.failure() is None
+    v, why = cpu_build.variant()
+    if cpu_build.installed():  # an install (make test): a variant built with the package, no compile here
         assert v != "native", why
-        assert cpu_matmul.cpp_operators() and "with the package" in cpu_matmul._BOUND.ops_origin
+        assert cpu_build.cpp_operators() and "with the package" in cpu_build._BOUND.ops_origin
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(os.environ.get(cpu_matmul.VARIANT_ENV)), reason="inside a forced-variant run already")
+@pytest.mark.skipif(bool(os.environ.get(cpu_build.VARIANT_ENV)), reason="inside a forced-variant run already")
 def test_every_variant_this_cpu_runs_passes_this_file():
     """$EDGE_DLM_CPU_VARIANT forces each variant built with the package that this CPU can run (other than
     the one this process picked, which the rest of the suite runs): this whole file passes under each."""
     import subprocess
     import sys
 
-    have, picked = cpu_matmul.cpu_features(), cpu_matmul.variant()[0]
-    others = [v["name"] for v in cpu_matmul.installed() if set(v["cpu"]) <= have and v["name"] != picked]
+    have, picked = cpu_build.cpu_features(), cpu_build.variant()[0]
+    others = [v["name"] for v in cpu_build.installed() if set(v["cpu"]) <= have and v["name"] != picked]
     if not others:
         pytest.skip("no other variant built with the package runs on this CPU")
     for name in others:
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore",
                             "-m", "not slow", __file__], capture_output=True, text=True,
-                           env={**os.environ, cpu_matmul.VARIANT_ENV: name})
+                           env={**os.environ, cpu_build.VARIANT_ENV: name})
         assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
 
 
@@ -542,54 +542,54 @@ def test_a_forced_variant_this_cpu_cannot_run_is_one_line(monkeypatch):
     from edge_dlm.primitives.errors import UserError
 
     for value, match in (("sideways", "not a kernel variant"), ("native", None)):
-        monkeypatch.setenv(cpu_matmul.VARIANT_ENV, value)
+        monkeypatch.setenv(cpu_build.VARIANT_ENV, value)
         if match is None:
-            assert cpu_matmul.pick()[0] is None
+            assert cpu_build.pick()[0] is None
         else:
             with pytest.raises(UserError, match=match):
-                cpu_matmul.pick()
-    foreign = {"x86_64": "dotprod", "aarch64": "avx2"}.get(cpu_matmul.arch(), "avx2")
-    monkeypatch.setenv(cpu_matmul.VARIANT_ENV, foreign)
+                cpu_build.pick()
+    foreign = {"x86_64": "dotprod", "aarch64": "avx2"}.get(cpu_build.arch(), "avx2")
+    monkeypatch.setenv(cpu_build.VARIANT_ENV, foreign)
     with pytest.raises(UserError, match="not a kernel variant"):
-        cpu_matmul.pick()
-    monkeypatch.setattr(cpu_matmul, "cpu_features", lambda: frozenset())
-    best = cpu_matmul.VARIANTS[cpu_matmul.arch()][0]
-    monkeypatch.setenv(cpu_matmul.VARIANT_ENV, best["name"])
+        cpu_build.pick()
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: frozenset())
+    best = cpu_build.VARIANTS[cpu_build.arch()][0]
+    monkeypatch.setenv(cpu_build.VARIANT_ENV, best["name"])
     with pytest.raises(UserError, match="this CPU lacks"):
-        cpu_matmul.pick()
-    monkeypatch.delenv(cpu_matmul.VARIANT_ENV)
-    v, _ = cpu_matmul.pick()  # a CPU reporting nothing runs the generic build
+        cpu_build.pick()
+    monkeypatch.delenv(cpu_build.VARIANT_ENV)
+    v, _ = cpu_build.pick()  # a CPU reporting nothing runs the generic build
     assert v is None or v["cpu"] == []
 
 
 def test_builds_of_an_older_source_or_damaged_are_not_loaded(monkeypatch, tmp_path):
     """An installed library is loaded only when it was built from today's source (a source checkout
     edited since its install builds at first use) and matches its recorded checksum."""
-    if not cpu_matmul.installed():
+    if not cpu_build.installed():
         pytest.skip("no variants built with the package here")
-    monkeypatch.delenv(cpu_matmul.VARIANT_ENV, raising=False)
+    monkeypatch.delenv(cpu_build.VARIANT_ENV, raising=False)
     lib = tmp_path / "lib"
     lib.mkdir()
-    for f in cpu_matmul.LIB.iterdir():
+    for f in cpu_build.LIB.iterdir():
         (lib / f.name).write_bytes(f.read_bytes())
-    monkeypatch.setattr(cpu_matmul, "LIB", lib)
-    assert cpu_matmul.installed()
+    monkeypatch.setattr(cpu_build, "LIB", lib)
+    assert cpu_build.installed()
     (lib / "sources.json").write_text('{"cpu_kernels.c": "0000", "cpu_ops.cpp": "0000"}')
-    assert cpu_matmul.installed() == [] and "today's source" in cpu_matmul.pick()[1]
+    assert cpu_build.installed() == [] and "today's source" in cpu_build.pick()[1]
     (lib / "sources.json").write_text("[1, 2]")  # junk of the wrong shape: the same
-    assert cpu_matmul.installed() == []
-    (lib / "sources.json").write_bytes((Path(cpu_matmul.__file__).parent / "lib" / "sources.json").read_bytes())
-    v, _ = cpu_matmul.pick()
+    assert cpu_build.installed() == []
+    (lib / "sources.json").write_bytes((Path(cpu_build.__file__).parent / "lib" / "sources.json").read_bytes())
+    v, _ = cpu_build.pick()
     path = lib / f"cpu_kernels-{v['name']}.so"
-    assert cpu_matmul._verified(path)
+    assert cpu_build._verified(path)
     path.write_bytes(path.read_bytes()[:1000])  # cut short: never loaded (SIGBUS)
-    assert not cpu_matmul._verified(path)
+    assert not cpu_build._verified(path)
 
 
 def test_the_operators_check_what_they_are_given():
     """Wrong shapes, dtypes, group sizes or layouts are one clear error from the operator, never a crash;
     the ctypes implementations check the same."""
-    cpu_matmul.library()
+    cpu_build.library()
     mod = layer("int8", 32, 64, 32)
     w, s, _ = cpu_matmul.x16_layout(mod)
     x = torch.randn(2, 64)
@@ -602,7 +602,7 @@ def test_the_operators_check_what_they_are_given():
         ((x, w, s.float(), None, 8, 32, 32), "scales"),
         ((x, w, s, s[:1], 8, 32, 32), "zeros"),
     ]
-    for impl in (cpu_matmul.x16_gemm, cpu_matmul._x16_gemm):
+    for impl in (cpu_matmul.x16_gemm, cpu_build._x16_gemm):
         for args, match in bad:
             with pytest.raises(RuntimeError):
                 impl(*args)
@@ -610,9 +610,9 @@ def test_the_operators_check_what_they_are_given():
             if impl is cpu_matmul.x16_gemm:
                 with pytest.raises(RuntimeError, match=match):
                     impl(*args)
-    if cpu_matmul.simd()["bf16"]:
+    if cpu_build.simd()["bf16"]:
         wb = torch.randn(8, 64).bfloat16()
-        for impl in (cpu_matmul.bf16_gemm, cpu_matmul._bf16_gemm):
+        for impl in (cpu_matmul.bf16_gemm, cpu_build._bf16_gemm):
             with pytest.raises(RuntimeError, match="K|bfloat16"):
                 impl(torch.randn(2, 32).bfloat16(), wb)
             with pytest.raises(RuntimeError, match="bfloat16"):
@@ -627,15 +627,15 @@ def test_an_install_answers_without_a_compiler(tmp_path):
     import subprocess
     import sys
 
-    if not cpu_matmul.installed():
+    if not cpu_build.installed():
         pytest.skip("no variants built with the package here (a source checkout)")
     (tmp_path / "bin").mkdir()
     env = {**os.environ, "PATH": str(tmp_path / "bin"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    env.pop(cpu_matmul.VARIANT_ENV, None)
+    env.pop(cpu_build.VARIANT_ENV, None)
     cli = str(Path(sys.executable).parent / "edge-dlm")
     doctor = subprocess.run([cli, "doctor"], capture_output=True, text=True, env=env, timeout=300)
     line = next(ln for ln in doctor.stdout.splitlines() if "matmul kernels" in ln)
-    assert f"the {cpu_matmul.variant()[0]} variant" in line and "C++ operators (built with the package)" in line, line
+    assert f"the {cpu_build.variant()[0]} variant" in line and "C++ operators (built with the package)" in line, line
     r = subprocess.run([cli, "generate", "--prompt", "Hello", "--quant", "int4", "--max-new-tokens", "8", "--json"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "building" not in r.stderr, r.stderr[-1000:]

@@ -82,9 +82,9 @@ def test_kernels_on_without_a_gpu_is_explained(monkeypatch):
     ok, reasons = kernels.status("cpu")
     assert not ok and "not CUDA" in reasons[0]
     assert kernels.resolve("on", "cpu") is False  # on a CPU, `on` means the C kernels (`cpu_resolve`)
-    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.kernels import cpu_build
 
-    monkeypatch.setattr(cpu_matmul, "available", lambda: ["no C compiler (cc) to build the CPU matmul kernels"])
+    monkeypatch.setattr(cpu_build, "available", lambda: ["no C compiler (cc) to build the CPU matmul kernels"])
     with pytest.raises(UserError, match="cannot run here: no C compiler"):
         kernels.cpu_resolve("on")
     assert kernels.cpu_resolve("auto") is False and kernels.cpu_resolve("off") is False

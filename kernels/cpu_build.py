@@ -1,0 +1,475 @@
+"""The CPU kernels' build and dispatch (`edge_dlm.kernels.cpu_build`): which library this process runs
+(a variant built with the package, `kernels/lib/`, picked by what the CPU reports, or a build for this
+machine at first use), the torch operators that call it (`edge_dlm::x16_gemm`, `bf16_gemm`, `attend`:
+C++ built against torch's headers, or ctypes calls where none could be built), and why a build failed.
+The kernels themselves are C (`csrc/cpu_kernels.c`, entry points in `csrc/cpu_kernels.h`); the layers
+that use them are `cpu_matmul`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+# The kernels' sources (`csrc/`), read as files: compiled, read and linted as C and C++
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = (CSRC / "cpu_kernels.c").read_text()
+# no -ffast-math: the order above is kept; -I: the shared header (cpu_kernels.h), as the source is built from a copy
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}"]
+# The builds made with the package (setup.py): one per instruction set of `VARIANTS` (csrc/variants.json),
+# `cpu_kernels-NAME.so`, and the operators for the torch it was built against, each with its checksum
+LIB = Path(__file__).parent / "lib"
+VARIANTS = json.loads((CSRC / "variants.json").read_text())
+VARIANT_ENV = "EDGE_DLM_CPU_VARIANT"  # a variant's name forces it; "native": build for this machine
+
+
+def arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+    """The instruction-set features this CPU reports (Linux: /proc/cpuinfo's flags / Features; macOS on
+    ARM: the dot product from sysctl), named as `VARIANTS` names them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
+        return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True)
+            return frozenset({"asimddp"} if out.stdout.strip() == "1" else ())
+        except OSError:
+            pass
+    return frozenset()
+
+
+def _built_from(source: str) -> bool:
+    """Whether the libraries built with the package were built from today's `csrc/source` (a source
+    checkout edited since its install builds at first use instead)."""
+    try:
+        recorded = json.loads((LIB / "sources.json").read_text()).get(source)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded == hashlib.sha256((CSRC / source).read_bytes()).hexdigest()
+
+
+def installed() -> list[dict]:
+    """The variants built with the package for this architecture, best first."""
+    if not _built_from("cpu_kernels.c"):
+        return []
+    return [v for v in VARIANTS.get(arch(), []) if (LIB / f"cpu_kernels-{v['name']}.so").is_file()]
+
+
+def pick() -> tuple[dict | None, str]:
+    """The built variant this process loads and why; (None, why) where the kernels are built for this
+    machine at first use instead. `$EDGE_DLM_CPU_VARIANT` forces a variant (one this CPU cannot run, or
+    one not built, is a one-line error) or `native`."""
+    from edge_dlm.primitives.errors import UserError
+
+    have, built = cpu_features(), installed()
+    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    if forced:
+        names = [v["name"] for v in VARIANTS.get(arch(), [])]
+        if forced == "native":
+            return None, f"{VARIANT_ENV}=native"
+        v = next((v for v in VARIANTS.get(arch(), []) if v["name"] == forced), None)
+        if v is None:
+            raise UserError(f"{VARIANT_ENV}={forced[:20]!r} is not a kernel variant of {arch()}; known: "
+                            f"{', '.join(names + ['native'])}")
+        if missing := sorted(set(v["cpu"]) - have):
+            raise UserError(f"{VARIANT_ENV}={forced}: this CPU lacks {', '.join(missing)}; unset it or pick another")
+        if v not in built:
+            raise UserError(f"{VARIANT_ENV}={forced}: not built with this install ({LIB}); reinstall edge-dlm "
+                            "where a C compiler is present, or unset it")
+        return v, f"forced by {VARIANT_ENV}"
+    for v in built:
+        if set(v["cpu"]) <= have:
+            return v, f"the best of the {len(built)} built with the package that this CPU runs, made for {v['cpus']}"
+    if not built:
+        return None, ("none were built with the package from today's source (a source checkout, an edited "
+                      "one, or no compiler when installed)")
+    return None, f"none of the {len(built)} built with the package runs on this CPU"
+
+
+def _cpu_key() -> str:
+    """A first-use build depends on the source, the flags and this CPU's instruction set (-march=native)."""
+    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), platform.machine(), " ".join(sorted(cpu_features()))])
+                          .encode()).hexdigest()[:16]
+
+
+def _verified(path: Path) -> bool:
+    """Whether `path` is the library built (its checksum, recorded at build, matches)."""
+    try:
+        return (path.parent / (path.name + ".sha256")).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def available() -> list[str]:
+    """Why the CPU kernels cannot run here (empty: a built variant loads, or a compiler builds them)."""
+    if pick()[0] is None and not (shutil.which("cc") or shutil.which("gcc")):
+        return ["no kernels built with the package for this CPU and no C compiler (cc) to build them"]
+    return []
+
+
+class BuildError(Exception):
+    """A kernel build that failed; `str()` is the compiler's last lines."""
+
+
+def _log(line: str) -> None:
+    import sys
+
+    print(f"edge-dlm: {line}", file=sys.stderr, flush=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(out: Path) -> bool:
+    """Whether the library `out` is there and is the one built (its checksum, `out.sha256`, recorded at
+    build). One cut short (a full disk, a sync tool) would crash the process with SIGBUS when loaded,
+    one overwritten would fail to load: either is moved aside (`.bad`) with one line, to be rebuilt."""
+    if not out.exists():
+        return False
+    try:
+        if out.is_file() and (out.parent / (out.name + ".sha256")).read_text().strip() == _digest(out):
+            return True
+    except OSError:
+        pass
+    try:
+        os.replace(out, out.parent / (out.name + ".bad"))
+        _log(f"set aside a damaged or unverified kernel library ({out}); rebuilding it")
+    except OSError as exc:
+        raise BuildError(f"{out} is damaged and cannot be moved aside ({exc.strerror}); delete it") from None
+    return False
+
+
+def _compile(source: str, suffix: str, out: Path, command) -> Path:
+    """`command(src, so)` (a compiler's argument list) on `source` into `out`, renamed into place when
+    complete with its checksum beside it, unless an intact `out` is there; returns the library's path.
+
+    Under a file lock (two processes build once); one line on a terminal's stderr while it builds; a failed build
+    raises `BuildError` with the compiler's message. A cache folder that cannot be written (read-only,
+    full) builds into a temporary folder for this process instead, said once."""
+    if _intact(out):
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(out.parent / (out.name + ".lock")):
+            if _intact(out):
+                return out
+            _build_into(source, suffix, out, command)
+        return out
+    except OSError as exc:  # the cache cannot take it: this process's own folder
+        tmp = Path(tempfile.mkdtemp(prefix="edge-dlm-kernels-")) / out.name
+        _log(f"cannot write the kernel cache {out.parent} ({exc.strerror or exc}); building into {tmp.parent} "
+             "for this process")
+        _build_into(source, suffix, tmp, command)
+        return tmp
+
+
+def _build_into(source: str, suffix: str, out: Path, command) -> None:
+    _log(f"building {out.name} for this machine (once; ~2-10 s) ...")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, so = Path(tmp) / f"source{suffix}", Path(tmp) / "lib.so"
+        src.write_text(source)
+        try:
+            r = subprocess.run(command(str(src), str(so)), capture_output=True, text=True)
+        except OSError as exc:  # the compiler itself could not start
+            raise BuildError(f"{command('src', 'so')[0]}: {exc.strerror or exc}") from None
+        if r.returncode != 0:
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-4:]
+            raise BuildError(" | ".join(tail)[:600] or f"the compiler exited with {r.returncode}")
+        digest = _digest(so)
+        (Path(tmp) / "sum").write_text(digest)
+        os.replace(so, out)
+        os.replace(Path(tmp) / "sum", out.parent / (out.name + ".sha256"))
+
+
+class _locked:
+    """An exclusive lock on `path` (a file lock: other processes wait) where the OS has one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock, the atomic rename still keeps a library whole
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+
+
+def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """Compile the kernels with `flags` into `out` (atomic rename) unless it is there; load them."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    return load(_compile(SOURCE, ".c", out, lambda src, so: [cc, *flags, src, "-o", so, "-lm"]))
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The kernels library at `path` (a built variant or a first-use build), its functions typed."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise BuildError(f"{path} does not load ({str(exc)[:200]})") from None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.x16_simd.restype = lib.bf16_simd.restype = i32
+    lib.x16_gemm.restype = lib.attend.restype = i32
+    for fn in (lib.x16_pack, lib.x16_unpack):
+        fn.restype = None
+    lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
+    lib.x16_pack.argtypes = lib.x16_unpack.argtypes = [i32, i32, p, i64, i64, p, i32]
+    lib.attend.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, i64, i64, ctypes.c_float, p, i32]
+    if lib.bf16_simd():  # a build without a vector path has no bf16_gemm (torch's kernels serve)
+        lib.bf16_gemm.restype = i32
+        lib.bf16_gemm.argtypes = [p, i64, i64, p, i64, p, i32]
+    return lib
+
+
+def simd() -> dict[str, int]:
+    """The vector width (bits) each kernel of this machine's build runs at: 512 (AVX-512), 256 (AVX2,
+    with AVX-VNNI's dot product where the CPU has it), 0 (portable C; for bf16: not built)."""
+    lib = library()
+    return {"int8 / int4": lib.x16_simd(), "bf16": lib.bf16_simd()}
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """The kernels for this machine: the variant built with the package that this CPU runs (`pick`),
+    else built once into the edge-dlm cache (a source checkout; needs a C compiler)."""
+    v, why = pick()
+    path = None if v is None else LIB / f"cpu_kernels-{v['name']}.so"
+    if path is not None and not _verified(path):
+        _log(f"{path} does not match the checksum recorded when it was built; building for this machine instead")
+        path, why = None, f"the built {v['name']} library is damaged"
+    if path is None:
+        lib = build(cache_root_kernels() / f"cpu_matmul-{_cpu_key()}.so")
+        _BOUND.variant = ("native", f"built at first use with -march=native: {why}")
+    else:
+        lib = load(path)
+        _BOUND.variant = (v["name"], why)
+    _register(lib)
+    return lib
+
+
+def cache_root_kernels() -> Path:
+    """Where first-use builds go: the edge-dlm cache's `kernels` folder."""
+    from edge_dlm.primitives.fsutil import cache_root
+
+    return cache_root() / "kernels"
+
+
+def variant() -> tuple[str, str]:
+    """(name, why) of the kernels this process runs: a variant built with the package, or `native`."""
+    library()
+    return _BOUND.variant
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# The kernels as torch operators, so a compiled pass keeps them in its graph. Their CPU implementation is
+# a few lines of C++ (`OPS_SOURCE`, built once per torch version against torch's own headers) that call the
+# C kernels through pointers (`bind`): a compiled pass calls an operator from C++, and a Python
+# implementation cost ~3 us more per call than the C++ one (a quantized demo-model AR step made 29 calls:
+# 341 -> 240 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` / `_attend` (ctypes) serve.
+_OPS = torch.library.Library("edge_dlm", "FRAGMENT")
+_OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
+_OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
+_OPS.define("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor length, float scale) -> Tensor")
+
+OPS_SOURCE = (CSRC / "cpu_ops.cpp").read_text()
+
+
+def _x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              bits: int, group: int, n: int) -> torch.Tensor:
+    """`x [M, K]` float32 . W^T -> `[M, n]` float32, W int8 / int4 in the 16-row layout of
+    `x16_layout` (`weight`, fp16 `scales` / `zeros`); x rounded to int8 per block of 32 columns."""
+    x = x.contiguous()
+    m, k = x.shape
+    blocks = -(-n // 16)
+    _require(x.dtype == torch.float32 and bits in (8, 4) and k % 32 == 0 and group >= 32 and not group & (group - 1)
+             and k % group == 0 and weight.dtype == torch.uint8 and weight.numel() == blocks * 16 * k * bits // 8
+             and scales.dtype == torch.float16 and scales.numel() == blocks * k // group * 16
+             and (zeros is None or zeros.shape == scales.shape) and weight.is_contiguous() and scales.is_contiguous(),
+             "x16_gemm takes x [M, K] float32 (K a multiple of 32) and an int8 / int4 16-row layout of n x K")
+    y = torch.empty(m, n, dtype=torch.float32)
+    _require(m == 0 or _BOUND.kernels.x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(),
+                                               _ptr(zeros), n, group, y.data_ptr(), torch.get_num_threads()) == 0,
+             "x16_gemm: out of memory")
+    return y
+
+
+def _require(ok: bool, what: str) -> None:
+    """The C++ operators' checks, for the ctypes implementations (`TORCH_CHECK` raises RuntimeError)."""
+    if not ok:
+        raise RuntimeError(what)
+
+
+def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x [M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[M, N]` float32 (sums in float32)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    _require(x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] == k and k % 32 == 0
+             and weight.is_contiguous(), "bf16_gemm takes x [M, K] and weight [N, K] bfloat16, K a multiple of 32")
+    y = torch.empty(m, n, dtype=torch.float32)
+    _require(m == 0 or _BOUND.kernels.bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(),
+                                                torch.get_num_threads()) == 0, "bf16_gemm: out of memory")
+    return y
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, length: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Attention of `q [H, R, D]` over `k` / `v [H, W, D]` (rows contiguous) under `mask [T, W]`, keys
+    past `length + T` unseen: the C kernel `attend` (see `attend` below)."""
+    q, mask = q.contiguous(), mask.contiguous()
+    h, r, d = q.shape
+    t, w = mask.shape
+    out = torch.empty(q.shape)
+    keys = min(w, int(length) + t)
+    _require(q.dtype == k.dtype == v.dtype == torch.float32 and k.shape == v.shape and k.stride() == v.stride()
+             and k.shape[0] == h and k.shape[2] == d and k.stride(1) == d and k.stride(2) == 1 and d % 16 == 0
+             and mask.dtype == torch.bool and mask.shape[1] == k.shape[1] and r % t == 0 and keys >= t,
+             "attend takes float32 q [H, R, D], k / v [H, W, D] (rows side by side, D a multiple of 16), mask [T, W]")
+    _require(_BOUND.kernels.attend(q.data_ptr(), h, r, t, d, k.data_ptr(), v.data_ptr(), k.stride(0), mask.data_ptr(),
+                                   w, keys, scale, out.data_ptr(), torch.get_num_threads()) == 0, "attend: out of memory")
+    return out
+
+
+class _Bound:
+    kernels: ctypes.CDLL | None = None  # the kernels library the operators call (`bind`)
+    cpp: ctypes.CDLL | None = None  # the C++ operators' library; None: the ctypes implementations serve
+    variant: tuple[str, str] = ("", "")  # `variant()`
+    ops_origin: str = ""  # where the operators came from (built with the package, or here)
+
+
+_BOUND = _Bound()
+
+
+def cpp_operators() -> bool:
+    """Whether the operators are the C++ ones (`library()` builds them where a C++ compiler is present)."""
+    return _BOUND.cpp is not None
+
+
+def torch_tag() -> str:
+    """The torch build operators are made for (setup.py names the ones it builds the same way)."""
+    return "".join(c if c.isalnum() or c == "." else "_" for c in torch.__version__) + \
+        f"-abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+
+
+def _ops_library() -> ctypes.CDLL | None:
+    """The C++ operators: those built with the package for this torch, else built once per torch version
+    into the edge-dlm cache; registered. None where neither is possible (then the ctypes
+    implementations are registered)."""
+    shipped = LIB / f"cpu_ops-{torch_tag()}.so"
+    if _built_from("cpu_ops.cpp") and _verified(shipped):
+        out, _BOUND.ops_origin = shipped, "built with the package"
+    else:
+        cxx = shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            return None
+        root = Path(torch.__file__).parent
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        key = hashlib.sha256("\n".join([OPS_SOURCE, torch.__version__, cxx, str(abi)]).encode()).hexdigest()[:16]
+        out = cache_root_kernels() / f"cpu_ops-{key}.so"
+        try:
+            out = _compile(OPS_SOURCE, ".cpp", out, lambda src, so: [
+                cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{CSRC}",
+                f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", src, "-o", so,
+                f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"])
+        except BuildError as exc:
+            _FAILED["operators"] = str(exc)
+            return None
+        _BOUND.ops_origin = "built here at first use"
+    torch.ops.load_library(str(out))
+    return ctypes.CDLL(str(out))
+
+
+def bind(lib: ctypes.CDLL) -> None:
+    """Point the `edge_dlm::x16_gemm` / `bf16_gemm` / `attend` operators at `lib`'s kernels (`library()` binds this
+    machine's build; `scripts/bench_cpu_matmul.py` binds others)."""
+    _BOUND.kernels = lib
+    if _BOUND.cpp is not None:
+        addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
+        _BOUND.cpp.edge_dlm_bind(addr("x16_gemm"), addr("bf16_gemm"), addr("attend"))
+
+
+def _register(lib: ctypes.CDLL) -> None:
+    ops = _ops_library()
+    if ops is None:
+        _OPS.impl("x16_gemm", _x16_gemm, "CPU")
+        _OPS.impl("bf16_gemm", _bf16_gemm, "CPU")
+        _OPS.impl("attend", _attend, "CPU")
+    else:
+        ops.edge_dlm_bind.argtypes = [ctypes.c_void_p] * 3
+        ops.edge_dlm_bind.restype = None
+        _BOUND.cpp = ops
+    bind(lib)
+
+
+@torch.library.register_fake("edge_dlm::x16_gemm")
+def _(x, weight, scales, zeros, bits, group, n):
+    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+@torch.library.register_fake("edge_dlm::bf16_gemm")
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("edge_dlm::attend")
+def _(q, k, v, mask, length, scale):
+    return q.new_empty(q.shape)
+
+
+x16_gemm = torch.ops.edge_dlm.x16_gemm.default
+attend = torch.ops.edge_dlm.attend.default
+bf16_gemm = torch.ops.edge_dlm.bf16_gemm.default
+
+
+# Why this process's build failed, by part ("kernels", "operators"): remembered, never retried per
+# call; `failure()` and `edge-dlm doctor` show the compiler's message
+_FAILED: dict[str, str] = {}
+
+
+def usable() -> bool:
+    """Whether the kernels are built (or build now) and load here (else the references serve). A failed
+    build is said once, with the compiler's message, and not tried again in this process."""
+    if available() or "kernels" in _FAILED:
+        return False
+    try:
+        library()
+    except BuildError as exc:
+        _FAILED["kernels"] = str(exc)
+        _log(f"the CPU kernels did not build ({str(exc)[:300]}); the slower reference matmuls serve "
+             "(`edge-dlm doctor` shows the message)")
+        return False
+    return True
+
+
+def failure() -> str | None:
+    """Why the kernels (or their C++ operators) did not build in this process: the compiler's message."""
+    return _FAILED.get("kernels") or _FAILED.get("operators")
