@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="structured.json")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     a = p.parse_args()
     import jsonschema
 
@@ -41,7 +42,7 @@ def main() -> int:
     rt = edge_dlm.load(device="cpu", compile="off", threads=a.threads)
     prompts = [f.format(t) for t in TOPICS for f in FORMS][:a.prompts]
     rows = []
-    for mode in MODES:
+    for mode in a.modes:
         valid = finished = total = tokens = 0
         free_tok = free_s = con_tok = con_s = con_nfe = free_nfe = 0.0
         for schema in SCHEMAS:
