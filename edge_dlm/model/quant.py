@@ -123,9 +123,16 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> di
     if in_f % group_size:
         raise UserError(f"group size {group_size} does not divide the input width {in_f}; "
                         f"pick one of {', '.join(str(g) for g in GROUP_SIZES if in_f % g == 0) or 'none'}")
-    parts = [_quantize_rows(w[r:r + QUANTIZE_ROWS], bits, group_size, symmetric)
-             for r in range(0, out_f, QUANTIZE_ROWS)]
-    return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+    out = None  # written a slice of rows at a time (a concatenation would hold the result twice)
+    for r in range(0, out_f, QUANTIZE_ROWS):
+        part = _quantize_rows(w[r:r + QUANTIZE_ROWS], bits, group_size, symmetric)
+        if r == 0 and len(part["qweight"]) == out_f:
+            return part
+        if out is None:
+            out = {k: torch.empty((out_f, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][r:r + len(v)] = v
+    return out
 
 
 def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:

@@ -187,6 +187,8 @@ def _quantized_modules(cfg: NLDConfig, files: dict[str, Path], spec, dtype: torc
     with torch.device("meta"):
         skeleton = NLDModel(cfg)
     names = linear_names(skeleton, spec) + (["encoder.embed_tokens"] if quantizes("encoder.embed_tokens", spec) else [])
+    # the largest weights first: the peak is one float weight beside what is quantized so far
+    names.sort(key=lambda n: -skeleton.get_submodule(n).weight.numel())
     made = {}
     for name in names:
         w = read_tensors(files, [f"{name}.weight"])
