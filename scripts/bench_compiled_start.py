@@ -137,8 +137,9 @@ def main() -> int:
     if c > e and st is not None:
         print(f"calibration: AR {c:.0f} vs {e:.0f} tok/s eager, start {st:.2f} s: a one-shot compiles from "
               f"{st / (1 / e - 1 / c):.0f} tokens")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1) + "\n")
+    from benchlib import record
+
+    record(a.out, report)
     return 0
 
 

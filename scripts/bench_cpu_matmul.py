@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
@@ -33,8 +32,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--variant", help="the kernels' build (default: the one this process picks)")
     p.add_argument("--against", help="a second build timed in the same rounds (A/B)")
+    p.add_argument("--out", help="also record the table as JSON (benchlib.record)")
     p.add_argument("--copies-mib", type=int, default=96, help="weight copies to cycle through, MiB of int4 at least")
     a = p.parse_args()
+
+    from benchlib import best_of, record
 
     from edge_dlm.kernels import cpu_build as cb
     from edge_dlm.kernels import cpu_matmul as c
@@ -67,6 +69,7 @@ def main() -> int:
     other = [f"{k} {a.against}/{label}" for k in kernels] if a.against else []
     names = [*kernels, "torch bf16 GEMM"]
     print("| rows | " + " | ".join(names + other) + " |\n" + "|---" * (1 + len(names + other)) + "|")
+    table = []
     for rows in a.rows:
         x = torch.randn(rows, k)
         xb = x.bfloat16()
@@ -77,16 +80,12 @@ def main() -> int:
         if widths["bf16"] and rows <= c.max_rows():
             fs["bf16 kernel"] = lambda: [c.bf16_gemm(xb, t) for t in wb]
         fs["torch bf16 GEMM"] = lambda: [torch.nn.functional.linear(xb, t) for t in wb]
-        best = {(name, b): float("inf") for name in fs for b in builds if b == label or name in kernels}
-        for _ in range(a.rounds):
-            for name, f in fs.items():
-                for b, lib in builds.items():
-                    if (name, b) not in best:
-                        continue
-                    cb.bind(lib)
-                    t = time.perf_counter()
-                    f()
-                    best[name, b] = min(best[name, b], (time.perf_counter() - t) / copies)
+        timed = {}
+        for name, f in fs.items():
+            for b, lib in builds.items():
+                if b == label or name in kernels:
+                    timed[name, b] = lambda f=f, lib=lib: (cb.bind(lib), f())
+        best = best_of(timed, a.rounds, per=copies)
         cb.bind(builds[label])
         cells = []
         for name in names:
@@ -99,6 +98,10 @@ def main() -> int:
         for name in kernels if a.against else ():
             cells.append(f"{best[name, a.against] / best[name, label]:.3f}" if (name, label) in best else "-")
         print(f"| {rows} | " + " | ".join(cells) + " |")
+        table.append({"rows": rows, "ms": {f"{name} [{b}]": round(t * 1e3, 4) for (name, b), t in best.items()}})
+    if a.out:
+        record(a.out, {"shape": [n, k], "group": a.group, "threads": a.threads, "builds": list(builds),
+                       "simd": widths, "table": table})
     return 0
 
 

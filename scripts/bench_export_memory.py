@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -125,15 +123,11 @@ def main() -> int:
                     shutil.rmtree(out)
                 elif out.exists():
                     out.unlink()
-        result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                           text=True).stdout.strip(),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-                  "shape": a.shape, "layers": cfg.num_hidden_layers, "checkpoint_gib": round(total / 2**30, 2),
+        from benchlib import record
+
+        record(a.out, {"shape": a.shape, "layers": cfg.num_hidden_layers, "checkpoint_gib": round(total / 2**30, 2),
                   "largest_tensor_gib": round(largest / 2**30, 2),
-                  "exports": rows}
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+                       "exports": rows})
         print(f"wrote {a.out}")
         return 0
     finally:

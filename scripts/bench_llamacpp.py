@@ -212,7 +212,9 @@ def measure(a: argparse.Namespace, work: Path) -> int:
               f"{r['decode'] / base['decode']:.2f}x | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f}x | "
               f"{r['pass16_vs_1']:.2f} | {r['pass16_last_vs_1']:.2f} |")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+        from benchlib import record
+
+        record(a.json, {"rows": rows})
     return 0
 
 

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import sysconfig
 import time
@@ -112,14 +109,13 @@ def main() -> int:
             times.append(time.perf_counter() - t0)
             assert bool(allowed[t]) and m.consume_token(t), "the answer is not valid under its schema"
     ms = 1e3 * statistics.median(times)
-    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "vocab": len(vocab),
+    from benchlib import record
+
+    result = {"vocab": len(vocab),
               "masks": len(times), "median_ms_per_mask": round(ms, 3),
               "p90_ms_per_mask": round(1e3 * sorted(times)[int(0.9 * len(times))], 3)}
     print(result)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    record(a.out, result)
     return 0
 
 

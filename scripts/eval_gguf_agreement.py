@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -83,13 +81,11 @@ def main() -> int:
                 label = fmt if quant is not None else f"{fmt} vs edge-dlm {dt} passes"
                 rows[label] = agreement(edge_dlm_greedy(src, prompts, a.tokens, dt, quant), theirs)
                 print(label, rows[label], flush=True)
-    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "model": src.name, "tokens": a.tokens,
+    from benchlib import record
+
+    result = {"model": src.name, "tokens": a.tokens,
               "prompts": len(PROMPTS), "agreement": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    record(a.out, result)
     print(f"wrote {a.out}")
     return 0
 

@@ -17,7 +17,6 @@ A span counts as an exact match when all k tokens equal the original. Token accu
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -98,7 +97,9 @@ def main() -> int:
         per = "   ".join(f"{out['by_span_length'][b][name]:.3f}" for b in out["by_span_length"])
         print(f"{name:<14} {r['exact_match']:>11.3f} {r['token_accuracy']:>9.3f} {r['mean_nfe']:>6.2f}   {per}")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        from benchlib import record
+
+        record(a.json, out if isinstance(out, dict) else {"rows": out})
     return 0
 
 

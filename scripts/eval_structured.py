@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -70,10 +67,9 @@ def main() -> int:
                      "constrained_ms_per_pass": 1e3 * con_s / con_nfe, "free_ms_per_pass": 1e3 * free_s / free_nfe,
                      "mean_tokens": tokens / total})
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"commit": commit, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-           "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    from benchlib import record
+
+    record(a.out, {"rows": rows})
     print("\n| mode | answers | finished | valid | constrained tok/s | free tok/s | ms/pass constrained | ms/pass free "
           "| pass cost ratio |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -174,3 +174,26 @@ def test_every_measured_number_in_the_docs_is_recorded():
         quoted = re.findall(r"(?<![\w.\-/])(\d+\.\d+)(?=\s?(?:x\b|ms\b|us\b|tok/s|GB/s|%|-\d))", text)
         missing = sorted({n for n in quoted if n not in record})
         assert not missing, f"{page.name} quotes {missing} that no recorded run holds"
+
+
+# results recorded before the scripts shared `scripts/benchlib.py`, which say their command and machine in
+# BENCHMARKS.md instead (rerunning them would change the numbers the docs quote)
+LEGACY_RESULTS = {"compiled_start.json"}
+
+
+def test_every_recorded_result_says_where_it_came_from():
+    """Each bench_results/ file is one run recorded by `benchlib.record`: its commit, machine and command
+    beside the numbers; and the scripts that record results go through it (one timing loop, one way
+    to write)."""
+    import json
+
+    for path in sorted((ROOT / "bench_results").glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.name in LEGACY_RESULTS:
+            assert f"bench_results/{path.name}" in (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+            continue
+        assert isinstance(data, dict) and all(data.get(k) for k in ("commit", "machine", "command")), path.name
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        if "json.dumps" in text and "write_text" in text and not script.name.startswith(("train_", "eval_demo")):
+            assert "from benchlib import" in text, f"{script.name} writes results without benchlib.record"

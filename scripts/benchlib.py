@@ -1,0 +1,78 @@
+"""What the benchmark scripts share: one timing loop and one way to record a run.
+
+    from benchlib import best_of, record
+    best = best_of({"a": f, "b": g}, rounds=8)          # seconds, the best round of each
+    record("bench_results/x.json", {"rows": rows})      # + commit, machine, command, time
+
+`best_of` interleaves: each round times every function once, in the same order, so a busy neighbour
+(a CI job, a test suite beside it) slows all of them alike and their ratios hold within a run; the best
+round of each is what it costs when nothing else interferes. `record` writes the result with what a
+reader needs to trust a number (the commit and whether the tree was clean, the machine, the exact
+command, the time) through a temporary file renamed into place; BENCHMARKS.md and the docs quote
+numbers from these files (`tests/test_readme.py` checks that every number they quote is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def best_of(fns: dict[str, Callable[[], object]], rounds: int, per: int = 1) -> dict[str, float]:
+    """The best of `rounds` interleaved rounds for each function, in seconds per call (`per`: calls the
+    function makes of what is timed, e.g. weight copies, so the time is divided by it)."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[name] = min(best[name], (time.perf_counter() - t) / per)
+    return best
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> dict:
+    """The machine a number was measured on: CPU model, cores, memory, OS, Python and torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    torch_version = sys.modules["torch"].__version__ if "torch" in sys.modules else None
+    return {"cpu": cpu, "arch": platform.machine(), "cpus": os.cpu_count(), "memory_gib": mem,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "torch": torch_version}
+
+
+def record(path: str | Path, result: dict) -> dict:
+    """`result` with the run's provenance (commit, clean tree or not, machine, command, UTC time),
+    written to `path` as JSON (atomically); returns what was written."""
+    out = {"commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", "-uno")),
+           "machine": machine(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+           "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    os.replace(tmp, path)
+    return out
