@@ -16,6 +16,7 @@ onnxruntime's weight-only `MatMulNBits` (block-wise, `--group-size`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -90,6 +91,36 @@ def export_graph(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     program.save(str(path), external_data=big)
 
 
+def fuse_graph(path: Path, cfg) -> int:
+    """onnxruntime's transformer fusions on the step graph at `path` (what optimum's `ORTOptimizer`
+    runs; it takes only the transformers model types it knows, so edge-dlm calls onnxruntime's
+    optimizer itself): each RMSNorm's seven operators -> one `SimplifiedLayerNormalization` kernel
+    (the demo model 1.04-1.10x the tokens/s on a CPU core, the same tokens in every mode:
+    `scripts/bench_onnx_fusion.py`, BENCHMARKS.md).
+    Only the graph's structure is read and rewritten (weights kept beside it stay where they are), at
+    level 0 (no hardware-specific rewrites: the session applies its own at load). Returns the fused count."""
+    import contextlib
+    import io
+    import logging
+
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    graph = onnx.load(str(path), load_external_data=False)
+    logging.disable(logging.WARNING)  # its notes on shape inference and skipped fusions are not ours to print
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fused = optimize_model(graph, model_type="gpt2", num_heads=cfg.num_attention_heads,
+                                   hidden_size=cfg.hidden_size, opt_level=0)
+    finally:
+        logging.disable(logging.NOTSET)
+    n = sum(fused.get_fused_operator_statistics().values())
+    tmp = path.with_name(path.name + ".fused")
+    onnx.save(fused.model, str(tmp))
+    os.replace(tmp, path)
+    return n
+
+
 def quantize_graph(path: Path, bits: int, group_size: int, symmetric: bool) -> None:
     """Weight-only int4/int8: every constant-weight MatMul -> `MatMulNBits` (onnxruntime)."""
     import onnx
@@ -150,6 +181,7 @@ def export_onnx(src: str | Path, out: str | Path, *, dtype: str = "float32", qua
         n = 3 if quant is not None else 2  # the steps this export runs, so the count never skips one
         log(f"[1/{n}] tracing the step graph of {src} ({dtype})")
         export_graph(model, tmp / GRAPH_FILE, ONNX_DTYPES[dtype])
+        fuse_graph(tmp / GRAPH_FILE, model.config)
         if quant is not None:
             log(f"[2/{n}] weight-only {quant} (MatMulNBits, block {group_size})")
             quantize_graph(tmp / GRAPH_FILE, ONNX_QUANTS[quant], group_size, symmetric)

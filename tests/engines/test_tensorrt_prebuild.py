@@ -15,7 +15,7 @@ pytest.importorskip("onnxscript", reason="needs the onnx extra")
 
 import onnx  # noqa: E402
 
-from edge_dlm.export.onnx import GRAPH_FILE, export_onnx  # noqa: E402
+from edge_dlm.export.onnx import GRAPH_FILE, export_graph  # noqa: E402
 from edge_dlm.export.tensorrt import (OPS_FILE, cache_key, graph_ops, make_tensorrt_compatible,  # noqa: E402
                                       profile_for, profiles, quantize_qdq, supported_ops, unsupported_ops)
 from helpers import run_mode  # noqa: E402
@@ -23,9 +23,13 @@ from helpers import run_mode  # noqa: E402
 
 @pytest.fixture(scope="module")
 def graph(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trt") / "g"
-    export_onnx(tiny_ckpt, out, log=lambda *_: None)
-    return out / GRAPH_FILE
+    """The step graph as the TensorRT exporter traces it (`export_graph`; the onnxruntime artifact's
+    graph also has onnxruntime's own fused operators)."""
+    from edge_dlm.model.weights import load_model
+
+    out = tmp_path_factory.mktemp("trt") / GRAPH_FILE
+    export_graph(load_model(tiny_ckpt, dtype=torch.float32, lora=True), out, torch.float32)
+    return out
 
 
 def test_ops_list_names_its_source():
