@@ -249,7 +249,8 @@ def load(path: Path) -> ctypes.CDLL:
 
 def simd() -> dict[str, int]:
     """The vector width (bits) each kernel of this machine's build runs at: 512 (AVX-512), 256 (AVX2,
-    with AVX-VNNI's dot product where the CPU has it), 0 (portable C; for bf16: not built)."""
+    with AVX-VNNI's dot product where the CPU has it), 128 (ARM's NEON dot product; int8 / int4 only),
+    0 (portable C; for bf16: not built)."""
     lib = library()
     return {"int8 / int4": lib.x16_simd(), "bf16": lib.bf16_simd()}
 

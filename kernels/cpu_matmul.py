@@ -23,8 +23,8 @@ verify pass and AR's step agree bit for bit); output rows are split over threads
 without AVX-512 (Intel laptops and desktops from Skylake to today's, AMD before Zen 4) build 256-bit
 paths of the same arithmetic: AVX-VNNI's dot product where the CPU has it (Alder Lake and later), else
 AVX2's byte-pair sums, exact (the int8 / int4 results are bit for bit the AVX-512 build's), and bf16
-widened to float32 with fused multiply-adds. Other CPUs (ARM) build portable C loops for int8 / int4
-and leave bf16 to torch (`cpu_build.simd()` says which; `edge-dlm doctor` prints it;
+widened to float32 with fused multiply-adds. ARM CPUs with the dot product run int8 / int4 through
+NEON's `sdot` (the same sums), others portable C loops; ARM leaves bf16 to torch (`cpu_build.simd()` says which; `edge-dlm doctor` prints it;
 `tests/kernels/test_cpu_matmul.py` checks each variant this CPU can run). Where none loads, or with
 `--kernels off`, the references serve.
 

@@ -95,7 +95,7 @@ def cpu_kernels_report() -> str:
         return f"off ({kernels.ENV}=off); the reference serves"
     if not cpu_build.usable():
         return f"the build failed: {cpu_build.failure()}; the reference serves"
-    name = {512: "AVX-512", 256: "AVX2", 0: "portable C"}
+    name = {512: "AVX-512", 256: "AVX2", 128: "NEON dot product", 0: "portable C"}
     width = cpu_build.simd()
     bf16 = f"bf16 {name[width['bf16']]}" if width["bf16"] else "bf16 through torch (no vector path here)"
     ops = (f"C++ operators ({cpu_build._BOUND.ops_origin})" if cpu_build.cpp_operators()

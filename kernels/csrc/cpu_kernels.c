@@ -225,12 +225,69 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
 B16(1) B16(2) B16(3) B16(4)
 #define TILES {0, b16_1, b16_2, b16_3, b16_4}
 
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+/* ARM with the dot product (ARMv8.2+: Apple M-series, Snapdragon X, Graviton 2+): the 16 weight rows as
+   four vectors of 4 rows, `sdot` summing 4 byte products into each row's lane. sdot is signed x signed:
+   an int4 byte u (<= 15) as it is; an int8 byte as q = u - 128 (one xor), 128 sum(a) added back in
+   integers where u is what counts (zero points). The same integer sums as every other build, scaled in
+   the same float operations, so each output is the others' bit for bit. */
+#include <arm_neon.h>
+#define X16_SIMD 128
+#define MT 4
+#define B16(MTC)                                                                                  \
+static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
+                      int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
+                      float *y, int64_t N, int64_t rows, int pf) {                                \
+    const int64_t nb32 = K / 32;                                                                  \
+    float32x4_t tot[MTC][4];                                                                      \
+    for (int i = 0; i < MTC; i++)                                                                 \
+        for (int h = 0; h < 4; h++) tot[i][h] = vdupq_n_f32(0.0f);                                \
+    for (int64_t b = 0; b < nb32; b++) {                                                          \
+        if (pf) PREFETCH_W(w, b, bits);                                                           \
+        const int64_t g = (32 * b) >> gs;                                                         \
+        for (int h = 0; h < 4; h++) {                                                             \
+            int8x16_t wv[8];                                                                      \
+            if (bits == 8)                                                                        \
+                for (int q = 0; q < 8; q++)                                                       \
+                    wv[q] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w + (b * 8 + q) * 64 + 16 * h), vdupq_n_u8(0x80))); \
+            else                                                                                  \
+                for (int o = 0; o < 4; o++) {                                                     \
+                    const uint8x16_t v = vld1q_u8(w + (b * 4 + o) * 64 + 16 * h);                 \
+                    wv[2 * o] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));              \
+                    wv[2 * o + 1] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));                        \
+                }                                                                                 \
+            const float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + g * 16 + 4 * h))); \
+            const float32x4_t zv = z ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(z + g * 16 + 4 * h))) : sv; \
+            for (int i = 0; i < MTC; i++) {                                                       \
+                const i32u *a4 = (const i32u *)(a + i * K + 32 * b);                              \
+                const int64_t j = i * nb32 + b;                                                   \
+                const int32_t base = bits == 8 ? (z ? 128 * as[j] : 0) : (z ? 0 : -off * as[j]);  \
+                int32x4_t c0 = vdupq_n_s32(base), c1 = vdupq_n_s32(0);                            \
+                for (int q = 0; q < 8; q += 2) {                                                  \
+                    c0 = vdotq_s32(c0, wv[q], vreinterpretq_s8_s32(vdupq_n_s32(a4[q])));          \
+                    c1 = vdotq_s32(c1, wv[q + 1], vreinterpretq_s8_s32(vdupq_n_s32(a4[q + 1])));  \
+                }                                                                                 \
+                const float32x4_t f = vcvtq_f32_s32(vaddq_s32(c0, c1));                           \
+                tot[i][h] = vfmaq_f32(tot[i][h], f, vmulq_n_f32(sv, d[j]));                        \
+                if (z) tot[i][h] = vfmaq_f32(tot[i][h], zv, vdupq_n_f32(d[j] * (float)as[j]));   \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < MTC; i++) {                                                               \
+        float t[16];                                                                              \
+        for (int h = 0; h < 4; h++) vst1q_f32(t + 4 * h, tot[i][h]);                              \
+        memcpy(y + i * N, t, rows * sizeof(float));                                               \
+    }                                                                                             \
+}
+B16(1) B16(2) B16(3) B16(4)
+#define TILES {0, b16_1, b16_2, b16_3, b16_4}
+
 #else
 #define X16_SIMD 0
 #define MT 8
 #endif
 
-int x16_simd(void) { return X16_SIMD; }  /* which path this build took: 512, 256 or 0 (portable C) */
+int x16_simd(void) { return X16_SIMD; }  /* which path this build took: 512, 256, 128 (NEON) or 0 (portable C) */
 
 static void block16(int bits, const int8_t *a, const float *d, const int32_t *as, int64_t M,
                     int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, float *y,

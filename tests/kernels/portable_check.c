@@ -21,22 +21,24 @@ static uint16_t bf16(float f) { union { float f; uint32_t u; } v = { f }; return
 int main(void) {
     const int64_t K = 256, N = 40, nb = (N + 15) / 16;
     const int64_t Ms[] = {1, 3, 5, 16, 17};
+    for (int zp = 0; zp <= 1; zp++)  /* symmetric (signed weights), then unsigned with zero points */
     for (int bits = 8; bits >= 4; bits -= 4)
         for (int64_t G = 32; G <= 64; G *= 2)
             for (int mi = 0; mi < 5; mi++) {
                 const int64_t M = Ms[mi], ng = K / G, row = K * bits / 8;
                 uint8_t *q = malloc(N * row), *w = malloc(nb * 16 * row);
-                uint16_t *s = malloc(nb * ng * 16 * sizeof(uint16_t));
+                uint16_t *s = malloc(nb * ng * 16 * sizeof(uint16_t)), *z = malloc(nb * ng * 16 * sizeof(uint16_t));
                 float *x = malloc(M * K * sizeof(float)), *y = malloc(M * N * sizeof(float));
                 for (int64_t i = 0; i < N * row; i++) q[i] = (uint8_t)next();
                 for (int64_t i = 0; i < nb * ng * 16; i++) s[i] = (uint16_t)(0x1C00 | (next() & 0x3FF));
+                for (int64_t i = 0; i < nb * ng * 16; i++) z[i] = (uint16_t)(0xBC00 | (next() & 0x3FF));
                 for (int64_t i = 0; i < M * K; i++) x[i] = uniform();
-                x16_pack(bits, 1, q, N, K, w, 1);
-                x16_gemm(bits, x, M, K, w, s, 0, N, G, y, 1);
-                printf("x16 bits=%d G=%ld M=%ld", bits, (long)G, (long)M);
+                x16_pack(bits, !zp, q, N, K, w, 1);
+                x16_gemm(bits, x, M, K, w, s, zp ? z : 0, N, G, y, 1);
+                printf("x16 bits=%d G=%ld M=%ld z=%d", bits, (long)G, (long)M, zp);
                 for (int64_t i = 0; i < M * N; i++) printf(" %a", y[i]);
                 printf("\n");
-                free(q); free(w); free(s); free(x); free(y);
+                free(q); free(w); free(s); free(z); free(x); free(y);
             }
     const int64_t K2 = 2048, Ms2[] = {1, 4, 7, 33};
     for (int mi = 0; bf16_gemm && mi < 4; mi++) {

@@ -40,7 +40,7 @@ def outputs(cmd: list[str]) -> tuple[dict[str, list[float]], int]:
     rows = {}
     for line in run.stdout.splitlines():
         head, *vals = line.split()
-        n = 3 if head == "x16" else 1
+        n = 4 if head == "x16" else 1
         rows[" ".join([head, *vals[:n]])] = [float.fromhex(v) for v in vals[n:]]
     return rows, int(run.stderr.strip().split("=")[-1])
 
@@ -77,7 +77,8 @@ def test_every_x86_build_computes_the_same_numbers(tmp_path):
 
 def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
     """ARM: the source builds with aarch64's compiler (no x86 header reaches it) and, run under qemu,
-    gives the int8 / int4 results of every x86 build bit for bit (its portable loops)."""
+    gives the int8 / int4 results of every x86 build bit for bit: the NEON dot-product path (`sdot`,
+    ARMv8.2+) and the portable loops of ARMv8.0, with and without zero points."""
     cc = shutil.which("aarch64-linux-gnu-gcc")
     qemu = shutil.which("qemu-aarch64")
     if platform.machine() == "aarch64":
@@ -86,9 +87,12 @@ def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user; "
                     ".ci/run installs them)")
     arm, simd = outputs([qemu, str(build(tmp_path, "arm", cc, "-march=armv8.2-a+dotprod", "-static"))])
+    plain, plain_simd = outputs([qemu, str(build(tmp_path, "arm-generic", cc, "-march=armv8-a", "-static"))])
     x86, _ = outputs([str(build(tmp_path, "generic", "gcc", "-march=x86-64"))]) if platform.machine() == "x86_64" \
         else (None, None)
-    assert simd == 0 and any(k.startswith("x16") for k in arm)
+    assert (simd, plain_simd) == (128, 0)  # the NEON dot-product path, and the portable loops
+    x16 = {k: v for k, v in arm.items() if k.startswith("x16")}
+    assert any("z=1" in k for k in x16) and any("z=0" in k for k in x16)  # zero points and signed weights
+    assert x16 == {k: v for k, v in plain.items() if k.startswith("x16")}
     if x86 is not None:
-        assert {k: v for k, v in arm.items() if k.startswith("x16")} == {k: v for k, v in x86.items()
-                                                                          if k.startswith("x16")}
+        assert x16 == {k: v for k, v in x86.items() if k.startswith("x16")}
