@@ -15,7 +15,7 @@ import torch
 from edge_dlm.kernels import cpu_build, cpu_matmul
 from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
-pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="no C compiler")
+pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="; ".join(cpu_build.available()) or "-")
 
 SHAPES = [(64, 192, 32), (48, 512, 64), (40, 384, 128), (33, 256, 32), (33, 224, 32)]
 
