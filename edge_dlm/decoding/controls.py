@@ -221,7 +221,7 @@ class Rules:
     # -- picks
     def chain(self, picks, rows: list[int], prefix: list[int]) -> tuple[list[int], list[float]]:
         """Rows picked in order, each seeing `prefix` and the picks of the rows before it (drafts)."""
-        return self._run(picks, rows, prefix, None)
+        return self._run(picks, rows, prefix)
 
     def verify(self, picks, rows, prefix: list[int], drafted: list[int]) -> tuple[list[int], list[float]]:
         """Row i sees `prefix + drafted[:i]`; rows after the first pick that differs from its draft are
@@ -267,10 +267,9 @@ class Rules:
         ids[used:], conf[used:] = [dec.eos_id] * (n - used), [0.0] * (n - used)
         return ids + [dec.eos_id] * (len(rows) - n), conf + [0.0] * (len(rows) - n)
 
-    def _run(self, picks, rows, prefix, drafted):
+    def _run(self, picks, rows, prefix):
         # the rows' grammar state: a copy of the stream's matcher (~2 us) advanced past what each row
         # sees ahead; the stream's own matcher moves only with emitted tokens (`accept`)
-        assert drafted is None  # verify rows: `verify`
         m = self.matcher.deep_copy() if self.matcher is not None else None
         ids, conf = [], []
         ok = m is None or not prefix or m.consume_tokens(prefix)
