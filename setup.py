@@ -10,6 +10,7 @@ installs, and edge-dlm builds the kernels for the machine at first use where a c
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +24,18 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "kernels" / "csrc"
+
+
+def _commands():
+    """kernels/commands.py, the compiler command lines edge-dlm's first-use builds use too (read by path:
+    the package is not importable while it is being built)."""
+    spec = importlib.util.spec_from_file_location("edge_dlm_commands", HERE / "kernels" / "commands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+commands = _commands()
 
 
 def say(line: str) -> None:
@@ -71,8 +84,7 @@ class BuildKernels(build_ext):
             return
         for v in variants:
             out = dest / f"cpu_kernels-{v['name']}.so"
-            why = compile_into([cc, "-O3", *v["flags"], "-fopenmp", "-shared", "-fPIC",
-                                str(CSRC / "cpu_kernels.c"), "-lm", "-o"], out)
+            why = compile_into(commands.kernels(cc, v["flags"], str(CSRC / "cpu_kernels.c"), str(CSRC)), out)
             say(f"{v['name']}: " + ("built" if why is None else f"not built ({why})"))
             if why is None:
                 self.built += [out, out.with_name(out.name + ".sha256")]
@@ -94,12 +106,8 @@ class BuildKernels(build_ext):
         if cxx is None:
             say("operators not built (no C++ compiler)")
             return
-        root = Path(torch.__file__).parent
-        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         out = dest / f"cpu_ops-{torch_tag(torch)}.so"
-        why = compile_into([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-                            str(CSRC / "cpu_ops.cpp"), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", "-o"], out)
+        why = compile_into(commands.operators(cxx, torch, str(CSRC / "cpu_ops.cpp"), str(CSRC)), out)
         say(f"operators for torch {torch.__version__}: " + ("built" if why is None else f"not built ({why})"))
         if why is None:
             self.built += [out, out.with_name(out.name + ".sha256")]

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from edge_dlm.kernels import commands
+
 # The kernels' sources (`csrc/`), read as files: compiled, read and linted as C and C++
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = (CSRC / "cpu_kernels.c").read_text()
-# no -ffast-math: the order above is kept; -I: the shared header (cpu_kernels.h), as the source is built from a copy
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}"]
+FLAGS = ["-march=native"]  # a build at first use: for this machine (`commands.kernels`)
 # The builds made with the package (setup.py): one per instruction set of `VARIANTS` (csrc/variants.json),
 # `cpu_kernels-NAME.so`, and the operators for the torch it was built against, each with its checksum
 LIB = Path(__file__).parent / "lib"
@@ -107,8 +108,8 @@ def pick() -> tuple[dict | None, str]:
 
 def _cpu_key() -> str:
     """A first-use build depends on the source, the flags and this CPU's instruction set (-march=native)."""
-    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), platform.machine(), " ".join(sorted(cpu_features()))])
-                          .encode()).hexdigest()[:16]
+    parts = [SOURCE, " ".join(commands.kernels("cc", FLAGS, "", "")), platform.machine(), *sorted(cpu_features())]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _verified(path: Path) -> bool:
@@ -224,7 +225,7 @@ class _locked:
 def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
     """Compile the kernels with `flags` into `out` (atomic rename) unless it is there; load them."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    return load(_compile(SOURCE, ".c", out, lambda src, so: [cc, *flags, src, "-o", so, "-lm"]))
+    return load(_compile(SOURCE, ".c", out, lambda src, so: [*commands.kernels(cc, flags, src, str(CSRC)), so]))
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -236,8 +237,9 @@ def load(path: Path) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.x16_simd.restype = lib.bf16_simd.restype = i32
     lib.x16_gemm.restype = lib.attend.restype = i32
-    for fn in (lib.x16_pack, lib.x16_unpack):
+    for fn in (lib.x16_pack, lib.x16_unpack, lib.edge_set_parallel):
         fn.restype = None
+    lib.edge_set_parallel.argtypes = [p]
     lib.x16_gemm.argtypes = [i32, p, i64, i64, p, p, p, i64, i64, p, i32]
     lib.x16_pack.argtypes = lib.x16_unpack.argtypes = [i32, i32, p, i64, i64, p, i32]
     lib.attend.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, i64, i64, ctypes.c_float, p, i32]
@@ -285,6 +287,17 @@ def variant() -> tuple[str, str]:
     """(name, why) of the kernels this process runs: a variant built with the package, or `native`."""
     library()
     return _BOUND.variant
+
+
+def threads() -> str:
+    """Whose threads the kernels' ranges run on: torch's (ATen's parallel_for, installed by the C++ operators
+    built with torch's OpenMP), else the kernels' own, started per call (slower where torch's threads are
+    still spinning between its own operations: measured ~2x on 2 threads)."""
+    library()
+    if _BOUND.cpp is not None and _BOUND.cpp.edge_dlm_parallel():
+        return "torch's threads"
+    why = "no C++ operators" if _BOUND.cpp is None else "operators built without torch's OpenMP"
+    return f"threads of their own per call ({why})"
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -392,15 +405,11 @@ def _ops_library() -> ctypes.CDLL | None:
         cxx = shutil.which("c++") or shutil.which("g++")
         if cxx is None:
             return None
-        root = Path(torch.__file__).parent
-        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        key = hashlib.sha256("\n".join([OPS_SOURCE, torch.__version__, cxx, str(abi)]).encode()).hexdigest()[:16]
+        command = commands.operators(cxx, torch, "SOURCE", str(CSRC))
+        key = hashlib.sha256("\n".join([OPS_SOURCE, torch.__version__, *command]).encode()).hexdigest()[:16]
         out = cache_root_kernels() / f"cpu_ops-{key}.so"
         try:
-            out = _compile(OPS_SOURCE, ".cpp", out, lambda src, so: [
-                cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{CSRC}",
-                f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", src, "-o", so,
-                f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"])
+            out = _compile(OPS_SOURCE, ".cpp", out, lambda src, so: [*(src if a == "SOURCE" else a for a in command), so])
         except BuildError as exc:
             _FAILED["operators"] = str(exc)
             return None
@@ -416,6 +425,8 @@ def bind(lib: ctypes.CDLL) -> None:
     if _BOUND.cpp is not None:
         addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
         _BOUND.cpp.edge_dlm_bind(addr("x16_gemm"), addr("bf16_gemm"), addr("attend"))
+        # the kernels' ranges on torch's threads (ATen's parallel_for) where the operators could be built so
+        lib.edge_set_parallel(_BOUND.cpp.edge_dlm_parallel())
 
 
 def _register(lib: ctypes.CDLL) -> None:
@@ -427,6 +438,7 @@ def _register(lib: ctypes.CDLL) -> None:
     else:
         ops.edge_dlm_bind.argtypes = [ctypes.c_void_p] * 3
         ops.edge_dlm_bind.restype = None
+        ops.edge_dlm_parallel.restype = ctypes.c_void_p
         _BOUND.cpp = ops
     bind(lib)
 

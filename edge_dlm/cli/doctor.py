@@ -101,7 +101,8 @@ def cpu_kernels_report() -> str:
     ops = (f"C++ operators ({cpu_build._BOUND.ops_origin})" if cpu_build.cpp_operators()
            else "Python operators (none built for this torch and no C++ compiler: ~3 us more a call)")
     variant, why = cpu_build.variant()
-    return f"the {variant} variant, {why}; int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}"
+    return f"the {variant} variant, {why}; int8 / int4 {name[width['int8 / int4']]}, {bf16}; {ops}, " \
+        f"on {cpu_build.threads()}"
 
 
 def run(a: argparse.Namespace) -> int:

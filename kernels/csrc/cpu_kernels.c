@@ -3,6 +3,8 @@
 #include <string.h>
 #include <math.h>
 
+#include <pthread.h>
+
 #include "cpu_kernels.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  /* the SIMD paths below are x86 only; every other CPU builds the portable loops */
@@ -14,6 +16,52 @@
    Each output (m, n) is fed block after block in K order: the same operations whatever M is and
    whichever rows share a register tile, so a row's result never depends on the pass width. Output
    rows are split over threads, never a sum. K % 32 == 0, G a power of two >= 32. */
+
+/* ---- threads: every kernel splits its output into independent ranges and runs them through
+   `run_ranges`: the function `edge_set_parallel` installed (the torch operators install ATen's
+   parallel_for: torch's own threads, as many as torch.get_num_threads()), else up to `threads` POSIX threads
+   for the call (the ctypes path of an install without the operators). No OpenMP: the same ranges either way. */
+static edge_parallel_fn parallel_fn;
+
+void edge_set_parallel(edge_parallel_fn fn) { parallel_fn = fn; }
+
+#define MAX_THREADS 256
+struct piece { edge_range_fn fn; void *ctx; int64_t begin, end; };
+
+static void *run_piece(void *arg) {
+    const struct piece *p = arg;
+    p->fn(p->ctx, p->begin, p->end);
+    return 0;
+}
+
+/* fn(ctx, begin, end) over [0, n) in at most `threads` ranges, each at least `grain` long */
+static void run_ranges(int64_t n, int64_t grain, edge_range_fn fn, void *ctx, int threads) {
+    if (n <= 0) return;
+    if (parallel_fn) {
+        parallel_fn(n, grain, fn, ctx);
+        return;
+    }
+    int64_t t = (n + grain - 1) / grain;
+    t = t < threads ? t : threads;
+    t = t < MAX_THREADS ? t : MAX_THREADS;
+    if (t <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    const int64_t chunk = (n + t - 1) / t;
+    struct piece pieces[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < t; i++) {
+        pieces[i] = (struct piece){fn, ctx, i * chunk, (i + 1) * chunk < n ? (i + 1) * chunk : n};
+        if (pieces[i].begin >= pieces[i].end) continue;
+        started[i] = pthread_create(&ids[i], 0, run_piece, &pieces[i]) == 0;
+        if (!started[i]) fn(ctx, pieces[i].begin, pieces[i].end);  /* no thread to be had: here */
+    }
+    fn(ctx, 0, chunk < n ? chunk : n);
+    for (int64_t i = 1; i < t; i++)
+        if (started[i]) pthread_join(ids[i], 0);
+}
 
 static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> float32, exact */
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
@@ -38,9 +86,16 @@ static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> float32, exact 
    One unsigned x signed VNNI dot product then serves 16 rows (lane r: row r), the 4 activation bytes
    broadcast: y[m, r] = sum_b S_rb d_b (sum u a - off sum a) for signed weights (off = 128, int8 / 8,
    int4, subtracted in integers), sum_b S_rb d_b (sum u a) + z_rb d_b sum a with zero points. */
-static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, int32_t *as, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (M > 4)
-    for (int64_t m = 0; m < M; m++)
+struct quant_ctx { const float *x; int64_t K; int8_t *a; float *d; int32_t *as; };
+
+static void quant_rows(void *ctx, int64_t m0, int64_t m1) {
+    const struct quant_ctx *cx = ctx;
+    const float *x = cx->x;
+    const int64_t K = cx->K;
+    int8_t *a = cx->a;
+    float *d = cx->d;
+    int32_t *as = cx->as;
+    for (int64_t m = m0; m < m1; m++)
         for (int64_t b = 0; b < K / 32; b++) {
             const float *xr = x + m * K + 32 * b;
             int8_t *ar = a + m * K + 32 * b;
@@ -73,6 +128,11 @@ static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float 
             d[m * (K / 32) + b] = nan ? NAN : amax / 127.0f;
             as[m * (K / 32) + b] = sum;
         }
+}
+
+static void quant_blocks(const float *x, int64_t M, int64_t K, int8_t *a, float *d, int32_t *as, int threads) {
+    struct quant_ctx c = {x, K, a, d, as};
+    run_ranges(M, 4, quant_rows, &c, threads);  /* a narrow pass's few rows on one thread */
 }
 
 static int log2_exact(int64_t g) {  /* group sizes are powers of two */
@@ -327,6 +387,30 @@ static void block16(int bits, const int8_t *a, const float *d, const int32_t *as
     }
 }
 
+struct x16_ctx {
+    int bits;
+    const int8_t *a;
+    const float *d;
+    const int32_t *as;
+    int64_t M, K;
+    int gs;
+    int64_t ng, wb;
+    const uint8_t *w;
+    const uint16_t *s, *z;
+    int off;
+    float *y;
+    int64_t N;
+    int pf;
+};
+
+static void x16_blocks(void *ctx, int64_t r0, int64_t r1) {  /* the weight's 16-row blocks r0 .. r1 - 1 */
+    const struct x16_ctx *cx = ctx;
+    for (int64_t r = r0; r < r1; r++)
+        block16(cx->bits, cx->a, cx->d, cx->as, cx->M, cx->K, cx->gs, cx->w + r * cx->wb, cx->s + r * cx->ng * 16,
+                cx->z ? cx->z + r * cx->ng * 16 : 0, cx->off, cx->y + 16 * r, cx->N, cx->N - 16 * r < 16 ? cx->N - 16 * r : 16,
+                cx->pf);
+}
+
 /* Returns 0, or -1 where memory for the rounded activations could not be had (y untouched). */
 int x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *s, const uint16_t *z,
              int64_t N, int64_t G, float *y, int threads) {
@@ -340,11 +424,8 @@ int x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, c
         return -1;
     }
     quant_blocks(x, M, K, a, d, as, threads);
-    const int off = bits == 8 ? 128 : 8, pf = nb * wb >= PREFETCH_MIN;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < nb; r++)
-        block16(bits, a, d, as, M, K, gs, w + r * wb, s + r * ng * 16, z ? z + r * ng * 16 : 0, off,
-                y + 16 * r, N, N - 16 * r < 16 ? N - 16 * r : 16, pf);
+    struct x16_ctx c = {bits, a, d, as, M, K, gs, ng, wb, w, s, z, bits == 8 ? 128 : 8, y, N, nb * wb >= PREFETCH_MIN};
+    run_ranges(nb, 1, x16_blocks, &c, threads);
     free(a); free(d); free(as);
     return 0;
 }
@@ -354,11 +435,15 @@ int x16_gemm(int bits, const float *x, int64_t M, int64_t K, const uint8_t *w, c
    Layout: [N / 16 (rounded up)][K / 4 (int4: K / 8)][16][4] unsigned bytes (see x16_gemm), the rows past
    N zero. A signed value moves to unsigned with its top bit flipped (q + 128 = q ^ 0x80; a nibble's
    q + 8 = n ^ 8), and back the same way. */
-void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads) {
-    const int64_t nb = (N + 15) / 16, per = bits == 8 ? K / 4 : K / 8, row = K * bits / 8;
-    const uint8_t flip = signed_w ? (bits == 8 ? 0x80 : 0x88) : 0;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < nb; b++)
+struct pack_ctx { int bits; uint8_t flip; const uint8_t *from; int64_t N, K; uint8_t *to; };
+
+static void pack_blocks(void *ctx, int64_t b0, int64_t b1) {
+    const struct pack_ctx *cx = ctx;
+    const int bits = cx->bits;
+    const uint8_t flip = cx->flip, *q = cx->from;
+    const int64_t N = cx->N, per = bits == 8 ? cx->K / 4 : cx->K / 8, row = cx->K * bits / 8;
+    uint8_t *w = cx->to;
+    for (int64_t b = b0; b < b1; b++)
         for (int64_t o = 0; o < per; o++)
             for (int r = 0; r < 16; r++) {
                 uint8_t *dst = w + ((b * per + o) * 16 + r) * 4;
@@ -376,11 +461,20 @@ void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, ui
             }
 }
 
-void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, uint8_t *q, int threads) {
-    const int64_t per = bits == 8 ? K / 4 : K / 8, row = K * bits / 8;
-    const uint8_t flip = signed_w ? (bits == 8 ? 0x80 : 0x88) : 0;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
+static uint8_t flip_of(int bits, int signed_w) { return signed_w ? (bits == 8 ? 0x80 : 0x88) : 0; }
+
+void x16_pack(int bits, int signed_w, const uint8_t *q, int64_t N, int64_t K, uint8_t *w, int threads) {
+    struct pack_ctx c = {bits, flip_of(bits, signed_w), q, N, K, w};
+    run_ranges((N + 15) / 16, 1, pack_blocks, &c, threads);
+}
+
+static void unpack_rows(void *ctx, int64_t n0, int64_t n1) {
+    const struct pack_ctx *cx = ctx;
+    const int bits = cx->bits;
+    const uint8_t flip = cx->flip, *w = cx->from;
+    const int64_t per = bits == 8 ? cx->K / 4 : cx->K / 8, row = cx->K * bits / 8;
+    uint8_t *q = cx->to;
+    for (int64_t n = n0; n < n1; n++) {
         const int64_t b = n / 16, r = n % 16;
         uint8_t *dst = q + n * row;
         for (int64_t o = 0; o < per; o++) {
@@ -395,6 +489,11 @@ void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, 
                 }
         }
     }
+}
+
+void x16_unpack(int bits, int signed_w, const uint8_t *w, int64_t N, int64_t K, uint8_t *q, int threads) {
+    struct pack_ctx c = {bits, flip_of(bits, signed_w), w, N, K, q};
+    run_ranges(N, 16, unpack_rows, &c, threads);
 }
 
 /* ---- bf16 */
@@ -507,17 +606,18 @@ TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
    cached weights give 171. Every output is one accumulator's chain over K in the same
    order whatever the tile and the chunking, so a row's result never depends on the pass width. */
 #define KC 1024
-/* Returns 0, or -1 where a chunked pass's partial sums could not be allocated (y then incomplete). */
-int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE, blocks = (N + nb - 1) / nb, kc = M > 4 ? KC : K;
-    int failed = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+struct bf16_ctx { const uint16_t *x; int64_t M, K; const uint16_t *w; int64_t N; float *y; int64_t nb, kc; int failed; };
+
+static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
+    struct bf16_ctx *cx = ctx;
+    const uint16_t *x = cx->x, *w = cx->w;
+    const int64_t M = cx->M, K = cx->K, N = cx->N, nb = cx->nb, kc = cx->kc;
+    float *y = cx->y;
+    for (int64_t b = b0; b < b1; b++) {
         const int64_t n0 = nb * b, nr = N - n0 < nb ? N - n0 : nb;
         float *part = kc < K ? malloc((M + 3) / 4 * 4 * nb * ACC_LANES * sizeof(float)) : 0;
         if (kc < K && !part) {
-            #pragma omp atomic write
-            failed = 1;
+            __atomic_store_n(&cx->failed, 1, __ATOMIC_RELAXED);
             continue;
         }
         for (int64_t c0 = 0; c0 < K; c0 += kc) {
@@ -553,7 +653,14 @@ int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_
         }
         free(part);
     }
-    return failed ? -1 : 0;
+}
+
+/* Returns 0, or -1 where a chunked pass's partial sums could not be allocated (y then incomplete). */
+int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE;
+    struct bf16_ctx c = {x, M, K, w, N, y, nb, M > 4 ? KC : K, 0};
+    run_ranges((N + nb - 1) / nb, 1, bf16_blocks, &c, threads);
+    return c.failed ? -1 : 0;
 }
 #endif
 
@@ -603,22 +710,35 @@ static inline float exp_nonpos(float x) {  /* e^x for x <= 0 (-inf: 0), relative
     return x < -87.0f ? 0.0f : p * two_n;
 }
 
-/* Returns 0, or -1 where a row's scores could not be allocated (out then incomplete). */
-int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
-           const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads) {
+struct attend_ctx {
+    const float *q;
+    int64_t R, T, D;
+    const float *k, *v;
+    int64_t hs;
+    const uint8_t *mask;
+    int64_t W, keys;
+    float scale;
+    float *out;
+    int failed;
+};
+
+static void attend_rows(void *ctx, int64_t i0, int64_t i1) {  /* rows i = h * R + r of every head h */
+    struct attend_ctx *cx = ctx;
+    const float *q = cx->q, *k = cx->k, *v = cx->v, scale = cx->scale;
+    const int64_t R = cx->R, T = cx->T, D = cx->D, hs = cx->hs, W = cx->W, keys = cx->keys;
     const int64_t padded = (keys + LANES - 1) / LANES * LANES;
-    int failed = 0;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (H * R * keys * D >= (1 << 18))
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t r = 0; r < R; r++) {
+    const uint8_t *mask = cx->mask;
+    float *out = cx->out;
+    for (int64_t row = i0; row < i1; row++) {
+        const int64_t h = row / R, r = row % R;
+        {
             const float *qr = q + (h * R + r) * D;
             const uint8_t *mr = mask + (r % T) * W;
             const float *kh = k + h * hs, *vh = v + h * hs;
             float *o = out + (h * R + r) * D;
             float *s = malloc(padded * sizeof(float));
             if (!s) {
-                #pragma omp atomic write
-                failed = 1;
+                __atomic_store_n(&cx->failed, 1, __ATOMIC_RELAXED);
                 continue;
             }
             /* 4 keys at a time: independent sums in flight (one key's chain of multiply-adds and its
@@ -681,5 +801,14 @@ int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const flo
             for (int64_t c = 0; c < D; c++) o[c] *= inv;
             free(s);
         }
-    return failed ? -1 : 0;
+    }
+}
+
+/* Returns 0, or -1 where a row's scores could not be allocated (out then incomplete). */
+int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
+           const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads) {
+    struct attend_ctx c = {q, R, T, D, k, v, hs, mask, W, keys, scale, out, 0};
+    /* small passes (a decode step's few rows over a short cache) on one thread */
+    run_ranges(H * R, H * R * keys * D >= (1 << 18) ? 1 : H * R, attend_rows, &c, threads);
+    return c.failed ? -1 : 0;
 }

@@ -10,6 +10,14 @@
 extern "C" {
 #endif
 
+/* Threads: each kernel splits its output into independent ranges [begin, end) and runs fn(ctx, begin, end)
+   over them through the parallel function installed here: the torch operators install ATen's parallel_for
+   (cpu_ops.cpp: torch's own threads, as many as torch.get_num_threads()); none installed, a call runs on up to
+   its `threads` argument of POSIX threads of its own. Either way the same ranges, the same results. */
+typedef void (*edge_range_fn)(void *ctx, int64_t begin, int64_t end);
+typedef void (*edge_parallel_fn)(int64_t n, int64_t grain, edge_range_fn fn, void *ctx);
+void edge_set_parallel(edge_parallel_fn fn);
+
 /* which vector path this build took: 512 (AVX-512), 256 (AVX2 / AVX-VNNI) or 0 (portable C) */
 int x16_simd(void);
 int bf16_simd(void);

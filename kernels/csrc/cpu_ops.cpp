@@ -20,6 +20,21 @@ extern "C" void edge_dlm_bind(void *x16, void *bf16, void *att) {
     attend_kernel = reinterpret_cast<decltype(&attend)>(att);
 }
 
+// The kernels' threads are torch's: each kernel's ranges through ATen's parallel_for (installed into the
+// kernels library by `edge_set_parallel`, kernels/cpu_build.py `bind`), no pool of their own beside torch's.
+// parallel_for runs in parallel only where this file is built with torch's threading (INTRA_OP_PARALLEL:
+// OpenMP's, kernels/commands.py `operators`); elsewhere none is installed and the kernels run their own
+// threads for the call.
+#ifdef INTRA_OP_PARALLEL
+static void aten_parallel(int64_t n, int64_t grain, edge_range_fn fn, void *ctx) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(ctx, begin, end); });
+}
+
+extern "C" void *edge_dlm_parallel() { return reinterpret_cast<void *>(&aten_parallel); }
+#else
+extern "C" void *edge_dlm_parallel() { return nullptr; }
+#endif
+
 static void check(const at::Tensor &t, const char *name) {
     TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
 }

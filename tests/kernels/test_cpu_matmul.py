@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_dlm.kernels import cpu_build, cpu_matmul
+from edge_dlm.kernels import commands, cpu_build, cpu_matmul
 from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
 pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="; ".join(cpu_build.available()) or "-")
@@ -219,6 +219,36 @@ def test_the_cpp_operators_are_the_ctypes_calls():
             assert torch.equal(cpu_matmul.bf16_gemm(x, w), cpu_build._bf16_gemm(x, w)), rows
     with pytest.raises(RuntimeError, match="float32"):
         cpu_matmul.x16_gemm(torch.randn(2, 192).double(), *lay, mod.spec.bits, 32, 40)
+
+
+def test_the_kernels_run_on_torchs_threads():
+    """No thread pool beside torch's: the kernels link no OpenMP runtime, their ranges run through ATen's
+    parallel_for (no thread is added to torch's own, none outlives a call), and one thread or two give the
+    same numbers."""
+    lib = cpu_build.library()
+    for so in [*cpu_build.LIB.glob("cpu_kernels-*.so"), Path(lib._name)]:
+        data = so.read_bytes()
+        assert not any(s in data for s in (b"libgomp", b"libomp", b"GOMP_parallel")), so
+    if cpu_build.cpp_operators() and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert cpu_build.threads() == "torch's threads"
+    mod = layer("int8", 512, 1024, 32, seed=5)
+    lay = cpu_matmul.x16_layout(mod)
+    x = torch.randn(64, 1024)
+    w = torch.randn(300, 1024).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.randn(512, 512) @ torch.randn(512, 512)  # torch's pool started
+        tasks = len(os.listdir("/proc/self/task"))
+        two = cpu_matmul.x16_gemm(x, *lay, 8, 32, 512)
+        two_bf16 = cpu_matmul.bf16_gemm(x.bfloat16(), w) if cpu_build.simd()["bf16"] else None
+        assert len(os.listdir("/proc/self/task")) == tasks
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_matmul.x16_gemm(x, *lay, 8, 32, 512), two)
+        if two_bf16 is not None:
+            assert torch.equal(cpu_matmul.bf16_gemm(x.bfloat16(), w), two_bf16)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # what each variant built with the package runs at: (x16, bf16) vector widths
@@ -455,7 +485,7 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
 
     def compile_into(path):
         return cpu_build._compile(cpu_build.SOURCE, ".c", path,
-                                   lambda src, so: ["cc", *cpu_build.FLAGS, src, "-o", so, "-lm"])
+                                   lambda src, so: [*commands.kernels("cc", cpu_build.FLAGS, src, str(cpu_build.CSRC)), so])
 
     compile_into(out)  # not loaded here: a library this process maps must not be cut under it
     assert (tmp_path / "k.so.sha256").exists()
@@ -477,7 +507,7 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
         if os.access(ro, os.W_OK):
             pytest.skip("running as root: a read-only folder is writable")
         path = cpu_build._compile(cpu_build.SOURCE, ".c", ro / "k.so",
-                                   lambda src, so: ["cc", *cpu_build.FLAGS, src, "-o", so, "-lm"])
+                                   lambda src, so: [*commands.kernels("cc", cpu_build.FLAGS, src, str(cpu_build.CSRC)), so])
         assert path.exists() and path.parent != ro and "cannot write the kernel cache" in capfd.readouterr().err
     finally:
         ro.chmod(0o700)

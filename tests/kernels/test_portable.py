@@ -29,7 +29,7 @@ def cpu_flags() -> set[str]:
 
 def build(tmp: Path, name: str, cc: str, *flags: str) -> Path:
     out = tmp / name
-    run = subprocess.run([cc, "-O3", "-fopenmp", *flags, f"-I{SOURCE.parent}", str(HARNESS), str(SOURCE), "-lm", "-o",
+    run = subprocess.run([cc, "-O3", "-pthread", *flags, f"-I{SOURCE.parent}", str(HARNESS), str(SOURCE), "-lm", "-o",
                           str(out)], capture_output=True, text=True)
     assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
     return out
