@@ -292,7 +292,7 @@ def variant() -> tuple[str, str]:
 def threads() -> str:
     """Whose threads the kernels' ranges run on: torch's (ATen's parallel_for, installed by the C++ operators
     built with torch's OpenMP), else the kernels' own, started per call (slower where torch's threads are
-    still spinning between its own operations: measured ~2x on 2 threads)."""
+    still spinning between its own operations: 1.1-2.3x on 2 threads, scripts/bench_kernel_threads.py)."""
     library()
     if _BOUND.cpp is not None and _BOUND.cpp.edge_dlm_parallel():
         return "torch's threads"
