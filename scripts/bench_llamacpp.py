@@ -48,6 +48,25 @@ def random_checkpoint(shape: str, layers: int, out: Path) -> Path:
     return out
 
 
+def machine_facts() -> dict:
+    """What differs between machines of one kind and moves these ratios: the kernel variant this CPU loads
+    (bf16 with or without AVX512-BF16), whose threads the kernels run on, the memory's copy rate on one
+    thread (decode reads every weight once a token) and how busy the machine is (load average)."""
+    import os
+
+    from edge_dlm.kernels import cpu_build
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    src = torch.ones(256 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(5))
+    torch.set_num_threads(threads)
+    return {"kernel variant": cpu_build.variant()[0], "kernel threads": cpu_build.threads(),
+            "copy GB/s, 1 thread (read + write)": round(2 * src.numel() / best / 1e9, 1),
+            "load average (1 min)": round(os.getloadavg()[0], 2)}
+
+
 def timed(fn, repeats: int = 1) -> float:
     t = time.perf_counter()
     for _ in range(repeats):
@@ -63,7 +82,7 @@ class EdgeDlm:
                        threads=threads)
         self.model = self.rt.model
 
-    def run(self, ids: list[int], context: int, steps: int) -> dict[str, float]:
+    def run(self, ids: list[int], context: int, steps: int, prefill_n: int) -> dict[str, float]:
         from edge_dlm.primitives.attention import BLOCK, CAUSAL
 
         m = self.model
@@ -72,7 +91,7 @@ class EdgeDlm:
         with torch.inference_mode():
             def prefill():
                 cache.truncate(0)
-                m(tok, torch.arange(len(ids))[None], cache=cache, attn=CAUSAL, last_only=True)
+                m(tok[:, :prefill_n], torch.arange(prefill_n)[None], cache=cache, attn=CAUSAL, last_only=True)
                 cache.commit(0)
             pre = timed(prefill)
             cache.truncate(0)
@@ -103,7 +122,7 @@ class EdgeDlm:
                 cache.commit(0)
             wide(), wide_last(), narrow()
             one_t = timed(narrow, 5)
-            return {"decode": 1 / dec, "prefill": len(ids) / pre, "pass16_vs_1": timed(wide, 5) / one_t,
+            return {"decode": 1 / dec, "prefill": prefill_n / pre, "pass16_vs_1": timed(wide, 5) / one_t,
                     "pass16_last_vs_1": timed(wide_last, 5) / one_t}
 
 
@@ -116,12 +135,12 @@ class LlamaCpp:
         self.llm = Llama(**kw)
         self.all_rows = Llama(**kw, logits_all=True)  # a batch that returns every row's logits
 
-    def run(self, ids: list[int], context: int, steps: int) -> dict[str, float]:
+    def run(self, ids: list[int], context: int, steps: int, prefill_n: int) -> dict[str, float]:
         llm = self.llm
 
         def prefill():
             llm.n_tokens = 0
-            llm.eval(ids)
+            llm.eval(ids[:prefill_n])
         pre = timed(prefill)
         llm.n_tokens = 0
         llm.eval(ids[:context])
@@ -140,7 +159,7 @@ class LlamaCpp:
         self.all_rows.eval(ids[:context])
         width(16)(), width(1)(), width(16, self.all_rows)()
         one = timed(width(1), 5)
-        return {"decode": 1 / dec, "prefill": len(ids) / pre, "pass16_vs_1": timed(width(16, self.all_rows), 5) / one,
+        return {"decode": 1 / dec, "prefill": prefill_n / pre, "pass16_vs_1": timed(width(16, self.all_rows), 5) / one,
                 "pass16_last_vs_1": timed(width(16), 5) / one}
 
 
@@ -154,6 +173,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--context", type=int, default=64,
+                   help="tokens in the cache before the decode steps and wide passes, the same on both sides "
+                        "(llama-bench's -d)")
+    p.add_argument("--compile", choices=("both", "off", "on"), default="both",
+                   help="edge-dlm eager (the default path), compiled, or both")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
     try:
@@ -173,27 +197,30 @@ def measure(a: argparse.Namespace, work: Path) -> int:
     name = src.name if a.model else f"NLD-{a.shape or '3b'} shape, {a.layers} layers"
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
-    ids = [1] + torch.randint(10, min(vocab, 4000), (a.prefill - 1,), generator=g).tolist()
-    context = 64
+    context = a.context
+    ids = [1] + torch.randint(10, min(vocab, 4000), (max(a.prefill, context + 17) - 1,), generator=g).tolist()
     rows = []
+    facts = machine_facts()
     for prec in a.precisions:
         quant = {"bf16": None, "q8_0": "int8", "q4_0": "int4"}[prec]
         gguf = export_gguf(src, work / f"{prec}.gguf", quant=quant, dtype="bfloat16", force=True, log=lambda *_: None)
         for threads in a.threads:
-            engines = {f"llama.cpp {prec.upper()}": LlamaCpp(gguf, threads, a.prefill + 64),
-                       f"edge-dlm {prec if quant else 'bf16'} eager": EdgeDlm(src, "bfloat16", quant, "off", threads)}
+            engines = {f"llama.cpp {prec.upper()}": LlamaCpp(gguf, threads, len(ids) + 64)}
             small = (src / "model.safetensors").stat().st_size < (1 << 30)  # fp32 copies fit next to the others
-            if quant is None and small:
-                engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off", threads)
+            if a.compile != "on":
+                engines[f"edge-dlm {prec if quant else 'bf16'} eager"] = EdgeDlm(src, "bfloat16", quant, "off", threads)
+                if quant is None and small:
+                    engines["edge-dlm fp32 eager"] = EdgeDlm(src, "float32", None, "off", threads)
             act = "float32" if quant or small else "bfloat16"
-            engines[f"edge-dlm {prec if quant else act.replace('bfloat', 'bf').replace('float', 'fp')} compiled"] = \
-                EdgeDlm(src, act, quant, "on", threads)
-            if quant is None and small:  # the bf16 weights themselves too, as llama.cpp's BF16 reads them
-                engines["edge-dlm bf16 compiled"] = EdgeDlm(src, "bfloat16", None, "on", threads)
+            if a.compile != "off":
+                engines[f"edge-dlm {prec if quant else act.replace('bfloat', 'bf').replace('float', 'fp')} compiled"] \
+                    = EdgeDlm(src, act, quant, "on", threads)
+                if quant is None and small:  # the bf16 weights themselves too, as llama.cpp's BF16 reads them
+                    engines["edge-dlm bf16 compiled"] = EdgeDlm(src, "bfloat16", None, "on", threads)
             got = {n: [] for n in engines}
             for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
                 for n, e in engines.items():
-                    res = e.run(ids, context, a.steps)
+                    res = e.run(ids, context, a.steps, a.prefill)
                     if r:
                         got[n].append(res)
             for n, res in got.items():
@@ -201,7 +228,10 @@ def measure(a: argparse.Namespace, work: Path) -> int:
                 rows.append({"precision": prec, "threads": threads, "engine": n, **med})
             del engines
     print(f"{name}; {machine_description('cpu')}; llama-cpp-python "
-          f"{llama_cpp.__version__}; median of {a.rounds} interleaved rounds\n")
+          f"{llama_cpp.__version__}; median of {a.rounds} interleaved rounds; {context} tokens of context "
+          f"on both sides")
+    facts["load average at the end (1 min)"] = machine_facts()["load average (1 min)"]
+    print("; ".join(f"{k}: {v}" for k, v in facts.items()) + "\n")
     print("| precision | threads | engine | decode tok/s | vs llama.cpp | prefill tok/s | vs llama.cpp | "
           "16-token pass / 1-token pass, all rows' logits | the same, last row's logits |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -214,7 +244,7 @@ def measure(a: argparse.Namespace, work: Path) -> int:
     if a.json:
         from benchlib import record
 
-        record(a.json, {"rows": rows})
+        record(a.json, {"model": name, "context": context, "facts": facts, "rows": rows})
     return 0
 
 
