@@ -1,4 +1,6 @@
 """A local OpenAI-compatible HTTP server (standard library only); `edge-dlm serve` is `edge_dlm.cli.serve`.
+This module answers requests (one method per route); `transport` is the HTTP side (options, admission,
+the threaded server), `openai_fields` and `ollama` the responses' shapes.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with
 `"stream": true` as server-sent events; the request schema is `edge_dlm.server.schema` (strict: bad types,
@@ -24,148 +26,22 @@ What it guarantees (the README's server section says the same):
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import hmac
-import ipaddress
 import itertools
 import json
-import select
-import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/edits": "edit"}
+from edge_dlm.server.openai_fields import finish, logprobs_json, tool_calls, usage
+from edge_dlm.server.transport import (ROUTES, Admission, HTTPError, ServeOptions, Server, client_gone,
+                                       is_loopback, origin_allowed, route_of)
 
-
-@dataclasses.dataclass(frozen=True)
-class ServeOptions:
-    default_mode: str = "linear-spec"  # what a request naming no mode (or "auto") runs
-    default_steps: int | None = None  # the step budget auto chose, when it chose diffusion
-    api_key: str | None = None
-    max_body: int = 1 << 20  # bytes
-    queue: int = 8  # requests waiting beside the running one
-    queue_timeout: float = 60.0  # s a request may wait before 503
-    request_timeout: float = 600.0  # s a request may decode
-    io_timeout: float = 30.0  # s a socket may stall
-    origins: tuple[str, ...] = ()  # browser origins allowed beside `LOCAL_ORIGINS` ("*" wildcards; "*": any)
-
-
-# Browser pages that may call the server (CORS) without being named: this machine's own pages and local
-# apps (Electron / Tauri apps such as note-taking tools, VS Code webviews), as Ollama allows by default.
-# Any other page's requests are refused (403): a web page must not drive a local model unasked.
-LOCAL_ORIGINS = ("http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
-                 "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
-                 "http://[::1]", "http://[::1]:*", "http://0.0.0.0", "http://0.0.0.0:*",
-                 "app://*", "file://*", "tauri://*", "http://tauri.localhost", "vscode-webview://*", "vscode-file://*")
-
-
-def origin_allowed(origin: str, extra: tuple[str, ...] = ()) -> bool:
-    """Whether a browser page from `origin` may call the server (`LOCAL_ORIGINS` and `extra`, shell-style
-    patterns, "*" any)."""
-    import fnmatch
-
-    return any(fnmatch.fnmatchcase(origin.lower(), pat.lower()) for pat in (*LOCAL_ORIGINS, *extra))
-
-
-# paths clients send without the /v1 prefix (a base URL configured without it), as llama.cpp accepts
-ALIASES = {"/chat/completions": "/v1/chat/completions", "/completions": "/v1/completions", "/models": "/v1/models",
-           "/edits": "/v1/edits", "/embeddings": "/v1/embeddings"}
-
-
-def route_of(path: str) -> str:
-    """The route a request path names: no query string, no trailing slash, the /v1 prefix implied."""
-    path = path.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    if path.startswith("/models/"):
-        return "/v1" + path
-    return ALIASES.get(path, path)
-
-
-class HTTPError(Exception):
-    def __init__(self, code: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.kind, self.headers = code, kind, headers or {}
-
-
-SHUTTING_DOWN = HTTPError(503, "the server is shutting down", "server_error", {"Retry-After": "5"})
-
-
-class Admission:
-    """One request decodes at a time; up to `queue` wait in arrival order; beyond that, 429.
-
-    The running request hands its turn straight to the oldest waiter (no thundering herd); a waiter
-    that is not handed the turn within `timeout` seconds leaves with 503.
-    """
-
-    def __init__(self, queue: int, timeout: float) -> None:
-        self.queue, self.timeout = queue, timeout
-        self.lock = threading.Lock()
-        self.busy = False
-        self.waiting: collections.deque[threading.Event] = collections.deque()
-        self.closed = False
-        self.active_cancel: threading.Event | None = None
-        self.idle = threading.Event()
-        self.idle.set()
-
-    @contextlib.contextmanager
-    def turn(self, cancel: threading.Event):
-        mine = None
-        with self.lock:
-            if self.closed:
-                raise SHUTTING_DOWN
-            if not self.busy:
-                self.busy = True
-                self.idle.clear()
-            elif len(self.waiting) >= self.queue:
-                raise HTTPError(429, f"the server is busy ({len(self.waiting)} requests already waiting); retry "
-                                "later", "rate_limit_error", {"Retry-After": "2"})
-            else:
-                mine = threading.Event()
-                self.waiting.append(mine)
-        if mine is not None:
-            mine.wait(self.timeout)
-            with self.lock:
-                if not mine.is_set():  # not handed the turn in time
-                    self.waiting.remove(mine)
-                    raise HTTPError(503, f"the model was busy for {self.timeout:g} s; retry later", "server_error",
-                                    {"Retry-After": "5"})
-        try:
-            with self.lock:
-                if self.closed:
-                    raise SHUTTING_DOWN
-                self.active_cancel = cancel
-            yield
-        finally:
-            with self.lock:
-                self.active_cancel = None
-                if self.waiting:
-                    self.waiting.popleft().set()  # the turn passes on; busy stays set
-                else:
-                    self.busy = False
-                    self.idle.set()
-
-    def close(self) -> None:
-        """Shutdown: refuse new requests, cancel the running one (waiters get 503 as their turn comes)."""
-        with self.lock:
-            self.closed = True
-            if self.active_cancel is not None:
-                self.active_cancel.set()
-
-
-def client_gone(sock: socket.socket) -> bool:
-    """True when the peer has closed its end (readable with nothing to read) or reset it."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
+__all__ = ["ServeOptions", "build_server", "is_loopback", "origin_allowed", "route_of"]
 
 def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
     from edge_dlm.server import ollama
@@ -613,106 +489,7 @@ def make_handler(rt, opts: ServeOptions, admission: Admission, model_name: str):
     return Handler
 
 
-def finish(result, timed_out: threading.Event | None = None) -> str:
-    if result is None:
-        return "error"
-    if result.finish_reason == "cancelled" and timed_out is not None and timed_out.is_set():
-        return "timeout"
-    return result.finish_reason
-
-
-def tool_calls(result) -> list[dict]:
-    """A result's calls in OpenAI's shape."""
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in result.tool_calls or []]
-
-
-def logprobs_json(tokenizer, infos: list[dict], chat: bool) -> dict:
-    """The core's logprobs (`Result.logprobs`) in OpenAI's chat or completions shape."""
-    def piece(i: int) -> str:
-        return tokenizer.decode([i], skip_special_tokens=False)
-
-    if chat:
-        return {"content": [{"token": piece(d["id"]), "logprob": d["logprob"], "bytes": list(piece(d["id"]).encode()),
-                             "top_logprobs": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
-                                              for t, lp in d["top"]]} for d in infos], "refusal": None}
-    offsets, at = [], 0
-    for d in infos:
-        offsets.append(at)
-        at += len(piece(d["id"]))
-    return {"tokens": [piece(d["id"]) for d in infos], "token_logprobs": [d["logprob"] for d in infos],
-            "top_logprobs": [{piece(t): lp for t, lp in d["top"]} for d in infos], "text_offset": offsets}
-
-
-def usage(results, reading=None) -> dict:
-    """OpenAI's usage fields, edge-dlm's pass counts, and `joules` where a meter measured the request
-    (`results`: one result, or the request's choices')."""
-    results = [r for r in (results if isinstance(results, list) else [results]) if r is not None]
-    if not results:
-        return {}
-    result = results[0]
-    completion = sum(len(r.output_ids) for r in results)
-    out = {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion,
-           "total_tokens": len(result.prompt_ids) + completion, "nfe": sum(r.nfe for r in results),
-           "tpf": round(result.tpf, 3), "tokens_per_s": round(result.tokens_per_s, 1)}
-    if result.mean_accepted is not None:
-        out["mean_accepted"] = round(result.mean_accepted, 3)
-    if reading is not None and reading.joules is not None:
-        out["joules"] = round(reading.joules, 4)
-    return out
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a connection stalled in a read cannot hold the process at exit
-    request_queue_size = 64
-
-    def __init__(self, addr, handler, admission: Admission) -> None:
-        super().__init__(addr, handler)
-        self.admission = admission
-
-    def stop(self) -> None:
-        """Graceful: refuse new work, cancel the running request, leave serve_forever."""
-        self.admission.close()
-        threading.Thread(target=self.shutdown, daemon=True).start()
-
-    def drain(self, seconds: float) -> None:
-        """After `stop`: keep answering what reaches the socket (503 for new work) until the running
-        request has finished and nothing has arrived for a moment, at most `seconds`; a client that
-        connected during shutdown gets an answer, not a reset."""
-        self.timeout, self.quiet = 0.2, False
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.quiet = True
-            self.handle_request()  # one connection, or `handle_timeout` after 0.2 s of silence
-            if self.quiet and self.admission.idle.is_set():
-                return
-
-    def handle_timeout(self) -> None:
-        self.quiet = True
-
-    def process_request(self, request, client_address):
-        self.quiet = False
-        super().process_request(request, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        """A connection that broke is one log line; anything else keeps its traceback."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            print(f"{client_address[0]} connection closed ({type(exc).__name__})", file=sys.stderr)
-        else:
-            super().handle_error(request, client_address)
-
-
 def build_server(rt, host: str, port: int, opts: ServeOptions | None = None) -> Server:
     opts = opts or ServeOptions()
     admission = Admission(opts.queue, opts.queue_timeout)
     return Server((host, port), make_handler(rt, opts, admission, rt.name), admission)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
