@@ -28,12 +28,11 @@ from edge_dlm.model.config import NLDConfig
 from edge_dlm.decoding import (SPECULATIVE, Canvas, Decoder, Done, Draft, Emit, GenerationOptions,
                                Result, mode_fn)
 from edge_dlm.primitives.errors import CheckpointError, UserError
-from edge_dlm.primitives.fsutil import cache_root
+from edge_dlm.primitives.device import resolve_device, resolve_dtype
 from edge_dlm.primitives.machine import set_threads
 from edge_dlm.primitives.sampling import SamplingParams
 from edge_dlm.primitives.tokenizer import Message, StreamDetokenizer, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FILL_OPTIONS = {"steps", "threshold", "block_size", "temperature", "top_k", "top_p", "seed"}
 
 
@@ -45,59 +44,6 @@ class Text:
 
 
 StreamEvent = Union[Canvas, Draft, Emit, Text, Done]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"device '{device}' not supported; known: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible to torch; use --device cpu")
-    return torch.device(device)
-
-
-# On a CPU, `--dtype auto` keeps a bfloat16 checkpoint in bfloat16 when its weights are at least this
-# large: no CPU cache holds them, every pass streams them from memory, and half the bytes through the
-# bf16 kernel (`edge_dlm.kernels.cpu_matmul.Bf16Linear`) decode ~3x faster than float32 through torch
-# (NLD-3B shape: `scripts/bench_cpu_dtype.py`, BENCHMARKS.md). A smaller model stays in cache, where
-# float32 is as fast and exact.
-CPU_BF16_BYTES = 512 << 20
-
-
-def _large_bf16(path: Path) -> bool:
-    """A checkpoint directory stored in bfloat16 whose safetensors hold at least `CPU_BF16_BYTES`."""
-    import json
-
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and cfg.get("torch_dtype", cfg.get("dtype")) == "bfloat16" and size >= CPU_BF16_BYTES
-
-
-def resolve_dtype(dtype: str | None, device: torch.device, path: Path | None = None,
-                  bf16_bytes: int | None = None) -> torch.dtype:
-    """`--dtype`: auto is bfloat16 on CUDA; on a CPU float32, or bfloat16 for a large bfloat16 checkpoint
-    at `path`, or a bfloat16 model of `bf16_bytes` about to be built (`CPU_BF16_BYTES`)."""
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        large = (path is not None and _large_bf16(path)) or (bf16_bytes or 0) >= CPU_BF16_BYTES
-        return torch.bfloat16 if large else torch.float32
-    if dtype not in DTYPES:
-        raise UserError(f"dtype '{dtype}' not supported; known: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def peak_memory_mb(device: str | torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA, else this process's peak resident set size."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class FifoLock:
@@ -406,13 +352,13 @@ class Runtime:
         must fit the block window (B tokens). Everything outside the spans is kept byte for byte.
         `Result.text` is the edited text. Keyword options as for `infill_stream`.
         """
-        from edge_dlm.decoding.infill import Span, fill
+        from edge_dlm.decoding.infill import Span, edited_text, fill, token_spans
 
         opts = self._fill_options(kw)
         if not isinstance(text, str) or not text.strip():
             raise UserError("the text to edit is empty")
         ids, offsets = self.tokenizer.encode_offsets(text)
-        tok_spans = self._token_spans(text, spans, offsets, opts.block_size)
+        tok_spans = token_spans(text, spans, offsets, opts.block_size)
         if len(ids) > self.config.max_position_embeddings:
             raise UserError(f"the text is {len(ids)} tokens; the model context is {self.config.max_position_embeddings}")
         with self._lock:
@@ -426,19 +372,8 @@ class Runtime:
                 yield event
                 if cancel is not None and cancel.is_set():
                     break
-            # Rebuild the text from the original characters outside the spans, byte for byte. The
-            # re-masked tokens may reach past a span (a leading space, the rest of a word): those
-            # characters are kept as they were, and dropped from the new text where it repeats them.
-            out, last = [], 0
-            for (a, b, c0, c1), s in zip(tok_spans, work):
-                t0, t1 = offsets[a][0], offsets[b - 1][1]
-                new = self.tokenizer.decode([t for t in seq[s.start:s.end] if t != dec.mask_id])
-                before, after = text[t0:c0], text[c1:t1]
-                new = new[len(before):] if before and new.startswith(before) else new
-                new = new[:len(new) - len(after)] if after and new.endswith(after) else new
-                out += [text[last:c0], new]
-                last = c1
-            edited = "".join(out) + text[last:]
+            edited = edited_text(text, offsets, tok_spans, [self.tokenizer.decode(
+                [t for t in seq[sp.start:sp.end] if t != dec.mask_id]) for sp in work])
             finish = "cancelled" if cancel is not None and cancel.is_set() else "stop"
             yield from self._fill_done(dec, ids, seq, edited, "edit", finish, start, sum(s.end - s.start for s in work))
 
@@ -455,38 +390,6 @@ class Runtime:
         if not isinstance(value, str):
             raise UserError(f"the {what} must be text or token ids")
         return self.tokenizer.encode(value, add_special_tokens=special) if value else []
-
-    @staticmethod
-    def _token_spans(text: str, spans, offsets, block: int) -> list[tuple[int, int, int, int]]:
-        """Character spans -> sorted token ranges `(a, b, c0, c1)`: tokens [a, b) re-masked for the
-        characters [c0, c1). Spans that touch a common token merge into one (with what lies between)."""
-        if not isinstance(spans, (list, tuple)) or not spans:
-            raise UserError("edit needs at least one span (START:END, character offsets)")
-        out = []
-        for sp in spans:
-            if not (isinstance(sp, (list, tuple)) and len(sp) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                           for x in sp)):
-                raise UserError(f"a span is two character offsets START:END, got {sp!r}")
-            c0, c1 = sp
-            if not 0 <= c0 < c1 <= len(text):
-                raise UserError(f"span {c0}:{c1} is not inside the text (0..{len(text)}) or is empty")
-            toks = [i for i, o in enumerate(offsets) if o is not None and o[1] > c0 and o[0] < c1]
-            if not toks:
-                raise UserError(f"span {c0}:{c1} covers no token")
-            out.append([toks[0], toks[-1] + 1, c0, c1])
-        out.sort()
-        merged = [out[0]]
-        for a, b, c0, c1 in out[1:]:
-            m = merged[-1]
-            if a < m[1]:
-                m[1], m[3] = max(m[1], b), max(m[3], c1)
-            else:
-                merged.append([a, b, c0, c1])
-        for a, b, c0, c1 in merged:
-            if b - a > block:
-                raise UserError(f"span {c0}:{c1} is {b - a} tokens; at most {block} (the block size) can be "
-                                "re-masked in one place: split it")
-        return [(a, b, c0, c1) for a, b, c0, c1 in merged]
 
     def _fill_done(self, dec: Decoder, prompt_ids: list[int], ids: list[int], text: str, mode: str,
                    finish: str, start: float, n: int) -> Iterator[StreamEvent]:
@@ -570,6 +473,8 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     # compiled passes replace the eager Triton kernels: --compile on turns --kernels auto off
     use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev) and not (compile == "on" and kernels == "auto")
     from edge_dlm.model import compiled as cmod
+    from edge_dlm.model.store import (compiled_cache, compiled_key, compiled_store, drop_old_stores,
+                                               measured_faster)
 
     use_compile = cmod.resolve(compile, dev, engine_name, use_kernels)
     tokenizer = Tokenizer.from_dir(path)
@@ -602,45 +507,9 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))
     rt.cpu_kernels = cpu_kernels
     if use_compile or (compile == "auto" and engine_name == "torch" and not use_kernels
-                       and cmod.measured_faster(compiled_cache(), compiled_key(rt), tokens)):
+                       and measured_faster(compiled_cache(), compiled_key(rt), tokens)):
         # no request waits for a compile: shapes kept in the store load, new ones compile between requests
         store = compiled_store(rt)
         drop_old_stores(store)
         cmod.enable(net, compiled_cache(), background=True, store=store)
     return rt
-
-
-def compiled_key(rt: Runtime) -> str:
-    """What a compiled step function depends on: the weights, their precision, LoRA and the machine."""
-    from edge_dlm.primitives.machine import machine_description
-    import hashlib, json  # noqa: E401
-
-    st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(rt.path.glob("*.safetensors"))]
-    return hashlib.sha256(json.dumps([st, str(rt.dtype), rt.quant_scheme, rt.has_lora, str(rt.device),
-                                      machine_description(str(rt.device)), getattr(rt, "cpu_kernels", False),
-                                      torch.__version__]).encode()).hexdigest()[:32]
-
-
-def compiled_store(rt: Runtime) -> Path:
-    """Where a model's compiled step functions are kept (`edge_dlm.model.compiled.StepFunctions.store`):
-    per model, precision, machine and torch version (`compiled_key`) and edge-dlm's code."""
-    from edge_dlm.model.compiled import code_version
-
-    return compiled_cache() / "steps" / f"{compiled_key(rt)}-{code_version()}"
-
-
-def drop_old_stores(store: Path) -> None:
-    """Remove the stores of the same model built by other versions of the pass's code (never loaded
-    again: a new edge-dlm compiles its own), so upgrades do not pile them up on disk."""
-    import shutil
-
-    key = store.name.rsplit("-", 1)[0]
-    if store.parent.is_dir():
-        for old in store.parent.glob(f"{key}-*"):
-            if old != store and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def compiled_cache():
-    """Where compiled kernels and the compile records live (the edge-dlm cache folder)."""
-    return cache_root() / "compiled"

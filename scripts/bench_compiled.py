@@ -49,7 +49,7 @@ def main() -> int:
         warm = start_seconds(a.model, "on", env)
         eager_start = start_seconds(a.model, "off", env)
         os.environ["XDG_CACHE_HOME"] = cache
-        from edge_dlm.runtime import compiled_cache
+        from edge_dlm.model.store import compiled_cache
 
         runtimes = {"eager": load(a.model, device="cpu", compile="off")}
         fast = load(a.model, device="cpu", compile="off")

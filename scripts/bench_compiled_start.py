@@ -12,7 +12,7 @@ touched), rounds interleaved, medians reported:
 - a server-like process (the Python API, as `serve` and the chat load a model): load, let the background
   worker read the store ahead (`StepFunctions.read`), then the first token and the whole answer;
 - `--compile auto` once `edge-dlm calibrate`'s measurement (`measure_compile`) is recorded: a one-shot
-  command compiles only where its tokens pay back the start (`compiled.measured_faster`).
+  command compiles only where its tokens pay back the start (`store.measured_faster`).
 """
 
 from __future__ import annotations

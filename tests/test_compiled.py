@@ -147,17 +147,18 @@ def test_auto_compiles_where_calibration_measured_it_faster():
     """`--compile auto` is eager until `edge-dlm calibrate` has compiled the passes on this machine
     and found them faster (so a first answer never waits for a cold compile); then it compiles."""
     from edge_dlm.cli.calibrate import measure_compile
-    from edge_dlm.runtime import compiled_cache, compiled_key, load
+    from edge_dlm.model.store import compiled_cache, compiled_key, record
+    from edge_dlm.runtime import load
 
     rt = load(device="cpu", compile="auto")
     assert not rt.model.compiled and "compiled" not in rt.precision
     key = compiled_key(rt)
-    compiled.record(compiled_cache(), key, eager=200.0, compiled=100.0)
+    record(compiled_cache(), key, eager=200.0, compiled=100.0)
     assert not load(device="cpu", compile="auto").model.compiled
     got = measure_compile(rt, tokens=16, runs=1)  # compiles ahead, measures, records
     assert got["eager_tokens_per_s"] > 0 and got["compiled_tokens_per_s"] > 0
     assert not rt.model.compiled  # measuring leaves the runtime as it was
-    compiled.record(compiled_cache(), key, eager=100.0, compiled=200.0)
+    record(compiled_cache(), key, eager=100.0, compiled=200.0)
     fast = load(device="cpu", compile="auto")
     assert fast.model.compiled and "compiled" in fast.precision
     assert compiled_key(fast) == key  # the key does not depend on the compile state

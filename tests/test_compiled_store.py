@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_dlm.model import compiled
+from edge_dlm.model import compiled, store
 
 pytestmark = pytest.mark.skipif(bool(compiled.available("cpu")), reason="no C++ compiler for inductor")
 
@@ -46,7 +46,8 @@ def warm(tmp_path_factory):
     in the background, as a server or a chat compiles between requests), and the eager tokens."""
     cache = tmp_path_factory.mktemp("xdg")
     code = f"""
-from edge_dlm.runtime import load, compiled_store
+from edge_dlm.model.store import compiled_store
+from edge_dlm.runtime import load
 rt = load(device="cpu", compile="on", threads=1)
 rt.generate({PROMPT!r}, mode="ar", max_new_tokens={TOKENS}, ignore_eos=True)
 rt.model.step.wait()
@@ -101,29 +102,30 @@ def test_a_foreign_function_fails_its_guards(warm, tmp_path):
 
 def test_the_store_is_per_code_version_and_machine(warm):
     """The store's folder names the model key (weights, precision, machine, torch) and edge-dlm's code."""
-    from edge_dlm.runtime import compiled_key, compiled_store, load
+    from edge_dlm.model.store import compiled_key, compiled_store
+    from edge_dlm.runtime import load
 
     cache, store, _ = warm
-    assert store.name.endswith(compiled.code_version())
+    assert store.name.endswith(store.code_version())
     rt = load(device="cpu", compile="off")
-    assert compiled_store(rt).name == f"{compiled_key(rt)}-{compiled.code_version()}"
+    assert compiled_store(rt).name == f"{compiled_key(rt)}-{store.code_version()}"
 
 
 def test_auto_for_one_shot_weighs_the_start(tmp_path):
     """`--compile auto` for a one-shot command compiles only where the tokens it decodes save more than
     a compiled process's start-up costs (both measured by `edge-dlm calibrate`)."""
-    compiled.record(tmp_path, "k", eager=100.0, compiled=200.0, start_s=1.0)  # 5 ms saved a token
-    assert compiled.measured_faster(tmp_path, "k")  # a server, a chat: faster is enough
-    assert not compiled.measured_faster(tmp_path, "k", tokens=150)  # 0.75 s saved < 1 s
-    assert compiled.measured_faster(tmp_path, "k", tokens=250)  # 1.25 s saved > 1 s
-    compiled.record(tmp_path, "old", eager=100.0, compiled=200.0)  # no start measured: eager one-shots
-    assert compiled.measured_faster(tmp_path, "old") and not compiled.measured_faster(tmp_path, "old", tokens=10**6)
-    compiled.record(tmp_path, "slow", eager=200.0, compiled=100.0, start_s=0.0)
-    assert not compiled.measured_faster(tmp_path, "slow", tokens=10**6)
+    store.record(tmp_path, "k", eager=100.0, compiled=200.0, start_s=1.0)  # 5 ms saved a token
+    assert store.measured_faster(tmp_path, "k")  # a server, a chat: faster is enough
+    assert not store.measured_faster(tmp_path, "k", tokens=150)  # 0.75 s saved < 1 s
+    assert store.measured_faster(tmp_path, "k", tokens=250)  # 1.25 s saved > 1 s
+    store.record(tmp_path, "old", eager=100.0, compiled=200.0)  # no start measured: eager one-shots
+    assert store.measured_faster(tmp_path, "old") and not store.measured_faster(tmp_path, "old", tokens=10**6)
+    store.record(tmp_path, "slow", eager=200.0, compiled=100.0, start_s=0.0)
+    assert not store.measured_faster(tmp_path, "slow", tokens=10**6)
 
 
 def test_an_upgrade_drops_the_old_versions_store(tmp_path):
-    from edge_dlm.runtime import drop_old_stores
+    from edge_dlm.model.store import drop_old_stores
 
     steps = tmp_path / "steps"
     mine, old, other = steps / "abc-v2", steps / "abc-v1", steps / "xyz-v1"
@@ -139,12 +141,12 @@ def test_a_file_too_large_to_be_a_step_function_is_refused_unread(tmp_path, monk
     path.write_bytes(b"\0" * 64)
     monkeypatch.setattr(compiled, "MAX_STEP_BYTES", 16)
     with pytest.raises(ValueError, match="more than a compiled step function"):
-        compiled.read_stored(path)
+        store.read_stored(path)
 
 
 def test_a_failed_start_measurement_is_one_line_and_no_number(tmp_path, capsys):
     junk = tmp_path / "junk--.step"
     junk.write_bytes(b"not a function")
-    assert compiled.measure_start([junk]) is None
+    assert store.measure_start([junk]) is None
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "keeps one-shot commands eager" in err

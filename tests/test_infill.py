@@ -9,6 +9,7 @@ import torch
 
 import edge_dlm
 from edge_dlm import Canvas, Done, cli
+from edge_dlm.decoding.infill import token_spans
 from edge_dlm.primitives.attention import CAUSAL
 from edge_dlm.primitives.errors import UserError
 
@@ -164,7 +165,7 @@ def test_edit_keeps_every_byte_outside_its_span_on_random_spans(tiny_ckpt, text)
 def test_edit_spans_are_whole_tokens_and_can_merge(rt):
     text = "x = 1 + 2"
     ids, offsets = rt.tokenizer.encode_offsets(text)
-    assert rt._token_spans(text, [(4, 5), (4, 6)], offsets, 4) == rt._token_spans(text, [(4, 6)], offsets, 4)
+    assert token_spans(text, [(4, 5), (4, 6)], offsets, 4) == token_spans(text, [(4, 6)], offsets, 4)
 
 
 @pytest.mark.parametrize("call,match", [

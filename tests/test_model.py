@@ -136,22 +136,23 @@ def test_cpu_auto_dtype_keeps_large_bf16_checkpoints(monkeypatch, tmp_path):
 
     from edge_dlm import runtime
     from edge_dlm.hub import DEMO_MODEL
+    from edge_dlm.primitives import device
 
     cpu = torch.device("cpu")
     demo = DEMO_MODEL
     assert json.loads((demo / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert runtime.resolve_dtype("auto", cpu, demo) == torch.float32  # 6 MB: lives in cache
-    monkeypatch.setattr(runtime, "CPU_BF16_BYTES", 1 << 20)
-    assert runtime.resolve_dtype("auto", cpu, demo) == torch.bfloat16
-    assert runtime.resolve_dtype(None, cpu, demo) == torch.bfloat16
-    assert runtime.resolve_dtype("float32", cpu, demo) == torch.float32
-    assert runtime.resolve_dtype("auto", torch.device("cuda"), demo) == torch.bfloat16
+    assert device.resolve_dtype("auto", cpu, demo) == torch.float32  # 6 MB: lives in cache
+    monkeypatch.setattr(device, "CPU_BF16_BYTES", 1 << 20)
+    assert device.resolve_dtype("auto", cpu, demo) == torch.bfloat16
+    assert device.resolve_dtype(None, cpu, demo) == torch.bfloat16
+    assert device.resolve_dtype("float32", cpu, demo) == torch.float32
+    assert device.resolve_dtype("auto", torch.device("cuda"), demo) == torch.bfloat16
     f32 = tmp_path / "f32"
     shutil.copytree(demo, f32)
     cfg = json.loads((f32 / "config.json").read_text())
     (f32 / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}))
-    assert runtime.resolve_dtype("auto", cpu, f32) == torch.float32
+    assert device.resolve_dtype("auto", cpu, f32) == torch.float32
     (f32 / "config.json").write_text("{not json")
-    assert runtime.resolve_dtype("auto", cpu, f32) == torch.float32  # the loader reports a bad config
+    assert device.resolve_dtype("auto", cpu, f32) == torch.float32  # the loader reports a bad config
     rt = runtime.load(demo, device="cpu", compile="off")
     assert rt.dtype == torch.bfloat16 and rt.model.encoder.norm.weight.dtype == torch.bfloat16

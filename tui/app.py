@@ -29,7 +29,7 @@ from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, 
 from textual.widgets.option_list import Option
 from rich.text import Text as RichText
 
-from edge_dlm.runtime import peak_memory_mb
+from edge_dlm.primitives.device import peak_memory_mb
 from edge_dlm.session.calibrate import Stopped
 from edge_dlm.tui.render import PRESETS, LineBreaks, power_line, render_block, status_line
 from edge_dlm.tui.store import Store

@@ -104,7 +104,7 @@ class Progress:
 def measure(name: str, mode: str, run_one: Callable[[object], tuple[int, int, float, float | None, float | None]],
             prompts: list, a: argparse.Namespace, device: str, meter: EnergyMeter, progress: Progress) -> Row:
     """`run_one(prompt) -> (emitted tokens, nfe, elapsed, ttft, mean_accepted)`."""
-    from edge_dlm.runtime import peak_memory_mb
+    from edge_dlm.primitives.device import peak_memory_mb
 
     for _ in range(a.warmup):
         run_one(prompts[0])

@@ -132,7 +132,7 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     from edge_dlm import kernels
     from edge_dlm.model.quant import QuantSpec, weight_bytes
     from edge_dlm.model.quantize import quantize_model
-    from edge_dlm.runtime import resolve_device, resolve_dtype
+    from edge_dlm.primitives.device import resolve_device, resolve_dtype
 
     device = resolve_device(a.device)
     cfg = cfg or shape_config(a.shape, a.layers)  # auto: the dtype a bf16 checkpoint of this size loads in
@@ -146,7 +146,7 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     if device.type == "cpu":  # ... and the C matmuls on the CPU
         cpu_matmul.enable_for(model)
     from edge_dlm.model import compiled
-    from edge_dlm.runtime import compiled_cache
+    from edge_dlm.model.store import compiled_cache
 
     use_compile = compiled.resolve(getattr(a, "compile", "off"), device)
     bw = copy_bandwidth(device)

@@ -43,14 +43,15 @@ def run(a: argparse.Namespace) -> int:
 def measure_compile(rt, tokens: int = 128, runs: int = 3) -> dict | None:
     """Compile the torch engine's AR passes ahead (kept in the model's store, `compiled_store`) and
     measure them against eager, and what a new compiled process adds before its first compiled pass
-    (`compiled.measure_start`); `--compile auto` compiles from then on where they were faster (a
+    (`store.measure_start`); `--compile auto` compiles from then on where they were faster (a
     one-shot `generate` only where its tokens pay back that start). Returns the measurement (None where
     compiled passes do not apply: another engine, the Triton kernels)."""
     import statistics
     import sys
 
     from edge_dlm.model import compiled
-    from edge_dlm.runtime import compiled_cache, compiled_key, compiled_store
+    from edge_dlm.model import store
+    from edge_dlm.model.store import compiled_cache, compiled_key, compiled_store
 
     if rt.engine != "torch" or rt.kernels or compiled.available(rt.device):
         return None
@@ -69,10 +70,10 @@ def measure_compile(rt, tokens: int = 128, runs: int = 3) -> dict | None:
     fast = speed()
     step = rt.model.step
     kept = [step._path(k) for k in step.fns if step._path(k).is_file()]
-    start = compiled.measure_start(kept) if kept else None
+    start = store.measure_start(kept) if kept else None
     if not was:
         compiled.disable(rt.model)
-    compiled.record(compiled_cache(), compiled_key(rt), eager, fast, start)
+    store.record(compiled_cache(), compiled_key(rt), eager, fast, start)
     return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": fast, "faster": fast > eager, "start_s": start}
 
 

@@ -72,7 +72,7 @@ def compiled_report(device: str) -> str:
     why = compiled.available(device)
     if why:
         return f"not here: {why[0]}"
-    from edge_dlm.runtime import compiled_cache
+    from edge_dlm.model.store import compiled_cache
 
     steps = compiled_cache() / "steps"
     kept = sum(1 for _ in steps.glob("*/*.step")) if steps.is_dir() else 0

@@ -25,6 +25,7 @@ import math
 from typing import Iterator
 
 from edge_dlm.primitives.attention import CAUSAL
+from edge_dlm.primitives.errors import UserError
 from edge_dlm.decoding.base import Canvas, Decoder, Event
 from edge_dlm.decoding.diffusion import denoise_step
 
@@ -97,3 +98,50 @@ def choose_length(confidences: list[float], threshold: float) -> int:
 
 def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(max(v, 1e-12)) for v in values) / len(values)) if values else 0.0
+
+
+def token_spans(text: str, spans, offsets, block: int) -> list[tuple[int, int, int, int]]:
+    """Character spans -> sorted token ranges `(a, b, c0, c1)`: tokens [a, b) re-masked for the
+    characters [c0, c1). Spans that touch a common token merge into one (with what lies between)."""
+    if not isinstance(spans, (list, tuple)) or not spans:
+        raise UserError("edit needs at least one span (START:END, character offsets)")
+    out = []
+    for sp in spans:
+        if not (isinstance(sp, (list, tuple)) and len(sp) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                       for x in sp)):
+            raise UserError(f"a span is two character offsets START:END, got {sp!r}")
+        c0, c1 = sp
+        if not 0 <= c0 < c1 <= len(text):
+            raise UserError(f"span {c0}:{c1} is not inside the text (0..{len(text)}) or is empty")
+        toks = [i for i, o in enumerate(offsets) if o is not None and o[1] > c0 and o[0] < c1]
+        if not toks:
+            raise UserError(f"span {c0}:{c1} covers no token")
+        out.append([toks[0], toks[-1] + 1, c0, c1])
+    out.sort()
+    merged = [out[0]]
+    for a, b, c0, c1 in out[1:]:
+        m = merged[-1]
+        if a < m[1]:
+            m[1], m[3] = max(m[1], b), max(m[3], c1)
+        else:
+            merged.append([a, b, c0, c1])
+    for a, b, c0, c1 in merged:
+        if b - a > block:
+            raise UserError(f"span {c0}:{c1} is {b - a} tokens; at most {block} (the block size) can be "
+                            "re-masked in one place: split it")
+    return [(a, b, c0, c1) for a, b, c0, c1 in merged]
+
+
+def edited_text(text: str, offsets, tok_spans, fills: list[str]) -> str:
+    """`text` with each span's characters replaced by its fill (`fills`, decoded), everything outside the
+    spans kept byte for byte. The re-masked tokens may reach past a span (a leading space, the rest of a
+    word): those characters are kept as they were, and dropped from the fill where it repeats them."""
+    out, last = [], 0
+    for (a, b, c0, c1), new in zip(tok_spans, fills):
+        t0, t1 = offsets[a][0], offsets[b - 1][1]
+        before, after = text[t0:c0], text[c1:t1]
+        new = new[len(before):] if before and new.startswith(before) else new
+        new = new[:len(new) - len(after)] if after and new.endswith(after) else new
+        out += [text[last:c0], new]
+        last = c1
+    return "".join(out) + text[last:]

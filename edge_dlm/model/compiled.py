@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from edge_dlm.model.store import read_stored
 from edge_dlm.primitives.errors import UserError
 
 CHOICES = ("auto", "on", "off")
@@ -122,25 +123,6 @@ def enable(model: torch.nn.Module, root: Path | None = None, background: bool = 
     model.step = StepFunctions(model, settings, direct=not cuda, background=background,
                                store=None if cuda else store)
     model.compiled = True
-
-
-@functools.cache
-def code_version() -> str:
-    """A hash of the code a pass runs (the model, the primitives and the kernels: their Python, C and C++
-    sources): a compiled step function is that code as traced, so a store is kept per version of it
-    (`edge_dlm.runtime.compiled_store`)."""
-    import hashlib
-    import importlib.util
-
-    # the packages' folders, found without importing them (the kernels sit above the model's layer)
-    roots = [Path(importlib.util.find_spec(name).origin).parent
-             for name in ("edge_dlm.model", "edge_dlm.primitives", "edge_dlm.kernels")]
-    h = hashlib.sha256()
-    for root in roots:
-        for f in sorted(root.rglob("*")):
-            if f.suffix in (".py", ".c", ".cpp", ".h") and f.is_file():
-                h.update(f.relative_to(root.parent).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def shape_limit() -> int:
@@ -458,24 +440,6 @@ def _work(ref) -> None:
         del sf
 
 
-MAX_STEP_BYTES = 256 << 20  # a stored step function holds code, guards and kernels, never weights: ~1 MB
-
-
-def read_stored(path: Path):
-    """A stored step function as torch loads it, under the grad modes its name records (its guards
-    hold the dispatch keys tensors have in them); a file too large to be one is refused unread."""
-    import torch._inductor.config as inductor_config
-
-    if path.stat().st_size > MAX_STEP_BYTES:
-        raise ValueError(f"{path.stat().st_size} bytes, more than a compiled step function takes")
-    modes = path.stem[-2:]
-    # inductor probes the CPU's vector ISAs (compiling and running test programs, 0.2-1.3 s) the first
-    # time a process loads a kernel; a store is per machine, built after that probe passed here
-    with open(path, "rb") as fh, inductor_config.patch({"cpp.vec_isa_ok": True}), \
-            torch.inference_mode(modes[0] == "i"), torch.set_grad_enabled(modes[1] == "g"):
-        return torch.compiler.load_compiled_function(fh)
-
-
 def _spec(a):
     """A pass input kept for a background compile: small tensors copied, a cache (4-d) as its shape;
     each as an inference tensor or not, as it was (a compiled function's guards tell them apart, and
@@ -546,72 +510,6 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)
-
-
-def measured_faster(root: Path, key: str, tokens: int | None = None) -> bool:
-    """Whether this machine compiled the passes of the model `key` before and measured them faster
-    (`record`): then its step functions are in the store and a process starts warm. With `tokens` (a
-    one-shot process that decodes that many), also whether the time they save pays back the start-up
-    a compiled process adds (loading torch's compiler and the stored functions, `start_s`)."""
-    import json
-
-    try:
-        rec = json.loads((root / "records" / f"{key}.json").read_text())
-        eager, fast = float(rec["eager_tokens_per_s"]), float(rec["compiled_tokens_per_s"])
-        if tokens is None:
-            return fast > eager
-        return fast > eager and tokens * (1 / eager - 1 / fast) > float(rec["start_s"])
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return False
-
-
-def record(root: Path, key: str, eager: float, compiled: float, start_s: float | None = None) -> None:
-    """Remember a measurement of eager vs compiled AR tokens/s (and the start-up a compiled process
-    adds, `measure_start`) for `measured_faster`."""
-    import json
-
-    from edge_dlm.primitives.fsutil import write_cache
-
-    rec = {"eager_tokens_per_s": eager, "compiled_tokens_per_s": compiled}
-    if start_s is not None:
-        rec["start_s"] = start_s
-    write_cache(root / "records" / f"{key}.json", json.dumps(rec).encode(), "compile records")
-
-
-def measure_start(paths: list[Path]) -> float | None:
-    """Seconds a new process spends before its first compiled pass beyond what an eager one spends:
-    importing torch's compiler and loading these stored step functions (`read_stored`), measured in a
-    fresh interpreter (the median of three); None, with one line, where that process fails."""
-    import statistics
-    import subprocess
-    import sys
-
-    code = ("import sys, time\n"
-            "from pathlib import Path\n"
-            "import edge_dlm.runtime\n"  # what every process imports, eager or not
-            "from edge_dlm.kernels import cpu_build\n"
-            "cpu_build.usable()\n"  # the CPU kernels' operators, which an eager process loads too
-            "t = time.perf_counter()\n"
-            "from edge_dlm.model.compiled import read_stored\n"
-            "for p in sys.argv[1:]:\n"
-            "    read_stored(Path(p))\n"
-            "print(time.perf_counter() - t)\n")
-    runs = []
-    for _ in range(3):
-        try:
-            out = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True,
-                                 timeout=600)
-        except (subprocess.TimeoutExpired, OSError) as exc:
-            why = type(exc).__name__
-        else:
-            try:
-                runs.append(float(out.stdout.split()[-1]))
-                continue
-            except (ValueError, IndexError):
-                why = (out.stderr.strip().splitlines() or ["no answer"])[-1][:160]
-        _log(f"measuring a compiled process's start failed ({why}); --compile auto keeps one-shot commands eager")
-        return None
-    return statistics.median(runs)
 
 
 def disable(model: torch.nn.Module) -> None:

@@ -118,7 +118,7 @@ def target(a: argparse.Namespace) -> Target:
     from edge_dlm.model.config import NLDConfig
     from edge_dlm.model.weights import check_dir
     from edge_dlm.primitives.machine import threads_for
-    from edge_dlm.runtime import resolve_device, resolve_dtype
+    from edge_dlm.primitives.device import resolve_device, resolve_dtype
 
     path = check_dir(resolve(a.model)).resolve()
     NLDConfig.from_file(path / "config.json")  # validated before anything reads it for the key
