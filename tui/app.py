@@ -23,107 +23,19 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, Label, Markdown, OptionList, Select, Static
-from textual.widgets.option_list import Option
-from rich.text import Text as RichText
+from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from edge_dlm.primitives.device import peak_memory_mb
 from edge_dlm.session.calibrate import Stopped
-from edge_dlm.tui.render import PRESETS, LineBreaks, power_line, render_block, status_line
+from edge_dlm.tui.render import PRESETS, render_block, status_line
+from edge_dlm.tui.power import PowerPanel
 from edge_dlm.tui.store import Store
+from edge_dlm.tui.widgets import Line, LiveReply, Message, OpenChat, displayed
 
 MODES = ("ar", "diffusion", "linear-spec", "quadratic-spec")
 
 
-def displayed(text: str) -> str:
-    """Model text as Markdown that shows its lines as written (`render.LineBreaks`, all at once)."""
-    return LineBreaks().feed(text)
-
-
-class Message(Markdown):
-    """One chat message."""
-
-    DEFAULT_CSS = """
-    Message { margin: 0 1 1 0; padding: 0 1; }
-    Message.user { background: $primary 15%; border-left: thick $primary; }
-    Message.assistant { border-left: thick $success; }
-    """
-
-
-class Line(Widget):
-    """A one-line status: redrawn in place, without laying the screen out again (a layout pass costs
-    ~20 ms of the interpreter the decoding thread needs)."""
-
-    DEFAULT_CSS = "Line { height: 1; padding: 0 1; }"
-
-    def __init__(self, text: str = "", **kw) -> None:
-        super().__init__(**kw)
-        self.text = text
-
-    def update(self, text) -> None:
-        self.text = text
-        self.refresh()
-
-    def render(self):
-        return self.text
-
-
-class LiveReply(Widget):
-    """A reply while it streams: plain wrapped text, at most a screenful (its end, which is what a
-    follower reads), so once it fills the view it redraws in place and the screen is never laid out
-    again until the reply is done. The finished reply replaces it with a `Message` (Markdown), once."""
-
-    DEFAULT_CSS = """
-    LiveReply { height: auto; margin: 0 1 1 0; padding: 0 1; border-left: thick $success; }
-    """
-
-    def __init__(self, text: str = "") -> None:
-        super().__init__()
-        self.shown = RichText(text)
-        self.rows = 1
-
-    def update(self, text: str) -> None:
-        width = max(self.content_size.width, 1)
-        room = max((self.parent.size.height if self.parent else 0) - 1, 1)  # the view, less the margin
-        tail = text[-room * width * 2:]  # enough for a screenful: a frame wraps what it shows, not the reply
-        if len(tail) < len(text) and "\n" in tail:
-            tail = tail[tail.index("\n") + 1:]  # start at a line's beginning, so it wraps as the whole would
-        lines = RichText(tail).wrap(self.app.console, width)
-        if len(lines) > room:
-            lines = lines[len(lines) - room:]
-        self.shown = RichText("\n").join(lines)
-        rows, self.rows = self.rows, len(lines)
-        self.refresh(layout=rows != self.rows)
-
-    def get_content_height(self, container, viewport, width: int) -> int:
-        return self.rows
-
-    def render(self):
-        return self.shown
-
-
-class OpenChat(ModalScreen[int | None]):
-    """Pick a saved conversation."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
-    DEFAULT_CSS = "OpenChat { align: center middle; } OpenChat OptionList { width: 60; height: 16; }"
-
-    def __init__(self, conversations: list[tuple[int, str, float]]) -> None:
-        super().__init__()
-        self.items = conversations
-
-    def compose(self) -> ComposeResult:
-        yield OptionList(*[Option(f"{time.strftime('%m-%d %H:%M', time.localtime(u))}  {t}", id=str(i))
-                           for i, t, u in self.items] or [Option("(no saved chats)", id="none")])
-
-    @on(OptionList.OptionSelected)
-    def picked(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(None if event.option.id == "none" else int(event.option.id))
-
-
-class ChatApp(App):
+class ChatApp(PowerPanel, App):
     TITLE = "edge-dlm"
     ENABLE_COMMAND_PALETTE = False  # its footer entry would push F4 off an 80-column footer
     CSS = """
@@ -339,70 +251,6 @@ class ChatApp(App):
             self.calibrate_then(budget)
             return
         self.apply_budget(budget)
-
-    def apply_budget(self, budget: float) -> None:
-        from edge_dlm.session.calibrate import choose
-        from edge_dlm.primitives.errors import UserError
-
-        try:
-            row, reason = choose(self.table, power_budget=budget, allow_lossy=True,
-                                 engines={self.runtime.engine})
-        except UserError as exc:  # in the screen's words (no CLI flags), whole, where it is not cut
-            msg = str(exc).replace("--power-budget", "the budget").replace("drop the budget", "clear the field")
-            self.set_status("error: no configuration for this budget (see the message)")
-            self.notify(msg, title="Power budget", severity="error", timeout=10)
-            return
-        self.budget = budget
-        self.apply_choice(row, reason)
-        self.poll_power()
-
-    @work(thread=True, exclusive=True, group="calibrate")
-    def calibrate_then(self, budget: float) -> None:
-        from edge_dlm.session.calibrate import calibrate, runtime_target, target
-
-        t = target(self.load_args) if self.load_args is not None else runtime_target(self.runtime)
-        self.table = calibrate(self.runtime, t, progress=lambda label, i, n: self.call_from_thread(
-            self.set_status, f"calibrating ({i}/{n}): {label}"))
-        self.call_from_thread(self.apply_budget, budget)
-        self.call_from_thread(self.show_stats)
-
-    # ---- power
-    def poll_power(self) -> None:
-        if self.monitor is None or not self.query("#power"):  # not yet mounted, or already torn down
-            return
-        self.watts, state, self.watts_why = self.monitor.poll()
-        self.supply = state.label
-        if state.on_battery and not self.on_battery:
-            self.on_battery = True
-            self.before_battery = self.current_panel()
-            self.action_preset("battery")
-            self.notify("On battery: switched to the battery preset (diffusion, 2 steps per block). "
-                        "F4 for AR's exact text.", title="Power")
-        elif self.on_battery and state.on_battery is False:
-            self.on_battery = False
-            if self.before_battery is not None:
-                self.restore_panel(self.before_battery)
-                self.before_battery = None
-            self.notify("On AC again: your settings are back.", title="Power")
-        self.show_power()
-
-    def show_power(self) -> None:
-        if not self.query("#power"):
-            return
-        self.query_one("#power", Line).update(power_line(
-            watts=self.watts, why=self.watts_why, joules_per_token=self.joules_per_token, supply=self.supply,
-            budget=self.budget, preset="battery" if self.on_battery else None))
-
-    def current_panel(self) -> dict:
-        return {"mode": self.query_one("#mode", Select).value, "steps": self.query_one("#steps", Select).value,
-                "threshold": self.query_one("#threshold", Input).value}
-
-    def restore_panel(self, panel: dict) -> None:
-        self.query_one("#preset", Select).clear()
-        self.query_one("#mode", Select).value = panel["mode"]
-        self.query_one("#steps", Select).value = panel["steps"]
-        self.query_one("#threshold", Input).value = panel["threshold"]
-        self.query_one("#preset-trade", Static).update("")
 
     def action_preset(self, name: str) -> None:
         """Apply a preset (a key works whatever the panel shows, also after a change by hand)."""
