@@ -181,11 +181,59 @@ def _allowed_bytes(m, vocab: int, eos_id: int) -> bytes:
 
 def _unpack(masks: list[bytes], vocab: int) -> torch.Tensor:
     """Bit masks -> a bool tensor `[len(masks), vocab]`, in one unpacking."""
+    return torch.from_numpy(_unpack_np(masks, vocab))
+
+
+def _unpack_np(masks: list[bytes], vocab: int):
+    """Bit masks -> a bool array `[len(masks), vocab]`."""
     import numpy as np
 
     bits = np.unpackbits(np.frombuffer(b"".join(masks), dtype=np.uint8).reshape(len(masks), -1), axis=1,
                          bitorder="little")[:, :vocab]
-    return torch.from_numpy(bits.astype(bool))
+    return bits.astype(bool)
+
+
+class GreedyRows:
+    """Rows of one pass picked greedily when nothing but a grammar and the EOS rules shapes the picks
+    (`Rules._greedy`): each row's pick is `pick_row`'s (the first maximal logit among the tokens its
+    grammar state allows; EOS where none is), found on the host from the rows' logits and probabilities,
+    read once a pass: a row whose unmasked pick its mask allows keeps it (its mask's bits are read, ~7 us),
+    any other is masked as an array (~20 us; a row masked and picked with tensor operations cost ~160).
+    `masked_conf`: the confidence is the masked distribution's (the pick's probability over the allowed
+    tokens' total, as `pick_row`'s: diffusion compares it with its threshold), else the unmasked one
+    (drafts: no decoder reads it)."""
+
+    def __init__(self, rules: "Rules", picks, rows: list[int], masked_conf: bool) -> None:
+        dec = rules.dec
+        _check_finite(picks)
+        x = picks.logits[rows].float()  # a copy
+        x[:, dec.mask_id] = float("-inf")
+        self.rules, self.masked_conf = rules, masked_conf
+        self.x, self.probs = x.cpu().numpy(), torch.softmax(x, dim=-1).cpu().numpy()
+        self.top = self.x.argmax(axis=1)  # the first maximal logit of each row
+        dec.syncs += 1
+
+    def pick(self, i: int, index: int, m) -> tuple[int, float]:
+        """The `i`th row's pick: the token at `index` of the stream, grammar state `m` before it (None: no
+        grammar)."""
+        import numpy as np
+
+        rules = self.rules
+        eos, vocab = rules.dec.eos_id, self.x.shape[1]
+        banned = rules.ignore_eos or index < rules.min_tokens
+        tok, p = int(self.top[i]), self.probs[i]
+        bits = None if m is None else _allowed_bytes(m, vocab, eos)
+        fits = bits is None or (tok // 8 < len(bits) and bits[tok // 8] >> (tok % 8) & 1)
+        if fits and not (tok == eos and banned) and not self.masked_conf:
+            return tok, float(p[tok])
+        allowed = np.ones(vocab, dtype=bool) if bits is None else _unpack_np([bits], vocab)[0]
+        if banned:
+            allowed[eos] = False
+        if not allowed[tok]:
+            tok = int(np.where(allowed, self.x[i], -np.inf).argmax())
+            if not allowed[tok] or self.x[i, tok] == -np.inf:  # nothing the grammar allows: end here
+                return eos, 1.0 if self.masked_conf else float(p[eos])
+        return tok, float(p[tok] / p[allowed].sum(dtype=np.float64)) if self.masked_conf else float(p[tok])
 
 
 class Rules:
@@ -235,6 +283,8 @@ class Rules:
             return [dec.eos_id] * len(rows), [0.0] * len(rows)
         # rows past a drafted EOS are never used
         n = next((j + 1 for j, t in enumerate(drafted[:len(rows) - 1]) if t == dec.eos_id), len(rows))
+        if self._greedy():  # greedy, a grammar and EOS rules only: row by row on the host (`GreedyRows`)
+            return self._greedy_verify(picks, rows, n, prefix, drafted, m)
         x = picks.logits[rows[:n]].float()  # a copy: the pass's logits stay as they are
         _check_finite(picks)
         base = dec.stream_len + len(prefix)
@@ -267,6 +317,22 @@ class Rules:
         ids[used:], conf[used:] = [dec.eos_id] * (n - used), [0.0] * (n - used)
         return ids + [dec.eos_id] * (len(rows) - n), conf + [0.0] * (len(rows) - n)
 
+    def _greedy_verify(self, picks, rows, n: int, prefix: list[int], drafted: list[int], m):
+        """`verify` for greedy picks: row i picked for the grammar state after `prefix + drafted[:i]`, up to
+        the first that differs from its draft (the confidences: the unmasked distribution's, unread)."""
+        dec = self.dec
+        greedy = GreedyRows(self, picks, rows[:n], masked_conf=False)
+        ids, conf = [], []
+        for i in range(n):
+            tok, c = greedy.pick(i, dec.stream_len + len(prefix) + i, m)
+            ids.append(tok)
+            conf.append(c)
+            if i >= len(drafted) or tok != drafted[i] or i + 1 == n:
+                break
+            if m is not None and not m.consume_token(drafted[i]):
+                break
+        return ids + [dec.eos_id] * (len(rows) - len(ids)), conf + [0.0] * (len(rows) - len(ids))
+
     def _run(self, picks, rows, prefix):
         # the rows' grammar state: a copy of the stream's matcher (~2 us) advanced past what each row
         # sees ahead; the stream's own matcher moves only with emitted tokens (`accept`)
@@ -293,42 +359,26 @@ class Rules:
         return self.dec.sampler.params.temperature == 0 and not self.pen.active and self.logprobs is None
 
     def _greedy_chain(self, picks, rows: list[int], prefix: list[int], m) -> tuple[list[int], list[float]]:
-        """`chain` for greedy picks: each row's pick is `pick_row`'s (the first maximal logit among the
-        tokens its grammar state allows, EOS under its rules), found without masking where the row's
-        unmasked pick is allowed (then it is the first maximal of all) and else by masking that row
-        alone; the rows' logits go through one step, not one per row (a masked row cost ~100 us, a
-        standing pick ~7 us: its mask's bits). The confidences are the unmasked distribution's (only
-        diffusion reads confidences, and it picks with `pick_row`)."""
+        """`chain` for greedy picks (`GreedyRows`: each row's pick is `pick_row`'s; the confidences are the
+        unmasked distribution's: only diffusion reads confidences, and it picks with `greedy_rows`)."""
         dec = self.dec
-        _check_finite(picks)
-        x = picks.logits[rows].float()  # a copy
-        x[:, dec.mask_id] = float("-inf")
-        probs = torch.softmax(x, dim=-1)
-        top = x.argmax(dim=-1).tolist()
-        dec.syncs += 1
+        rows_ = GreedyRows(self, picks, rows, masked_conf=False)
         ids, conf = [], []
         for i in range(len(rows)):
-            index = dec.stream_len + len(prefix) + i
-            banned = self.ignore_eos or index < self.min_tokens
-            tok = top[i]
-            bits = None if m is None else _allowed_bytes(m, x.shape[1], dec.eos_id)
-            if (bits is not None and not (tok // 8 < len(bits) and bits[tok // 8] >> (tok % 8) & 1)) or \
-                    (tok == dec.eos_id and banned):
-                row = x[i]
-                if bits is not None:
-                    row.masked_fill_(~_unpack([bits], x.shape[1])[0], BANNED)
-                if banned:
-                    row[dec.eos_id] = BANNED
-                if not bool((row > BANNED).any()):  # nothing the grammar allows: end here
-                    row[dec.eos_id] = 0.0
-                tok = int(row.argmax())
+            tok, c = rows_.pick(i, dec.stream_len + len(prefix) + i, m)
             ids.append(tok)
-            conf.append(float(probs[i, tok]))
+            conf.append(c)
             if tok == dec.eos_id or i + 1 == len(rows):
                 break
             if m is not None and not m.consume_token(tok):
                 break
         return ids + [dec.eos_id] * (len(rows) - len(ids)), conf + [0.0] * (len(rows) - len(ids))
+
+    def greedy_rows(self, picks, rows: list[int]) -> GreedyRows | None:
+        """For a greedy request that nothing but its grammar and EOS rules shape (`_greedy`): the rows of
+        `picks` ready to be picked with the masked distribution's confidences (diffusion's ordered commits);
+        None otherwise (`pick_row` serves)."""
+        return GreedyRows(self, picks, rows, masked_conf=True) if self._greedy() else None
 
     def pick_row(self, picks, row: int, ahead: list[int], m=None) -> tuple[int, float]:
         """The pick of `row` of the pass `picks` for the context prompt + stream + `ahead`; `m` the

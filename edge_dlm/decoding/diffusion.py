@@ -94,10 +94,12 @@ def _ordered(dec: Decoder, pass_picks, canvas: list[int], masked: list[int], k: 
     filled = []
     if first and not m.consume_tokens(canvas[:first]):
         return filled
+    greedy = rules.greedy_rows(pass_picks, masked)  # None: each row masked and picked by `pick_row`
     for n, j in enumerate(masked):
         if j != first + n:  # a position after an unfilled one (infill spans): not this step's
             break
-        tok, c = rules.pick_row(pass_picks, j, canvas[:j], m)
+        tok, c = greedy.pick(n, dec.stream_len + j, m) if greedy is not None else \
+            rules.pick_row(pass_picks, j, canvas[:j], m)
         if n >= k and c < threshold:
             break
         canvas[j] = tok
