@@ -468,10 +468,11 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
         raise UserError(f"--quant quantizes torch weights on load; for {engine_name}, export a quantized "
                         "engine instead (edge-dlm export CKPT -o OUT --target onnx --quant int4)")
     from edge_dlm import kernels as kmod
+    from edge_dlm.kernels import backend as kbackend
 
     kernels = kmod.choice(kernels)  # the flag, or $EDGE_DLM_KERNELS
-    # compiled passes replace the eager Triton kernels: --compile on turns --kernels auto off
-    use_kernels = engine_name == "torch" and kmod.resolve(kernels, dev) and not (compile == "on" and kernels == "auto")
+    backend = kbackend.choose(dev, kernels, engine_name, compile)  # the one way kernels reach the model
+    use_kernels = backend.triton
     from edge_dlm.model import compiled as cmod
     from edge_dlm.model.store import (compiled_cache, compiled_key, compiled_store, drop_old_stores,
                                                measured_faster)
@@ -492,16 +493,7 @@ def load(model: str | Path | None = None, *, device: str = "auto", dtype: str | 
     if tokenizer.max_id >= net.config.vocab_size:
         raise CheckpointError(f"tokenizer has token ids up to {tokenizer.max_id} but the model only "
                               f"{net.config.vocab_size} embedding rows; the tokenizer does not belong to this model")
-    if use_kernels:
-        kmod.enable(net)
-    cpu_kernels = False
-    if engine_name == "torch" and dev.type == "cpu" and kmod.cpu_resolve(kernels):
-        from edge_dlm.kernels import cpu_matmul
-
-        from edge_dlm.model.quant import prepare_layouts
-
-        cpu_kernels = cpu_matmul.enable_for(net)  # int8 / int4 / bf16 matmuls in C (else: the references)
-        prepare_layouts(net)  # their layouts now: a first answer never waits for them
+    cpu_kernels = backend.apply(net)  # its layers rebuilt for the backend (C matmuls: their layouts now)
     dt = getattr(net, "dtype", dt)  # exported engines run in the dtype they were built with
     rt = Runtime(net, tokenizer, path, dev, dt, kernels=use_kernels, engine=engine_name,
                  quant=spec.scheme if spec is not None else None, name=name or display_name(path))

@@ -1,9 +1,9 @@
 """Triton kernels: block attention over the KV cache, on-device verification and weight-only int4 /
 int8 matmuls (edge_dlm.kernels).
 
-Importing this package is light; `triton` loads with the kernel modules. `status(device)` says
-whether the kernels can run there and why not, `enable(model)` switches a model's cached passes to
-them.
+Importing this package is light; `triton` loads with the kernel modules. `choice` is the one switch
+for all of them (`--kernels`, $EDGE_DLM_KERNELS), `status(device)` says whether the Triton kernels can
+run there and why not; a model's layers get them through `backend` (chosen and applied at load).
 """
 
 from __future__ import annotations
@@ -74,19 +74,3 @@ def resolve(choice: str, device: torch.device | str) -> bool:
     if choice == "auto":  # never the (slow) interpreter unless asked for with "on"
         return ok and torch.device(device).type == "cuda"
     return choice == "on"
-
-
-def enable(model: torch.nn.Module) -> None:
-    """Route the model's cached attention to the Triton block-attention kernel and, on CUDA, its
-    int4 / int8 weights to the weight-only matmul kernel (on the CPU torch's own kernels serve them)."""
-    from edge_dlm.kernels.attention import block_attention
-    from edge_dlm.kernels.verify import greedy_pick
-
-    model.attn_kernel = block_attention
-    model.pick_kernel = greedy_pick
-    if any(t.is_cuda for t in model.buffers()):
-        from edge_dlm.kernels.quant_matmul import quant_matmul
-        from edge_dlm.model.quant import register_matmul
-
-        for scheme in ("int4", "int8"):
-            register_matmul(scheme, "cuda", quant_matmul)

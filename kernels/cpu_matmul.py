@@ -127,30 +127,30 @@ class Bf16Linear(torch.nn.Linear):
 
 
 def enable_bf16(model: torch.nn.Module) -> int:
-    """Route `model`'s bf16 CPU linears through `Bf16Linear`; returns how many (0 without a compiler or
-    without a vector path: a scalar loop would be slower than torch's own bf16 kernels)."""
+    """Rebuild `model`'s bf16 CPU linears as `Bf16Linear`s (the same weights); returns how many (0 without a
+    compiler or without a vector path: a scalar loop would be slower than torch's own bf16 kernels)."""
+    from edge_dlm.model.layers import replace_linears
+
     if not usable() or not library().bf16_simd():
         return 0
     shared = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         shared[id(p)] = shared.get(id(p), 0) + 1
-    n = 0
-    for mod in model.modules():
-        if type(mod) is torch.nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
-            mod.__class__ = Bf16Linear
-            mod.max_rows = max_rows()
-            if shared[id(mod.weight)] == 1:  # onto 2 MiB pages (a tied weight stays where it is)
-                w = _huge_pages(mod.weight.numel() * 2).view(torch.bfloat16).view(mod.weight.shape)
-                w.copy_(mod.weight.detach())
-                mod.weight = torch.nn.Parameter(w, requires_grad=mod.weight.requires_grad)
-            n += 1
-    return n
+    layers = replace_linears(model, lambda m: m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu",
+                             Bf16Linear)
+    for mod in layers:
+        mod.max_rows = max_rows()
+        if shared[id(mod.weight)] == 1:  # onto 2 MiB pages (a tied weight stays where it is)
+            w = _huge_pages(mod.weight.numel() * 2).view(torch.bfloat16).view(mod.weight.shape)
+            w.copy_(mod.weight.detach())
+            mod.weight = torch.nn.Parameter(w, requires_grad=mod.weight.requires_grad)
+    return len(layers)
 
 
 
 
 def cpu_quant_matmul(x: torch.Tensor, mod) -> torch.Tensor | None:
-    """The `register_matmul("int8" | "int4", "cpu", ...)` entry for the edge-dlm layout: every pass
+    """The CPU matmul of an int8 / int4 `QuantLinear` in the edge-dlm layout (`QUANT`): every pass
     through `x16_gemm`, whatever its width (it beat dequantizing to bf16 for torch's GEMM at every width
     measured, up to 512 rows: `scripts/bench_cpu_matmul.py`), so a row's result is the same in every
     pass, QuadraticSpec's widest included."""
@@ -173,29 +173,54 @@ def _layout(mod):
     return mod.derived(LAYOUT, x16_layout, x16_stored)
 
 
-def _prepare(mod) -> None:
-    if _covers(mod):
-        _layout(mod)
+class QuantKernel:
+    """`cpu_quant_matmul` as a `QuantLinear.kernel` (the CPU backend gives it to each int8 / int4 layer),
+    with `prepare`: the layer's 16-row layout built ahead (before a compile traces the matmul)."""
+
+    device_type = "cpu"
+
+    def __call__(self, x: torch.Tensor, mod) -> torch.Tensor | None:
+        return cpu_quant_matmul(x, mod)
+
+    def prepare(self, mod) -> None:
+        if _covers(mod):
+            _layout(mod)
+
+    def __deepcopy__(self, memo) -> "QuantKernel":  # one kernel, whatever copies the model
+        return self
 
 
-cpu_quant_matmul.prepare = _prepare
+QUANT = QuantKernel()
 
 
-def enable_for(model: torch.nn.Module) -> bool:
-    """A model about to run on the CPU: its narrow passes' attention (`enable_attention`), its int8 / int4
-    matmuls and its bf16 linears through these kernels, the projections that share an input fused
-    (`fuse`; the runtime's loader and `edge-dlm bench --shape` both). False where nothing is routed (no
-    compiler)."""
+def build(model: torch.nn.Module) -> bool:
+    """A model's layers rebuilt for these kernels (the CPU backend's part, `edge_dlm.kernels.backend`): its
+    narrow passes' attention (`enable_attention`), its int8 / int4 layers' matmuls (`QUANT`), its bf16
+    linears (`Bf16Linear`), the projections that share an input fused (`fuse`), the kernel layouts built.
+    False where nothing is routed (no kernels here)."""
+    from edge_dlm.model.quant import prepare_layouts
+
+    attention = enable_attention(model)
+    if not usable():
+        return attention
+    quant = route_quant(model)
+    bf16 = enable_bf16(model)
+    if not (quant or bf16):
+        return attention
+    fuse(model)
+    prepare_layouts(model)  # now: a first answer never waits for them
+    return True
+
+
+def route_quant(model: torch.nn.Module) -> int:
+    """Give `model`'s int8 / int4 layers this matmul (`QUANT`); returns how many."""
     from edge_dlm.model.quant import QuantLinear
 
-    quant = any(isinstance(m, QuantLinear) for m in model.modules())
-    bf16 = any(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules())
-    attention = enable_attention(model)
-    if not (quant or bf16) or not enable():
-        return attention
-    enable_bf16(model)
-    fuse(model)
-    return True
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.spec.scheme in ("int8", "int4"):
+            mod.kernel, n = QUANT, n + 1
+    return n
 
 
 class Fused:
@@ -276,15 +301,4 @@ def enable_attention(model: torch.nn.Module) -> bool:
     if not hasattr(model, "narrow_attention") or model.config.head_dim % 16 or not usable():
         return False
     model.narrow_attention = attend
-    return True
-
-
-def enable() -> bool:
-    """Route CPU int8 / int4 `QuantLinear` matmuls here (when a C compiler is present)."""
-    from edge_dlm.model.quant import register_matmul
-
-    if not usable():
-        return False
-    register_matmul("int8", "cpu", cpu_quant_matmul)
-    register_matmul("int4", "cpu", cpu_quant_matmul)
     return True

@@ -3,7 +3,7 @@ bfloat16 weights, on a random model of a real shape, interleaved (each round tim
 
     .venv/bin/python scripts/bench_cpu_dtype.py [--shape 3b] [--layers 2] [--rounds 5] [--context 256]
 
-Both models run as the runtime loads them on a CPU (`cpu_matmul.enable_for`: bf16 linears through the
+Both models run as the runtime loads them on a CPU (`Backend(cpu=True).apply`: bf16 linears through the
 bf16 kernel; float32 through torch), greedy picks in the pass, after a prefill of `--context` tokens.
 """
 
@@ -26,7 +26,7 @@ def main() -> int:
     a = p.parse_args()
 
     from edge_dlm.cli.bench_shapes import random_model, shape_config
-    from edge_dlm.kernels import cpu_matmul
+    from edge_dlm.kernels.backend import Backend
     from edge_dlm.primitives.attention import CAUSAL
 
     torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def main() -> int:
     with torch.inference_mode():
         for dt in (torch.float32, torch.bfloat16):
             m = random_model(cfg, dt, torch.device("cpu"))
-            cpu_matmul.enable_for(m)
+            Backend(cpu=True).apply(m)
             c = m.new_cache(a.context + 64)
             m(torch.randint(200, 1000, (1, a.context)), torch.arange(a.context)[None], cache=c, attn=CAUSAL,
               last_only=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
 import torch
@@ -86,19 +85,6 @@ def fake_power_supply(root, *, ac: bool | None = True, battery: str | None = Non
             if v is not None:
                 (b / name).write_text(f"{v}\n")
     return root
-
-
-@contextlib.contextmanager
-def quant_matmul(scheme: str, device_type: str, fn):
-    """Route `scheme`'s QuantLinear matmuls on `device_type` to `fn` (None: the reference) for a block."""
-    from edge_dlm.model import quant
-
-    old = quant._MATMULS.get((scheme, device_type))
-    quant.register_matmul(scheme, device_type, fn)
-    try:
-        yield
-    finally:
-        quant.register_matmul(scheme, device_type, old)
 
 
 def raw(port: int, data: bytes, timeout: float = 20) -> bytes:

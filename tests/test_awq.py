@@ -15,7 +15,7 @@ from edge_dlm.model.quantize import quantize_model
 from edge_dlm.hub import DEMO_MODEL
 from edge_dlm.primitives.tokenizer import Tokenizer
 from edge_dlm.model.weights import load_model
-from helpers import quant_matmul, run_mode
+from helpers import run_mode
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def demo():
 
 
 def logits(model, tokens):
-    with torch.no_grad(), quant_matmul("int4", "cpu", None), quant_matmul("int8", "cpu", None):
+    with torch.no_grad():  # the reference matmuls: no backend gave these layers a kernel
         return model(tokens, torch.arange(tokens.shape[1])[None])
 
 

@@ -244,7 +244,8 @@ def test_the_cpu_kernels_compile_whole(tiny_model, tmp_path, weights):
     compiled passes too: no graph break (and for int4, the eager path's tokens)."""
     from torch._dynamo.utils import counters
 
-    from edge_dlm.kernels import cpu_build, cpu_matmul
+    from edge_dlm.kernels import cpu_build
+    from edge_dlm.kernels.backend import Backend
     from edge_dlm.model.quant import QuantSpec, prepare_layouts
     from edge_dlm.model.quantize import quantize_model
 
@@ -255,7 +256,7 @@ def test_the_cpu_kernels_compile_whole(tiny_model, tmp_path, weights):
         eager = eager.to(torch.bfloat16)
     else:
         quantize_model(eager, QuantSpec("int4", group_size=32))
-    assert cpu_matmul.enable_for(eager)
+    assert Backend(cpu=True).apply(eager)
     prepare_layouts(eager)
     fast = copy.deepcopy(eager)
     counters.clear()

@@ -129,18 +129,25 @@ def test_lora_drafter_on_quantized_weights(tiny_model):
 
 
 def test_quant_kernel_hook_is_used(tiny_model):
-    from helpers import quant_matmul
-
+    """A layer's kernel (what a backend gives it) runs its matmul on its device, and only there."""
     qm = quantized(tiny_model, "int8")
     calls = []
 
-    def fused(x, mod):
-        calls.append(mod.out_features)
-        return torch.nn.functional.linear(x, mod.dequantize(x.dtype))
+    class Hook:
+        device_type = "cpu"
 
-    with quant_matmul("int8", "cpu", fused):
-        run_mode(qm, PROMPT, "ar", max_new_tokens=2)
+        def __call__(self, x, mod):
+            calls.append(mod.out_features)
+            return torch.nn.functional.linear(x, mod.dequantize(x.dtype))
+
+    layers = [m for m in qm.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.kernel = Hook()
+    run_mode(qm, PROMPT, "ar", max_new_tokens=2)
     assert len(calls) == 2 * (2 * 7 + 1)  # prefill (gives token 1) + 1 step; 7 linears x 2 layers + head
+    Hook.device_type = "cuda"  # a kernel for another device: the reference runs here
+    run_mode(qm, PROMPT, "ar", max_new_tokens=2)
+    assert len(calls) == 2 * (2 * 7 + 1)
 
 
 @pytest.mark.parametrize("m", [1, 2, 15, 16, 17, 32, 33, 272])
@@ -150,32 +157,35 @@ def test_cpu_matmuls_match_reference(m, group, scheme, symmetric):
     """The CPU int4 kernels == dequantize + F.linear within their rounding (narrow passes: x to int8 per
     block of 32; wide ones: the weight and x to bf16)."""
     from edge_dlm.kernels import cpu_matmul
-    from edge_dlm.model.quant import _MATMULS, linear_ref
+    from edge_dlm.kernels import cpu_build
+    from edge_dlm.model.quant import linear_ref
 
-    if not cpu_matmul.enable():
+    if not cpu_build.usable():
         pytest.skip("no C compiler for the CPU kernels")
     g = torch.Generator().manual_seed(m)
     mod = QuantLinear.from_weight(torch.randn(48, 256, generator=g) * 0.05, QuantSpec(scheme, group, symmetric))
     x = torch.randn(m, 256, generator=g)
-    got = _MATMULS[(scheme, "cpu")](x, mod)
+    got = cpu_matmul.QUANT(x, mod)
     ref = linear_ref(x, mod)
     assert got is not None and got.dtype == torch.float32
     err = (got - ref).norm() / ref.norm()
     assert err < 1e-2, err  # int8 activations: ~0.5% relative; bf16: ~2^-9 each
     if m == 1:  # a row's result does not depend on the other rows of the pass
         xs = torch.cat([x, torch.randn(15, 256, generator=g)])
-        torch.testing.assert_close(_MATMULS[(scheme, "cpu")](xs, mod)[:1], got, atol=0, rtol=0)
+        torch.testing.assert_close(cpu_matmul.QUANT(xs, mod)[:1], got, atol=0, rtol=0)
 
 
 def test_cpu_matmul_declines_what_it_cannot_run():
     """Shapes and layouts the CPU kernels do not take fall back to the reference, same result."""
     from edge_dlm.kernels import cpu_matmul
-    from edge_dlm.model.quant import _MATMULS, linear_ref
+    from edge_dlm.kernels import cpu_build
+    from edge_dlm.model.quant import linear_ref
 
     odd = QuantLinear.from_weight(torch.randn(40, 96), QuantSpec("int4", 32))
     odd.perm = torch.randperm(96)  # act-order columns (GPTQ): the reference
-    if cpu_matmul.enable():
-        assert _MATMULS[("int4", "cpu")](torch.randn(3, 96), odd) is None
+    odd.kernel = cpu_matmul.QUANT
+    if cpu_build.usable():
+        assert cpu_matmul.QUANT(torch.randn(3, 96), odd) is None
     x = torch.randn(3, 96)
     torch.testing.assert_close(odd(x), linear_ref(x.index_select(-1, odd.perm), odd), atol=0, rtol=0)
 
@@ -184,9 +194,12 @@ def test_derived_layout_follows_the_module(tiny_model):
     """The kernel layout is rebuilt after a move and never written to the artifact."""
     from edge_dlm.kernels import cpu_matmul
 
-    if not cpu_matmul.enable():
+    from edge_dlm.kernels import cpu_build
+
+    if not cpu_build.usable():
         pytest.skip("no C compiler for the CPU kernels")
     qm = quantized(tiny_model, "int4", group_size=32)
+    cpu_matmul.route_quant(qm)
     lin = qm.encoder.layers[0].mlp.gate_proj
     lin(torch.randn(2, lin.in_features))
     assert "cpu-x16" in lin._derived

@@ -130,6 +130,7 @@ def time_forwards(model, tokens: list[int], context: int, device: torch.device,
 
 def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int = 512) -> int:
     from edge_dlm import kernels
+    from edge_dlm.kernels.backend import choose
     from edge_dlm.model.quant import QuantSpec, weight_bytes
     from edge_dlm.model.quantize import quantize_model
     from edge_dlm.primitives.device import resolve_device, resolve_dtype
@@ -139,12 +140,9 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     dtype = resolve_dtype(None if a.dtype == "auto" else a.dtype, device, bf16_bytes=cfg.parameter_count() * 2)
     spec = QuantSpec(a.quant, group_size=a.group_size) if a.quant else None
     model = random_model(cfg, dtype, device)
-    if kernels.resolve(a.kernels, device):  # as a loaded model: Triton attention / int matmuls on CUDA
-        kernels.enable(model)
-    from edge_dlm.kernels import cpu_matmul
-
-    if device.type == "cpu":  # ... and the C matmuls on the CPU
-        cpu_matmul.enable_for(model)
+    # as a loaded model: Triton attention / int matmuls on CUDA, the C kernels on a CPU
+    backend = choose(device, kernels.choice(a.kernels))
+    backend.apply(model)
     from edge_dlm.model import compiled
     from edge_dlm.model.store import compiled_cache
 
@@ -156,8 +154,7 @@ def run_shapes(a: argparse.Namespace, cfg: NLDConfig | None = None, context: int
     for weights in [dname] + ([f"{spec.scheme} g{spec.group_size}"] if spec else []):
         if weights != dname:
             quantize_model(model, spec)
-            if device.type == "cpu":
-                cpu_matmul.enable_for(model)
+            backend.apply(model)  # the quantized layers too
             sync(device)
         nbytes = weight_bytes(model)
         gb[weights] = nbytes / 1e9

@@ -113,10 +113,11 @@ def enable(model: torch.nn.Module, root: Path | None = None, background: bool = 
     else:
         settings = dict(options={"max_autotune": True, "triton.cudagraphs": False, "cpp_wrapper": True,
                                  "fx_graph_cache": True})
+        from edge_dlm.model.layers import replace_linears
+
         head = getattr(model, "diffusion_head", None)  # its logits feed several reductions (`greedy`):
-        for mod in model.modules():  # as a reduction inductor would recompute it for each one
-            if type(mod) is torch.nn.Linear and mod is not head and mod.weight.dtype == torch.float32:
-                mod.__class__ = RowsLinear
+        # as a reduction inductor would recompute it for each one
+        replace_linears(model, lambda m: m is not head and m.weight.dtype == torch.float32, RowsLinear)
     from edge_dlm.model.quant import prepare_layouts
 
     prepare_layouts(model)  # kernel layouts of quantized weights, built before the trace

@@ -166,8 +166,9 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self.rope_scale = cfg.rope.yarn_attention_factor()
-        # Optional fused attention for cached passes: fn(q [nq,T,D], k, v [nkv,L+T,D], attn, cached=,
-        # scale=) -> [nq,T,D] (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
+        # The kernel hooks of cached passes, set only by the model's backend (`edge_dlm.kernels.backend`).
+        # Fused attention: fn(q [nq,T,D], k, v [nkv,L+T,D], attn, cached=, scale=) -> [nq,T,D]
+        # (edge_dlm.kernels.attention.block_attention); None uses SDPA + a mask.
         self.attn_kernel = None
         self.pick_kernel = None  # `greedy`'s fused argmax / confidence with the kernels on
         # Attention of cached passes of up to `NARROW` tokens over a float32 cache (a CPU's):

@@ -14,16 +14,14 @@ Tensors of a quantized module `X` (in safetensors): `X.qweight` (int8 `[out, in]
 `[out, in / 2]`), `X.scales` (`[out, in / group]`), `X.zeros` (asymmetric only); for nf4 `X.qweight`
 (bitsandbytes' packed uint8) and `X.absmax`. The scheme itself is `config.json["quantization"]`.
 
-Matmuls read the packed weights directly: on the CPU through the C kernel of
+Matmuls read the packed weights directly where the model's backend gives its layers a kernel
+(`QuantLinear.kernel`, set by `edge_dlm.kernels.backend` at load, per module): on the CPU the C kernel of
 `edge_dlm.kernels.cpu_matmul` (activations rounded to int8 per block of 32, int8 x int8 VNNI dot
-products; registered by `cpu_matmul.enable`, which the runtime calls), which holds the weight in its
-own 16-row layout instead of `qweight` / `scales` / `zeros` (`QuantLinear.derived`, built on first use
-or by `prepare`; the stored tensors are rebuilt from it, exactly, for whatever reads them later); on
-CUDA through the Triton kernel of `edge_dlm.kernels.quant_matmul` (registered by
-`edge_dlm.kernels.enable`), which reads `qweight` as it is.
-`dequantize` + `F.linear` is the reference (and the path of every other layout and of shapes a kernel
-declines). Kernels plug in through `register_matmul(scheme, device_type, fn)`; `fn` returns None to
-decline a shape.
+products), which holds the weight in its own 16-row layout instead of `qweight` / `scales` / `zeros`
+(`QuantLinear.derived`, built on first use or by `prepare`; the stored tensors are rebuilt from it,
+exactly, for whatever reads them later); on CUDA the Triton kernel of `edge_dlm.kernels.quant_matmul`,
+which reads `qweight` as it is. `dequantize` + `F.linear` is the reference (and the path of every other
+layout, of a module without a kernel and of shapes a kernel declines: it returns None).
 """
 
 from __future__ import annotations
@@ -43,20 +41,6 @@ OWN_SCHEMES = ("int8", "int4")   # weight-only, group-wise, stored in safetensor
 BNB_SCHEMES = ("nf4", "llm-int8")  # bitsandbytes
 SCHEMES = OWN_SCHEMES + BNB_SCHEMES
 BNB_HINT = f"install it with {install_hint('quant')}"
-
-# (scheme, device type) -> fn(x, module) -> y or None (declined); the CPU ones are registered by
-# edge_dlm.kernels.cpu_matmul.enable, the CUDA ones by edge_dlm.kernels.enable.
-_MATMULS: dict[tuple[str, str], Callable[[torch.Tensor, "QuantLinear"], torch.Tensor | None]] = {}
-
-
-def register_matmul(scheme: str, device_type: str,
-                    fn: Callable[[torch.Tensor, "QuantLinear"], torch.Tensor] | None) -> None:
-    """Route `QuantLinear` matmuls of `scheme` on `device_type` to a fused kernel (None removes it)."""
-    if fn is None:
-        _MATMULS.pop((scheme, device_type), None)
-    else:
-        _MATMULS[(scheme, device_type)] = fn
-
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
@@ -210,6 +194,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", tensors.get("perm"))
         self._derived: dict[str, object] = {}  # kernel layouts of the weight, built on first use
         self._stored_from = None  # (restore, layout) while a kernel layout stands in for the stored tensors
+        # the backend's matmul for this layer (`edge_dlm.kernels.backend`): kernel(x, module) -> y, or None
+        # to decline a shape; `kernel.device_type` the device it runs on, `kernel.prepare(module)` (optional)
+        # builds its weight layout ahead. None: the reference.
+        self.kernel = None
 
     def derived(self, name: str, build: Callable[["QuantLinear"], object],
                 restore: Callable[..., dict[str, torch.Tensor | None]] | None = None) -> object:
@@ -281,10 +269,15 @@ class QuantLinear(nn.Module):
     def prepare(self) -> None:
         """Build the kernel layouts this weight's matmul will use, now (before a compile traces the
         matmul: a layout built inside the trace would change the module and force a second compile).
-        A registered matmul with a `prepare(module)` attribute builds its own."""
-        fused = _MATMULS.get((self.spec.scheme, self.weight.device.type))
-        if fused is not None and self.spec.layout == "edge-dlm" and hasattr(fused, "prepare"):
-            fused.prepare(self)
+        A kernel with a `prepare(module)` method builds its own."""
+        kernel = self._kernel(self.weight.device.type)
+        if kernel is not None and hasattr(kernel, "prepare"):
+            kernel.prepare(self)
+
+    def _kernel(self, device_type: str):
+        """The backend's matmul where it runs this layer on `device_type` (a move elsewhere: the reference)."""
+        k = self.kernel
+        return k if k is not None and self.spec.layout == "edge-dlm" and k.device_type == device_type else None
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the derived layouts
         self._keep_stored()
@@ -314,8 +307,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        fused = _MATMULS.get((self.spec.scheme, x.device.type)) if self.spec.layout == "edge-dlm" else None
-        y = fused(x, self) if fused is not None else None
+        kernel = self._kernel(x.device.type)
+        y = kernel(x, self) if kernel is not None else None
         return y if y is not None else linear_ref(x, self)
 
     def extra_repr(self) -> str:

@@ -176,7 +176,7 @@ def test_declines_what_it_does_not_cover():
     permuted = layer("int8", 32, 96, 32)
     permuted.perm = torch.randperm(96)
     assert cpu_matmul.cpu_quant_matmul(torch.randn(2, 96), permuted) is None  # act-order columns: the reference
-    cpu_matmul.cpu_quant_matmul.prepare(permuted)  # no layout for it: the reference reads the stored weight
+    cpu_matmul.QUANT.prepare(permuted)  # no layout for it: the reference reads the stored weight
     assert not permuted._derived and permuted._buffers["qweight"] is not None
 
 
@@ -312,11 +312,11 @@ def test_a_build_without_a_bf16_vector_path_leaves_bf16_to_torch(monkeypatch):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_lossless_modes_emit_ar_tokens_on_a_quantized_model(quant):
-    from edge_dlm.model.quant import _MATMULS
     from edge_dlm.runtime import load
 
     rt = load(device="cpu", quant=quant, group_size=32, compile="off")
-    assert _MATMULS[(quant, "cpu")] is cpu_matmul.cpu_quant_matmul
+    layers = [m for m in rt.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.kernel is cpu_matmul.QUANT for m in layers)  # the CPU backend's, each layer
     kw = dict(max_new_tokens=64, block_size=4)
     ar = rt.generate("Write a story about a cat", mode="ar", **kw).output_ids
     for mode in ("linear-spec", "quadratic-spec"):  # B = 4: every pass of these modes is <= 32 rows
@@ -454,7 +454,7 @@ def test_fused_projections_are_the_modules_alone(tiny_model, weights, tmp_path):
         base = base.to(torch.bfloat16)
     else:
         quantize_model(base, QuantSpec(weights, group_size=32))
-    cpu_matmul.enable()
+    cpu_matmul.route_quant(base)
     cpu_matmul.enable_bf16(base)
     fast = copy.deepcopy(base)
     assert cpu_matmul.fuse(fast) == 2 * len(fast.encoder.layers)

@@ -9,6 +9,7 @@ import torch
 
 import edge_dlm
 from edge_dlm import kernels
+from edge_dlm.kernels.backend import Backend
 from edge_dlm.primitives.errors import UserError
 from helpers import run_mode
 
@@ -26,7 +27,7 @@ def model(tiny_model):
                                      ("quadratic-spec", {})])
 def test_modes_equal_with_kernels(model, mode, kw):
     fused = copy.deepcopy(model)
-    kernels.enable(fused)
+    Backend(triton=True).apply(fused)
     ref, _ = run_mode(model, PROMPT, mode, max_new_tokens=10, **kw)
     got, _ = run_mode(fused, PROMPT, mode, max_new_tokens=10, **kw)
     assert got.output_ids == ref.output_ids and got.nfe == ref.nfe
