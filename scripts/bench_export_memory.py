@@ -3,13 +3,16 @@
     .venv/bin/python scripts/bench_export_memory.py --shape 3b --out bench_results/export_memory.json
     .venv/bin/python scripts/bench_export_memory.py --shape 3b --target quantized compressed-tensors \
         --formats int8 int4 --out bench_results/export_memory_quantized.json
+    .venv/bin/python scripts/bench_export_memory.py --shape 3b --target onnx --formats float16 \
+        --out bench_results/export_memory_onnx.json
 
 Writes a random bfloat16 checkpoint at the shape (full depth unless --layers), one shard per layer so
 that writing it takes one layer's memory, then runs each export (GGUF as BF16, Q8_0 and Q4_0; the
 quantized torch artifact and compressed-tensors as int8 and int4), each in its own process, and records
 each export's peak resident memory (the kernel's `ru_maxrss` of the child), wall time and output size,
 beside the checkpoint's size and its largest tensor. The exports read and write one tensor (GGUF: a
-slice of rows) at a time, so their peak follows the largest tensor, not the model.
+slice of rows) at a time, so their peak follows the largest tensor, not the model. ONNX traces the
+whole step graph, so it holds the model once, in the export's precision.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=("3b", "8b"), default="3b")
     p.add_argument("--layers", type=int, default=None, help="default: the shape's full depth")
-    p.add_argument("--target", nargs="+", choices=("gguf", "quantized", "compressed-tensors", "load"),
-                   default=["gguf"], help="load: quantize on load (generate --quant) instead of an export")
+    p.add_argument("--target", nargs="+", choices=("gguf", "quantized", "compressed-tensors", "onnx", "load"),
+                   default=["gguf"], help="load: quantize on load (generate --quant) instead of an export; "
+                   "onnx: the step graph in each of --formats float16 / float32")
     p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one; needs ~3x the model)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "export_memory.json"))
@@ -91,15 +95,15 @@ def main() -> int:
         rows = []
         for target in a.target:
             for fmt in a.formats:
-                if target != "gguf" and fmt == "bf16":
+                if (target != "gguf" and fmt == "bf16") or ((target == "onnx") != (fmt in ("float16", "float32"))):
                     continue
-                args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16"]
+                args = ["--quant", fmt] if fmt in ("int8", "int4") else ["--dtype", "bfloat16" if fmt == "bf16" else fmt]
                 if target == "load":  # quantize on load, then answer one token (no export)
                     out = work / "none"
                     cmd = ["generate", "--model", str(work / "ckpt"), *args, "--prompt", "hi", "--mode", "ar",
                            "--max-new-tokens", "1", "--device", "cpu", "--compile", "off"]
-                elif target == "gguf":
-                    out, args = work / f"{fmt}.gguf", [*args, "--target", "gguf"]
+                elif target in ("gguf", "onnx"):
+                    out, args = work / f"{fmt}.{target}", [*args, "--target", target]
                 else:
                     out = work / f"{target}-{fmt}"
                     args = [*args, "--format", "edge-dlm" if target == "quantized" else target]

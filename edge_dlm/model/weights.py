@@ -169,13 +169,29 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
             mod = QuantEmbedding(mod, dtype)
         model.set_submodule(name, mod)
-    state = {n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}
+    state = _cast(tensors, dtype, device)
     model.load_state_dict(state, strict=spec is None and community is None and not streamed, assign=True)
     model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
     model.to(device)
     if lora:
         load_lora(model, path)
     return model.eval().requires_grad_(False)
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The tensors on `device` in `dtype`, one at a time, each original dropped (its file's pages handed
+    back, `page_out`) as its cast is made: a model loaded in another precision than its checkpoint's peaks
+    at the cast model and one tensor, not both models (an fp16 ONNX export of a bf16 3B checkpoint)."""
+    from edge_dlm.model.quant import page_out
+
+    out = {}
+    for name in list(tensors):
+        t = tensors.pop(name)
+        out[name] = t.to(device=device, dtype=dtype)
+        if out[name].data_ptr() != t.data_ptr():
+            page_out(t)
+        del t
+    return out
 
 
 def _quantized_modules(cfg: NLDConfig, files: dict[str, Path], spec, dtype: torch.dtype, device) -> dict:
