@@ -46,10 +46,12 @@ def denoise_step(dec: Decoder, canvas: list[int], start: int, step: int, steps: 
     k = math.ceil(len(masked) / (steps - step))
     if dec.rules is not None and dec.rules.matcher is not None:
         return _ordered(dec, pass_picks, canvas, masked, k, threshold, record)
-    if dec.rules is not None:  # penalties / logprobs: each position for the block's tokens before it
+    if dec.rules is not None:  # penalties / logprobs / EOS rules: each position for the block's tokens before it
+        greedy = dec.rules.greedy_rows(pass_picks, masked)  # greedy, EOS rules only: on the host, once a pass
         picks, conf = [], []
-        for j in masked:
-            tok, c = dec.rules.pick_row(pass_picks, j, canvas[:j])
+        for n, j in enumerate(masked):
+            tok, c = greedy.pick(n, dec.stream_len + j, None) if greedy is not None else \
+                dec.rules.pick_row(pass_picks, j, canvas[:j])
             picks.append(tok)
             conf.append(c)
     else:
