@@ -64,10 +64,26 @@ def machine() -> dict:
             "torch": torch_version}
 
 
+def _started() -> dict:
+    """The commit the run measures: HEAD when this process started (a long run must not record a commit
+    made while it ran; Linux: the process's start time, else now), and whether the tree was clean (known
+    only while HEAD is still that commit; else None)."""
+    now = _git("rev-parse", "--short", "HEAD")
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        start = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        start = None
+    commit = (_git("log", "-1", "--format=%h", f"--before={int(start)}") if start else "") or now
+    dirty = bool(_git("status", "--porcelain", "-uno")) if commit == now else None
+    return {"commit": commit, "dirty": dirty}
+
+
 def record(path: str | Path, result: dict) -> dict:
-    """`result` with the run's provenance (commit, clean tree or not, machine, command, UTC time),
-    written to `path` as JSON (atomically); returns what was written."""
-    out = {"commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", "-uno")),
+    """`result` with the run's provenance (the commit and whether the tree was clean when the script
+    started, machine, command, UTC time), written to `path` as JSON (atomically); returns what was written."""
+    out = {**_started(),
            "machine": machine(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result}
     path = Path(path)
