@@ -12,6 +12,7 @@ and one with `--compile off`, each generating 16 tokens; wall seconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -60,12 +61,12 @@ def main() -> int:
         for rt in runtimes.values():  # warm-up: compiles every shape the runs use
             for mode in a.modes:
                 rt.generate(PROMPT, mode=mode, max_new_tokens=a.tokens, block_size=4)
-        speed = {(n, m): [] for n in runtimes for m in a.modes}
-        for _ in range(a.rounds):
-            for mode in a.modes:
-                for name, rt in runtimes.items():
-                    r = rt.generate(PROMPT, mode=mode, max_new_tokens=a.tokens, block_size=4)
-                    speed[name, mode].append(r.tokens_per_s)
+        from benchlib import interleaved
+
+        got = interleaved({(name, mode): functools.partial(rt.generate, PROMPT, mode=mode, max_new_tokens=a.tokens,
+                                                           block_size=4)
+                           for mode in a.modes for name, rt in runtimes.items()}, a.rounds)
+        speed = {key: [r.tokens_per_s for r in rs] for key, rs in got.items()}
     print(f"start-up, 16 tokens: eager {eager_start:.1f} s; compiled cold {cold:.1f} s, warm {warm:.1f} s "
           f"(warm - eager: {warm - eager_start:+.1f} s)\n")
     print("| mode (block 4) | " + " | ".join(f"{n} tok/s" for n in runtimes) + " | compiled / eager |"

@@ -18,6 +18,7 @@ touched), rounds interleaved, medians reported:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -96,6 +97,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results" / "compiled_start.json")
     a = ap.parse_args()
+    from benchlib import interleaved
+
     cache = Path(tempfile.mkdtemp(prefix="edge-dlm-start-"))
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     fmt = dict(model=a.model, threads=a.threads, prompt=PROMPT)
@@ -110,11 +113,9 @@ def main() -> int:
     calib = json.loads(python(env, CALIBRATE.format(**fmt)))
     report["calibration"] = calib
     for n in a.tokens:
-        runs: dict[str, list] = {"off": [], "on": [], "auto": [], "server": []}
-        for _ in range(a.rounds):
-            for how in ("off", "on", "auto"):
-                runs[how].append(one_shot(env, a.model, n, a.threads, how))
-            runs["server"].append(json.loads(python(env, SERVER.format(tokens=n, **fmt))))
+        fns = {how: functools.partial(one_shot, env, a.model, n, a.threads, how) for how in ("off", "on", "auto")}
+        fns["server"] = lambda: json.loads(python(env, SERVER.format(tokens=n, **fmt)))  # noqa: B023 (used now)
+        runs = interleaved(fns, a.rounds)
         same = all(r["ids"] == runs["off"][0]["ids"] for rs in runs.values() for r in rs) and \
             cold[n]["ids"] == runs["off"][0]["ids"]
         row = {how: {f: med(rs, f) for f in ("wall_s", "elapsed_s", "ttft_s")} for how, rs in runs.items()

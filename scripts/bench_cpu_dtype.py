@@ -10,9 +10,9 @@ bf16 kernel; float32 through torch), greedy picks in the pass, after a prefill o
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-import time
 
 import torch
 
@@ -26,6 +26,7 @@ def main() -> int:
     a = p.parse_args()
 
     from edge_dlm.cli.bench_shapes import random_model, shape_config
+    from benchlib import interleaved, seconds
     from edge_dlm.kernels.backend import Backend
     from edge_dlm.primitives.attention import CAUSAL
 
@@ -41,16 +42,13 @@ def main() -> int:
               last_only=True)
             c.commit(a.context)
             models[dt], caches[dt] = m, c
-        got = {dt: [] for dt in models}
-        for r in range(a.rounds + 1):  # round 0 warms up
-            for dt, m in models.items():
-                c = caches[dt]
-                t = time.perf_counter()
-                for _ in range(8):
-                    m(torch.tensor([[300]]), torch.tensor([[c.length]]), cache=c, attn=CAUSAL, pick=cfg.mask_token_id)
-                    c.commit(0)
-                if r:
-                    got[dt].append((time.perf_counter() - t) / 8)
+        def steps(m, c):  # 8 AR steps
+            for _ in range(8):
+                m(torch.tensor([[300]]), torch.tensor([[c.length]]), cache=c, attn=CAUSAL, pick=cfg.mask_token_id)
+                c.commit(0)
+        got = interleaved({dt: seconds(functools.partial(steps, m, caches[dt])) for dt, m in models.items()},
+                          a.rounds, warmup=1)
+        got = {dt: [t / 8 for t in ts] for dt, ts in got.items()}
     med = {dt: statistics.median(v) for dt, v in got.items()}
     print(f"NLD-{a.shape} shape, {a.layers} layers, 1 thread, median of {a.rounds} interleaved rounds")
     for dt, s in med.items():

@@ -25,6 +25,7 @@ all alike), median of `--rounds`:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -190,6 +191,8 @@ def main() -> int:
 
 def measure(a: argparse.Namespace, work: Path) -> int:
     import llama_cpp
+
+    from benchlib import interleaved, record
     from edge_dlm.export.gguf import export_gguf
     from edge_dlm.primitives.machine import machine_description
 
@@ -217,12 +220,8 @@ def measure(a: argparse.Namespace, work: Path) -> int:
                     = EdgeDlm(src, act, quant, "on", threads)
                 if quant is None and small:  # the bf16 weights themselves too, as llama.cpp's BF16 reads them
                     engines["edge-dlm bf16 compiled"] = EdgeDlm(src, "bfloat16", None, "on", threads)
-            got = {n: [] for n in engines}
-            for r in range(a.rounds + 1):  # round 0 warms up (and compiles)
-                for n, e in engines.items():
-                    res = e.run(ids, context, a.steps, a.prefill)
-                    if r:
-                        got[n].append(res)
+            got = interleaved({n: functools.partial(e.run, ids, context, a.steps, a.prefill) for n, e in engines.items()},
+                              a.rounds, warmup=1)  # the warm-up round compiles
             for n, res in got.items():
                 med = {k: statistics.median(x[k] for x in res) for k in res[0]}
                 rows.append({"precision": prec, "threads": threads, "engine": n, **med})
@@ -242,8 +241,6 @@ def measure(a: argparse.Namespace, work: Path) -> int:
               f"{r['decode'] / base['decode']:.2f}x | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f}x | "
               f"{r['pass16_vs_1']:.2f} | {r['pass16_last_vs_1']:.2f} |")
     if a.json:
-        from benchlib import record
-
         record(a.json, {"model": name, "context": context, "facts": facts, "rows": rows})
     return 0
 

@@ -21,6 +21,7 @@ the raw time per pass of each run is kept beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def main() -> int:
     a = p.parse_args()
     import torch
 
+    from benchlib import interleaved
     from test_controls import SCHEMAS
     from edge_dlm.cli.bench_shapes import random_model, shape_config
     from edge_dlm.kernels.backend import Backend
@@ -97,16 +99,13 @@ def main() -> int:
         rows = []
         for mode in a.modes:
             runs = {"free": {}, "constrained": dict(json_schema=schema)}
-            got = {k: [0.0, 0.0, 0, 0] for k in runs}  # seconds, of them in passes, passes, tokens
-            for r in range(a.rounds + 1):  # round 0 warms up
-                for name, kw in runs.items():
-                    in_pass[0] = 0.0
-                    res = rt.generate(prompt, mode=mode, max_new_tokens=a.tokens, **kw)
-                    if r:
-                        got[name][0] += res.elapsed_s
-                        got[name][1] += in_pass[0]
-                        got[name][2] += res.nfe
-                        got[name][3] += len(res.output_ids)
+
+            def run(kw):  # seconds, of them in passes, passes, tokens
+                in_pass[0] = 0.0
+                res = rt.generate(prompt, mode=mode, max_new_tokens=a.tokens, **kw)  # noqa: B023 (called now)
+                return res.elapsed_s, in_pass[0], res.nfe, len(res.output_ids)
+            rounds = interleaved({k: functools.partial(run, kw) for k, kw in runs.items()}, a.rounds, warmup=1)
+            got = {k: [sum(col) for col in zip(*rs)] for k, rs in rounds.items()}
             per = {k: 1e3 * s / n for k, (s, _, n, _) in got.items()}
             host = {k: 1e3 * (s - sp) / n for k, (s, sp, n, _) in got.items()}
             pass_ms = 1e3 * got["free"][1] / got["free"][2]

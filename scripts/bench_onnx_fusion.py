@@ -9,6 +9,7 @@ engine, both graphs in the same rounds, and whether they give the same tokens.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import sys
@@ -28,7 +29,7 @@ def main() -> int:
     import torch
 
     import edge_dlm
-    from benchlib import record
+    from benchlib import interleaved, record
     from edge_dlm.export.onnx import GRAPH_FILE, export_graph, export_onnx
     from edge_dlm.hub import DEMO_MODEL
     from edge_dlm.model.weights import load_model
@@ -43,13 +44,11 @@ def main() -> int:
                (("plain", plain), ("fused", fused))}
         rows = []
         for mode in MODES:
-            tps = {name: [] for name in rts}
-            ids = {}
-            for _ in range(a.rounds):
-                for name, rt in rts.items():
-                    r = rt.generate("Write a story about a cat", mode=mode, max_new_tokens=a.tokens, ignore_eos=True)
-                    tps[name].append(r.tokens_per_s)
-                    ids[name] = r.output_ids
+            got = interleaved({name: functools.partial(rt.generate, "Write a story about a cat", mode=mode,
+                                                       max_new_tokens=a.tokens, ignore_eos=True)
+                               for name, rt in rts.items()}, a.rounds)
+            tps = {name: [r.tokens_per_s for r in rs] for name, rs in got.items()}
+            ids = {name: rs[-1].output_ids for name, rs in got.items()}
             row = {"mode": mode, "plain_tok_s": round(statistics.median(tps["plain"]), 1),
                    "fused_tok_s": round(statistics.median(tps["fused"]), 1), "same_tokens": ids["plain"] == ids["fused"]}
             row["speedup"] = round(row["fused_tok_s"] / row["plain_tok_s"], 3)

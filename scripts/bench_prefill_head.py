@@ -8,11 +8,13 @@ on a shared CPU machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
+from benchlib import interleaved
 from edge_dlm.cli.bench_shapes import random_model, shape_config
 from edge_dlm.primitives.attention import CAUSAL
 from edge_dlm.primitives.machine import machine_description, set_threads
@@ -31,15 +33,14 @@ def main() -> None:
     model = random_model(shape_config(a.shape, a.layers), getattr(torch, a.dtype), torch.device("cpu"))
     ids = torch.randint(0, model.config.vocab_size, (1, a.tokens))
     pos = torch.arange(a.tokens)[None]
-    times = {False: [], True: []}
-    with torch.inference_mode():
-        for _ in range(a.repeats + 1):  # the first round warms up
-            for last_only in (False, True):
-                cache = model.new_cache(a.tokens)
-                t0 = time.perf_counter()
-                model(ids, pos, cache=cache, attn=CAUSAL, last_only=last_only)
-                times[last_only].append(time.perf_counter() - t0)
-    full, last = (statistics.median(times[k][1:]) for k in (False, True))
+    def prefill(last_only: bool) -> float:
+        cache = model.new_cache(a.tokens)
+        t0 = time.perf_counter()
+        model(ids, pos, cache=cache, attn=CAUSAL, last_only=last_only)
+        return time.perf_counter() - t0
+    with torch.inference_mode():  # the first round warms up
+        times = interleaved({k: functools.partial(prefill, k) for k in (False, True)}, a.repeats, warmup=1)
+    full, last = (statistics.median(times[k]) for k in (False, True))
     print(f"NLD-{a.shape} shape, {a.layers} layers, {a.dtype}, prefill of {a.tokens} tokens on "
           f"{machine_description('cpu')}: every token's logits {full * 1000:.0f} ms, the last token's only "
           f"{last * 1000:.0f} ms; {full / last:.2f}x faster")

@@ -12,6 +12,7 @@ nucleus is most of the vocabulary).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
+    from benchlib import interleaved
     from edge_dlm.primitives.sampling import Sampler, SamplingParams
 
     torch.set_num_threads(a.threads)
@@ -62,20 +64,22 @@ def main() -> int:
         if kind == "peaked":
             x[:, torch.randperm(a.vocab, generator=g)[:12]] += torch.linspace(18, 8, 12)
         x = x.to(a.device)
-        got: dict[tuple, list[float]] = {}
-        for _ in range(a.rounds):
-            for t, k, top_p in CASES:
-                p = SamplingParams(t, k, top_p, 1)
-                s = Sampler(p, 3, device=a.device)
-                ref_gen = torch.Generator(device=a.device).manual_seed(1)
-                for name, f in (("ref", lambda: reference_pick(x, p, 3, ref_gen)), ("new", lambda: s.pick_tensor(x))):
-                    f()
-                    sync(a.device)
-                    t0 = time.perf_counter()
-                    for _ in range(5):
-                        f()
-                    sync(a.device)
-                    got.setdefault((t, k, top_p, name), []).append((time.perf_counter() - t0) / 5 * 1e3)
+        def timed(f):  # ms a pick, 5 picks after one untimed
+            f()
+            sync(a.device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                f()
+            sync(a.device)
+            return (time.perf_counter() - t0) / 5 * 1e3
+        fns = {}
+        for t, k, top_p in CASES:
+            p = SamplingParams(t, k, top_p, 1)
+            s = Sampler(p, 3, device=a.device)
+            ref_gen = torch.Generator(device=a.device).manual_seed(1)
+            fns[(t, k, top_p, "ref")] = functools.partial(timed, functools.partial(reference_pick, x, p, 3, ref_gen))
+            fns[(t, k, top_p, "new")] = functools.partial(timed, functools.partial(s.pick_tensor, x))
+        got = interleaved(fns, a.rounds)
         for t, k, top_p in CASES:
             ref, new = (statistics.median(got[(t, k, top_p, n)]) for n in ("ref", "new"))
             what = "greedy" if t == 0 else f"{t} / {k or '-'} / {top_p if top_p < 1 else '-'}"

@@ -1,12 +1,14 @@
 """What the benchmark scripts share: one timing loop and one way to record a run.
 
-    from benchlib import best_of, record
+    from benchlib import best_of, interleaved, record
     best = best_of({"a": f, "b": g}, rounds=8)          # seconds, the best round of each
+    got = interleaved({"a": run_a, "b": run_b}, rounds=3, warmup=1)   # what each returned, round by round
     record("bench_results/x.json", {"rows": rows})      # + commit, machine, command, time
 
-`best_of` interleaves: each round times every function once, in the same order, so a busy neighbour
-(a CI job, a test suite beside it) slows all of them alike and their ratios hold within a run; the best
-round of each is what it costs when nothing else interferes. `record` writes the result with what a
+`interleaved` is the one timing loop every script uses: each round runs every function once, in the same
+order, so a busy neighbour (a CI job, a test suite beside it) slows all of them alike and their ratios hold
+within a run. `best_of` times functions with it and keeps the best round of each (what it costs when
+nothing else interferes); scripts that report medians take the values it returns. `record` writes the result with what a
 reader needs to trust a number (the commit and whether the tree was clean, the machine, the exact
 command, the time) through a temporary file renamed into place; BENCHMARKS.md and the docs quote
 numbers from these files (`tests/test_readme.py` checks that every number they quote is recorded).
@@ -21,21 +23,40 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def interleaved(fns: dict[str, Callable[[], T]], rounds: int, warmup: int = 0) -> dict[str, list[T]]:
+    """The one timing loop: each round calls every function once, in the same order, and keeps what it
+    returns (a measurement, a result); the first `warmup` rounds are run and dropped (compiles, caches).
+    Returns each function's values, round by round."""
+    out: dict[str, list[T]] = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, f in fns.items():
+            value = f()
+            if r >= warmup:
+                out[name].append(value)
+    return out
+
+
+def seconds(f: Callable[[], object]) -> Callable[[], float]:
+    """`f` as a function returning the seconds one call took (for `interleaved`)."""
+    def timed() -> float:
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+    return timed
 
 
 def best_of(fns: dict[str, Callable[[], object]], rounds: int, per: int = 1) -> dict[str, float]:
     """The best of `rounds` interleaved rounds for each function, in seconds per call (`per`: calls the
     function makes of what is timed, e.g. weight copies, so the time is divided by it)."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[name] = min(best[name], (time.perf_counter() - t) / per)
-    return best
+    got = interleaved({name: seconds(f) for name, f in fns.items()}, rounds)
+    return {name: min(ts) / per for name, ts in got.items()}
 
 
 def _git(*args: str) -> str:
