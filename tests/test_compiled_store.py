@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_dlm.model import compiled, store
+from edge_dlm.model import compiled
+from edge_dlm.model import store as stores
 
 pytestmark = pytest.mark.skipif(bool(compiled.available("cpu")), reason="no C++ compiler for inductor")
 
@@ -106,22 +107,22 @@ def test_the_store_is_per_code_version_and_machine(warm):
     from edge_dlm.runtime import load
 
     cache, store, _ = warm
-    assert store.name.endswith(store.code_version())
+    assert store.name.endswith(stores.code_version())
     rt = load(device="cpu", compile="off")
-    assert compiled_store(rt).name == f"{compiled_key(rt)}-{store.code_version()}"
+    assert compiled_store(rt).name == f"{compiled_key(rt)}-{stores.code_version()}"
 
 
 def test_auto_for_one_shot_weighs_the_start(tmp_path):
     """`--compile auto` for a one-shot command compiles only where the tokens it decodes save more than
     a compiled process's start-up costs (both measured by `edge-dlm calibrate`)."""
-    store.record(tmp_path, "k", eager=100.0, compiled=200.0, start_s=1.0)  # 5 ms saved a token
-    assert store.measured_faster(tmp_path, "k")  # a server, a chat: faster is enough
-    assert not store.measured_faster(tmp_path, "k", tokens=150)  # 0.75 s saved < 1 s
-    assert store.measured_faster(tmp_path, "k", tokens=250)  # 1.25 s saved > 1 s
-    store.record(tmp_path, "old", eager=100.0, compiled=200.0)  # no start measured: eager one-shots
-    assert store.measured_faster(tmp_path, "old") and not store.measured_faster(tmp_path, "old", tokens=10**6)
-    store.record(tmp_path, "slow", eager=200.0, compiled=100.0, start_s=0.0)
-    assert not store.measured_faster(tmp_path, "slow", tokens=10**6)
+    stores.record(tmp_path, "k", eager=100.0, compiled=200.0, start_s=1.0)  # 5 ms saved a token
+    assert stores.measured_faster(tmp_path, "k")  # a server, a chat: faster is enough
+    assert not stores.measured_faster(tmp_path, "k", tokens=150)  # 0.75 s saved < 1 s
+    assert stores.measured_faster(tmp_path, "k", tokens=250)  # 1.25 s saved > 1 s
+    stores.record(tmp_path, "old", eager=100.0, compiled=200.0)  # no start measured: eager one-shots
+    assert stores.measured_faster(tmp_path, "old") and not stores.measured_faster(tmp_path, "old", tokens=10**6)
+    stores.record(tmp_path, "slow", eager=200.0, compiled=100.0, start_s=0.0)
+    assert not stores.measured_faster(tmp_path, "slow", tokens=10**6)
 
 
 def test_an_upgrade_drops_the_old_versions_store(tmp_path):
@@ -139,14 +140,14 @@ def test_an_upgrade_drops_the_old_versions_store(tmp_path):
 def test_a_file_too_large_to_be_a_step_function_is_refused_unread(tmp_path, monkeypatch):
     path = tmp_path / "x--.step"
     path.write_bytes(b"\0" * 64)
-    monkeypatch.setattr(compiled, "MAX_STEP_BYTES", 16)
+    monkeypatch.setattr(stores, "MAX_STEP_BYTES", 16)
     with pytest.raises(ValueError, match="more than a compiled step function"):
-        store.read_stored(path)
+        stores.read_stored(path)
 
 
 def test_a_failed_start_measurement_is_one_line_and_no_number(tmp_path, capsys):
     junk = tmp_path / "junk--.step"
     junk.write_bytes(b"not a function")
-    assert store.measure_start([junk]) is None
+    assert stores.measure_start([junk]) is None
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "keeps one-shot commands eager" in err

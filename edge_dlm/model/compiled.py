@@ -348,6 +348,12 @@ class StepFunctions:
         self._start_worker()
 
     def _start_worker(self) -> None:
+        # torch's compiler imported here, on the caller's thread, before the worker uses it: imported on two
+        # threads at once (the worker reading a stored function, the caller importing a library that touches
+        # torch._dynamo, such as transformers), a half-initialised module failed the other's import
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.config  # noqa: F401
+
         with self._lock:
             if self._worker is None:
                 self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="edge-dlm-compile",
