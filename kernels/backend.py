@@ -75,12 +75,9 @@ class _TritonQuant:
 def _triton(model: torch.nn.Module) -> None:
     from edge_dlm.kernels.attention import block_attention
     from edge_dlm.kernels.verify import greedy_pick
-    from edge_dlm.model.quant import QuantLinear
+    from edge_dlm.model.quant import set_kernels
 
     model.attn_kernel = block_attention
     model.pick_kernel = greedy_pick
     if any(t.is_cuda for t in model.buffers()):
-        kernel = _TritonQuant()
-        for mod in model.modules():
-            if isinstance(mod, QuantLinear) and mod.spec.scheme in ("int8", "int4"):
-                mod.kernel = kernel
+        set_kernels(model, _TritonQuant())

@@ -214,13 +214,9 @@ def build(model: torch.nn.Module) -> bool:
 
 def route_quant(model: torch.nn.Module) -> int:
     """Give `model`'s int8 / int4 layers this matmul (`QUANT`); returns how many."""
-    from edge_dlm.model.quant import QuantLinear
+    from edge_dlm.model.quant import set_kernels
 
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.spec.scheme in ("int8", "int4"):
-            mod.kernel, n = QUANT, n + 1
-    return n
+    return set_kernels(model, QUANT)
 
 
 class Fused:

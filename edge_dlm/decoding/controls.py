@@ -288,7 +288,8 @@ class Rules:
         # rows past a drafted EOS are never used
         n = next((j + 1 for j, t in enumerate(drafted[:len(rows) - 1]) if t == dec.eos_id), len(rows))
         if self._greedy():  # greedy, a grammar and EOS rules only: row by row on the host (`GreedyRows`)
-            return self._greedy_verify(picks, rows, n, prefix, drafted, m)
+            ids, conf = self._greedy_chain(picks, rows[:n], prefix, m, drafted)
+            return ids + [dec.eos_id] * (len(rows) - n), conf + [0.0] * (len(rows) - n)
         x = picks.logits[rows[:n]].float()  # a copy: the pass's logits stay as they are
         _check_finite(picks)
         base = dec.stream_len + len(prefix)
@@ -321,22 +322,6 @@ class Rules:
         ids[used:], conf[used:] = [dec.eos_id] * (n - used), [0.0] * (n - used)
         return ids + [dec.eos_id] * (len(rows) - n), conf + [0.0] * (len(rows) - n)
 
-    def _greedy_verify(self, picks, rows, n: int, prefix: list[int], drafted: list[int], m):
-        """`verify` for greedy picks: row i picked for the grammar state after `prefix + drafted[:i]`, up to
-        the first that differs from its draft (the confidences: the unmasked distribution's, unread)."""
-        dec = self.dec
-        greedy = GreedyRows(self, picks, rows[:n], masked_conf=False)
-        ids, conf = [], []
-        for i in range(n):
-            tok, c = greedy.pick(i, dec.stream_len + len(prefix) + i, m)
-            ids.append(tok)
-            conf.append(c)
-            if i >= len(drafted) or tok != drafted[i] or i + 1 == n:
-                break
-            if m is not None and not m.consume_token(drafted[i]):
-                break
-        return ids + [dec.eos_id] * (len(rows) - len(ids)), conf + [0.0] * (len(rows) - len(ids))
-
     def _run(self, picks, rows, prefix):
         # the rows' grammar state: a copy of the stream's matcher (~2 us) advanced past what each row
         # sees ahead; the stream's own matcher moves only with emitted tokens (`accept`)
@@ -362,9 +347,12 @@ class Rules:
         no logprobs): then `chain` picks rows with `_greedy_chain`."""
         return self.dec.sampler.params.temperature == 0 and not self.pen.active and self.logprobs is None
 
-    def _greedy_chain(self, picks, rows: list[int], prefix: list[int], m) -> tuple[list[int], list[float]]:
+    def _greedy_chain(self, picks, rows: list[int], prefix: list[int], m,
+                      drafted: list[int] | None = None) -> tuple[list[int], list[float]]:
         """`chain` for greedy picks (`GreedyRows`: each row's pick is `pick_row`'s; the confidences are the
-        unmasked distribution's: only diffusion reads confidences, and it picks with `greedy_rows`)."""
+        unmasked distribution's: only diffusion reads confidences, and it picks with `greedy_rows`). With
+        `drafted` (greedy `verify`): row i sees the drafts before it, up to the first pick that differs from
+        its draft — where they agree, the draft is the pick, so the chain is the same walk."""
         dec = self.dec
         rows_ = GreedyRows(self, picks, rows, masked_conf=False)
         ids, conf = [], []
@@ -372,7 +360,8 @@ class Rules:
             tok, c = rows_.pick(i, dec.stream_len + len(prefix) + i, m)
             ids.append(tok)
             conf.append(c)
-            if tok == dec.eos_id or i + 1 == len(rows):
+            if tok == dec.eos_id or i + 1 == len(rows) or (drafted is not None and (i >= len(drafted)
+                                                                                   or tok != drafted[i])):
                 break
             if m is not None and not m.consume_token(tok):
                 break

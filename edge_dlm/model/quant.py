@@ -317,6 +317,16 @@ class QuantLinear(nn.Module):
                 f"{'sym' if s.symmetric else 'asym'}")
 
 
+def set_kernels(model: nn.Module, kernel) -> int:
+    """Give `model`'s int8 / int4 layers `kernel` as their matmul (`QuantLinear.kernel`; a backend's);
+    returns how many."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.spec.scheme in OWN_SCHEMES:
+            mod.kernel, n = kernel, n + 1
+    return n
+
+
 def prepare_layouts(model: nn.Module) -> None:
     """Build the kernel layouts of `model`'s quantized weights now (the runtime does at load, so a first
     answer never waits for them; a compile must, before it traces a matmul). An embedding's rows are
