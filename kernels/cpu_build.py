@@ -42,7 +42,7 @@ def arch() -> str:
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> frozenset[str]:
     """The instruction-set features this CPU reports (Linux: /proc/cpuinfo's flags / Features; macOS on
-    ARM: the dot product from sysctl), named as `VARIANTS` names them."""
+    ARM: the dot product, int8 matrix multiply and bf16 from sysctl), named as `VARIANTS` names them."""
     try:
         text = Path("/proc/cpuinfo").read_text()
         line = next((ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features")), "")
@@ -51,11 +51,22 @@ def cpu_features() -> frozenset[str]:
         pass
     if platform.system() == "Darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True)
-            return frozenset({"asimddp"} if out.stdout.strip() == "1" else ())
+            out = subprocess.run(["sysctl", *DARWIN_FEATURES], capture_output=True, text=True)
         except OSError:
-            pass
+            return frozenset()
+        return darwin_features(out.stdout)
     return frozenset()
+
+
+# macOS names the ARM features in sysctl (`hw.optional.arm.FEAT_*: 1`); /proc/cpuinfo's names for them
+DARWIN_FEATURES = {"hw.optional.arm.FEAT_DotProd": "asimddp", "hw.optional.arm.FEAT_I8MM": "i8mm",
+                   "hw.optional.arm.FEAT_BF16": "bf16"}
+
+
+def darwin_features(text: str) -> frozenset[str]:
+    """The features `sysctl NAME...` printed as set (a name this macOS does not know is left out)."""
+    have = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
+    return frozenset(name for key, name in DARWIN_FEATURES.items() if have.get(key) == "1")
 
 
 def _built_from(source: str) -> bool:
@@ -251,8 +262,8 @@ def load(path: Path) -> ctypes.CDLL:
 
 def simd() -> dict[str, int]:
     """The vector width (bits) each kernel of this machine's build runs at: 512 (AVX-512), 256 (AVX2,
-    with AVX-VNNI's dot product where the CPU has it), 128 (ARM's NEON dot product; int8 / int4 only),
-    0 (portable C; for bf16: not built)."""
+    with AVX-VNNI's dot product where the CPU has it), 128 (ARM's NEON: `sdot` or `smmla` for int8 / int4,
+    `bfdot` or float32 for bf16), 0 (portable C; for bf16: not built, torch's kernels serve)."""
     lib = library()
     return {"int8 / int4": lib.x16_simd(), "bf16": lib.bf16_simd()}
 

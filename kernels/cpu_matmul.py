@@ -13,8 +13,8 @@ of a pass, and its bf16 matrix-vector product reads ~18 GB/s on a Zen 4 core whe
         llama.cpp does for its Q8_0 / Q4_0 dot products), weights held in the kernel's layout built at
         load (`x16_layout`: 16 output rows side by side, 2 MiB pages), one AVX512-VNNI unsigned x signed
         dot product serving 16 rows at once; scales applied per block of 32 in float32;
-    bf16 (bf16_gemm):  x . w in bf16 pairs (AVX512-BF16), float32 sums;
-    wide bf16 passes:  past `MAX_ROWS` rows on AVX512-BF16, torch's bf16 GEMM (`max_rows`; int8 / int4
+    bf16 (bf16_gemm):  x . w in bf16 pairs (AVX512-BF16, ARM's bfdot) or widened, float32 sums;
+    wide bf16 passes:  past `MAX_ROWS` rows on AVX512-BF16 and ARM, torch's bf16 GEMM (`max_rows`; int8 / int4
         passes of every width stay on `x16_gemm`).
 
 Each output (m, n) is computed by the same operations whatever the pass width M and whichever rows
@@ -24,7 +24,9 @@ without AVX-512 (Intel laptops and desktops from Skylake to today's, AMD before 
 paths of the same arithmetic: AVX-VNNI's dot product where the CPU has it (Alder Lake and later), else
 AVX2's byte-pair sums, exact (the int8 / int4 results are bit for bit the AVX-512 build's), and bf16
 widened to float32 with fused multiply-adds. ARM CPUs with the dot product run int8 / int4 through
-NEON's `sdot` (the same sums), others portable C loops; ARM leaves bf16 to torch (`cpu_build.simd()` says which; `edge-dlm doctor` prints it;
+NEON's `sdot`, or `smmla` (2 x-rows by 2 weight rows an instruction) where the CPU has the int8 matrix
+multiply (the same sums), others portable C loops; bf16 on every ARMv8 in NEON, with `bfdot` where the
+CPU has it, else widened to float32, up to `MAX_ROWS` rows (`cpu_build.simd()` says which; `edge-dlm doctor` prints it;
 `tests/kernels/test_cpu_matmul.py` checks each variant this CPU can run). Where none loads, or with
 `--kernels off`, the references serve.
 
@@ -100,15 +102,16 @@ def x16_stored(layout, mod, blocks: slice = slice(None)) -> dict[str, torch.Tens
     return {"qweight": qweight, "scales": rows(s16), "zeros": rows(z16)}
 
 
-MAX_ROWS = 32  # bf16 with AVX512-BF16: wider passes (prefill chunks, QuadraticSpec's cycle) go to torch's GEMM
+MAX_ROWS = 32  # bf16 with AVX-512 and on ARM: wider passes (prefill chunks, QuadraticSpec's cycle) go to torch's GEMM
 
 
 @functools.lru_cache(maxsize=1)
 def max_rows() -> int:
-    """The widest bf16 pass `Bf16Linear` takes: `MAX_ROWS` where torch's bf16 GEMM has AVX512-BF16 (it
-    wins past ~32 rows there: 29.5 vs 40.8 ms at 256 x 3072 x 9216), every width on a 256-bit build
-    (torch's AVX2 bf16 GEMM was 2.5-2.9x slower than this kernel at every width from 16 to 256 rows)."""
-    return MAX_ROWS if library().bf16_simd() == 512 else 1 << 62
+    """The widest bf16 pass `Bf16Linear` takes: every width on a 256-bit x86 build (torch's AVX2 bf16 GEMM
+    was 2.5-2.9x slower than this kernel at every width from 16 to 256 rows), else `MAX_ROWS`: torch's
+    bf16 GEMM wins past ~32 rows with AVX512-BF16 (29.5 vs 40.8 ms at 256 x 3072 x 9216), and on ARM
+    (NEON) wide passes keep torch's GEMM (the ARM compute library's), as nothing here measured them."""
+    return 1 << 62 if library().bf16_simd() == 256 else MAX_ROWS
 
 
 class Bf16Linear(torch.nn.Linear):

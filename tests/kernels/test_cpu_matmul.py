@@ -252,8 +252,9 @@ def test_the_kernels_run_on_torchs_threads():
 
 
 # what each variant built with the package runs at: (x16, bf16) vector widths
-WIDTHS = {"avx512-bf16": (512, 512), "avx512": (512, 512), "avx-vnni": (256, 256), "avx2": (256, 256),
-          "generic": (0, 0), "dotprod": (128, 0)}
+WIDTHS = {"x86_64": {"avx512-bf16": (512, 512), "avx512": (512, 512), "avx-vnni": (256, 256), "avx2": (256, 256),
+                     "generic": (0, 0)},
+          "aarch64": {"i8mm": (128, 128), "dotprod": (128, 128), "generic": (0, 128)}}
 
 
 @pytest.mark.parametrize("variant", [v["name"] for v in cpu_build.VARIANTS.get(cpu_build.arch(), [])])
@@ -262,13 +263,13 @@ def test_other_builds_agree(variant):
     kernels do: the 256-bit paths (Intel laptops without AVX-512, AMD before Zen 4) and the portable C
     loops the same int8 / int4 sums bit for bit, the AVX-512 build of CPUs without its bf16 dot product
     (Ice Lake, Skylake-X) and the 256-bit one bf16 widened to float32, rows independent of the pass width
-    in each; the portable build has no bf16 kernel (torch's serves). A variant that did not build fails."""
+    in each; x86's portable build has no bf16 kernel (torch's serves). A variant that did not build fails."""
     v = next(v for v in cpu_build.VARIANTS[cpu_build.arch()] if v["name"] == variant)
     assert v in cpu_build.installed(), f"the {variant} variant was not built with the package ({cpu_build.LIB})"
     if missing := set(v["cpu"]) - cpu_build.cpu_features():
         pytest.skip(f"this CPU cannot run the {variant} build (no {', '.join(sorted(missing))})")
     lib = cpu_build.load(cpu_build.LIB / f"cpu_kernels-{variant}.so")
-    x16_simd, bf16_simd = WIDTHS[variant]
+    x16_simd, bf16_simd = WIDTHS[cpu_build.arch()][variant]
     assert (lib.x16_simd(), lib.bf16_simd()) == (x16_simd, bf16_simd)
     for scheme in ("int8", "int4"):
         for symmetric in (True, False):
@@ -590,6 +591,24 @@ def test_a_forced_variant_this_cpu_cannot_run_is_one_line(monkeypatch):
     monkeypatch.delenv(cpu_build.VARIANT_ENV)
     v, _ = cpu_build.pick()  # a CPU reporting nothing runs the generic build
     assert v is None or v["cpu"] == []
+
+
+def test_arm_features_pick_their_variant():
+    """An ARM CPU's features, as macOS' sysctl or Linux's /proc/cpuinfo names them, pick the variant
+    made for it: the int8 matrix multiply and bf16 (Apple M2+, Graviton 3), the dot product alone (M1),
+    neither (an old macOS whose sysctl knows none of the names prints nothing for them)."""
+    def first(have):
+        return next(v["name"] for v in cpu_build.VARIANTS["aarch64"] if set(v["cpu"]) <= have)
+
+    m2 = "hw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 1\nhw.optional.arm.FEAT_BF16: 1\n"
+    m1 = "hw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 0\nhw.optional.arm.FEAT_BF16: 0\n"
+    assert cpu_build.darwin_features(m2) == {"asimddp", "i8mm", "bf16"}
+    assert [first(cpu_build.darwin_features(t)) for t in (m2, m1, "")] == ["i8mm", "dotprod", "generic"]
+    graviton3 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
+                 "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg dcpodp "
+                 "svei8mm svebf16 i8mm bf16 dgh rng")
+    pi5 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+    assert [first(frozenset(t.split())) for t in (graviton3, pi5)] == ["i8mm", "dotprod"]
 
 
 def test_builds_of_an_older_source_or_damaged_are_not_loaded(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ The harness is tests/kernels/portable_check.c."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ def build(tmp: Path, name: str, cc: str, *flags: str) -> Path:
 
 
 def outputs(cmd: list[str]) -> tuple[dict[str, list[float]], int]:
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{Path(cmd[-1]).name}: {run.stderr[-500:]}"  # e.g. a row that differs alone
     rows = {}
     for line in run.stdout.splitlines():
         head, *vals = line.split()
@@ -76,9 +78,12 @@ def test_every_x86_build_computes_the_same_numbers(tmp_path):
 
 
 def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
-    """ARM: the source builds with aarch64's compiler (no x86 header reaches it) and, run under qemu,
-    gives the int8 / int4 results of every x86 build bit for bit: the NEON dot-product path (`sdot`,
-    ARMv8.2+) and the portable loops of ARMv8.0, with and without zero points."""
+    """ARM: the source builds with aarch64's compiler (no x86 header reaches it) and, run under qemu
+    (which emulates every ARMv8 extension), gives the int8 / int4 results of every x86 build bit for bit
+    in each aarch64 variant of `kernels/csrc/variants.json`: the int8 matrix multiply (`smmla`) with bf16
+    dot products (`bfdot`), the dot product (`sdot`) with bf16 widened to float32, and the portable loops
+    of ARMv8.0 (bf16 in NEON), with and without zero points; bf16 within 1e-3 of a row's largest value of
+    the x86 build's; in each, a row's result the same in a wide pass as alone (the harness checks)."""
     cc = shutil.which("aarch64-linux-gnu-gcc")
     qemu = shutil.which("qemu-aarch64")
     if platform.machine() == "aarch64":
@@ -86,13 +91,28 @@ def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
     if cc is None or qemu is None:
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user; "
                     ".ci/run installs them)")
-    arm, simd = outputs([qemu, str(build(tmp_path, "arm", cc, "-march=armv8.2-a+dotprod", "-static"))])
-    plain, plain_simd = outputs([qemu, str(build(tmp_path, "arm-generic", cc, "-march=armv8-a", "-static"))])
-    x86, _ = outputs([str(build(tmp_path, "generic", "gcc", "-march=x86-64"))]) if platform.machine() == "x86_64" \
-        else (None, None)
-    assert (simd, plain_simd) == (128, 0)  # the NEON dot-product path, and the portable loops
-    x16 = {k: v for k, v in arm.items() if k.startswith("x16")}
-    assert any("z=1" in k for k in x16) and any("z=0" in k for k in x16)  # zero points and signed weights
-    assert x16 == {k: v for k, v in plain.items() if k.startswith("x16")}
-    if x86 is not None:
-        assert x16 == {k: v for k, v in x86.items() if k.startswith("x16")}
+    got = {}
+    for v in json.loads((SOURCE.parent / "variants.json").read_text())["aarch64"]:
+        exe = build(tmp_path, f"arm-{v['name']}", cc, *v["flags"], "-static")
+        got[v["name"]] = outputs([qemu, str(exe)])
+        objdump = shutil.which("aarch64-linux-gnu-objdump")
+        if objdump:  # the variant runs the instructions it is made for
+            text = subprocess.run([objdump, "-d", str(exe)], capture_output=True, text=True, check=True).stdout
+            assert {"smmla": "i8mm" in v["cpu"], "bfdot": "bf16" in v["cpu"]} == \
+                {op: f"\t{op}\t" in text for op in ("smmla", "bfdot")}, v["name"]
+    assert [simd for _, simd in got.values()] == [128, 128, 0]  # NEON (smmla, sdot), and the portable loops
+    x86 = {}
+    if platform.machine() == "x86_64":
+        x86 = outputs([str(build(tmp_path, "native", "gcc", "-march=native"))])[0]
+    for name, (rows, _) in got.items():
+        x16 = {k: v for k, v in rows.items() if k.startswith("x16")}
+        assert any("z=1" in k for k in x16) and any("z=0" in k for k in x16)  # zero points and signed weights
+        assert x16 == {k: v for k, v in got["generic"][0].items() if k.startswith("x16")}, name
+        if x86:
+            assert x16 == {k: v for k, v in x86.items() if k.startswith("x16")}, name
+        bf16 = {k: v for k, v in rows.items() if k.startswith("bf16")}
+        assert len(bf16) == 4, name  # every aarch64 build has the NEON bf16 kernel
+        for key, vals in bf16.items():
+            if key in x86:
+                scale = max(abs(v) for v in x86[key])
+                assert max(abs(a - b) for a, b in zip(vals, x86[key])) <= 1e-3 * scale, (name, key)
