@@ -1,5 +1,5 @@
 """Builds the CPU kernels when the package is built (`pip install .`, `pip wheel .`, `make chat`): the C
-kernels (kernels/csrc/cpu_kernels.c) once per instruction set this machine's architecture has
+kernels (kernels/csrc/*.c, one file per kernel family) once per instruction set this machine's architecture has
 (kernels/csrc/variants.json; edge-dlm loads the best one the CPU runs), and, where torch is importable
 while building (`--no-build-isolation`, as the Makefile installs), their torch operators
 (kernels/csrc/cpu_ops.cpp, built against that torch). Everything else is in pyproject.toml.
@@ -84,7 +84,8 @@ class BuildKernels(build_ext):
             return
         for v in variants:
             out = dest / f"cpu_kernels-{v['name']}.so"
-            why = compile_into(commands.kernels(cc, v["flags"], str(CSRC / "cpu_kernels.c"), str(CSRC)), out)
+            sources = [str(CSRC / f) for f in commands.KERNEL_SOURCES]
+            why = compile_into(commands.kernels(cc, v["flags"], sources, str(CSRC)), out)
             say(f"{v['name']}: " + ("built" if why is None else f"not built ({why})"))
             if why is None:
                 self.built += [out, out.with_name(out.name + ".sha256")]
@@ -92,7 +93,7 @@ class BuildKernels(build_ext):
         # the sources built from: a source checkout whose C changed since builds at first use instead
         sources = dest / "sources.json"
         sources.write_text(json.dumps({f: hashlib.sha256((CSRC / f).read_bytes()).hexdigest()
-                                       for f in ("cpu_kernels.c", "cpu_ops.cpp")}))
+                                       for f in (*commands.KERNEL_SOURCES, *commands.KERNEL_HEADERS, "cpu_ops.cpp")}))
         self.built.append(sources)
 
     def build_operators(self, dest: Path) -> None:

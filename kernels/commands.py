@@ -8,11 +8,17 @@ import sys
 from pathlib import Path
 
 
-def kernels(cc: str, flags: list[str], source: str, include: str) -> list[str]:
-    """cpu_kernels.c for one instruction set (`flags`: its -march). No -ffast-math: the kernels' order of
-    operations is kept; -pthread: the kernels' own threads where no parallel function is installed;
-    -I: the shared header, as a first-use build compiles a copy of the source."""
-    return [cc, "-O3", *flags, "-pthread", "-shared", "-fPIC", f"-I{include}", source, "-lm", "-o"]
+# The CPU kernels' C (kernels/csrc/): one file per kernel family, compiled together into one library per
+# instruction set, and the headers they share (cpu_kernels.h: the entry points; common.h: the rest).
+KERNEL_SOURCES = ("threads.c", "x16.c", "bf16.c", "attend.c")
+KERNEL_HEADERS = ("cpu_kernels.h", "common.h")
+
+
+def kernels(cc: str, flags: list[str], sources: list[str], include: str) -> list[str]:
+    """The kernel families' `sources` (`KERNEL_SOURCES`' paths) for one instruction set (`flags`: its
+    -march) into one library. No -ffast-math: the kernels' order of operations is kept; -pthread: the
+    kernels' own threads where no parallel function is installed; -I: the folder holding the headers."""
+    return [cc, "-O3", *flags, "-pthread", "-shared", "-fPIC", f"-I{include}", *sources, "-lm", "-o"]
 
 
 def operators(cxx: str, torch, source: str, include: str) -> list[str]:

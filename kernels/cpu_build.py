@@ -2,7 +2,8 @@
 (a variant built with the package, `kernels/lib/`, picked by what the CPU reports, or a build for this
 machine at first use), the torch operators that call it (`edge_dlm::x16_gemm`, `bf16_gemm`, `attend`:
 C++ built against torch's headers, or ctypes calls where none could be built), and why a build failed.
-The kernels themselves are C (`csrc/cpu_kernels.c`, entry points in `csrc/cpu_kernels.h`); the layers
+The kernels themselves are C (`csrc/`: a file per family, `commands.KERNEL_SOURCES`; entry points in
+`csrc/cpu_kernels.h`); the layers
 that use them are `cpu_matmul`.
 """
 
@@ -25,7 +26,8 @@ from edge_dlm.kernels import commands
 
 # The kernels' sources (`csrc/`), read as files: compiled, read and linted as C and C++
 CSRC = Path(__file__).parent / "csrc"
-SOURCE = (CSRC / "cpu_kernels.c").read_text()
+# the kernel families and their headers as read: what a first-use build compiles and its key covers
+SOURCES = {name: (CSRC / name).read_text() for name in (*commands.KERNEL_SOURCES, *commands.KERNEL_HEADERS)}
 FLAGS = ["-march=native"]  # a build at first use: for this machine (`commands.kernels`)
 # The builds made with the package (setup.py): one per instruction set of `VARIANTS` (csrc/variants.json),
 # `cpu_kernels-NAME.so`, and the operators for the torch it was built against, each with its checksum
@@ -69,19 +71,19 @@ def darwin_features(text: str) -> frozenset[str]:
     return frozenset(name for key, name in DARWIN_FEATURES.items() if have.get(key) == "1")
 
 
-def _built_from(source: str) -> bool:
-    """Whether the libraries built with the package were built from today's `csrc/source` (a source
-    checkout edited since its install builds at first use instead)."""
+def _built_from(*sources: str) -> bool:
+    """Whether the libraries built with the package were built from today's `csrc/` files `sources` (a
+    source checkout edited since its install builds at first use instead)."""
     try:
-        recorded = json.loads((LIB / "sources.json").read_text()).get(source)
+        recorded = json.loads((LIB / "sources.json").read_text())
+        return all(recorded.get(s) == hashlib.sha256((CSRC / s).read_bytes()).hexdigest() for s in sources)
     except (OSError, ValueError, AttributeError):
         return False
-    return recorded == hashlib.sha256((CSRC / source).read_bytes()).hexdigest()
 
 
 def installed() -> list[dict]:
     """The variants built with the package for this architecture, best first."""
-    if not _built_from("cpu_kernels.c"):
+    if not _built_from(*SOURCES):
         return []
     return [v for v in VARIANTS.get(arch(), []) if (LIB / f"cpu_kernels-{v['name']}.so").is_file()]
 
@@ -118,8 +120,9 @@ def pick() -> tuple[dict | None, str]:
 
 
 def _cpu_key() -> str:
-    """A first-use build depends on the source, the flags and this CPU's instruction set (-march=native)."""
-    parts = [SOURCE, " ".join(commands.kernels("cc", FLAGS, "", "")), platform.machine(), *sorted(cpu_features())]
+    """A first-use build depends on the sources, the flags and this CPU's instruction set (-march=native)."""
+    parts = [*SOURCES.values(), " ".join(commands.kernels("cc", FLAGS, list(commands.KERNEL_SOURCES), "")),
+             platform.machine(), *sorted(cpu_features())]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -171,9 +174,10 @@ def _intact(out: Path) -> bool:
     return False
 
 
-def _compile(source: str, suffix: str, out: Path, command) -> Path:
-    """`command(src, so)` (a compiler's argument list) on `source` into `out`, renamed into place when
-    complete with its checksum beside it, unless an intact `out` is there; returns the library's path.
+def _compile(files: dict[str, str], out: Path, command) -> Path:
+    """`command(folder, so)` (a compiler's argument list) on `files` (name: text, written into `folder`)
+    into `out`, renamed into place when complete with its checksum beside it, unless an intact `out` is
+    there; returns the library's path.
 
     Under a file lock (two processes build once); one line on a terminal's stderr while it builds; a failed build
     raises `BuildError` with the compiler's message. A cache folder that cannot be written (read-only,
@@ -185,25 +189,26 @@ def _compile(source: str, suffix: str, out: Path, command) -> Path:
         with _locked(out.parent / (out.name + ".lock")):
             if _intact(out):
                 return out
-            _build_into(source, suffix, out, command)
+            _build_into(files, out, command)
         return out
     except OSError as exc:  # the cache cannot take it: this process's own folder
         tmp = Path(tempfile.mkdtemp(prefix="edge-dlm-kernels-")) / out.name
         _log(f"cannot write the kernel cache {out.parent} ({exc.strerror or exc}); building into {tmp.parent} "
              "for this process")
-        _build_into(source, suffix, tmp, command)
+        _build_into(files, tmp, command)
         return tmp
 
 
-def _build_into(source: str, suffix: str, out: Path, command) -> None:
+def _build_into(files: dict[str, str], out: Path, command) -> None:
     _log(f"building {out.name} for this machine (once; ~2-10 s) ...")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, so = Path(tmp) / f"source{suffix}", Path(tmp) / "lib.so"
-        src.write_text(source)
+        so = Path(tmp) / "lib.so"
+        for name, text in files.items():  # the texts the key was made of, not whatever the files hold now
+            (Path(tmp) / name).write_text(text)
         try:
-            r = subprocess.run(command(str(src), str(so)), capture_output=True, text=True)
+            r = subprocess.run(command(Path(tmp), str(so)), capture_output=True, text=True)
         except OSError as exc:  # the compiler itself could not start
-            raise BuildError(f"{command('src', 'so')[0]}: {exc.strerror or exc}") from None
+            raise BuildError(f"{command(Path('src'), 'so')[0]}: {exc.strerror or exc}") from None
         if r.returncode != 0:
             tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-4:]
             raise BuildError(" | ".join(tail)[:600] or f"the compiler exited with {r.returncode}")
@@ -233,10 +238,16 @@ class _locked:
             os.close(self.fd)  # closing releases the lock
 
 
-def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
-    """Compile the kernels with `flags` into `out` (atomic rename) unless it is there; load them."""
+def compile_kernels(out: Path, flags: list[str] = FLAGS) -> Path:
+    """Compile the kernels with `flags` into `out` (atomic rename) unless an intact one is there."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    return load(_compile(SOURCE, ".c", out, lambda src, so: [*commands.kernels(cc, flags, src, str(CSRC)), so]))
+    return _compile(SOURCES, out, lambda d, so: [*commands.kernels(cc, flags, [str(d / f) for f in commands.KERNEL_SOURCES],
+                                                                   str(d)), so])
+
+
+def build(out: Path, flags: list[str] = FLAGS) -> ctypes.CDLL:
+    """`compile_kernels`, then load them."""
+    return load(compile_kernels(out, flags))
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -410,17 +421,18 @@ def _ops_library() -> ctypes.CDLL | None:
     into the edge-dlm cache; registered. None where neither is possible (then the ctypes
     implementations are registered)."""
     shipped = LIB / f"cpu_ops-{torch_tag()}.so"
-    if _built_from("cpu_ops.cpp") and _verified(shipped):
+    if _built_from("cpu_ops.cpp", "cpu_kernels.h") and _verified(shipped):
         out, _BOUND.ops_origin = shipped, "built with the package"
     else:
         cxx = shutil.which("c++") or shutil.which("g++")
         if cxx is None:
             return None
-        command = commands.operators(cxx, torch, "SOURCE", str(CSRC))
-        key = hashlib.sha256("\n".join([OPS_SOURCE, torch.__version__, *command]).encode()).hexdigest()[:16]
+        files = {"cpu_ops.cpp": OPS_SOURCE, "cpu_kernels.h": SOURCES["cpu_kernels.h"]}
+        command = commands.operators(cxx, torch, "SOURCE", "INCLUDE")
+        key = hashlib.sha256("\n".join([*files.values(), torch.__version__, *command]).encode()).hexdigest()[:16]
         out = cache_root_kernels() / f"cpu_ops-{key}.so"
         try:
-            out = _compile(OPS_SOURCE, ".cpp", out, lambda src, so: [*(src if a == "SOURCE" else a for a in command), so])
+            out = _compile(files, out, lambda d, so: [*commands.operators(cxx, torch, str(d / "cpu_ops.cpp"), str(d)), so])
         except BuildError as exc:
             _FAILED["operators"] = str(exc)
             return None

@@ -5,7 +5,7 @@ and one thread, at the NLD-3B up projection (9216 x 3072), int8 / int4 / bf16, 1
     .venv/bin/python scripts/bench_kernel_threads.py --threads 2 --out bench_results/kernel_threads.json
 
 `--against LIB`: also a kernels library built elsewhere (same entry points, e.g. an older source built
-with `cc -O3 -march=native -fopenmp -shared -fPIC cpu_kernels.c -lm`), called the same way (ctypes)."""
+with `cc -O3 -march=native -shared -fPIC -Ikernels/csrc kernels/csrc/*.c -lm`), called the same way (ctypes)."""
 
 from __future__ import annotations
 

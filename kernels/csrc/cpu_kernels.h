@@ -1,4 +1,4 @@
-/* The CPU kernels' entry points (cpu_kernels.c), shared by the torch operators (cpu_ops.cpp), the C test
+/* The CPU kernels' entry points (threads.c, x16.c, bf16.c, attend.c), shared by the torch operators (cpu_ops.cpp), the C test
    harness (tests/kernels/portable_check.c) and, through ctypes, kernels/cpu_matmul.py. Every array is
    contiguous; the kernels trust their callers, which check shapes and types (cpu_ops.cpp). The
    gemm / attention entries return 0, or -1 where their scratch memory could not be allocated. */

@@ -1,6 +1,6 @@
 // The CPU kernels as torch operators (edge_dlm::x16_gemm / bf16_gemm / attend): each checks what it is
 // given (shapes, dtypes, layout sizes, group sizes) and raises one clear error; the kernels themselves
-// (cpu_kernels.c, bound by pointer: `edge_dlm_bind`) trust their inputs.
+// (kernels/csrc/*.c, bound by pointer: `edge_dlm_bind`) trust their inputs.
 #include <algorithm>
 
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 /* The CPU kernels on fixed pseudo-random inputs, every output printed as a hex float: built for each
    instruction set (x86-64 with AVX-512, AVX2, none; aarch64 under qemu) by tests/kernels/test_portable.py,
    which compares the builds' outputs. Exits 1 where 3 threads differ from 1 or a row of a wide pass
-   from the same row alone. Compiled together with kernels/csrc/cpu_kernels.c. */
+   from the same row alone. Compiled together with the kernels' files (kernels/csrc/*.c). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -5,6 +5,7 @@ portable build (no AVX-512) agreeing, and the lossless modes still emitting AR's
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_dlm.kernels import commands, cpu_build, cpu_matmul
+from edge_dlm.kernels import cpu_build, cpu_matmul
 from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
 pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="; ".join(cpu_build.available()) or "-")
@@ -485,8 +486,7 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
     out = tmp_path / "k.so"
 
     def compile_into(path):
-        return cpu_build._compile(cpu_build.SOURCE, ".c", path,
-                                   lambda src, so: [*commands.kernels("cc", cpu_build.FLAGS, src, str(cpu_build.CSRC)), so])
+        return cpu_build.compile_kernels(path)
 
     compile_into(out)  # not loaded here: a library this process maps must not be cut under it
     assert (tmp_path / "k.so.sha256").exists()
@@ -499,16 +499,15 @@ def test_a_damaged_library_is_set_aside_and_rebuilt(tmp_path, capfd):
         assert err.count("set aside") == 1 and (tmp_path / "k.so.bad").exists()
     assert cpu_build.build(out).x16_simd() >= 0  # the rebuilt library loads
     with pytest.raises(cpu_build.BuildError, match="error"):
-        cpu_build._compile("this is not C", ".c", tmp_path / "bad.so",
-                            lambda src, so: ["cc", "-shared", src, "-o", so])
+        cpu_build._compile({"bad.c": "this is not C"}, tmp_path / "bad.so",
+                           lambda d, so: ["cc", "-shared", str(d / "bad.c"), "-o", so])
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as root: a read-only folder is writable")
-        path = cpu_build._compile(cpu_build.SOURCE, ".c", ro / "k.so",
-                                   lambda src, so: [*commands.kernels("cc", cpu_build.FLAGS, src, str(cpu_build.CSRC)), so])
+        path = cpu_build.compile_kernels(ro / "k.so")
         assert path.exists() and path.parent != ro and "cannot write the kernel cache" in capfd.readouterr().err
     finally:
         ro.chmod(0o700)
@@ -623,7 +622,7 @@ def test_builds_of_an_older_source_or_damaged_are_not_loaded(monkeypatch, tmp_pa
         (lib / f.name).write_bytes(f.read_bytes())
     monkeypatch.setattr(cpu_build, "LIB", lib)
     assert cpu_build.installed()
-    (lib / "sources.json").write_text('{"cpu_kernels.c": "0000", "cpu_ops.cpp": "0000"}')
+    (lib / "sources.json").write_text(json.dumps(dict.fromkeys([*cpu_build.SOURCES, "cpu_ops.cpp"], "0000")))
     assert cpu_build.installed() == [] and "today's source" in cpu_build.pick()[1]
     (lib / "sources.json").write_text("[1, 2]")  # junk of the wrong shape: the same
     assert cpu_build.installed() == []
