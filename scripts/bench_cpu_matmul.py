@@ -11,14 +11,16 @@ reads the next of enough copies to exceed the CPU's caches, as a model's layers 
 bytes a 1-row pass must read (weights and fp16 scales). `--variant X`: a variant built with the package
 that this CPU can run (`avx-vnni`: the 256-bit path of Intel laptops; `avx2`; `native`: built here with
 -march=native); with the two variables above torch's own kernels stop at AVX2 too, so both sides are
-what such a laptop runs. `--against Y`: a second build timed in the same rounds (an A/B: each kernel's
-column gets a `Y / X` ratio, > 1: X faster).
+what such a laptop runs. `--against Y`: a second build timed in the same rounds (a variant's name, `native`, or a
+library's path, e.g. an older source's build; an A/B: each kernel's column gets a `Y / X` ratio, > 1: X
+faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,8 @@ def main() -> int:
     for name in filter(None, [a.variant or cb.variant()[0], a.against]):
         if name == "native":
             builds[name] = cb.build(cb.cache_root_kernels() / f"cpu_matmul-{cb._cpu_key()}.so")
+        elif name.endswith(".so"):  # a library built elsewhere, e.g. of an older source
+            builds[name] = cb.load(Path(name))
         else:
             builds[name] = cb.load(cb.LIB / f"cpu_kernels-{name}.so")
     label = list(builds)[0]

@@ -6,8 +6,9 @@
 #define TN(MR, NR) TN_(MR, NR)
 #if defined(__AVX512F__)
 #define BF16_SIMD 512
-#define NB_NARROW 12  /* 1-2 row passes: 12 weight streams read memory faster than 8 (a 1-row pass at 3072 x 9216:
-                         2.56 -> 2.23 ms, 22 -> 25 GB/s, Zen 5, a sequential read 24-29; 16 no faster) */
+#define NB_NARROW 12  /* 1-2 row passes: 12 weight streams read memory faster than 8 (NLD-3B's up projection,
+                         one Zen 5 core: 1 row 2.51 -> 2.30 ms, 25 GB/s; 2 rows 2.96 -> 2.61 ms; 16 no faster;
+                         scripts/bench_cpu_matmul.py, bench_results/bf16_narrow_streams.json) */
 #define NB_WIDE 6   /* 4 x 6 accumulators + 6 weight vectors + 1 input vector = 31 of 32 registers */
 #define ACC_LANES 16
 #if defined(__AVX512BF16__)
