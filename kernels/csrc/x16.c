@@ -234,7 +234,9 @@ B16(1) B16(2) B16(3) B16(4)
    four vectors of 4 rows, `sdot` summing 4 byte products into each row's lane. sdot is signed x signed:
    an int4 byte u (<= 15) as it is; an int8 byte as q = u - 128 (one xor), 128 sum(a) added back in
    integers where u is what counts (zero points). The same integer sums as every other build, scaled in
-   the same float operations, so each output is the others' bit for bit. */
+   the same float operations, so each output is the others' bit for bit. One tile for both ARM paths:
+   `weights` lays a block's bytes out for the instruction, `sums` makes GROUP x rows' integer sums for
+   4 weight rows, `scaled` adds one x row's into its totals. */
 #define X16_SIMD 128
 #define MT 4
 #if defined(__ARM_FEATURE_MATMUL_INT8)
@@ -242,69 +244,87 @@ B16(1) B16(2) B16(3) B16(4)
    2 x 8 activation bytes (two x rows, 8 columns) by 8 x 2 weight bytes (two weight rows), a 2 x 2 block
    of sums per instruction where `sdot` gives 4 one-row sums. A weight row's 8 columns come from two
    4-column groups of the layout (int8: groups 2q and 2q + 1 zipped by 32 bits; int4: a group's low and
-   high nibbles zipped); the 2 x 2 blocks are unzipped back to one x row's 4 weight rows by 64 bits, and
-   the rest is the `sdot` path's arithmetic: the same integer sums, scaled in the same float operations.
+   high nibbles zipped); the 2 x 2 blocks are unzipped back to one x row's 4 weight rows by 64 bits.
    A pass of odd width multiplies its last row with zeros. */
-#define B16(MTC)                                                                                  \
-static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
-                      int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
-                      float *y, int64_t N, int64_t rows, int pf) {                                \
-    const int64_t nb32 = K / 32;                                                                  \
-    float32x4_t tot[MTC][4];                                                                      \
-    for (int i = 0; i < MTC; i++)                                                                 \
-        for (int h = 0; h < 4; h++) tot[i][h] = vdupq_n_f32(0.0f);                                \
-    for (int64_t b = 0; b < nb32; b++) {                                                          \
-        if (pf) PREFETCH_W(w, b, bits);                                                           \
-        const int64_t g = (32 * b) >> gs;                                                         \
-        int8x16_t av[(MTC + 1) / 2][4];  /* x rows 2p and 2p + 1, columns 8q .. 8q + 7 */           \
-        for (int p = 0; p < (MTC + 1) / 2; p++)                                                   \
-            for (int q = 0; q < 4; q++)                                                           \
-                av[p][q] = vcombine_s8(vld1_s8(a + 2 * p * K + 32 * b + 8 * q),                   \
-                                       2 * p + 1 < MTC ? vld1_s8(a + (2 * p + 1) * K + 32 * b + 8 * q) : vdup_n_s8(0)); \
-        for (int h = 0; h < 4; h++) {                                                             \
-            int8x16_t wv[8];  /* columns 8q .. 8q + 7: wv[2q] of rows 4h, 4h + 1, wv[2q + 1] of 4h + 2, 4h + 3 */ \
-            for (int q = 0; q < 4; q++) {                                                         \
-                int32x4_t lo, hi;                                                                 \
-                if (bits == 8) {                                                                  \
-                    lo = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(w + (b * 8 + 2 * q) * 64 + 16 * h), vdupq_n_u8(0x80))); \
-                    hi = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(w + (b * 8 + 2 * q + 1) * 64 + 16 * h), vdupq_n_u8(0x80))); \
-                } else {                                                                          \
-                    const uint8x16_t v = vld1q_u8(w + (b * 4 + q) * 64 + 16 * h);                 \
-                    lo = vreinterpretq_s32_u8(vandq_u8(v, vdupq_n_u8(0x0F)));                     \
-                    hi = vreinterpretq_s32_u8(vshrq_n_u8(v, 4));                                  \
-                }                                                                                 \
-                wv[2 * q] = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));                             \
-                wv[2 * q + 1] = vreinterpretq_s8_s32(vzip2q_s32(lo, hi));                         \
-            }                                                                                     \
-            const float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + g * 16 + 4 * h))); \
-            const float32x4_t zv = z ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(z + g * 16 + 4 * h))) : sv; \
-            for (int p = 0; p < (MTC + 1) / 2; p++) {                                             \
-                int32x4_t r01 = vdupq_n_s32(0), r23 = vdupq_n_s32(0);                             \
-                for (int q = 0; q < 4; q++) {                                                     \
-                    r01 = vmmlaq_s32(r01, av[p][q], wv[2 * q]);                                   \
-                    r23 = vmmlaq_s32(r23, av[p][q], wv[2 * q + 1]);                               \
-                }                                                                                 \
-                /* lanes (x row, weight row): r01 (2p, 4h) (2p, 4h+1) (2p+1, 4h) (2p+1, 4h+1), r23 likewise */ \
-                const int64x2_t e01 = vreinterpretq_s64_s32(r01), e23 = vreinterpretq_s64_s32(r23);  \
-                for (int e = 0; e < 2 && 2 * p + e < MTC; e++) {                                  \
-                    const int i = 2 * p + e;                                                      \
-                    const int64_t j = i * nb32 + b;                                               \
-                    const int32_t base = bits == 8 ? (z ? 128 * as[j] : 0) : (z ? 0 : -off * as[j]); \
-                    const int32x4_t c = vreinterpretq_s32_s64(e ? vzip2q_s64(e01, e23) : vzip1q_s64(e01, e23)); \
-                    const float32x4_t f = vcvtq_f32_s32(vaddq_s32(c, vdupq_n_s32(base)));         \
-                    tot[i][h] = vfmaq_f32(tot[i][h], f, vmulq_n_f32(sv, d[j]));                   \
-                    if (z) tot[i][h] = vfmaq_f32(tot[i][h], zv, vdupq_n_f32(d[j] * (float)as[j])); \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    for (int i = 0; i < MTC; i++) {                                                               \
-        float t[16];                                                                              \
-        for (int h = 0; h < 4; h++) vst1q_f32(t + 4 * h, tot[i][h]);                              \
-        memcpy(y + i * N, t, rows * sizeof(float));                                               \
-    }                                                                                             \
+#define GROUP 2
+typedef struct { int8x16_t v[4]; } acts_t;  /* x rows i, i + 1: columns 8q .. 8q + 7 of block b */
+
+static inline acts_t acts(const int8_t *a, int64_t K, int64_t b, int64_t rows) {
+    acts_t t;
+    for (int q = 0; q < 4; q++)
+        t.v[q] = vcombine_s8(vld1_s8(a + 32 * b + 8 * q), rows > 1 ? vld1_s8(a + K + 32 * b + 8 * q) : vdup_n_s8(0));
+    return t;
+}
+
+/* columns 8q .. 8q + 7 of rows 4h .. 4h + 3: wv[2q] rows 4h, 4h + 1, wv[2q + 1] rows 4h + 2, 4h + 3 */
+static inline void weights(int bits, const uint8_t *w, int64_t b, int h, int8x16_t wv[8]) {
+    for (int q = 0; q < 4; q++) {
+        int32x4_t lo, hi;
+        if (bits == 8) {
+            lo = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(w + (b * 8 + 2 * q) * 64 + 16 * h), vdupq_n_u8(0x80)));
+            hi = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(w + (b * 8 + 2 * q + 1) * 64 + 16 * h), vdupq_n_u8(0x80)));
+        } else {
+            const uint8x16_t v = vld1q_u8(w + (b * 4 + q) * 64 + 16 * h);
+            lo = vreinterpretq_s32_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+            hi = vreinterpretq_s32_u8(vshrq_n_u8(v, 4));
+        }
+        wv[2 * q] = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));
+        wv[2 * q + 1] = vreinterpretq_s8_s32(vzip2q_s32(lo, hi));
+    }
+}
+
+static inline void sums(acts_t x, const int8x16_t wv[8], int32x4_t c[GROUP]) {
+    int32x4_t r01 = vdupq_n_s32(0), r23 = vdupq_n_s32(0);
+    for (int q = 0; q < 4; q++) {
+        r01 = vmmlaq_s32(r01, x.v[q], wv[2 * q]);
+        r23 = vmmlaq_s32(r23, x.v[q], wv[2 * q + 1]);
+    }
+    /* lanes (x row, weight row): r01 (i, 4h) (i, 4h+1) (i+1, 4h) (i+1, 4h+1), r23 likewise */
+    const int64x2_t e01 = vreinterpretq_s64_s32(r01), e23 = vreinterpretq_s64_s32(r23);
+    c[0] = vreinterpretq_s32_s64(vzip1q_s64(e01, e23));
+    c[1] = vreinterpretq_s32_s64(vzip2q_s64(e01, e23));
 }
 #else
+#define GROUP 1
+typedef struct { const i32u *a4; } acts_t;  /* x row i's 4-byte groups of block b, broadcast by `sdot` */
+
+static inline acts_t acts(const int8_t *a, int64_t K, int64_t b, int64_t rows) {
+    (void)K, (void)rows;
+    return (acts_t){(const i32u *)(a + 32 * b)};
+}
+
+/* columns 4q .. 4q + 3 of rows 4h .. 4h + 3 */
+static inline void weights(int bits, const uint8_t *w, int64_t b, int h, int8x16_t wv[8]) {
+    if (bits == 8)
+        for (int q = 0; q < 8; q++)
+            wv[q] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w + (b * 8 + q) * 64 + 16 * h), vdupq_n_u8(0x80)));
+    else
+        for (int o = 0; o < 4; o++) {
+            const uint8x16_t v = vld1q_u8(w + (b * 4 + o) * 64 + 16 * h);
+            wv[2 * o] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
+            wv[2 * o + 1] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        }
+}
+
+static inline void sums(acts_t x, const int8x16_t wv[8], int32x4_t c[GROUP]) {
+    int32x4_t c0 = vdupq_n_s32(0), c1 = vdupq_n_s32(0);
+    for (int q = 0; q < 8; q += 2) {
+        c0 = vdotq_s32(c0, wv[q], vreinterpretq_s8_s32(vdupq_n_s32(x.a4[q])));
+        c1 = vdotq_s32(c1, wv[q + 1], vreinterpretq_s8_s32(vdupq_n_s32(x.a4[q + 1])));
+    }
+    c[0] = vaddq_s32(c0, c1);
+}
+#endif
+
+/* x row j's integer sums c for 4 weight rows, scaled into its totals (the same float operations in
+   every build): S d (sum u a - off sum a), or S d (sum u a) + z d sum a with zero points */
+static inline float32x4_t scaled(float32x4_t tot, int32x4_t c, int bits, int off, const float *d,
+                                 const int32_t *as, int64_t j, float32x4_t sv, float32x4_t zv, int zp) {
+    const int32_t base = bits == 8 ? (zp ? 128 * as[j] : 0) : (zp ? 0 : -off * as[j]);
+    tot = vfmaq_f32(tot, vcvtq_f32_s32(vaddq_s32(c, vdupq_n_s32(base))), vmulq_n_f32(sv, d[j]));
+    return zp ? vfmaq_f32(tot, zv, vdupq_n_f32(d[j] * (float)as[j])) : tot;
+}
+
 #define B16(MTC)                                                                                  \
 static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *as,                    \
                       int64_t K, int gs, const uint8_t *w, const uint16_t *s, const uint16_t *z, int off, \
@@ -316,31 +336,20 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
     for (int64_t b = 0; b < nb32; b++) {                                                          \
         if (pf) PREFETCH_W(w, b, bits);                                                           \
         const int64_t g = (32 * b) >> gs;                                                         \
+        acts_t x[(MTC + GROUP - 1) / GROUP];                                                      \
+        for (int p = 0; p * GROUP < MTC; p++) x[p] = acts(a + p * GROUP * K, K, b, MTC - p * GROUP); \
         for (int h = 0; h < 4; h++) {                                                             \
             int8x16_t wv[8];                                                                      \
-            if (bits == 8)                                                                        \
-                for (int q = 0; q < 8; q++)                                                       \
-                    wv[q] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w + (b * 8 + q) * 64 + 16 * h), vdupq_n_u8(0x80))); \
-            else                                                                                  \
-                for (int o = 0; o < 4; o++) {                                                     \
-                    const uint8x16_t v = vld1q_u8(w + (b * 4 + o) * 64 + 16 * h);                 \
-                    wv[2 * o] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));              \
-                    wv[2 * o + 1] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));                        \
-                }                                                                                 \
+            weights(bits, w, b, h, wv);                                                           \
             const float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + g * 16 + 4 * h))); \
             const float32x4_t zv = z ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(z + g * 16 + 4 * h))) : sv; \
-            for (int i = 0; i < MTC; i++) {                                                       \
-                const i32u *a4 = (const i32u *)(a + i * K + 32 * b);                              \
-                const int64_t j = i * nb32 + b;                                                   \
-                const int32_t base = bits == 8 ? (z ? 128 * as[j] : 0) : (z ? 0 : -off * as[j]);  \
-                int32x4_t c0 = vdupq_n_s32(base), c1 = vdupq_n_s32(0);                            \
-                for (int q = 0; q < 8; q += 2) {                                                  \
-                    c0 = vdotq_s32(c0, wv[q], vreinterpretq_s8_s32(vdupq_n_s32(a4[q])));          \
-                    c1 = vdotq_s32(c1, wv[q + 1], vreinterpretq_s8_s32(vdupq_n_s32(a4[q + 1])));  \
+            for (int p = 0; p * GROUP < MTC; p++) {                                               \
+                int32x4_t c[GROUP];                                                               \
+                sums(x[p], wv, c);                                                                \
+                for (int e = 0; e < GROUP && p * GROUP + e < MTC; e++) {                          \
+                    const int i = p * GROUP + e;                                                  \
+                    tot[i][h] = scaled(tot[i][h], c[e], bits, off, d, as, i * nb32 + b, sv, zv, z != 0); \
                 }                                                                                 \
-                const float32x4_t f = vcvtq_f32_s32(vaddq_s32(c0, c1));                           \
-                tot[i][h] = vfmaq_f32(tot[i][h], f, vmulq_n_f32(sv, d[j]));                        \
-                if (z) tot[i][h] = vfmaq_f32(tot[i][h], zv, vdupq_n_f32(d[j] * (float)as[j]));   \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -350,7 +359,6 @@ static void b16_##MTC(int bits, const int8_t *a, const float *d, const int32_t *
         memcpy(y + i * N, t, rows * sizeof(float));                                               \
     }                                                                                             \
 }
-#endif
 B16(1) B16(2) B16(3) B16(4)
 #define TILES {0, b16_1, b16_2, b16_3, b16_4}
 
