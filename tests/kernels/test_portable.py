@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
-import re
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,9 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("portable_check.c")
 CSRC = ROOT / "kernels" / "csrc"
-# the kernel families' files, as kernels/commands.py lists them (read by path: no package import here)
-SOURCES = [CSRC / f for f in re.search(r"KERNEL_SOURCES = \(([^)]*)\)", (ROOT / "kernels" / "commands.py").read_text())
-           .group(1).replace('"', "").replace(",", " ").split()]
+# the kernel families' files, as kernels/commands.py lists them (run by path, as setup.py reads it: stdlib only)
+SOURCES = [CSRC / f for f in runpy.run_path(str(ROOT / "kernels" / "commands.py"))["KERNEL_SOURCES"]]
 
 
 def cpu_flags() -> set[str]:
