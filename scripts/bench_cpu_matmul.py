@@ -63,7 +63,8 @@ def main() -> int:
     w = [0.05 * torch.randn(n, k) for _ in range(copies)]
     mods = {s: [c.x16_layout(QuantLinear.from_weight(t, QuantSpec(s, group_size=a.group))) for t in w]
             for s in ("int8", "int4")}
-    wb = [t.bfloat16() for t in w]
+    # on 2 MiB pages where the kernel offers them, as a loaded model's bf16 weights are (`enable_bf16`)
+    wb = [c._huge_pages(t.numel() * 2).view(torch.bfloat16).view(t.shape).copy_(t) for t in w]
     bytes_1row = {"int8": n * k * 1.0625, "int4": n * k * 0.5625, "bf16": n * k * 2, "torch": n * k * 2}
     widths = cb.simd()
     print(f"weight {n} x {k} ({copies} copies), groups of {a.group}, {a.threads} thread(s), kernels built for "

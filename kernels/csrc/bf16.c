@@ -12,6 +12,12 @@
 #define NB_WIDE 6   /* 4 x 6 accumulators + 6 weight vectors + 1 input vector = 31 of 32 registers */
 #define ACC_LANES 16
 #if defined(__AVX512BF16__)
+/* 1-2 row passes over rows of up to this many columns read the weight a row at a time, one sequential
+   stream, which the prefetchers follow best: 34-36 GB/s against 28-29 for 12 streams at K = 2048-6144
+   on one Zen 5 core; at K = 9216 the row and the input no longer share the L1 cache as well and 12 streams
+   win, 31 vs 24 (a standalone sweep of K and streams, session 14). One chain of `vdpbf16ps` a row keeps
+   up with memory; the widened paths below would wait on their chains' latency (AVX2: 16 vs 22 GB/s). */
+#define ONE_STREAM_K 8192
 #define TILE16_(MR, NR)                                                                           \
 static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N,   \
                             int64_t c0, int64_t c1, float *part) {                        \
@@ -167,7 +173,7 @@ static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
                 const int64_t mr = M - m < 4 ? M - m : 4;
                 const uint16_t *xs = x + m * K;
                 float *pt = part ? part + m * nb * ACC_LANES : 0;  /* this tile's sums: 4 rows x nb */
-                if (nr == nb) {
+                if (nr == nb && nb > 1) {
                     const uint16_t *ws = w + n0 * K;
                     float *ys = y + m * N + n0;
                     if (nb == NB_NARROW) {  /* never chunked: the constants let the compiler specialise
@@ -198,7 +204,10 @@ static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
 
 /* Returns 0, or -1 where a chunked pass's partial sums could not be allocated (y then incomplete). */
 int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE;
+#ifndef ONE_STREAM_K
+#define ONE_STREAM_K 0
+#endif
+    const int64_t nb = M > 2 ? NB_WIDE : K <= ONE_STREAM_K ? 1 : NB_NARROW;
     struct bf16_ctx c = {x, M, K, w, N, y, nb, M > 4 ? KC : K, 0};
     run_ranges((N + nb - 1) / nb, 1, bf16_blocks, &c, threads);
     return c.failed ? -1 : 0;

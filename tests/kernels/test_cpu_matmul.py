@@ -325,8 +325,10 @@ def test_lossless_modes_emit_ar_tokens_on_a_quantized_model(quant):
         assert rt.generate("Write a story about a cat", mode=mode, **kw).output_ids == ar, mode
 
 
-@pytest.mark.parametrize("n", [40, 45])  # whole blocks of 8 / 6 weight rows, and tails
-@pytest.mark.parametrize("k", [224, 2080])  # passes past 4 rows walk K in chunks of 1024 columns
+@pytest.mark.parametrize("n", [48, 45])  # whole blocks of 12 / 6 weight rows (AVX-512's), and tails
+# passes past 4 rows walk K in chunks of 1024 columns; 1-2 row passes over rows of up to 8192 columns read
+# the weight a row at a time with AVX512-BF16 (`ONE_STREAM_K`), longer ones in blocks of rows
+@pytest.mark.parametrize("k", [224, 2080, 8224])
 def test_bf16_matches_and_rows_do_not_depend_on_the_width(n, k):
     needs_bf16()
     w = (0.05 * torch.randn(n, k, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
