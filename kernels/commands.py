@@ -10,7 +10,7 @@ from pathlib import Path
 
 # The CPU kernels' C (kernels/csrc/): one file per kernel family, compiled together into one library per
 # instruction set, and the headers they share (cpu_kernels.h: the entry points; common.h: the rest).
-KERNEL_SOURCES = ("threads.c", "x16.c", "bf16.c", "attend.c")
+KERNEL_SOURCES = ("threads.c", "x16.c", "bf16.c", "attend.c", "pointwise.c")
 KERNEL_HEADERS = ("cpu_kernels.h", "common.h")
 
 

@@ -335,6 +335,12 @@ _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
 _OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
 _OPS.define("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor length, float scale) -> Tensor")
+# The small operations of a layer (kernels/csrc/pointwise.c, `rope_attend` in attend.c): C++ only (through ctypes
+# a call would cost about what the torch operations it stands for cost), for eager passes (`cpu_matmul.build`).
+_OPS.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_OPS.define("silu_mul(Tensor gate, Tensor up) -> Tensor")
+_OPS.define("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor qscale, Tensor(a!) k_cache, "
+            "Tensor(b!) v_cache, int layer, Tensor mask, Tensor length, float scale) -> Tensor")
 
 OPS_SOURCE = (CSRC / "cpu_ops.cpp").read_text()
 
@@ -442,12 +448,13 @@ def _ops_library() -> ctypes.CDLL | None:
 
 
 def bind(lib: ctypes.CDLL) -> None:
-    """Point the `edge_dlm::x16_gemm` / `bf16_gemm` / `attend` operators at `lib`'s kernels (`library()` binds this
+    """Point the `edge_dlm::*` operators at `lib`'s kernels (`library()` binds this
     machine's build; `scripts/bench_cpu_matmul.py` binds others)."""
     _BOUND.kernels = lib
     if _BOUND.cpp is not None:
         addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
-        _BOUND.cpp.edge_dlm_bind(addr("x16_gemm"), addr("bf16_gemm"), addr("attend"))
+        _BOUND.cpp.edge_dlm_bind(*(addr(n) for n in ("x16_gemm", "bf16_gemm", "attend", "rms_norm", "silu_mul",
+                                                      "rope_attend")))
         # the kernels' ranges on torch's threads (ATen's parallel_for) where the operators could be built so
         lib.edge_set_parallel(_BOUND.cpp.edge_dlm_parallel())
 
@@ -459,7 +466,7 @@ def _register(lib: ctypes.CDLL) -> None:
         _OPS.impl("bf16_gemm", _bf16_gemm, "CPU")
         _OPS.impl("attend", _attend, "CPU")
     else:
-        ops.edge_dlm_bind.argtypes = [ctypes.c_void_p] * 3
+        ops.edge_dlm_bind.argtypes = [ctypes.c_void_p] * 6
         ops.edge_dlm_bind.restype = None
         ops.edge_dlm_parallel.restype = ctypes.c_void_p
         _BOUND.cpp = ops
@@ -481,9 +488,27 @@ def _(q, k, v, mask, length, scale):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("edge_dlm::rms_norm")
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("edge_dlm::silu_mul")
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("edge_dlm::rope_attend")
+def _(q, k, v, cos, sin, qscale, k_cache, v_cache, layer, mask, length, scale):
+    return q.new_empty(q.shape)
+
+
 x16_gemm = torch.ops.edge_dlm.x16_gemm.default
 attend = torch.ops.edge_dlm.attend.default
 bf16_gemm = torch.ops.edge_dlm.bf16_gemm.default
+rms_norm = torch.ops.edge_dlm.rms_norm.default
+silu_mul = torch.ops.edge_dlm.silu_mul.default
+rope_attend = torch.ops.edge_dlm.rope_attend.default
 
 
 # Why this process's build failed, by part ("kernels", "operators"): remembered, never retried per

@@ -43,7 +43,8 @@ import platform
 
 import torch
 
-from edge_dlm.kernels.cpu_build import attend, bf16_gemm, library, usable, x16_gemm  # noqa: F401 (the operators)
+from edge_dlm.kernels.cpu_build import (attend, bf16_gemm, cpp_operators, library, rms_norm, rope_attend,  # noqa: F401
+                                        silu_mul, usable, x16_gemm)  # (the operators)
 
 
 def _huge_pages(nbytes: int) -> torch.Tensor:
@@ -206,10 +207,11 @@ def build(model: torch.nn.Module) -> bool:
     attention = enable_attention(model)
     if not usable():
         return attention
+    small = enable_small_ops(model)
     quant = route_quant(model)
     bf16 = enable_bf16(model)
     if not (quant or bf16):
-        return attention
+        return attention or small
     fuse(model)
     prepare_layouts(model)  # now: a first answer never waits for them
     return True
@@ -290,6 +292,28 @@ def _fused(mods: list) -> Fused | None:
         m.rebind(LAYOUT, (weight[b], scales[b], None if zeros is None else zeros[b]))
         block = b.stop
     return Fused(splits, k, weight, scales, zeros, mods[0].spec.bits, mods[0].spec.group_size)
+
+
+def enable_small_ops(model: torch.nn.Module) -> bool:
+    """The small operations between a layer's matmuls as one C call each in eager passes (a compiled pass fuses
+    them itself): RMSNorm (`rms_norm`), SiLU(gate) x up (`silu_mul`) and, for narrow passes, the rotary
+    embedding, the K / V cache writes and the attention (`rope_attend`). They stand for ~30 torch operations
+    a layer, each a few microseconds of dispatch: on NLD-3B's 26 layers, one thread, a decode step's time
+    outside its matmuls ~36 -> ~12 ms. Where the C++ operators are built (through ctypes a call would cost
+    about what it saves) and the model's activations are bfloat16 or float32; returns whether they are on."""
+    from edge_dlm.model.nld import MLP, RMSNorm
+
+    norm = getattr(getattr(model, "encoder", None), "norm", None)
+    if norm is None or not cpp_operators() or norm.weight.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    for mod in model.modules():
+        if isinstance(mod, RMSNorm):
+            mod.kernel = rms_norm
+        elif isinstance(mod, MLP):
+            mod.act = silu_mul
+    if getattr(model, "narrow_attention", None) is not None:
+        model.rope_attention = rope_attend
+    return True
 
 
 def enable_attention(model: torch.nn.Module) -> bool:

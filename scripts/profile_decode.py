@@ -27,6 +27,7 @@ KERNELS = {"matmul": ("edge_dlm::bf16_gemm", "edge_dlm::x16_gemm", "aten::mm", "
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a checkpoint to load instead of random weights at --shape / --layers")
     p.add_argument("--shape", choices=("3b", "8b"), default="3b")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -44,7 +45,7 @@ def main() -> int:
     from edge_dlm.runtime import load
 
     with tempfile.TemporaryDirectory(prefix="edge-dlm-profile-") as work:
-        src = random_checkpoint(a.shape, a.layers, Path(work) / "ckpt")
+        src = a.model or random_checkpoint(a.shape, a.layers, Path(work) / "ckpt")
         rt = load(src, device="cpu", dtype=a.dtype, quant=a.quant, group_size=32, compile="off", lora=False,
                   threads=a.threads)
     m, ctx = rt.model, a.context
@@ -72,7 +73,8 @@ def main() -> int:
     parts = {k: sum(own.get(n, 0.0) for n in names) for k, names in KERNELS.items()}
     parts["other operators"] = sum(own.values()) - sum(parts.values())
     profiled = sum(own.values())
-    print(f"NLD-{a.shape} shape, {a.layers} layers, {a.dtype}{' ' + a.quant if a.quant else ''}, {a.threads} thread(s), "
+    cfg = m.config
+    print(f"{a.model or 'NLD-' + a.shape + ' shape'}, {cfg.num_hidden_layers} layers, {a.dtype}{' ' + a.quant if a.quant else ''}, {a.threads} thread(s), "
           f"{ctx} tokens of context: {wall * 1e3:.1f} ms a step ({a.steps} steps; under the profiler "
           f"{profiled:.1f} ms of operators)")
     for k, v in parts.items():

@@ -55,33 +55,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RMSNorm(nn.Module):
+class Fusable(nn.Module):
+    """A module some of whose operations may run as one kernel call each, through hooks its model's backend
+    sets (`edge_dlm.kernels.cpu_matmul.build`): `fused`, its linears that read one input, returning their
+    outputs; `kernel` (RMSNorm) and `act` (MLP), the small operations between the matmuls, for eager passes
+    (a compiled pass fuses them itself). A device or dtype move or a load of its weights drops them."""
+
+    fused = None
+    HOOKS = ("fused",)
+
+    def _drop(self) -> None:
+        for name in self.HOOKS:
+            setattr(self, name, None)
+
+    def _apply(self, fn, recurse=True):
+        self._drop()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class RMSNorm(Fusable):
+    kernel = None  # fn(x, weight, eps): this norm in one call (`edge_dlm.kernels.cpu_build.rms_norm`)
+    HOOKS = ("kernel",)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == self.weight.dtype and not torch.compiler.is_compiling():
+            return self.kernel(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class Fusable(nn.Module):
-    """A module whose linears that read one input may run as one kernel call (`fused`, set by
-    `edge_dlm.kernels.cpu_matmul.fuse`, returning their outputs); a device or dtype move or a load of
-    its weights drops it."""
-
-    fused = None
-
-    def _apply(self, fn, recurse=True):
-        self.fused = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.fused = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
 
 class SelfAttention(Fusable):
@@ -96,20 +107,12 @@ class SelfAttention(Fusable):
         # LinearSpec drafter: (A [r, in], B [out, r], scale), applied only when a pass asks for it.
         self.o_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
-                attend, use_lora: bool) -> torch.Tensor:
-        """`attend(q [N, nq, T, hd], k, v [N, nkv, T, hd]) -> o [N, nq, T, hd]` is the pass's attention
-        over its cache (or none): the model picks it per pass (see `NLDModel`)."""
-        n, t, _ = x.shape
+    def forward(self, x: torch.Tensor, attend, use_lora: bool) -> torch.Tensor:
+        """`attend(q [N, T, nq x hd], k, v [N, T, nkv x hd]) -> o [N, T, nq x hd]` is the pass's attention
+        over its cache (or none), the rotary embedding included: the model picks it per pass (see
+        `NLDModel.heads`)."""
         q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.view(n, t, self.nq, self.hd).transpose(1, 2)  # [N, nq, T, hd]
-        k = k.view(n, t, self.nkv, self.hd).transpose(1, 2)  # [N, nkv, T, hd]
-        v = v.view(n, t, self.nkv, self.hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        q = q * qscale
         o = attend(q, k, v)
-        o = o.transpose(1, 2).reshape(n, t, self.nq * self.hd)
         out = self.o_proj(o)
         if self.o_lora is not None and (torch.is_tensor(use_lora) or use_lora):
             # in float32: the rank-r products are tiny, and inductor's C++ wrapper failed on them in bf16
@@ -121,6 +124,9 @@ class SelfAttention(Fusable):
 
 
 class MLP(Fusable):
+    act = None  # fn(gate, up) -> silu(gate) * up in one call (`edge_dlm.kernels.cpu_build.silu_mul`)
+    HOOKS = ("fused", "act")
+
     def __init__(self, cfg: NLDConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -130,6 +136,8 @@ class MLP(Fusable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+        if self.act is not None and not torch.compiler.is_compiling():
+            return self.down_proj(self.act(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -175,6 +183,10 @@ class NLDModel(nn.Module):
         # fn(q [nkv, g x T, hd], k, v [nkv, W, hd], mask [T, W], length, scale) -> like q
         # (`edge_dlm.kernels.cpu_matmul.attend`); None: SDPA
         self.narrow_attention = None
+        # The same for eager passes with the rotary embedding and the cache writes in the call:
+        # fn(q [T, nq x hd], k, v [T, nkv x hd], cos, sin, qscale, k_buf, v_buf, layer, mask, length, scale)
+        # -> [T, nq x hd] (`edge_dlm.kernels.cpu_build.rope_attend`)
+        self.rope_attention = None
         # The step function cached passes run: `cached_pass` itself (eager) or its compiled form
         # (`edge_dlm.model.compiled.enable`).
         self.step = self.cached_pass
@@ -205,13 +217,30 @@ class NLDModel(nn.Module):
             qs = torch.ones(positions.shape, dtype=torch.float32, device=positions.device)
         return cos, sin, qs[:, None, :, None].to(dtype)
 
-    def layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
-               attend, use_lora: bool) -> torch.Tensor:
+    def layers(self, x: torch.Tensor, attend, use_lora: bool) -> torch.Tensor:
         """The decoder stack and the final norm; `attend(layer)` gives that layer's attention."""
         for i, layer in enumerate(self.encoder.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, attend(i), use_lora)
+            x = x + layer.self_attn(layer.input_layernorm(x), attend(i), use_lora)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.encoder.norm(x)
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rope: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A layer's projections `[N, T, heads x hd]` as heads `[N, heads, T, hd]`, q and k through the
+        rotary embedding `rope` (`NLDModel.rope`'s cos, sin, query scale), q scaled."""
+        cos, sin, qscale = rope
+        n, t, _ = q.shape
+        hd = self.config.head_dim
+        q, k, v = (p.view(n, t, -1, hd).transpose(1, 2) for p in (q, k, v))
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q * qscale, k, v
+
+    @staticmethod
+    def merge(o: torch.Tensor) -> torch.Tensor:
+        """Heads `[N, heads, T, hd]` back to `[N, T, heads x hd]` (o_proj's input)."""
+        n, h, t, d = o.shape
+        return o.transpose(1, 2).reshape(n, t, h * d)
 
     def _sdpa(self, q, k, v, mask, is_causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -237,17 +266,18 @@ class NLDModel(nn.Module):
         whose `cache` stands in with `write(layer, k, v) -> (K, V over cache + new)` and an explicit
         `[1, 1, T, L + T]` mask (see `edge_dlm.export.onnx`)."""
         x = self.encoder.embed_tokens(tokens)
-        cos, sin, qscale = self.rope(positions, x.dtype)
+        rope = self.rope(positions, x.dtype)
         is_causal = mask is None and tokens.shape[1] > 1
 
         def attend(i):
             def plain(q, k, v):
+                q, k, v = self.heads(q, k, v, rope)
                 if cache is not None:
                     k_all, v_all = cache.write(i, k[0], v[0])
                     k, v = k_all[None], v_all[None]
-                return self._sdpa(q, k, v, mask, is_causal and cache is None)
+                return self.merge(self._sdpa(q, k, v, mask, is_causal and cache is None))
             return plain
-        return self.layers(x, cos, sin, qscale, attend, use_lora)
+        return self.layers(x, attend, use_lora)
 
     def cached_pass(self, tokens: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
                     k_buf: torch.Tensor, v_buf: torch.Tensor, attn: Attn, window: int, use_lora: bool,
@@ -266,28 +296,36 @@ class NLDModel(nn.Module):
         """
         t = tokens.shape[1]
         x = self.encoder.embed_tokens(tokens)
-        cos, sin, qscale = self.rope(positions, x.dtype)
+        rope = self.rope(positions, x.dtype)
         slots = length + torch.arange(t, device=tokens.device)
         layer_ids = torch.arange(len(self.encoder.layers), device=tokens.device)
         mask = attn.window_mask(length, t, window)
+        kv = k_buf.dtype  # float32 on a CPU for half-precision weights (`new_cache`)
+        narrow = self.narrow_attention is not None and t <= NARROW and kv == torch.float32 and not k_buf.is_cuda
+        # eager: one call a layer from the projections to o_proj's input (compiled: inductor fuses the same)
+        one_call = narrow and self.rope_attention is not None and not torch.compiler.is_compiling() and \
+            x.dtype in (torch.bfloat16, torch.float32)
 
         def attend(i):
             def static(q, k, v):
+                if one_call:
+                    return self.rope_attention(q[0], k[0], v[0], *rope, k_buf, v_buf, i, mask, length,
+                                               self.config.head_dim ** -0.5)[None]
+                q, k, v = self.heads(q, k, v, rope)
                 # an index_put_ on the whole buffer (not on a per-layer view): inductor updates it in place
                 where = [layer_ids[i:i + 1], None, slots]
-                kv = k_buf.dtype  # float32 on a CPU for half-precision weights (`new_cache`)
                 torch.ops.aten.index_put_(k_buf, where, k[0].transpose(0, 1).to(kv))  # [T, nkv, hd]
                 torch.ops.aten.index_put_(v_buf, where, v[0].transpose(0, 1).to(kv))
                 k_win, v_win = k_buf[i, :, :window], v_buf[i, :, :window]
-                if self.narrow_attention is not None and t <= NARROW and kv == torch.float32 and not k_buf.is_cuda:
+                if narrow:
                     n, h, _, d = q.shape
                     o = self.narrow_attention(q.to(kv).reshape(k_win.shape[0], -1, d), k_win, v_win, mask, length,
                                               self.config.head_dim ** -0.5).reshape(n, h, t, d)
                 else:
                     o = self._sdpa_grouped(q.to(kv), k_win[None], v_win[None], mask)
-                return o.to(q.dtype)
+                return self.merge(o.to(q.dtype))
             return static
-        h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
+        h = self.layers(x, attend, use_lora)[0]
         if last is not None:  # [1, H] -> [1, V]: the head for the row a prefill uses, not for all T
             h = h.index_select(0, last)
         logits = self.diffusion_head(h)
@@ -299,17 +337,18 @@ class NLDModel(nn.Module):
         mask, over exactly the committed + new keys (eager; the kernel takes the host length)."""
         t, cached = tokens.shape[1], cache.length
         x = self.encoder.embed_tokens(tokens)
-        cos, sin, qscale = self.rope(positions, x.dtype)
+        rope = self.rope(positions, x.dtype)
         end = cached + t
 
         def attend(i):
             def fused(q, k, v):
+                q, k, v = self.heads(q, k, v, rope)
                 cache.k[i, :, cached:end] = k[0]
                 cache.v[i, :, cached:end] = v[0]
-                return self.attn_kernel(q[0], cache.k[i, :, :end], cache.v[i, :, :end], attn, cached=cached,
-                                        scale=self.config.head_dim ** -0.5)[None]
+                return self.merge(self.attn_kernel(q[0], cache.k[i, :, :end], cache.v[i, :, :end], attn,
+                                                   cached=cached, scale=self.config.head_dim ** -0.5)[None])
             return fused
-        h = self.layers(x, cos, sin, qscale, attend, use_lora)[0]
+        h = self.layers(x, attend, use_lora)[0]
         return self.diffusion_head(h if last is None else h.index_select(0, last))  # picked by the caller
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, *, cache=None, attn: Attn | None = None,

@@ -11,13 +11,6 @@
 typedef float v16 __attribute__((vector_size(64)));  /* 16 lanes, whatever the build's vector width */
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 
-static inline float sum_lanes(const float *a) {
-    float b[8];
-    for (int l = 0; l < 8; l++) b[l] = a[l] + a[l + 8];
-    for (int l = 0; l < 4; l++) b[l] += b[l + 4];
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 static inline float sum_v16(v16 a) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)a);  /* the same tree as sum_lanes: 8 + 8, 4 + 4, 2 + 2, 1 + 1 */
@@ -147,4 +140,47 @@ int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const flo
     /* small passes (a decode step's few rows over a short cache) on one thread */
     run_ranges(H * R, H * R * keys * D >= (1 << 18) ? 1 : H * R, attend_rows, &c, threads);
     return c.failed ? -1 : 0;
+}
+
+/* A narrow pass's attention from its projections, in one call (eager passes: it stands for the model's ~20
+   torch operations a layer between the q / k / v projections and o_proj): q [T, nq * D] and k / v [T, nkv * D]
+   (row strides qs / ks / vs elements, bf16 or float32 as `bf16` says) rotated by the pass's cos / sin [T, D]
+   and q times qscale [T] (`rope_row`: the model's arithmetic, bit for bit), the new keys and values written as
+   float32 into the cache at rows length .. length + T of each K / V head (kc / vc + head * hs + row * D),
+   then `attend` over the first min(W, length + T) of those rows under mask [T, W]; out [T, nq * D] in the
+   activations' dtype (rounded as the model's `.to` rounds). The query heads that share a K / V head are
+   its rows, as `attend` takes them. Returns 0, or -1 where scratch memory could not be allocated. */
+int rope_attend(int bf16, const void *q, int64_t qs, const void *k, int64_t ks, const void *v, int64_t vs,
+                int64_t T, int64_t nq, int64_t nkv, int64_t D, const void *cos, const void *sin, const void *qscale,
+                float *kc, float *vc, int64_t hs, int64_t length, const uint8_t *mask, int64_t W, float scale,
+                void *out, int threads) {
+    const size_t esz = bf16 ? 2 : 4;
+    const char *qb = q, *kb = k, *vb = v, *cb = cos, *sb = sin, *xs = qscale;
+    if (T < 1) return 0;
+    float *qr = malloc((size_t)(nq * T * D) * sizeof(float) * 2);
+    if (!qr) return -1;
+    float *o = qr + nq * T * D;
+    for (int64_t t = 0; t < T; t++) {
+        const void *ct = cb + t * D * esz, *st = sb + t * D * esz;
+        for (int64_t h = 0; h < nq; h++)  /* head h is row (h % g) * T + t of K / V head h / g: [nq, T, D] */
+            rope_row(bf16, qb + (t * qs + h * D) * esz, ct, st, xs + t * esz, D, qr + (h * T + t) * D);
+        for (int64_t h = 0; h < nkv; h++) {
+            float *kr = kc + h * hs + (length + t) * D, *vr = vc + h * hs + (length + t) * D;
+            rope_row(bf16, kb + (t * ks + h * D) * esz, ct, st, 0, D, kr);
+            const char *vt = vb + (t * vs + h * D) * esz;
+            for (int64_t c = 0; c < D; c++) vr[c] = bf16 ? bf16_f32(((const uint16_t *)vt)[c]) : ((const float *)vt)[c];
+        }
+    }
+    const int64_t keys = W < length + T ? W : length + T;
+    const int rc = attend(qr, nkv, nq / nkv * T, T, D, kc, vc, hs, mask, W, keys, scale, o, threads);
+    for (int64_t t = 0; rc == 0 && t < T; t++)
+        for (int64_t h = 0; h < nq; h++) {
+            const float *src = o + (h * T + t) * D;
+            if (bf16) {
+                uint16_t *dst = (uint16_t *)out + t * nq * D + h * D;
+                for (int64_t c = 0; c < D; c++) dst[c] = f32_bf16(src[c]);
+            } else memcpy((float *)out + t * nq * D + h * D, src, D * sizeof(float));
+        }
+    free(qr);
+    return rc;
 }

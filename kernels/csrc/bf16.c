@@ -16,8 +16,20 @@
    stream, which the prefetchers follow best: 34-36 GB/s against 28-29 for 12 streams at K = 2048-6144
    on one Zen 5 core; at K = 9216 the row and the input no longer share the L1 cache as well and 12 streams
    win, 31 vs 24 (a standalone sweep of K and streams, session 14). One chain of `vdpbf16ps` a row keeps
-   up with memory; the widened paths below would wait on their chains' latency (AVX2: 16 vs 22 GB/s). */
+   up with memory; the widened paths below would wait on their chains' latency (AVX2: 16 vs 22 GB/s).
+   (Asking for the weight ahead as non-temporal, `prefetchnta`, kept a standalone stream's rate and the
+   caches' other contents, but made a 26-layer decode step 17% slower: 253 -> 297 ms.) */
 #define ONE_STREAM_K 8192
+static void one_stream(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, float *y, int64_t N) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  /* the tiles' chains: one a row over K */
+    for (int64_t c = 0; c < K; c += 32) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + c);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(x + c), wv);
+        if (M == 2) a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(x + K + c), wv);
+    }
+    y[0] = _mm512_reduce_add_ps(a0);
+    if (M == 2) y[N] = _mm512_reduce_add_ps(a1);
+}
 #define TILE16_(MR, NR)                                                                           \
 static void t16_##MR##_##NR(const uint16_t *x, int64_t K, const uint16_t *w, float *y, int64_t N,   \
                             int64_t c0, int64_t c1, float *part) {                        \
@@ -155,6 +167,15 @@ TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
 #define KC 1024
 struct bf16_ctx { const uint16_t *x; int64_t M, K; const uint16_t *w; int64_t N; float *y; int64_t nb, kc; int failed; };
 
+#ifdef ONE_STREAM_K
+static void bf16_rows(void *ctx, int64_t n0, int64_t n1) {  /* 1-2 row passes a weight row at a time */
+    struct bf16_ctx *cx = ctx;
+    for (int64_t n = n0; n < n1; n++) one_stream(cx->x, cx->M, cx->K, cx->w + n * cx->K, cx->y + n, cx->N);
+}
+#else
+#define ONE_STREAM_K 0
+#endif
+
 static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
     struct bf16_ctx *cx = ctx;
     const uint16_t *x = cx->x, *w = cx->w;
@@ -173,7 +194,7 @@ static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
                 const int64_t mr = M - m < 4 ? M - m : 4;
                 const uint16_t *xs = x + m * K;
                 float *pt = part ? part + m * nb * ACC_LANES : 0;  /* this tile's sums: 4 rows x nb */
-                if (nr == nb && nb > 1) {
+                if (nr == nb) {
                     const uint16_t *ws = w + n0 * K;
                     float *ys = y + m * N + n0;
                     if (nb == NB_NARROW) {  /* never chunked: the constants let the compiler specialise
@@ -204,11 +225,14 @@ static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {
 
 /* Returns 0, or -1 where a chunked pass's partial sums could not be allocated (y then incomplete). */
 int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
-#ifndef ONE_STREAM_K
-#define ONE_STREAM_K 0
-#endif
-    const int64_t nb = M > 2 ? NB_WIDE : K <= ONE_STREAM_K ? 1 : NB_NARROW;
+    const int64_t nb = M <= 2 ? NB_NARROW : NB_WIDE;
     struct bf16_ctx c = {x, M, K, w, N, y, nb, M > 4 ? KC : K, 0};
+#ifdef __AVX512BF16__
+    if (M <= 2 && K <= ONE_STREAM_K) {
+        run_ranges(N, 1, bf16_rows, &c, threads);
+        return 0;
+    }
+#endif
     run_ranges((N + nb - 1) / nb, 1, bf16_blocks, &c, threads);
     return c.failed ? -1 : 0;
 }

@@ -1,7 +1,8 @@
-/* The CPU kernels' entry points (threads.c, x16.c, bf16.c, attend.c), shared by the torch operators (cpu_ops.cpp), the C test
-   harness (tests/kernels/portable_check.c) and, through ctypes, kernels/cpu_matmul.py. Every array is
-   contiguous; the kernels trust their callers, which check shapes and types (cpu_ops.cpp). The
-   gemm / attention entries return 0, or -1 where their scratch memory could not be allocated. */
+/* The CPU kernels' entry points (threads.c, x16.c, bf16.c, attend.c, pointwise.c), shared by the torch
+   operators (cpu_ops.cpp), the C test harness (tests/kernels/portable_check.c) and, through ctypes,
+   kernels/cpu_matmul.py. Arrays are contiguous but where a row stride is passed; the kernels trust their
+   callers, which check shapes and types (cpu_ops.cpp). The gemm / attention entries return 0, or -1 where
+   their scratch memory could not be allocated. */
 #ifndef EDGE_DLM_CPU_KERNELS_H
 #define EDGE_DLM_CPU_KERNELS_H
 #include <stdint.h>
@@ -35,6 +36,20 @@ int bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_
 /* attention of q [H, R, D] over the first `keys` rows of k / v (head h at k + h * hs) under mask [T, W] */
 int attend(const float *q, int64_t H, int64_t R, int64_t T, int64_t D, const float *k, const float *v, int64_t hs,
            const uint8_t *mask, int64_t W, int64_t keys, float scale, float *out, int threads);
+
+/* the small operations between a layer's matmuls (pointwise.c), bf16 (bf16 = 1) or float32, a row at a time:
+   y [M, H] = w * round(x * (1 / sqrt(mean(x^2) + eps))) (RMSNorm; x's rows xs elements apart), and
+   y [M, I] = silu(g) * u (g / u rows gs / us elements apart) */
+void rms_norm(int bf16, const void *x, int64_t M, int64_t H, int64_t xs, const void *w, float eps, void *y,
+              int threads);
+void silu_mul(int bf16, const void *g, int64_t gs, const void *u, int64_t us, int64_t M, int64_t I, void *y,
+              int threads);
+
+/* a narrow pass's rotary embedding, K / V cache writes and attention in one call (attend.c) */
+int rope_attend(int bf16, const void *q, int64_t qs, const void *k, int64_t ks, const void *v, int64_t vs,
+                int64_t T, int64_t nq, int64_t nkv, int64_t D, const void *cos, const void *sin, const void *qscale,
+                float *kc, float *vc, int64_t hs, int64_t length, const uint8_t *mask, int64_t W, float scale,
+                void *out, int threads);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,7 @@
-// The CPU kernels as torch operators (edge_dlm::x16_gemm / bf16_gemm / attend): each checks what it is
-// given (shapes, dtypes, layout sizes, group sizes) and raises one clear error; the kernels themselves
-// (kernels/csrc/*.c, bound by pointer: `edge_dlm_bind`) trust their inputs.
+// The CPU kernels as torch operators (edge_dlm::x16_gemm / bf16_gemm / attend / rms_norm / silu_mul /
+// rope_attend): each checks what it is given (shapes, dtypes, layout sizes, group sizes, the cache rows it
+// writes) and raises one clear error; the kernels themselves (kernels/csrc/*.c, bound by pointer:
+// `edge_dlm_bind`) trust their inputs.
 #include <algorithm>
 
 #include <ATen/Parallel.h>
@@ -13,11 +14,17 @@
 static decltype(&x16_gemm) x16_kernel = nullptr;
 static decltype(&bf16_gemm) bf16_kernel = nullptr;
 static decltype(&attend) attend_kernel = nullptr;
+static decltype(&rms_norm) norm_kernel = nullptr;
+static decltype(&silu_mul) silu_kernel = nullptr;
+static decltype(&rope_attend) rope_attend_kernel = nullptr;
 
-extern "C" void edge_dlm_bind(void *x16, void *bf16, void *att) {
+extern "C" void edge_dlm_bind(void *x16, void *bf16, void *att, void *norm, void *silu, void *rope_att) {
     x16_kernel = reinterpret_cast<decltype(&x16_gemm)>(x16);
     bf16_kernel = reinterpret_cast<decltype(&bf16_gemm)>(bf16);
     attend_kernel = reinterpret_cast<decltype(&attend)>(att);
+    norm_kernel = reinterpret_cast<decltype(&rms_norm)>(norm);
+    silu_kernel = reinterpret_cast<decltype(&silu_mul)>(silu);
+    rope_attend_kernel = reinterpret_cast<decltype(&rope_attend)>(rope_att);
 }
 
 // The kernels' threads are torch's: each kernel's ranges through ATen's parallel_for (installed into the
@@ -109,8 +116,82 @@ static at::Tensor attend_op(const at::Tensor &q_, const at::Tensor &k, const at:
     return out;
 }
 
+// The activations of the small operations: bfloat16 or float32, rows of unit stride
+static bool activations(const at::Tensor &t) {
+    return (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat) && t.dim() >= 1 && t.stride(-1) == 1 &&
+           t.device().is_cpu();
+}
+
+// [..., C] as [rows, C]: a view where one stride reaches every row (their distance is the kernels' row stride:
+// one part of a fused projection is read in place), else a copy
+static at::Tensor rows(const at::Tensor &t) { return t.reshape({-1, t.size(-1)}); }
+
+static at::Tensor rms_norm_op(const at::Tensor &x, const at::Tensor &weight, double eps) {
+    TORCH_CHECK(norm_kernel, "edge_dlm::rms_norm: kernels not bound");
+    TORCH_CHECK(activations(x) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
+                weight.size(0) == x.size(-1) && weight.is_contiguous(),
+                "rms_norm takes x [..., H] and weight [H] of one dtype, bfloat16 or float32 (", x.scalar_type(), ", ",
+                weight.scalar_type(), ")");
+    const at::Tensor x2 = rows(x);
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    norm_kernel(x.scalar_type() == at::kBFloat16, x2.data_ptr(), x2.size(0), x2.size(1), x2.stride(0),
+                weight.data_ptr(), (float)eps, y.data_ptr(), at::get_num_threads());
+    return y;
+}
+
+static at::Tensor silu_mul_op(const at::Tensor &gate, const at::Tensor &up) {
+    TORCH_CHECK(silu_kernel, "edge_dlm::silu_mul: kernels not bound");
+    TORCH_CHECK(activations(gate) && activations(up) && gate.scalar_type() == up.scalar_type() &&
+                gate.sizes() == up.sizes(), "silu_mul takes gate and up [..., I] of one shape and dtype, bfloat16 or float32");
+    const at::Tensor g = rows(gate), u = rows(up);
+    at::Tensor y = at::empty(gate.sizes(), gate.options());
+    silu_kernel(gate.scalar_type() == at::kBFloat16, g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), g.size(0),
+                g.size(1), y.data_ptr(), at::get_num_threads());
+    return y;
+}
+
+static at::Tensor rope_attend_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &cos,
+                                 const at::Tensor &sin, const at::Tensor &qscale, at::Tensor &k_cache, at::Tensor &v_cache,
+                                 int64_t layer, const at::Tensor &mask_, const at::Tensor &length, double scale) {
+    TORCH_CHECK(rope_attend_kernel, "edge_dlm::rope_attend: kernels not bound");
+    const auto dt = q.scalar_type();
+    TORCH_CHECK(activations(q) && activations(k) && activations(v) && k.scalar_type() == dt && v.scalar_type() == dt &&
+                cos.scalar_type() == dt && sin.scalar_type() == dt && qscale.scalar_type() == dt,
+                "rope_attend takes q, k, v, cos, sin and qscale of one dtype, bfloat16 or float32");
+    const at::Tensor q2 = rows(q), k2 = rows(k), v2 = rows(v);
+    const at::Tensor mask = mask_.contiguous();
+    const int64_t T = q2.size(0), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous() &&
+                k_cache.device().is_cpu() && v_cache.device().is_cpu() && 0 <= layer && layer < k_cache.size(0) &&
+                D > 0 && D % 16 == 0, "rope_attend: K / V caches [layers, heads, capacity, D] float32, D a multiple of 16");
+    const int64_t nq = q2.size(1) / D, nkv = k_cache.size(1), C = k_cache.size(2);
+    TORCH_CHECK(T > 0 && q2.size(1) == nq * D && nq % nkv == 0 && k2.sizes() == v2.sizes() && k2.size(0) == T &&
+                k2.size(1) == nkv * D, "rope_attend: q [T, heads * D], k / v [T, ", nkv, " * D] for the cache's ", nkv,
+                " heads of ", D);
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D &&
+                qscale.is_contiguous() && qscale.numel() == T, "rope_attend: cos / sin [T, D] and qscale [T]");
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == T && mask.size(1) <= C &&
+                length.scalar_type() == at::kLong && length.numel() == 1 && length.device().is_cpu(),
+                "rope_attend: mask [T, W] bool (W within the cache), length");
+    const int64_t len = *length.data_ptr<int64_t>();
+    TORCH_CHECK(len >= 0 && len + T <= C, "rope_attend: ", len, " cached + ", T, " new rows past the capacity ", C);
+    at::Tensor out = at::empty(q.sizes(), q.options());
+    const int rc = rope_attend_kernel(
+        dt == at::kBFloat16, q2.data_ptr(), q2.stride(0), k2.data_ptr(), k2.stride(0), v2.data_ptr(), v2.stride(0), T,
+        nq, nkv, D, cos.data_ptr(), sin.data_ptr(), qscale.data_ptr(), k_cache.data_ptr<float>() + layer * k_cache.stride(0),
+        v_cache.data_ptr<float>() + layer * v_cache.stride(0), k_cache.stride(1), len,
+        reinterpret_cast<const uint8_t *>(mask.data_ptr<bool>()), mask.size(1), (float)scale, out.data_ptr(),
+        at::get_num_threads());
+    TORCH_CHECK(rc == 0, "rope_attend: out of memory for the rotated queries of ", T, " rows");
+    return out;
+}
+
 TORCH_LIBRARY_IMPL(edge_dlm, CPU, m) {
     m.impl("x16_gemm", x16_gemm_op);
     m.impl("bf16_gemm", bf16_gemm_op);
     m.impl("attend", attend_op);
+    m.impl("rms_norm", rms_norm_op);
+    m.impl("silu_mul", silu_mul_op);
+    m.impl("rope_attend", rope_attend_op);
 }
