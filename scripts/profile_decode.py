@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KERNELS = {"matmul": ("edge_dlm::bf16_gemm", "edge_dlm::x16_gemm", "aten::mm", "aten::addmm", "aten::linear"),
-           "attention": ("edge_dlm::attend", "aten::_scaled_dot_product_flash_attention_for_cpu")}
+           # with the rotary embedding and the cache writes in the call (`rope_attend`, eager passes)
+           "attention": ("edge_dlm::attend", "edge_dlm::rope_attend", "aten::_scaled_dot_product_flash_attention_for_cpu")}
 
 
 def main() -> int:

@@ -35,6 +35,77 @@ static void same_alone(const float *y, const float *y1, int64_t N, int64_t m) {
 }
 
 static uint16_t bf16(float f) { union { float f; uint32_t u; } v = { f }; return (uint16_t)(v.u >> 16); }
+static float f32(uint16_t b) { union { uint32_t u; float f; } v = { (uint32_t)b << 16 }; return v.f; }
+
+/* n values of dtype bf16 (1) or float32 (0) at p, as hex floats */
+static void print_values(const char *head, int b, const void *p, int64_t n) {
+    printf("%s b=%d", head, b);
+    for (int64_t i = 0; i < n; i++) printf(" %a", b ? f32(((const uint16_t *)p)[i]) : ((const float *)p)[i]);
+    printf("\n");
+}
+
+static void same_bytes(const void *a, const void *b, size_t n, const char *what) {
+    if (memcmp(a, b, n)) {
+        fprintf(stderr, "%s\n", what);
+        exit(1);
+    }
+}
+
+/* the small operations of a layer (pointwise.c) and a narrow pass's rope + cache writes + attention
+   (`rope_attend`), in bf16 and float32: 3 threads as 1, each row alone as in the pass */
+static void small_ops(int b) {
+    state = 88172645463325252ull;  /* the same inputs whether or not a build ran the bf16 matmul before */
+    const size_t e = b ? 2 : 4;
+    const int64_t M = 5, H = 200, I = 72;  /* H: 12 sums of 16 lanes and a tail */
+    char *x = malloc(M * H * e), *w = malloc(H * e), *y = malloc(M * H * e), *y3 = malloc(M * H * e);
+    for (int64_t i = 0; i < M * H; i++) b ? (((uint16_t *)x)[i] = bf16(uniform() * 3)) : (((float *)x)[i] = uniform() * 3);
+    for (int64_t i = 0; i < H; i++) b ? (((uint16_t *)w)[i] = bf16(1 + uniform())) : (((float *)w)[i] = 1 + uniform());
+    rms_norm(b, x, M, H, H, w, 1e-5f, y, 1);
+    rms_norm(b, x, M, H, H, w, 1e-5f, y3, 3);
+    same_bytes(y, y3, M * H * e, "rms_norm: 3 threads differ from 1");
+    for (int64_t m = 0; m < M; m++) {
+        rms_norm(b, x + m * H * e, 1, H, H, w, 1e-5f, y3, 1);
+        same_bytes(y + m * H * e, y3, H * e, "rms_norm: a row differs alone");
+    }
+    print_values("norm", b, y, M * H);
+    /* silu(g) * u of a fused projection's two parts: rows 2I apart */
+    char *gu = malloc(M * 2 * I * e), *z = malloc(M * I * e), *z3 = malloc(M * I * e);
+    for (int64_t i = 0; i < M * 2 * I; i++) {
+        const float v = uniform() * (i % 7 == 0 ? 100 : 6);  /* some far into either tail of e^x */
+        b ? (((uint16_t *)gu)[i] = bf16(v)) : (((float *)gu)[i] = v);
+    }
+    silu_mul(b, gu, 2 * I, gu + I * e, 2 * I, M, I, z, 1);
+    silu_mul(b, gu, 2 * I, gu + I * e, 2 * I, M, I, z3, 3);
+    same_bytes(z, z3, M * I * e, "silu_mul: 3 threads differ from 1");
+    print_values("silu", b, z, M * I);
+    /* T = 3 new tokens after 5 cached, causal, 4 query heads over 2 K / V heads of 32, a 16-row cache */
+    const int64_t T = 3, nq = 4, nkv = 2, D = 32, C = 16, len = 5, W = 16, nt = (nq + 2 * nkv) * D;
+    char *qkv = malloc(T * nt * e), *cs = malloc(T * D * e), *sn = malloc(T * D * e), *qs = malloc(T * e);
+    char *o = malloc(T * nq * D * e);
+    float *kc = calloc(nkv * C * D, sizeof(float)), *vc = calloc(nkv * C * D, sizeof(float));
+    uint8_t mask[3 * 16];
+    for (int64_t i = 0; i < T * nt; i++) b ? (((uint16_t *)qkv)[i] = bf16(uniform())) : (((float *)qkv)[i] = uniform());
+    for (int64_t i = 0; i < T * D; i++) {
+        const float c = uniform(), s = uniform();
+        b ? (((uint16_t *)cs)[i] = bf16(c), ((uint16_t *)sn)[i] = bf16(s)) : (((float *)cs)[i] = c, ((float *)sn)[i] = s);
+    }
+    for (int64_t t = 0; t < T; t++) b ? (((uint16_t *)qs)[t] = bf16(1.25f)) : (((float *)qs)[t] = 1.25f);
+    for (int64_t i = 0; i < nkv * len * D; i++) kc[i % (nkv * C * D)] = uniform(), vc[i % (nkv * C * D)] = uniform();
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < W; j++) mask[t * W + j] = j < len || j - len <= t;
+    if (rope_attend(b, qkv, nt, qkv + nq * D * e, nt, qkv + (nq + nkv) * D * e, nt, T, nq, nkv, D, cs, sn, qs, kc, vc,
+                    C * D, len, mask, W, 0.25f, o, 1)) {
+        fprintf(stderr, "rope_attend failed\n");
+        exit(1);
+    }
+    print_values("rope", b, o, T * nq * D);
+    printf("cache b=%d", b);  /* the rotated keys and the values, as written */
+    for (int64_t h = 0; h < nkv; h++)
+        for (int64_t i = len * D; i < (len + T) * D; i++) printf(" %a %a", kc[h * C * D + i], vc[h * C * D + i]);
+    printf("\n");
+    free(x), free(w), free(y), free(y3), free(gu), free(z), free(z3), free(qkv), free(cs), free(sn), free(qs), free(o);
+    free(kc), free(vc);
+}
 
 int main(void) {
     const int64_t K = 256, N = 40, nb = (N + 15) / 16;
@@ -82,6 +153,8 @@ int main(void) {
         printf("\n");
         free(x); free(w); free(y); free(y3);
     }
+    small_ops(1);
+    small_ops(0);
     fprintf(stderr, "x16_simd=%d\n", x16_simd());
     return 0;
 }

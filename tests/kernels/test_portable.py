@@ -65,6 +65,20 @@ def builds(tmp: Path) -> dict[str, tuple[dict, int]]:
     return out
 
 
+def small_ops_agree(rows: dict, ref: dict, name: str) -> None:
+    """The small operations of a layer (pointwise.c: no fused multiply-adds, the same roundings in every build)
+    bit for bit; `rope_attend`'s attention within 1e-6 of its largest value (its sums run in fused
+    multiply-adds where the build has them); both dtypes."""
+    keys = [k for k in ref if k.split()[0] in ("norm", "silu", "rope", "cache")]
+    assert len(keys) == 8, name
+    for key in keys:
+        if key.startswith("rope"):
+            scale = max(abs(v) for v in ref[key])
+            assert max(abs(a - b) for a, b in zip(rows[key], ref[key])) <= 1e-6 * scale, (name, key)
+        else:
+            assert rows[key] == ref[key], (name, key)
+
+
 def test_every_x86_build_computes_the_same_numbers(tmp_path):
     got = builds(tmp_path)
     ref, _ = got["generic" if "generic" in got else "native"]
@@ -73,6 +87,7 @@ def test_every_x86_build_computes_the_same_numbers(tmp_path):
         for key, vals in ref.items():
             if key.startswith("x16"):
                 assert rows[key] == vals, (name, key)
+        small_ops_agree(rows, ref, name)
         for key, vals in rows.items():
             if key.startswith("bf16") and key in got["native"][0]:
                 base = got["native"][0][key]
@@ -86,7 +101,8 @@ def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
     in each aarch64 variant of `kernels/csrc/variants.json`: the int8 matrix multiply (`smmla`) with bf16
     dot products (`bfdot`), the dot product (`sdot`) with bf16 widened to float32, and the portable loops
     of ARMv8.0 (bf16 in NEON), with and without zero points; bf16 within 1e-3 of a row's largest value of
-    the x86 build's; in each, a row's result the same in a wide pass as alone (the harness checks)."""
+    the x86 build's; the small operations of a layer as `small_ops_agree` says; in each, a row's result the
+    same in a wide pass as alone (the harness checks)."""
     cc = shutil.which("aarch64-linux-gnu-gcc")
     qemu = shutil.which("qemu-aarch64")
     if platform.machine() == "aarch64":
@@ -113,6 +129,7 @@ def test_the_aarch64_build_computes_the_x86_numbers(tmp_path):
         assert x16 == {k: v for k, v in got["generic"][0].items() if k.startswith("x16")}, name
         if x86:
             assert x16 == {k: v for k, v in x86.items() if k.startswith("x16")}, name
+            small_ops_agree(rows, x86, name)
         bf16 = {k: v for k, v in rows.items() if k.startswith("bf16")}
         assert len(bf16) == 4, name  # every aarch64 build has the NEON bf16 kernel
         for key, vals in bf16.items():
