@@ -333,7 +333,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 # 341 -> 240 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` / `_attend` (ctypes) serve.
 _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
-_OPS.define("bf16_gemm(Tensor x, Tensor weight) -> Tensor")
+_OPS.define("bf16_gemm(Tensor x, Tensor weight, bool bf16_out=False) -> Tensor")
 _OPS.define("attend(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor length, float scale) -> Tensor")
 # The small operations of a layer (kernels/csrc/pointwise.c, `rope_attend` in attend.c): C++ only (through ctypes
 # a call would cost about what the torch operations it stands for cost), for eager passes (`cpu_matmul.build`).
@@ -370,17 +370,20 @@ def _require(ok: bool, what: str) -> None:
         raise RuntimeError(what)
 
 
-def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x [M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[M, N]` float32 (sums in float32)."""
-    x = x.contiguous()
+def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bf16_out: bool = False) -> torch.Tensor:
+    """`x [..., M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[..., M, N]` float32 (sums in float32), or
+    rounded to bfloat16 (`bf16_out`: what a bf16 linear layer returns)."""
+    _require(x.dim() >= 2 and x.dtype == torch.bfloat16, "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16")
+    shape, x = x.shape, x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x.shape
     n = weight.shape[0]
     _require(x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] == k and k % 32 == 0
-             and weight.is_contiguous(), "bf16_gemm takes x [M, K] and weight [N, K] bfloat16, K a multiple of 32")
+             and weight.is_contiguous(), "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16, K a multiple of 32")
     y = torch.empty(m, n, dtype=torch.float32)
     _require(m == 0 or _BOUND.kernels.bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(),
                                                 torch.get_num_threads()) == 0, "bf16_gemm: out of memory")
-    return y
+    y = y.reshape(*shape[:-1], n)
+    return y.to(torch.bfloat16) if bf16_out else y
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, length: torch.Tensor,
@@ -479,8 +482,8 @@ def _(x, weight, scales, zeros, bits, group, n):
 
 
 @torch.library.register_fake("edge_dlm::bf16_gemm")
-def _(x, weight):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+def _(x, weight, bf16_out=False):
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.bfloat16 if bf16_out else torch.float32)
 
 
 @torch.library.register_fake("edge_dlm::attend")

@@ -124,10 +124,10 @@ class Bf16Linear(torch.nn.Linear):
     max_rows = MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.bias is not None or x2.shape[0] > self.max_rows or self.in_features % 32 or x.dtype != torch.bfloat16:
+        if self.bias is not None or x.numel() > self.max_rows * x.shape[-1] or self.in_features % 32 or \
+                x.dtype != torch.bfloat16 or x.dim() < 2:
             return super().forward(x)
-        return bf16_gemm(x2, self.weight).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return bf16_gemm(x, self.weight, True)  # rounded to bf16 in the call
 
 
 def enable_bf16(model: torch.nn.Module) -> int:
@@ -242,7 +242,7 @@ class Fused:
         if self.bits:
             y = x16_gemm(x2.float(), self.weight, self.scales, self.zeros, self.bits, self.group, self.n).to(x.dtype)
         elif x2.shape[0] <= self.max_rows and x.dtype == torch.bfloat16:
-            y = bf16_gemm(x2, self.weight).to(x.dtype)
+            y = bf16_gemm(x2, self.weight, True)
         else:  # wide bf16 passes: torch's GEMM, as `Bf16Linear`
             y = torch.nn.functional.linear(x2, self.weight)
         return y.reshape(*x.shape[:-1], self.n).split(self.splits, -1)

@@ -3,6 +3,7 @@
 // writes) and raises one clear error; the kernels themselves (kernels/csrc/*.c, bound by pointer:
 // `edge_dlm_bind`) trust their inputs.
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -77,20 +78,28 @@ static at::Tensor x16_gemm_op(const at::Tensor &x_, const at::Tensor &weight, co
     return y;
 }
 
-static at::Tensor bf16_gemm_op(const at::Tensor &x_, const at::Tensor &weight) {
+static at::Tensor bf16_gemm_op(const at::Tensor &x_, const at::Tensor &weight, bool bf16_out) {
     TORCH_CHECK(bf16_kernel, "edge_dlm::bf16_gemm: not built for this CPU");
-    TORCH_CHECK(x_.dim() == 2 && weight.dim() == 2 && x_.scalar_type() == at::kBFloat16 &&
-                weight.scalar_type() == at::kBFloat16, "bf16_gemm takes x [M, K] and weight [N, K] bfloat16");
-    at::Tensor x = x_.contiguous();
+    TORCH_CHECK(x_.dim() >= 2 && weight.dim() == 2 && x_.scalar_type() == at::kBFloat16 &&
+                weight.scalar_type() == at::kBFloat16, "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16");
+    const at::Tensor x = x_.reshape({-1, x_.size(-1)}).contiguous();
     check(weight, "weight");
     TORCH_CHECK(x.size(1) == weight.size(1) && x.size(1) % 32 == 0,
                 "bf16_gemm: x and weight must share K, a multiple of 32 (", x.size(1), ", ", weight.size(1), ")");
-    at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
-    if (x.size(0) == 0 || weight.size(0) == 0) return y;
+    std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
+    shape.back() = weight.size(0);
+    at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+    if (x.size(0) == 0 || weight.size(0) == 0) return bf16_out ? y.to(at::kBFloat16) : y;
     const int rc = bf16_kernel((const uint16_t *)x.data_ptr(), x.size(0), x.size(1), (const uint16_t *)weight.data_ptr(),
                                weight.size(0), y.data_ptr<float>(), at::get_num_threads());
     TORCH_CHECK(rc == 0, "bf16_gemm: out of memory for the partial sums of ", x.size(0), " rows");
-    return y;
+    if (!bf16_out) return y;
+    // rounded as torch's `.to(torch.bfloat16)` rounds (c10::BFloat16: to nearest even), in this call
+    at::Tensor out = at::empty(shape, x.options());
+    const float *src = y.data_ptr<float>();
+    c10::BFloat16 *dst = out.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0, n = y.numel(); i < n; i++) dst[i] = c10::BFloat16(src[i]);
+    return out;
 }
 
 static at::Tensor attend_op(const at::Tensor &q_, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask_,

@@ -217,7 +217,13 @@ def test_the_cpp_operators_are_the_ctypes_calls():
         w = torch.randn(45, 224).bfloat16()
         for rows in (1, 5, 32):
             x = torch.randn(rows, 224).bfloat16()
-            assert torch.equal(cpu_matmul.bf16_gemm(x, w), cpu_build._bf16_gemm(x, w)), rows
+            y = cpu_matmul.bf16_gemm(x, w)
+            assert torch.equal(y, cpu_build._bf16_gemm(x, w)), rows
+            # rounded in the call as torch's `.to` rounds (what a bf16 linear returns); [..., M, K] inputs
+            for impl in (cpu_matmul.bf16_gemm, cpu_build._bf16_gemm):
+                out = impl(x[None], w, True)
+                assert out.dtype == torch.bfloat16 and out.shape == (1, rows, 45)
+                assert torch.equal(out[0].view(torch.int16), y.to(torch.bfloat16).view(torch.int16)), rows
     with pytest.raises(RuntimeError, match="float32"):
         cpu_matmul.x16_gemm(torch.randn(2, 192).double(), *lay, mod.spec.bits, 32, 40)
 
@@ -381,7 +387,8 @@ def test_bf16_models_route_narrow_passes_and_stay_lossless():
 def test_narrow_attention_is_sdpa_row_by_row():
     """`attend`: the narrow passes' attention over a cache window, against SDPA with the pattern's
     mask (every pattern, grouped query heads, keys past length + T never read), each row alone (its
-    result does not depend on the other rows or on the thread count), the ctypes path equal."""
+    result does not depend on the other rows, on the rows computed beside it or on the thread count), the
+    ctypes path equal."""
     import torch.nn.functional as F
 
     from edge_dlm.primitives.attention import Attn
@@ -407,6 +414,11 @@ def test_narrow_attention_is_sdpa_row_by_row():
         other = q.clone()
         other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
         assert torch.equal(cpu_matmul.attend(other, k, v, mask, n, d ** -0.5)[:, 0], got[:, 0])
+        # each row as a pass of its own (AVX-512 builds run a head's rows 4 at a time, the last ones alone)
+        for r in range(group * t):
+            alone = cpu_matmul.attend(q[:, r:r + 1].contiguous(), k, v, mask[r % t][None], torch.tensor(length + t - 1),
+                                      d ** -0.5)
+            assert torch.equal(alone[:, 0], got[:, r]), (attn, r)
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(2 if threads == 1 else 1)
