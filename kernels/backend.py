@@ -4,7 +4,9 @@ which rebuilds the model's layers for it:
 
     cpu     the C kernels (`cpu_matmul`): int8 / int4 layers get the kernel's matmul (`QuantLinear.kernel`),
             bf16 linears become `Bf16Linear`s (the same weights), the projections that share an input run
-            as one call, narrow cached passes attend in C (`NLDModel.narrow_attention`);
+            as one call, narrow cached passes attend in C (`NLDModel.narrow_attention`), and eager passes
+            run the norms, SiLU x up and a narrow pass's rope + attention as one C call each
+            (`RMSNorm.kernel`, `MLP.act`, `NLDModel.rope_attention`);
     triton  the Triton kernels (CUDA, or interpreted on a CPU with TRITON_INTERPRET=1 and `--kernels on`):
             block attention and the pick over the cache (`NLDModel.attn_kernel` / `pick_kernel`), int8 /
             int4 matmuls on CUDA;

@@ -1,6 +1,7 @@
 """CPU matmuls for the passes of a decode: int8 / int4 (`x16_gemm`, for `QuantLinear`) and bfloat16
-(`bf16_gemm`, for `Bf16Linear`; projections that share an input as one call: `fuse`), and the attention
-of narrow passes (`attend`): the layers and weight layouts that use the C kernels (`csrc/*.c`,
+(`bf16_gemm`, for `Bf16Linear`; projections that share an input as one call: `fuse`), the attention
+of narrow passes (`attend`) and the small operations between them in eager passes (`enable_small_ops`):
+the layers and weight layouts that use the C kernels (`csrc/*.c`,
 output rows split over torch's threads), which `cpu_build` loads (the variant built with the package for this CPU)
 and calls through torch operators written in C++, so a compiled pass (`--compile on`) keeps them in its
 graph.
