@@ -4,6 +4,7 @@ matmul kernels, the attention kernel and everything else (the other operators, a
 between them: the wall time the operators do not account for).
 
     .venv/bin/python scripts/profile_decode.py --shape 3b --layers 8 --threads 1 --context 506
+    .venv/bin/python scripts/profile_decode.py --model edge_dlm/demo_model --dtype float32 --small-ops-ab 8
 
 The weights are random at the shape's layer sizes and vocabulary (`bench_llamacpp.random_checkpoint`,
 nothing downloaded), loaded as the runtime's loader loads them (`--dtype`, `--quant`: the same kernels,
@@ -36,6 +37,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="steps timed, then as many profiled")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", choices=("int8", "int4"))
+    p.add_argument("--small-ops-ab", type=int, metavar="ROUNDS",
+                   help="instead: the step with the small operations' C calls (`enable_small_ops`) on and off, "
+                        "interleaved for ROUNDS rounds of --steps steps each, medians")
     a = p.parse_args()
 
     import torch
@@ -62,6 +66,8 @@ def main() -> int:
             cache.commit(0)  # the same position every step: the context stays `ctx`
 
         step()
+        if a.small_ops_ab:
+            return small_ops_ab(m, step, a)
         t = time.perf_counter()
         for _ in range(a.steps):
             step()
@@ -84,6 +90,34 @@ def main() -> int:
           f"bound): {max(0.0, wall * 1e3 - profiled):.1f} ms")
     print()
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+def small_ops_ab(m, step, a) -> int:
+    """A decode step's time with the small operations as one C call each and with torch's operations, in one
+    process, interleaved (each round times both), so a busy neighbour or the memory's varying rate slows
+    both alike; the hooks the CPU backend set are taken off and put back."""
+    import statistics
+
+    hooks = [(mod, n, getattr(mod, n)) for mod in m.modules() for n in ("kernel", "act", "rope_attention")
+             if getattr(mod, n, None) is not None]
+    if not hooks:
+        sys.exit("the small operations' kernels are off here (no C++ operators, or a float16 model)")
+    times = {"C calls": [], "torch's operations": []}
+    for _ in range(a.small_ops_ab):
+        for name in times:
+            for mod, n, f in hooks:
+                setattr(mod, n, f if name == "C calls" else None)
+            step()
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            times[name].append((time.perf_counter() - t) / a.steps * 1e3)
+    for mod, n, f in hooks:
+        setattr(mod, n, f)
+    for name, ms in times.items():
+        print(f"{name}: {statistics.median(ms):.2f} ms a step (median of {len(ms)} rounds of {a.steps}; best "
+              f"{min(ms):.2f})")
     return 0
 
 
