@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from edge_dlm.kernels import commands
+from edge_dlm.kernels import commands, cpu_ctypes
 
 # The kernels' sources (`csrc/`), read as files: compiled, read and linted as C and C++
 CSRC = Path(__file__).parent / "csrc"
@@ -322,15 +322,11 @@ def threads() -> str:
     return f"threads of their own per call ({why})"
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 # The kernels as torch operators, so a compiled pass keeps them in its graph. Their CPU implementation is
 # a few lines of C++ (`OPS_SOURCE`, built once per torch version against torch's own headers) that call the
 # C kernels through pointers (`bind`): a compiled pass calls an operator from C++, and a Python
 # implementation cost ~3 us more per call than the C++ one (a quantized demo-model AR step made 29 calls:
-# 341 -> 240 us). Where no C++ compiler builds it, `_x16_gemm` / `_bf16_gemm` / `_attend` (ctypes) serve.
+# 341 -> 240 us). Where no C++ compiler builds it, `cpu_ctypes`' implementations serve.
 _OPS = torch.library.Library("edge_dlm", "FRAGMENT")
 _OPS.define("x16_gemm(Tensor x, Tensor weight, Tensor scales, Tensor? zeros, int bits, int group, int n) -> Tensor")
 _OPS.define("bf16_gemm(Tensor x, Tensor weight, bool bf16_out=False) -> Tensor")
@@ -343,65 +339,6 @@ _OPS.define("rope_attend(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, T
             "Tensor(b!) v_cache, int layer, Tensor mask, Tensor length, float scale) -> Tensor")
 
 OPS_SOURCE = (CSRC / "cpu_ops.cpp").read_text()
-
-
-def _x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              bits: int, group: int, n: int) -> torch.Tensor:
-    """`x [M, K]` float32 . W^T -> `[M, n]` float32, W int8 / int4 in the 16-row layout of
-    `x16_layout` (`weight`, fp16 `scales` / `zeros`); x rounded to int8 per block of 32 columns."""
-    x = x.contiguous()
-    m, k = x.shape
-    blocks = -(-n // 16)
-    _require(x.dtype == torch.float32 and bits in (8, 4) and k % 32 == 0 and group >= 32 and not group & (group - 1)
-             and k % group == 0 and weight.dtype == torch.uint8 and weight.numel() == blocks * 16 * k * bits // 8
-             and scales.dtype == torch.float16 and scales.numel() == blocks * k // group * 16
-             and (zeros is None or zeros.shape == scales.shape) and weight.is_contiguous() and scales.is_contiguous(),
-             "x16_gemm takes x [M, K] float32 (K a multiple of 32) and an int8 / int4 16-row layout of n x K")
-    y = torch.empty(m, n, dtype=torch.float32)
-    _require(m == 0 or _BOUND.kernels.x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(),
-                                               _ptr(zeros), n, group, y.data_ptr(), torch.get_num_threads()) == 0,
-             "x16_gemm: out of memory")
-    return y
-
-
-def _require(ok: bool, what: str) -> None:
-    """The C++ operators' checks, for the ctypes implementations (`TORCH_CHECK` raises RuntimeError)."""
-    if not ok:
-        raise RuntimeError(what)
-
-
-def _bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bf16_out: bool = False) -> torch.Tensor:
-    """`x [..., M, K]` bfloat16 . `weight [N, K]` bfloat16^T -> `[..., M, N]` float32 (sums in float32), or
-    rounded to bfloat16 (`bf16_out`: what a bf16 linear layer returns)."""
-    _require(x.dim() >= 2 and x.dtype == torch.bfloat16, "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16")
-    shape, x = x.shape, x.reshape(-1, x.shape[-1]).contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    _require(x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] == k and k % 32 == 0
-             and weight.is_contiguous(), "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16, K a multiple of 32")
-    y = torch.empty(m, n, dtype=torch.float32)
-    _require(m == 0 or _BOUND.kernels.bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(),
-                                                torch.get_num_threads()) == 0, "bf16_gemm: out of memory")
-    y = y.reshape(*shape[:-1], n)
-    return y.to(torch.bfloat16) if bf16_out else y
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, length: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """Attention of `q [H, R, D]` over `k` / `v [H, W, D]` (rows contiguous) under `mask [T, W]`, keys
-    past `length + T` unseen: the C kernel `attend` (see `attend` below)."""
-    q, mask = q.contiguous(), mask.contiguous()
-    h, r, d = q.shape
-    t, w = mask.shape
-    out = torch.empty(q.shape)
-    keys = min(w, int(length) + t)
-    _require(q.dtype == k.dtype == v.dtype == torch.float32 and k.shape == v.shape and k.stride() == v.stride()
-             and k.shape[0] == h and k.shape[2] == d and k.stride(1) == d and k.stride(2) == 1 and d % 16 == 0
-             and mask.dtype == torch.bool and mask.shape[1] == k.shape[1] and r % t == 0 and keys >= t,
-             "attend takes float32 q [H, R, D], k / v [H, W, D] (rows side by side, D a multiple of 16), mask [T, W]")
-    _require(_BOUND.kernels.attend(q.data_ptr(), h, r, t, d, k.data_ptr(), v.data_ptr(), k.stride(0), mask.data_ptr(),
-                                   w, keys, scale, out.data_ptr(), torch.get_num_threads()) == 0, "attend: out of memory")
-    return out
 
 
 class _Bound:
@@ -453,7 +390,7 @@ def _ops_library() -> ctypes.CDLL | None:
 def bind(lib: ctypes.CDLL) -> None:
     """Point the `edge_dlm::*` operators at `lib`'s kernels (`library()` binds this
     machine's build; `scripts/bench_cpu_matmul.py` binds others)."""
-    _BOUND.kernels = lib
+    _BOUND.kernels = cpu_ctypes.KERNELS[0] = lib
     if _BOUND.cpp is not None:
         addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
         _BOUND.cpp.edge_dlm_bind(*(addr(n) for n in ("x16_gemm", "bf16_gemm", "attend", "rms_norm", "silu_mul",
@@ -465,9 +402,9 @@ def bind(lib: ctypes.CDLL) -> None:
 def _register(lib: ctypes.CDLL) -> None:
     ops = _ops_library()
     if ops is None:
-        _OPS.impl("x16_gemm", _x16_gemm, "CPU")
-        _OPS.impl("bf16_gemm", _bf16_gemm, "CPU")
-        _OPS.impl("attend", _attend, "CPU")
+        _OPS.impl("x16_gemm", cpu_ctypes.x16_gemm, "CPU")
+        _OPS.impl("bf16_gemm", cpu_ctypes.bf16_gemm, "CPU")
+        _OPS.impl("attend", cpu_ctypes.attend, "CPU")
     else:
         ops.edge_dlm_bind.argtypes = [ctypes.c_void_p] * 6
         ops.edge_dlm_bind.restype = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_dlm.kernels import cpu_build, cpu_matmul
+from edge_dlm.kernels import cpu_build, cpu_ctypes, cpu_matmul
 from edge_dlm.model.quant import QuantLinear, QuantSpec, linear_ref
 
 pytestmark = pytest.mark.skipif(bool(cpu_build.available()), reason="; ".join(cpu_build.available()) or "-")
@@ -211,16 +211,16 @@ def test_the_cpp_operators_are_the_ctypes_calls():
         for rows in (1, 3, 16, 37):
             x = torch.randn(rows, 192)
             args = (*lay, mod.spec.bits, 32, 40)
-            assert torch.equal(cpu_matmul.x16_gemm(x, *args), cpu_build._x16_gemm(x, *args)), (scheme, rows)
-            assert torch.equal(cpu_matmul.x16_gemm(x.t().contiguous().t(), *args), cpu_build._x16_gemm(x, *args))
+            assert torch.equal(cpu_matmul.x16_gemm(x, *args), cpu_ctypes.x16_gemm(x, *args)), (scheme, rows)
+            assert torch.equal(cpu_matmul.x16_gemm(x.t().contiguous().t(), *args), cpu_ctypes.x16_gemm(x, *args))
     if cpu_build.simd()["bf16"]:
         w = torch.randn(45, 224).bfloat16()
         for rows in (1, 5, 32):
             x = torch.randn(rows, 224).bfloat16()
             y = cpu_matmul.bf16_gemm(x, w)
-            assert torch.equal(y, cpu_build._bf16_gemm(x, w)), rows
+            assert torch.equal(y, cpu_ctypes.bf16_gemm(x, w)), rows
             # rounded in the call as torch's `.to` rounds (what a bf16 linear returns); [..., M, K] inputs
-            for impl in (cpu_matmul.bf16_gemm, cpu_build._bf16_gemm):
+            for impl in (cpu_matmul.bf16_gemm, cpu_ctypes.bf16_gemm):
                 out = impl(x[None], w, True)
                 assert out.dtype == torch.bfloat16 and out.shape == (1, rows, 45)
                 assert torch.equal(out[0].view(torch.int16), y.to(torch.bfloat16).view(torch.int16)), rows
@@ -410,7 +410,7 @@ def test_narrow_attention_is_sdpa_row_by_row():
         want = F.scaled_dot_product_attention(q[None], k[None, :, visible], v[None, :, visible],
                                               attn_mask=mask.repeat(group, 1)[:, visible], scale=d ** -0.5)[0]
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
-        assert torch.equal(cpu_build._attend(q, k, v, mask, n, d ** -0.5), got)
+        assert torch.equal(cpu_ctypes.attend(q, k, v, mask, n, d ** -0.5), got)
         other = q.clone()
         other[:, 1:] = torch.randn(other[:, 1:].shape, generator=g)
         assert torch.equal(cpu_matmul.attend(other, k, v, mask, n, d ** -0.5)[:, 0], got[:, 0])
@@ -664,7 +664,7 @@ def test_the_operators_check_what_they_are_given():
         ((x, w, s.float(), None, 8, 32, 32), "scales"),
         ((x, w, s, s[:1], 8, 32, 32), "zeros"),
     ]
-    for impl in (cpu_matmul.x16_gemm, cpu_build._x16_gemm):
+    for impl in (cpu_matmul.x16_gemm, cpu_ctypes.x16_gemm):
         for args, match in bad:
             with pytest.raises(RuntimeError):
                 impl(*args)
@@ -674,7 +674,7 @@ def test_the_operators_check_what_they_are_given():
                     impl(*args)
     if cpu_build.simd()["bf16"]:
         wb = torch.randn(8, 64).bfloat16()
-        for impl in (cpu_matmul.bf16_gemm, cpu_build._bf16_gemm):
+        for impl in (cpu_matmul.bf16_gemm, cpu_ctypes.bf16_gemm):
             with pytest.raises(RuntimeError, match="K|bfloat16"):
                 impl(torch.randn(2, 32).bfloat16(), wb)
             with pytest.raises(RuntimeError, match="bfloat16"):

@@ -105,7 +105,9 @@ def test_a_model_with_the_small_ops_gives_the_logits_of_one_without(tiny_model, 
     model = copy.deepcopy(tiny_model).to(dtype)
     on, off = hooks(model, on=True), hooks(model, on=False)
     assert on.rope_attention is cpu_build.rope_attend and off.rope_attention is None
-    assert all(m.kernel is cpu_build.rms_norm for m in on.modules() if isinstance(m, RMSNorm))
+    # RMSNorm in bf16 only (`enable_small_ops`: float32's last bit follows the order of a sum, torch's own)
+    norm = cpu_build.rms_norm if dtype == torch.bfloat16 else None
+    assert all(m.kernel is norm for m in on.modules() if isinstance(m, RMSNorm))
     assert all(m.act is cpu_build.silu_mul for m in on.modules() if isinstance(m, MLP))
     for t, kind in PASSES:
         torch.testing.assert_close(one_pass(on, t, 30, Attn(kind))[0], one_pass(off, t, 30, Attn(kind))[0],
