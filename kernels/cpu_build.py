@@ -342,7 +342,6 @@ OPS_SOURCE = (CSRC / "cpu_ops.cpp").read_text()
 
 
 class _Bound:
-    kernels: ctypes.CDLL | None = None  # the kernels library the operators call (`bind`)
     cpp: ctypes.CDLL | None = None  # the C++ operators' library; None: the ctypes implementations serve
     variant: tuple[str, str] = ("", "")  # `variant()`
     ops_origin: str = ""  # where the operators came from (built with the package, or here)
@@ -390,7 +389,7 @@ def _ops_library() -> ctypes.CDLL | None:
 def bind(lib: ctypes.CDLL) -> None:
     """Point the `edge_dlm::*` operators at `lib`'s kernels (`library()` binds this
     machine's build; `scripts/bench_cpu_matmul.py` binds others)."""
-    _BOUND.kernels = cpu_ctypes.KERNELS[0] = lib
+    cpu_ctypes.kernels = lib
     if _BOUND.cpp is not None:
         addr = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p) if hasattr(lib, name) else None)
         _BOUND.cpp.edge_dlm_bind(*(addr(n) for n in ("x16_gemm", "bf16_gemm", "attend", "rms_norm", "silu_mul",

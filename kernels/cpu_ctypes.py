@@ -8,11 +8,7 @@ from __future__ import annotations
 import torch
 
 
-KERNELS: list = [None]  # the library `cpu_build.bind` pointed the operators at (set there: no import back)
-
-
-def _kernels():
-    return KERNELS[0]
+kernels = None  # the kernels library (a ctypes.CDLL) `cpu_build.bind` points the operators at
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -32,7 +28,7 @@ def x16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros:
              and (zeros is None or zeros.shape == scales.shape) and weight.is_contiguous() and scales.is_contiguous(),
              "x16_gemm takes x [M, K] float32 (K a multiple of 32) and an int8 / int4 16-row layout of n x K")
     y = torch.empty(m, n, dtype=torch.float32)
-    _require(m == 0 or _kernels().x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(),
+    _require(m == 0 or kernels.x16_gemm(bits, x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(),
                                                _ptr(zeros), n, group, y.data_ptr(), torch.get_num_threads()) == 0,
              "x16_gemm: out of memory")
     return y
@@ -54,7 +50,7 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, bf16_out: bool = False) -> 
     _require(x.dtype == weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] == k and k % 32 == 0
              and weight.is_contiguous(), "bf16_gemm takes x [..., M, K] and weight [N, K] bfloat16, K a multiple of 32")
     y = torch.empty(m, n, dtype=torch.float32)
-    _require(m == 0 or _kernels().bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(),
+    _require(m == 0 or kernels.bf16_gemm(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(),
                                                 torch.get_num_threads()) == 0, "bf16_gemm: out of memory")
     y = y.reshape(*shape[:-1], n)
     return y.to(torch.bfloat16) if bf16_out else y
@@ -73,6 +69,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
              and k.shape[0] == h and k.shape[2] == d and k.stride(1) == d and k.stride(2) == 1 and d % 16 == 0
              and mask.dtype == torch.bool and mask.shape[1] == k.shape[1] and r % t == 0 and keys >= t,
              "attend takes float32 q [H, R, D], k / v [H, W, D] (rows side by side, D a multiple of 16), mask [T, W]")
-    _require(_kernels().attend(q.data_ptr(), h, r, t, d, k.data_ptr(), v.data_ptr(), k.stride(0), mask.data_ptr(),
+    _require(kernels.attend(q.data_ptr(), h, r, t, d, k.data_ptr(), v.data_ptr(), k.stride(0), mask.data_ptr(),
                                    w, keys, scale, out.data_ptr(), torch.get_num_threads()) == 0, "attend: out of memory")
     return out

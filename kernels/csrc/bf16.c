@@ -13,7 +13,7 @@
 #define ACC_LANES 16
 #if defined(__AVX512BF16__)
 /* 1-2 row passes over rows of up to this many columns read the weight a row at a time, one sequential
-   stream, which the prefetchers follow best: 34-36 GB/s against 28-29 for 12 streams at K = 2048-6144
+   stream, which the prefetchers follow best: 34-36 GB/s against 27-29 for 12 streams at K = 2048-6144
    on one Zen 5 core; at K = 9216 the row and the input no longer share the L1 cache as well and 12 streams
    win, 31 vs 24 (a standalone sweep of K and streams, session 14). One chain of `vdpbf16ps` a row keeps
    up with memory; the widened paths below would wait on their chains' latency (AVX2: 16 vs 22 GB/s).
@@ -167,13 +167,11 @@ TILE16(1, 1) TILE16(2, 1) TILE16(3, 1) TILE16(4, 1)
 #define KC 1024
 struct bf16_ctx { const uint16_t *x; int64_t M, K; const uint16_t *w; int64_t N; float *y; int64_t nb, kc; int failed; };
 
-#ifdef ONE_STREAM_K
+#ifdef __AVX512BF16__
 static void bf16_rows(void *ctx, int64_t n0, int64_t n1) {  /* 1-2 row passes a weight row at a time */
     struct bf16_ctx *cx = ctx;
     for (int64_t n = n0; n < n1; n++) one_stream(cx->x, cx->M, cx->K, cx->w + n * cx->K, cx->y + n, cx->N);
 }
-#else
-#define ONE_STREAM_K 0
 #endif
 
 static void bf16_blocks(void *ctx, int64_t b0, int64_t b1) {

@@ -2,8 +2,8 @@
    embedding of a pass's queries and keys (for `rope_attend`, attend.c). Each in bfloat16 (every product, sum
    and quotient rounded to bf16 as torch rounds each operation of a bf16 model) or float32. Eager passes
    call them instead of the 8 (RMSNorm), 2 (SiLU x up) and ~20 (rope, the cache writes, the attention's
-   conversions) torch operations a layer they stand for: each torch operation costs a few microseconds of
-   dispatch, 30 ms of an NLD-3B decode step of 26 layers.
+   conversions) torch operations a layer they stand for, each a few microseconds of dispatch
+   (`cpu_matmul.enable_small_ops` has the measured step times).
 
    Rows are independent (split over threads), so a row's result never depends on the pass width. The rotary
    embedding is torch's arithmetic exactly (bit for bit the model's own operations: products and sums of two
